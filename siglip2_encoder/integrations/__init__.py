@@ -1,0 +1,1 @@
+"""Hosts for the encoder: LLaVA-style language models, dense-prediction heads (see the integrations issues)."""
