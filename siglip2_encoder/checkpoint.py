@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CheckpointError",
+    "HubUnreachableError",
     "config_from_hf",
     "config_to_hf",
     "convert_hf_state_dict",
@@ -55,6 +56,19 @@ _WEIGHT_FILES = (
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the tower; the message says which file or weights."""
+
+
+class HubUnreachableError(CheckpointError):
+    """The Hub could not be reached (or offline mode is on) and the file is not in the local cache."""
+
+    def __init__(self, repo_id: str, reason: str) -> None:
+        self.repo_id, self.reason = repo_id, reason
+        super().__init__(
+            f"cannot fetch {repo_id!r} from the Hugging Face Hub ({reason}). Without Hub access, download the "
+            f"checkpoint elsewhere and pass its local folder, e.g. "
+            f"SigLIP2Encoder.from_pretrained('/path/to/{repo_id.split('/')[-1]}'); for an architecture with random "
+            f"weights, use SigLIP2Encoder.from_preset(name)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- configs
@@ -224,14 +238,6 @@ class _Source:
         return _hub_download(self.repo_id, filename, **self.kwargs)
 
 
-def _offline_error(repo_id: str, reason: str) -> CheckpointError:
-    return CheckpointError(
-        f"cannot fetch {repo_id!r} from the Hugging Face Hub ({reason}). Without Hub access, download the checkpoint "
-        f"elsewhere and pass its local folder, e.g. SigLIP2Encoder.from_pretrained('/path/to/{repo_id.split('/')[-1]}')"
-        f"; for an architecture with random weights, use SigLIP2Encoder.from_preset(name)"
-    )
-
-
 def _hub_download(repo_id: str, filename: str, **kwargs: Any) -> Path | None:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
@@ -248,7 +254,7 @@ def _hub_download(repo_id: str, filename: str, **kwargs: Any) -> Path | None:
         return Path(hf_hub_download(repo_id, filename, **{**kwargs, "local_files_only": True}))
     except LocalEntryNotFoundError:
         if kwargs["local_files_only"] or constants.HF_HUB_OFFLINE:
-            raise _offline_error(repo_id, f"{filename} is not in the local cache and offline mode is on") from None
+            raise HubUnreachableError(repo_id, f"{filename} is not in the local cache and offline mode is on") from None
     except HFValidationError as err:
         raise CheckpointError(f"{repo_id!r} is neither a local folder nor a valid Hub repo id: {err}") from None
     host = urlparse(constants.ENDPOINT).hostname or ""
@@ -256,11 +262,11 @@ def _hub_download(repo_id: str, filename: str, **kwargs: Any) -> Path | None:
         # huggingface_hub retries unreachable hosts for ~20 s; an unresolvable one fails here at once instead.
         socket.getaddrinfo(host, 443)
     except OSError as err:
-        raise _offline_error(repo_id, f"cannot resolve {host}: {err}") from None
+        raise HubUnreachableError(repo_id, f"cannot resolve {host}: {err}") from None
     try:
         return Path(hf_hub_download(repo_id, filename, **kwargs))
     except LocalEntryNotFoundError as err:  # a subclass of EntryNotFoundError: the network, not the file
-        raise _offline_error(repo_id, str(err).splitlines()[0]) from None
+        raise HubUnreachableError(repo_id, str(err).splitlines()[0]) from None
     except EntryNotFoundError:
         return None
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:

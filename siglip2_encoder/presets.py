@@ -98,8 +98,10 @@ def list_presets() -> list[str]:
 
 
 def get_preset(name: str) -> Preset:
-    """Look a preset up by name; the ``google/`` Hub id is accepted too."""
+    """Look a preset up by name; the ``google/`` Hub id and names without ``siglip2-`` are accepted too
+    (``"so400m-patch14-384"`` is SigLIP 2 So400m/14 at 384)."""
     key = name.removeprefix("google/")
-    if key not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
-    return PRESETS[key]
+    for candidate in (key, f"siglip2-{key}"):
+        if candidate in PRESETS:
+            return PRESETS[candidate]
+    raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")

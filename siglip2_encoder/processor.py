@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from .embeddings import patchify
 if TYPE_CHECKING:
     import os
 
-__all__ = ["ImageProcessor", "ProcessorConfig", "ProcessedImages", "naflex_size", "ImageInput"]
+__all__ = ["ImageProcessor", "ProcessorConfig", "ProcessedImage", "ProcessedImages", "naflex_size", "ImageInput"]
 
 ImageInput = Image.Image | np.ndarray | torch.Tensor
 
@@ -141,6 +141,20 @@ class ProcessorConfig:
             "size": {"height": height, "width": width},
             **out,
         }
+
+
+class ProcessedImage(NamedTuple):
+    """One preprocessed image, before batching.
+
+    Attributes:
+        pixels: (3, H, W) for fixed-resolution processing; (h * w, p * p * 3) patches for NaFlex.
+        grid: the NaFlex patch grid (h, w); None for fixed-resolution processing.
+        original_size: the input's (height, width).
+    """
+
+    pixels: torch.Tensor
+    grid: tuple[int, int] | None
+    original_size: tuple[int, int]
 
 
 def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
@@ -310,38 +324,50 @@ class ImageProcessor:
             images = [images]
         if len(images) == 0:
             raise ValueError("no images given")
+        items = [self.process_one(image, max_num_patches=max_num_patches, index=i) for i, image in enumerate(images)]
+        return self.collate(items, max_num_patches=max_num_patches if pad_to_max else None, pad_to_max=pad_to_max)
+
+    def process_one(self, image: ImageInput, *, max_num_patches: int | None = None, index: int = 0) -> ProcessedImage:
+        """Preprocess one image (errors name it as image ``index``); :meth:`collate` batches the results."""
         config = self.config
         if max_num_patches is not None and not config.naflex:
             raise ValueError("max_num_patches applies to NaFlex checkpoints only; this processor has a fixed size")
-        tensors = [_to_chw(image, i) for i, image in enumerate(images)]
-        sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
+        tensor = _to_chw(image, index)
+        size = (int(tensor.shape[1]), int(tensor.shape[2]))
         if not config.naflex:
-            return ProcessedImages(
-                torch.stack([self._resize_normalize(t, config.image_size) for t in tensors]), original_sizes=sizes
+            return ProcessedImage(self._resize_normalize(tensor, config.image_size), None, size)
+        budget = self._budget(max_num_patches)
+        h, w, p = *size, config.patch_size
+        if config.do_resize:
+            h, w = naflex_size(h, w, p, budget)
+        elif h % p or w % p or (h // p) * (w // p) > budget:
+            raise ValueError(
+                f"with do_resize=False, images must be multiples of {p} within {budget} patches, got {h}x{w}"
             )
+        patches = patchify(self._resize_normalize(tensor, (h, w))[None], p)[0]
+        return ProcessedImage(patches, (h // p, w // p), size)
 
-        budget = max_num_patches or config.max_num_patches
-        if not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"max_num_patches must be a positive int, got {budget!r}")
-        p = config.patch_size
-        patches, grids = [], []
-        for t, (h, w) in zip(tensors, sizes):
-            if config.do_resize:
-                h, w = naflex_size(h, w, p, budget)
-            elif h % p or w % p or (h // p) * (w // p) > budget:
-                raise ValueError(
-                    f"with do_resize=False, images must be multiples of {p} within {budget} patches, got {h}x{w}"
-                )
-            patches.append(patchify(self._resize_normalize(t, (h, w))[None], p)[0])
-            grids.append((h // p, w // p))
-        shapes = torch.tensor(grids, dtype=torch.long)
-        length = budget if pad_to_max else max(len(x) for x in patches)
-        pixel_values = torch.zeros(len(patches), length, patches[0].shape[1])
-        mask = torch.zeros(len(patches), length, dtype=torch.bool)
-        for i, x in enumerate(patches):
-            pixel_values[i, : len(x)] = x
-            mask[i, : len(x)] = True
+    def collate(
+        self, items: Sequence[ProcessedImage], *, max_num_patches: int | None = None, pad_to_max: bool = False
+    ) -> ProcessedImages:
+        """Batch :meth:`process_one` results (NaFlex: padded to the longest image, or to the budget)."""
+        sizes = [item.original_size for item in items]
+        if not self.config.naflex:
+            return ProcessedImages(torch.stack([item.pixels for item in items]), original_sizes=sizes)
+        length = self._budget(max_num_patches) if pad_to_max else max(len(item.pixels) for item in items)
+        pixel_values = torch.zeros(len(items), length, items[0].pixels.shape[1])
+        mask = torch.zeros(len(items), length, dtype=torch.bool)
+        for i, item in enumerate(items):
+            pixel_values[i, : len(item.pixels)] = item.pixels
+            mask[i, : len(item.pixels)] = True
+        shapes = torch.tensor([item.grid for item in items], dtype=torch.long)
         return ProcessedImages(pixel_values, shapes, mask, sizes)
+
+    def _budget(self, max_num_patches: int | None) -> int:
+        budget = max_num_patches or self.config.max_num_patches
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise ValueError(f"max_num_patches must be a positive int, got {budget!r}")
+        return budget
 
     def _resize_normalize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(3, H, W) uint8 or [0, 1] float -> (3, *size) float32, normalized."""

@@ -1,0 +1,370 @@
+"""``siglip2-encoder``: feature extraction and inspection from the command line.
+
+Commands: ``extract`` (folders of images -> safetensors shards + manifest), ``info`` (architecture, size, cost),
+``pca`` (the first three principal components of the patch features as a picture), ``similarity`` (nearest
+images by pooled features in an extracted folder).
+
+Exit status: 0 success; 1 fatal error (bad model, output exists, ...); 2 bad command line; 3 some inputs failed
+(all others were written); 130 interrupted (rerun ``extract`` with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, HubUnreachableError, _read_json, _Source, config_from_hf
+from .config import EncoderConfig
+from .extract import DTYPES, ExtractSettings, discover_inputs, extract_features
+from .flops import encoder_flops, num_parameters
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .model import SigLIP2Encoder
+from .presets import get_preset, list_presets
+from .processor import ImageProcessor, ProcessorConfig
+from .store import ExtractedFeatures
+
+__all__ = ["main"]
+
+logger = logging.getLogger("siglip2_encoder")
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+DEFAULT_MODEL = "google/siglip2-so400m-patch14-384"
+OFFLINE_HINT = "run the same command with --random-weights so400m-patch14-384 (offline, meaningless features)"
+RANDOM_BANNER = "RANDOM WEIGHTS (%s): the architecture runs, but the features are meaningless"
+
+
+class FatalError(Exception):
+    """Ends the command with a one-line error and exit status 1."""
+
+
+def load_model(model: str, random_weights: str | None) -> tuple[SigLIP2Encoder, ImageProcessor]:
+    """The encoder and processor named on the command line; random weights are seeded, so runs agree."""
+    if random_weights:
+        logger.warning(RANDOM_BANNER, random_weights)
+        torch.manual_seed(0)
+        return SigLIP2Encoder.from_preset(random_weights), ImageProcessor.from_preset(random_weights)
+    try:
+        return SigLIP2Encoder.from_pretrained(model), ImageProcessor.from_pretrained(model)
+    except HubUnreachableError as err:
+        raise FatalError(
+            f"cannot fetch {err.repo_id} from the Hugging Face Hub ({err.reason}); pass a local folder with --model, "
+            f"or {OFFLINE_HINT}"
+        ) from None
+    except CheckpointError as err:
+        raise FatalError(str(err)) from None
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
+    group.add_argument(
+        "--random-weights",
+        metavar="PRESET",
+        type=_preset_name,
+        help="no download: this architecture with seeded random weights (meaningless features); see `info --list`",
+    )
+
+
+def _preset_name(name: str) -> str:
+    try:
+        return get_preset(name).name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _device(name: str | None) -> str:
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------------------------------ extract
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    paths = discover_inputs(args.inputs, args.file_list)
+    if not paths:
+        raise FatalError("no input images: give files, folders, glob patterns or --file-list")
+    settings = ExtractSettings(
+        model=args.random_weights or args.model,
+        random_weights=bool(args.random_weights),
+        pooled=not args.no_pooled,
+        last_hidden_state=args.tokens,
+        layers=tuple(dict.fromkeys(args.layers)),
+        save_dtype=args.save_dtype,
+        dtype=args.dtype,
+        device=_device(args.device),
+        batch_size=args.batch_size,
+        max_num_patches=args.max_num_patches,
+        shard_size=args.shard_size,
+        exif_transpose=not args.no_exif,
+        max_pixels=args.max_pixels,
+    )
+    model, processor = load_model(args.model, args.random_weights)
+    if args.max_num_patches is not None and not processor.config.naflex:
+        raise FatalError(f"--max-num-patches applies to NaFlex checkpoints; {settings.model} has a fixed resolution")
+    for index in settings.layers:
+        model.layer_index(index)  # fail before any work on an impossible layer
+    workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+    logger.info("%d inputs -> %s (%s)", len(paths), args.output, ", ".join(_feature_names(settings)))
+    summary = extract_features(
+        paths,
+        args.output,
+        model,
+        processor,
+        settings,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        num_workers=workers,
+        progress=None if not args.quiet else False,
+    )
+    for path, reason in summary.failures[:20]:
+        logger.warning("failed: %s", reason if path in reason else f"{path}: {reason}")
+    if len(summary.failures) > 20:
+        logger.warning("... and %d more failures, listed in %s/manifest.jsonl", len(summary.failures) - 20, args.output)
+    if settings.random_weights:
+        logger.warning(RANDOM_BANNER, settings.model)
+    logger.info("%s", summary)
+    return EXIT_PARTIAL if summary.failed else EXIT_OK
+
+
+def _feature_names(settings: ExtractSettings) -> list[str]:
+    names = (["pooled"] if settings.pooled else []) + (["last_hidden_state"] if settings.last_hidden_state else [])
+    return names + [f"hidden_state_{i}" for i in settings.layers]
+
+
+# ------------------------------------------------------------------------------------------------------ info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if args.list:
+        for name in list_presets():
+            print(f"{name:36s} {get_preset(name).hub_id}")
+        return EXIT_OK
+    if args.model is None:
+        raise FatalError("give a MODEL (Hub id, local folder or preset name), or --list")
+    config, processing, source = _describe(args.model)
+    tokens = (
+        processing.max_num_patches
+        if processing.naflex
+        else ((processing.image_size[0] // config.patch_size) * (processing.image_size[1] // config.patch_size))
+    )
+    kind = "NaFlex" if config.naflex else "fixed-resolution"
+    lines = [
+        f"model            {args.model} (from the {source})",
+        f"architecture     {kind} ViT: width {config.hidden_size}, {config.num_hidden_layers} layers, "
+        f"{config.num_attention_heads} heads, MLP {config.intermediate_size}, patch {config.patch_size}, "
+        f"{config.hidden_act}, {'attention-pooling head' if config.use_head else 'no head'}",
+        f"parameters       {num_parameters(config) / 1e6:.1f} M",
+        f"position grid    {config.position_grid}x{config.position_grid}",
+        f"tokens / image   {tokens}" + (" (patch budget)" if processing.naflex else ""),
+        f"GFLOPs / image   {encoder_flops(config, tokens) / 1e9:.1f} (all layers + head; multiply-add = 2)",
+        f"LLaVA layer -2   {encoder_flops(config, tokens, layers=config.num_hidden_layers - 1, pooled=False) / 1e9:.1f}"
+        " GFLOPs (stops before the last layer)",
+        "preprocessing    "
+        + (
+            f"NaFlex, up to {processing.max_num_patches} patches, aspect ratio kept"
+            if processing.naflex
+            else f"resize to {processing.image_size[0]}x{processing.image_size[1]}"
+        )
+        + f", {processing.resample}, mean {list(processing.image_mean)}, std {list(processing.image_std)}",
+    ]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _describe(model: str) -> tuple[EncoderConfig, ProcessorConfig, str]:
+    """Architecture, preprocessing and their source for a Hub id, folder or preset name, loading no weights.
+
+    A Hub id that cannot be reached falls back to the preset table when it names a preset.
+    """
+    try:
+        preset = get_preset(model)
+    except ValueError:
+        preset = None
+    if preset is not None and not model.startswith("google/"):
+        return preset.config, ProcessorConfig.default_for(preset.config, resample=preset.resample), "preset table"
+    try:
+        source = _Source(model, revision=None, cache_dir=None, token=None, local_files_only=False)
+        hf = _read_json(source, "config.json")
+        if hf is None:
+            raise FatalError(f"{source} has no config.json")
+        config = config_from_hf(hf)
+        processing = _read_json(source, "preprocessor_config.json")
+    except CheckpointError as err:
+        if preset is not None:
+            logger.warning("%s; showing the preset table's entry for %s", err, preset.name)
+            return preset.config, ProcessorConfig.default_for(preset.config, resample=preset.resample), "preset table"
+        raise FatalError(f"{err}; `siglip2-encoder info --list` shows the presets, which need no download") from None
+    where = f"config.json of {source}"
+    if processing is None:
+        return config, ProcessorConfig.default_for(config), where
+    return config, ProcessorConfig.from_hf(processing, patch_size=config.patch_size), where
+
+
+# ------------------------------------------------------------------------------------------------------ pca
+
+
+def pca_picture(image: np.ndarray, features: torch.Tensor) -> np.ndarray:
+    """The image beside its features' first three principal components as RGB.
+
+    Args:
+        image: (H, W, 3) uint8.
+        features: (D, h, w) patch features.
+
+    Returns:
+        (H, 2 * W + gap, 3) uint8: the image, then the components (each scaled to its 1st-99th percentile),
+        upsampled bilinearly to the image size.
+    """
+    d, h, w = features.shape
+    tokens = features.reshape(d, h * w).T.float()
+    tokens = tokens - tokens.mean(0)
+    _, _, v = torch.linalg.svd(tokens, full_matrices=False)
+    components = tokens @ v[:3].T  # (h * w, 3)
+    low, high = torch.quantile(components, 0.01, dim=0), torch.quantile(components, 0.99, dim=0)
+    components = ((components - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
+    grid = components.T.reshape(1, 3, h, w)
+    height, width = image.shape[:2]
+    upsampled = torch.nn.functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+    pca = (upsampled[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    gap = np.full((height, max(4, width // 50), 3), 255, np.uint8)
+    return np.concatenate([image, gap, pca], axis=1)
+
+
+def cmd_pca(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    try:
+        pixels = load_image(args.image)
+    except ImageLoadError as err:
+        raise FatalError(str(err)) from None
+    model, processor = load_model(args.model, args.random_weights)
+    inputs = processor(pixels, **({"max_num_patches": args.max_num_patches} if args.max_num_patches else {}))
+    layers = [] if args.layer is None else [args.layer]
+    with torch.inference_mode():
+        out = model.eval()(**inputs, layers=layers, return_last=args.layer is None, return_pooled=False)
+    features = out.feature_maps(args.layer)[0]
+    shown = pixels if pixels.dtype == np.uint8 else (pixels * 255).round().astype(np.uint8)
+    picture = pca_picture(shown, features)
+    Image.fromarray(picture).save(args.output)
+    logger.info("PCA of %s (%dx%d tokens) written to %s", args.image, *features.shape[1:], args.output)
+    if args.random_weights:
+        logger.warning(RANDOM_BANNER, args.random_weights)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------ similarity
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    try:
+        store = ExtractedFeatures.open(args.features)
+    except ValueError as err:
+        raise FatalError(str(err)) from None
+    settings = store.settings
+    if not settings.get("pooled"):
+        raise FatalError(f"{args.features} holds no pooled features; extract without --no-pooled")
+    paths, bank = store.pooled()
+    if not paths:
+        raise FatalError(f"{args.features} holds no successfully extracted image")
+    name = settings["model"]
+    model, processor = load_model(name, name if settings.get("random_weights") else None)
+    try:
+        pixels = load_image(args.query)
+    except ImageLoadError as err:
+        raise FatalError(str(err)) from None
+    kwargs = {"max_num_patches": settings["max_num_patches"]} if settings.get("max_num_patches") else {}
+    with torch.inference_mode():
+        query = model.eval()(**processor(pixels, **kwargs), return_last=False).pooler_output[0]
+    scores = torch.nn.functional.cosine_similarity(bank.float(), query.float()[None], dim=1)
+    top = scores.topk(min(args.top_k, len(paths)))
+    for score, index in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"{score:.4f}  {paths[index]}")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="siglip2-encoder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("extract", help="extract features of many images into safetensors shards")
+    p.add_argument("inputs", nargs="*", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--file-list", metavar="TXT", help="a text file with one image path per line")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    _add_model_options(p)
+    p.add_argument("--no-pooled", action="store_true", help="do not save the pooled (attention-pool) features")
+    p.add_argument("--tokens", action="store_true", help="save the final patch tokens (after post-layernorm)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="I",
+        help="save these hidden states (transformers' indexing: 0 embeddings, -1 last, -2 penultimate)",
+    )
+    p.add_argument("--save-dtype", choices=sorted(DTYPES), default="fp32", help="storage precision (default fp32)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision (default fp32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, help="image decoding processes (default: min(4, CPUs))")
+    p.add_argument("--max-num-patches", type=int, help="NaFlex patch budget per image (default: the checkpoint's)")
+    p.add_argument("--shard-size", type=int, default=1024, help="images per output shard (default 1024)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"larger images are rejected as decompression bombs (default {DEFAULT_MAX_PIXELS})",
+    )
+    p.set_defaults(run=cmd_extract)
+
+    p = commands.add_parser("info", help="architecture, parameters, tokens and GFLOPs per image, preprocessing")
+    p.add_argument("model", nargs="?", help="Hub id, local folder, or preset name")
+    p.add_argument("--list", action="store_true", help="list the preset names")
+    p.set_defaults(run=cmd_info)
+
+    p = commands.add_parser("pca", help="picture of the first 3 principal components of the patch features")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    _add_model_options(p)
+    p.add_argument("--layer", type=int, help="hidden state to show (default: the final tokens)")
+    p.add_argument("--max-num-patches", type=int, help="NaFlex patch budget")
+    p.set_defaults(run=cmd_pca)
+
+    p = commands.add_parser("similarity", help="images of an extracted folder nearest to a query image")
+    p.add_argument("query", help="query image file")
+    p.add_argument("--features", required=True, help="folder written by `extract` (with pooled features)")
+    p.add_argument("-k", "--top-k", type=int, default=5)
+    p.set_defaults(run=cmd_similarity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return args.run(args)
+    except FatalError as err:
+        logger.error("error: %s", err)
+        return EXIT_FATAL
+    except ValueError as err:  # invalid settings or output folder conflicts, already worded for the user
+        logger.error("error: %s", err)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        logger.error("interrupted; committed shards are kept, rerun with --resume to finish")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The on-disk layout of extracted features: safetensors shards plus a JSON-lines manifest.
+
+    out/
+      run.json               settings of the run (model, features, dtype, ...); a resumed run must match them
+      shard-00000.safetensors features of a block of inputs
+      shard-00000.jsonl      one row per input of that block: the shard's commit record
+      ...
+      manifest.jsonl         all rows in input order, written when a run ends
+
+A shard is committed by renaming its ``.jsonl`` into place after its ``.safetensors``; both are written to a
+temporary file first. A crash therefore leaves only whole, committed shards, plus at most one uncommitted
+``.safetensors`` that a resumed run deletes and redoes.
+
+Each shard holds ``pooled`` (n, D) for the n images that succeeded, and for token features (``last_hidden_state``,
+``hidden_state_<layer>``) the tokens of all n images packed as (sum of h*w, D), with ``token_offsets`` (n + 1,)
+marking where each image's tokens start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = ["ExtractedFeatures", "ShardWriter", "committed_rows", "write_atomic", "write_manifest"]
+
+RUN_FILE = "run.json"
+MANIFEST = "manifest.jsonl"
+SHARD_GLOB = "shard-*.jsonl"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def committed_rows(folder: Path) -> list[dict[str, Any]]:
+    """Rows of every committed shard, in shard order; removes uncommitted leftovers of a crashed run."""
+    rows = []
+    for record in sorted(folder.glob(SHARD_GLOB)):
+        rows.extend(json.loads(line) for line in record.read_text().splitlines() if line)
+    committed = {r["shard"] for r in rows if r["shard"]}
+    for leftover in [*folder.glob("shard-*.safetensors"), *folder.glob(".*.tmp")]:
+        if leftover.name.startswith(".") or leftover.name not in committed:
+            leftover.unlink()
+    return rows
+
+
+class ShardWriter:
+    """Collects per-image features and writes them as numbered shards."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
+        self.folder = folder
+        self.dtype = dtype
+        self.next_index = len(list(folder.glob(SHARD_GLOB)))
+
+    def write(self, rows: list[dict[str, Any]], features: list[dict[str, torch.Tensor]]) -> None:
+        """Commit one shard.
+
+        Args:
+            rows: manifest rows for every input of the block, in input order; rows with ``status == "ok"`` get their
+                ``shard`` and ``row`` filled in here, in the order of ``features``.
+            features: for each successful input, name -> tensor: ``pooled`` (D,) and token features (h * w, D).
+        """
+        name = f"shard-{self.next_index:05d}"
+        ok = [row for row in rows if row["status"] == "ok"]
+        if len(ok) != len(features):
+            raise ValueError(f"{len(ok)} successful rows but {len(features)} feature sets")
+        for i, row in enumerate(ok):
+            row["shard"], row["row"] = f"{name}.safetensors", i
+        if features:
+            tensors: dict[str, torch.Tensor] = {}
+            for key in features[0]:
+                parts = [f[key].to(self.dtype).cpu() for f in features]
+                tensors[key] = torch.stack(parts) if key == "pooled" else torch.cat(parts)
+                if key != "pooled" and "token_offsets" not in tensors:
+                    counts = torch.tensor([0] + [len(p) for p in parts])
+                    tensors["token_offsets"] = counts.cumsum(0)
+            tmp = self.folder / f".{name}.safetensors.tmp"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, self.folder / f"{name}.safetensors")
+        write_atomic(self.folder / f"{name}.jsonl", _jsonl(rows))  # the commit
+        self.next_index += 1
+
+
+def write_manifest(folder: Path, rows: list[dict[str, Any]]) -> None:
+    write_atomic(folder / MANIFEST, _jsonl(rows))
+
+
+@dataclass
+class ExtractedFeatures:
+    """Read access to an extraction folder.
+
+    Attributes:
+        folder: the output folder.
+        settings: the run's ``run.json``.
+        rows: one manifest row per input, in input order (``status`` "ok" or "failed").
+    """
+
+    folder: Path
+    settings: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> ExtractedFeatures:
+        folder = Path(folder)
+        if not (folder / RUN_FILE).is_file():
+            raise ValueError(f"{folder} is not an extraction folder (no {RUN_FILE}); run `siglip2-encoder extract`")
+        rows = []
+        for record in sorted(folder.glob(SHARD_GLOB)):
+            rows.extend(json.loads(line) for line in record.read_text().splitlines() if line)
+        return cls(folder, json.loads((folder / RUN_FILE).read_text()), rows)
+
+    @property
+    def ok(self) -> list[dict[str, Any]]:
+        return [row for row in self.rows if row["status"] == "ok"]
+
+    def _row(self, path: str) -> dict[str, Any]:
+        for row in self.rows:
+            if row["path"] == path:
+                if row["status"] != "ok":
+                    raise ValueError(f"{path} failed during extraction: {row['error']}")
+                return row
+        raise KeyError(f"{path} is not in {self.folder}")
+
+    def iter_shards(self, name: str) -> Iterator[tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor | None]]:
+        """(rows, tensor, token_offsets) per shard for feature ``name``."""
+        by_shard: dict[str, list[dict[str, Any]]] = {}
+        for row in self.ok:
+            by_shard.setdefault(row["shard"], []).append(row)
+        for shard, rows in by_shard.items():
+            with safe_open(self.folder / shard, framework="pt") as f:
+                if name not in f.keys():
+                    raise KeyError(f"feature {name!r} was not extracted; available: {sorted(f.keys())}")
+                offsets = f.get_tensor("token_offsets") if "token_offsets" in f.keys() else None
+                yield rows, f.get_tensor(name), offsets
+
+    def pooled(self) -> tuple[list[str], torch.Tensor]:
+        """Paths of the successful inputs and their pooled features (n, D), in input order."""
+        paths, parts = [], []
+        for rows, tensor, _ in self.iter_shards("pooled"):
+            paths += [row["path"] for row in rows]
+            parts.append(tensor)
+        return paths, torch.cat(parts) if parts else torch.empty(0)
+
+    def tokens(self, path: str, name: str = "last_hidden_state") -> torch.Tensor:
+        """One image's tokens (h * w, D) of feature ``name`` (e.g. ``"hidden_state_-2"``)."""
+        row = self._row(path)
+        with safe_open(self.folder / row["shard"], framework="pt") as f:
+            if name not in f.keys():
+                raise KeyError(f"feature {name!r} was not extracted; available: {sorted(f.keys())}")
+            offsets = f.get_tensor("token_offsets")
+            return f.get_slice(name)[int(offsets[row["row"]]) : int(offsets[row["row"] + 1])]
+
+    def feature_map(self, path: str, name: str = "last_hidden_state") -> torch.Tensor:
+        """One image's tokens as a (D, h, w) map."""
+        h, w = self._row(path)["grid"]
+        return self.tokens(path, name).T.reshape(-1, h, w)

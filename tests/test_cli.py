@@ -1,0 +1,252 @@
+"""The ``siglip2-encoder`` command line, run as a real subprocess where exit codes and crashes matter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from corpus import make_corpus
+from PIL import Image
+
+from siglip2_encoder import ExtractedFeatures, ImageProcessor, SigLIP2Encoder, load_image
+from siglip2_encoder.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, main
+
+CLI = [sys.executable, "-m", "siglip2_encoder.cli"]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    SigLIP2Encoder.from_preset("siglip2-base-patch16-naflex", **TINY).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(60, 80), (90, 30), (48, 48), (20, 100), (75, 50), (33, 66)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        paths.append(str(folder / f"img{i}.png"))
+    return paths
+
+
+def test_bad_files_are_reported_and_good_ones_written(tmp_path, tiny_checkpoint):
+    good, bad = make_corpus(tmp_path / "corpus")
+    listing = tmp_path / "more.txt"
+    missing = str(tmp_path / "missing.jpg")
+    listing.write_text(f"# also these\n{tmp_path / 'corpus' / 'folder.png'}\n{missing}\n")
+    out = tmp_path / "out"
+    result = run_cli(
+        "extract",
+        str(tmp_path / "corpus"),
+        "--file-list",
+        str(listing),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_checkpoint),
+        "--tokens",
+        "--layers",
+        "-2",
+        "--max-pixels",
+        "100000",
+        "--batch-size",
+        "3",
+        "--shard-size",
+        "4",
+        "--workers",
+        "2",
+    )
+    assert result.returncode == EXIT_PARTIAL, result.stderr
+    rows = {row["path"]: row for row in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert set(rows) == set(good) | set(bad) | {missing}
+    for path in good:
+        assert rows[path]["status"] == "ok" and rows[path]["shard"], rows[path]
+    for path, word in {**bad, missing: "No such file"}.items():
+        assert rows[path]["status"] == "failed" and word in rows[path]["error"], rows[path]
+        assert path in result.stderr or rows[path]["error"] in result.stderr
+    assert "failed 7" in result.stderr and f"done {len(good)}" in result.stderr
+    store = ExtractedFeatures.open(out)
+    paths, pooled = store.pooled()
+    assert paths == [p for p in rows if rows[p]["status"] == "ok"] and pooled.shape == (len(good), 32)
+    h, w = rows[good[0]]["grid"]
+    assert store.feature_map(good[0], "hidden_state_-2").shape == (32, h, w)
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, photos):
+    torch.manual_seed(0)
+    model = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", num_hidden_layers=4)
+    model.save_pretrained(tmp_path / "model")
+    inputs = photos * 4  # 24 files (copies: the same path twice would count once)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i, path in enumerate(inputs):
+        (folder / f"{i:02d}.png").write_bytes(Path(path).read_bytes())
+    common = [
+        str(folder),
+        "--model",
+        str(tmp_path / "model"),
+        "--tokens",
+        "--batch-size",
+        "2",
+        "--shard-size",
+        "2",
+        "--workers",
+        "1",
+    ]
+
+    reference = run_cli("extract", *common, "-o", str(tmp_path / "reference"))
+    assert reference.returncode == EXIT_OK, reference.stderr
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [*CLI, "extract", *common, "-o", str(interrupted)],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 240
+    while not (interrupted / "shard-00001.jsonl").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    committed = len(list(interrupted.glob("shard-*.jsonl")))
+    assert committed < 12, "the kill must interrupt the run"
+
+    refused = run_cli("extract", *common, "-o", str(interrupted))
+    assert refused.returncode == EXIT_FATAL and "--resume" in refused.stderr
+    resumed = run_cli("extract", *common, "-o", str(interrupted), "--resume")
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    assert f"skipped {2 * committed}" in resumed.stderr
+
+    want, got = ExtractedFeatures.open(tmp_path / "reference"), ExtractedFeatures.open(interrupted)
+    assert [r["path"] for r in got.rows] == [r["path"] for r in want.rows]
+    assert (interrupted / "manifest.jsonl").read_text() == (tmp_path / "reference" / "manifest.jsonl").read_text()
+    for row in want.rows:
+        for name in ("last_hidden_state",):
+            assert torch.equal(got.tokens(row["path"], name), want.tokens(row["path"], name))
+    assert torch.equal(got.pooled()[1], want.pooled()[1])
+    changed = run_cli("extract", *common, "-o", str(interrupted), "--resume", "--save-dtype", "fp16")
+    assert changed.returncode == EXIT_FATAL and "save_dtype" in changed.stderr
+
+
+def test_features_equal_the_library_api(tmp_path, tiny_checkpoint, photos):
+    assert (
+        main(
+            [
+                "-q",
+                "extract",
+                *photos,
+                "-o",
+                str(tmp_path / "out"),
+                "--model",
+                str(tiny_checkpoint),
+                "--tokens",
+                "--layers",
+                "-2",
+                "1",
+                "--workers",
+                "0",
+                "--max-num-patches",
+                "20",
+            ]
+        )
+        == EXIT_OK
+    )
+    store = ExtractedFeatures.open(tmp_path / "out")
+    model, processor = SigLIP2Encoder.from_pretrained(tiny_checkpoint), ImageProcessor.from_pretrained(tiny_checkpoint)
+    for path in photos:
+        with torch.no_grad():
+            want = model(**processor(load_image(path), max_num_patches=20), layers=[-2, 1])
+        torch.testing.assert_close(store.tokens(path), want.per_image()[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(store.tokens(path, "hidden_state_-2"), want.per_image(-2)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(store.tokens(path, "hidden_state_1"), want.per_image(1)[0], atol=1e-5, rtol=0)
+    paths, pooled = store.pooled()
+    assert paths == photos
+    with torch.no_grad():
+        want = model(**processor([load_image(p) for p in photos], max_num_patches=20)).pooler_output
+    torch.testing.assert_close(pooled, want, atol=1e-5, rtol=0)
+
+
+def test_similarity_pca_and_info(tmp_path, tiny_checkpoint, photos, capsys):
+    out = tmp_path / "out"
+    assert main(["-q", "extract", *photos, "-o", str(out), "--model", str(tiny_checkpoint), "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert main(["similarity", photos[3], "--features", str(out), "-k", "3"]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[0].endswith(photos[3]) and lines[0].startswith("1.0000")
+
+    picture = tmp_path / "pca.png"
+    assert main(["pca", photos[0], "-o", str(picture), "--model", str(tiny_checkpoint)]) == EXIT_OK
+    with Image.open(picture) as image:
+        assert image.height == 60 and image.width > 2 * 80
+
+    assert main(["info", str(tiny_checkpoint)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "NaFlex ViT: width 32, 3 layers" in text and "GFLOPs / image" in text and "parameters" in text
+    assert main(["info", "--list"]) == EXIT_OK and "siglip2-so400m-patch14-384" in capsys.readouterr().out
+
+
+def test_fatal_errors_are_one_line_with_a_way_out(tmp_path, photos, monkeypatch, caplog):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.example.invalid")
+    assert main(["extract", photos[0], "-o", str(tmp_path / "a")]) == EXIT_FATAL
+    assert "--random-weights so400m-patch14-384" in caplog.text
+    assert main(["extract", str(tmp_path / "nothing-*.png"), "-o", str(tmp_path / "b")]) == EXIT_FATAL
+    assert "no input images" in caplog.text
+    assert (
+        main(
+            [
+                "extract",
+                photos[0],
+                "-o",
+                str(tmp_path / "c"),
+                "--random-weights",
+                "base-patch16-224",
+                "--max-num-patches",
+                "64",
+            ]
+        )
+        == EXIT_FATAL
+    )
+    assert "applies to NaFlex" in caplog.text
+    assert (
+        main(
+            ["extract", photos[0], "-o", str(tmp_path / "d"), "--random-weights", "base-patch16-224", "--layers", "13"]
+        )
+        == EXIT_FATAL
+    )
+    assert "out of range" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", photos[0], "-o", str(tmp_path / "e"), "--random-weights", "vit-huge"])
+    assert exit_info.value.code == 2
+
+
+def test_random_weights_are_labelled_and_reproducible(tmp_path, photos, caplog):
+    args = ["extract", photos[0], "--random-weights", "base-patch16-224", "--workers", "0"]
+    assert main([*args, "-o", str(tmp_path / "a")]) == EXIT_OK
+    assert "RANDOM WEIGHTS" in caplog.text and "meaningless" in caplog.text
+    assert main([*args, "-o", str(tmp_path / "b")]) == EXIT_OK
+    a, b = ExtractedFeatures.open(tmp_path / "a"), ExtractedFeatures.open(tmp_path / "b")
+    assert torch.equal(a.pooled()[1], b.pooled()[1])
+    assert a.settings["random_weights"] is True
