@@ -347,6 +347,12 @@ def load_pretrained(
 def save_pretrained(model: SigLIP2Encoder, save_directory: str | os.PathLike) -> None:
     """See :meth:`SigLIP2Encoder.save_pretrained`. Keys are written with transformers' ``vision_model.`` prefix,
     the layout of Google's Hub checkpoints, which every transformers version loads."""
+    wrapped = [k for k in model.state_dict() if ".base_layer." in k or ".lora_" in k]
+    if wrapped:
+        raise ValueError(
+            f"the tower holds LoRA layers ({wrapped[0]}, ...): save the adapter with the PeftModel's save_pretrained, "
+            f"and the base before add_lora, or merge first with merge_and_unload()"
+        )
     folder = Path(save_directory)
     folder.mkdir(parents=True, exist_ok=True)
     hf_config = config_to_hf(model.config) | {"dtype": str(model.dtype).removeprefix("torch.")}

@@ -1,0 +1,132 @@
+"""LoRA on the tower through peft, in one call.
+
+The adapters are ordinary peft LoRA adapters on modules named as in transformers' ``SiglipVisionModel``
+(``encoder.layers.N.self_attn.q_proj`` ...), so an adapter trained on transformers' tower loads into this one and
+the other way round, with peft's own save / load / merge / unmerge / disable and named adapters.
+
+Only encoder layers are targeted, never the attention-pooling head: transformers runs that head through
+``nn.MultiheadAttention``, which reads ``out_proj.weight`` directly, so a LoRA there would train in one
+implementation and do nothing in the other.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .model import SigLIP2Encoder
+
+__all__ = ["LORA_MODULES", "EncoderLoRAConfig", "add_lora", "trainable_parameters"]
+
+logger = logging.getLogger(__name__)
+
+LORA_MODULES = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "out_proj": "self_attn.out_proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+
+
+@dataclass(frozen=True)
+class EncoderLoRAConfig:
+    """Where and how big the LoRA adapters are."""
+
+    r: int = 16  # rank
+    alpha: float = 16.0  # scale = alpha / r
+    dropout: float = 0.0  # dropout on the adapter input
+    modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")  # any of LORA_MODULES
+    # Which encoder layers: None = all; an int n = the last n; a tuple = indices into encoder.layers (0-based,
+    # negatives from the end, so -1 is the last layer).
+    layers: int | tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be a positive int, got r={self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got alpha={self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got dropout={self.dropout!r}")
+        object.__setattr__(self, "modules", tuple(self.modules))
+        unknown = [m for m in self.modules if m not in LORA_MODULES]
+        if unknown or not self.modules:
+            raise ValueError(f"modules must be a non-empty subset of {list(LORA_MODULES)}, got {list(self.modules)}")
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The 0-based encoder layers that get adapters, for a tower of ``num_layers``."""
+        if self.layers is None:
+            return list(range(num_layers))
+        if isinstance(self.layers, int):
+            if not 1 <= self.layers <= num_layers:
+                raise ValueError(f"layers={self.layers} must take between 1 and {num_layers} last layers")
+            return list(range(num_layers - self.layers, num_layers))
+        indices = sorted({i % num_layers for i in self.layers if -num_layers <= i < num_layers})
+        if len(indices) != len(set(self.layers)) or not indices:
+            raise ValueError(f"layers={self.layers} must be indices in [{-num_layers}, {num_layers - 1}]")
+        return indices
+
+    def target_modules(self, num_layers: int) -> list[str]:
+        """Full module names, e.g. ``encoder.layers.26.self_attn.q_proj``: they match nothing in the head."""
+        return [f"encoder.layers.{i}.{LORA_MODULES[m]}" for i in self.layer_indices(num_layers) for m in self.modules]
+
+    def to_peft(self, num_layers: int) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules(num_layers),
+            bias="none",
+        )
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def add_lora(
+    model: SigLIP2Encoder | PeftModel, config: EncoderLoRAConfig | None = None, adapter_name: str = "default"
+) -> PeftModel:
+    """Add a LoRA adapter to the tower and freeze everything else.
+
+    Args:
+        model: a :class:`~siglip2_encoder.SigLIP2Encoder`, or a PeftModel around one to add another named adapter.
+        config: ranks, modules and layers (default: rank 16 on q, k, v, out of every layer).
+        adapter_name: the adapter's name (several can live side by side; ``set_adapter`` picks the active one).
+
+    Returns:
+        The peft model; call it like the encoder. ``save_pretrained`` writes peft's standard adapter format.
+    """
+    config = config or EncoderLoRAConfig()
+    if isinstance(model, PeftModel):
+        base = model.get_base_model()
+        if not isinstance(base, SigLIP2Encoder):
+            raise TypeError(f"add_lora needs a SigLIP2Encoder inside the PeftModel, got {type(base).__name__}")
+        if adapter_name in model.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; choose another adapter_name")
+        model.add_adapter(adapter_name, config.to_peft(base.num_layers))
+        peft_model = model
+    elif isinstance(model, SigLIP2Encoder):
+        peft_model = get_peft_model(model, config.to_peft(model.num_layers), adapter_name=adapter_name)
+    else:
+        raise TypeError(f"add_lora takes a SigLIP2Encoder or a PeftModel around one, got {type(model).__name__}")
+    trainable, total = trainable_parameters(peft_model)
+    logger.info(
+        "LoRA %r: r=%d on %s of %d layers; trainable %d of %d parameters (%.2f%%)",
+        adapter_name,
+        config.r,
+        "/".join(config.modules),
+        len(config.layer_indices(peft_model.get_base_model().num_layers)),
+        trainable,
+        total,
+        100 * trainable / total,
+    )
+    return peft_model

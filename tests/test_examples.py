@@ -1,0 +1,19 @@
+"""The examples run end to end (shrunk so the suite stays fast)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+
+def test_lora_classification_example_trains_saves_and_reloads(tmp_path):
+    import lora_classification
+
+    metrics = lora_classification.main(
+        ["--per-class", "12", "--epochs", "1", "--size", "32", "--lora-layers", "2", "--out", str(tmp_path)]
+    )
+    assert metrics["identical_after_reload"] == 1.0
+    assert 0.0 <= metrics["before"] <= 1.0 and 0.0 <= metrics["after"] <= 1.0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() and (tmp_path / "head.pt").is_file()
