@@ -17,3 +17,11 @@ def test_lora_classification_example_trains_saves_and_reloads(tmp_path):
     assert metrics["identical_after_reload"] == 1.0
     assert 0.0 <= metrics["before"] <= 1.0 and 0.0 <= metrics["after"] <= 1.0
     assert (tmp_path / "adapter" / "adapter_config.json").is_file() and (tmp_path / "head.pt").is_file()
+
+
+def test_train_vlm_example_learns_and_exports():
+    import train_vlm
+
+    results = train_vlm.main(["--steps", "40", "--train-images", "24", "--test-images", "6", "--batch-size", "12"])
+    assert results["final_loss"] < results["first_loss"]
+    assert results["llava_export_same"] == 1.0

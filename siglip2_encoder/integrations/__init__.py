@@ -1,1 +1,2 @@
-"""Hosts for the encoder: LLaVA-style language models, dense-prediction heads (see the integrations issues)."""
+"""Hosts for the encoder: LLaVA-style language models (:mod:`.llava`, :mod:`.llava_export`) and dense-prediction
+heads."""

@@ -1,0 +1,396 @@
+"""A LLaVA-style vision-language model: our encoder -> a projector -> any Hugging Face causal LM.
+
+* :func:`add_image_token` adds the image placeholder token to a tokenizer and resizes the LM's embeddings.
+* :class:`VLMProcessor` turns (prompt, images, target) samples into a batch: each ``<image>`` placeholder is
+  expanded to exactly the projector's token count for that image, prompt and image positions are masked out of the
+  labels, padding goes left or right.
+* :class:`VisionLanguageModel` scatters the projected image tokens into the LM's input embeddings; ``forward``
+  returns the LM loss, ``generate`` runs Hugging Face generation (greedy, sampling, KV cache).
+* :class:`TrainingStage` says which parts train (projector, LM, tower; full or LoRA); :func:`apply_stage` sets it.
+
+Export to / import from transformers' ``LlavaForConditionalGeneration`` lives in :mod:`.llava_export`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..adapters import Projector, load_projector
+from ..lora import EncoderLoRAConfig, add_lora, trainable_parameters
+from ..model import SigLIP2Encoder
+from ..processor import ImageInput, ImageProcessor
+
+__all__ = [
+    "IGNORE_INDEX",
+    "STAGE_1",
+    "STAGE_2",
+    "TrainingStage",
+    "VLMProcessor",
+    "VisionLanguageModel",
+    "add_image_token",
+    "apply_stage",
+]
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label of positions without loss: prompt, image tokens, padding
+CONFIG_FILE = "vlm_config.json"
+
+
+def add_image_token(
+    tokenizer: PreTrainedTokenizerBase, language_model: PreTrainedModel | None = None, token: str = "<image>"
+) -> int:
+    """Add ``token`` as a special token (if missing), resize the LM's embeddings to the new vocabulary, and return
+    the token's id. A pad token is added too when the tokenizer has none (batching needs one)."""
+    added = tokenizer.add_tokens([token], special_tokens=True)
+    if tokenizer.pad_token is None:
+        added += tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    if language_model is not None and len(tokenizer) > language_model.get_input_embeddings().num_embeddings:
+        language_model.resize_token_embeddings(len(tokenizer))
+    if added:
+        logger.info("added %d special token(s); vocabulary is now %d", added, len(tokenizer))
+    return tokenizer.convert_tokens_to_ids(token)
+
+
+def _grids(pixel_values: torch.Tensor, spatial_shapes: torch.Tensor | None, patch_size: int) -> list[tuple[int, int]]:
+    """Each image's token grid, known before the tower runs."""
+    if spatial_shapes is not None:
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if pixel_values.ndim != 4:
+        raise ValueError("patchified pixel_values need spatial_shapes")
+    return [(pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size)] * len(pixel_values)
+
+
+class VLMProcessor:
+    """Builds model batches from samples of text with ``<image>`` placeholders, images, and optional targets.
+
+    Args:
+        tokenizer: any Hugging Face tokenizer that knows the image token (see :func:`add_image_token`).
+        image_processor: the encoder's :class:`~siglip2_encoder.ImageProcessor`.
+        projector: decides how many tokens each image becomes.
+        patch_size: the encoder's patch size (fixed-resolution grids are H // p x W // p).
+        image_token: the placeholder string in prompts.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: ImageProcessor,
+        projector: Projector,
+        patch_size: int,
+        image_token: str = "<image>",
+    ) -> None:
+        self.tokenizer, self.image_processor, self.projector = tokenizer, image_processor, projector
+        self.patch_size, self.image_token = patch_size, image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {image_token!r} token; call add_image_token(tokenizer, lm) first")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; add_image_token adds one")
+
+    def _text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Sequence[ImageInput]] | None = None,
+        targets: Sequence[str] | None = None,
+        *,
+        padding_side: Literal["left", "right"] = "right",
+        max_num_patches: int | None = None,
+    ) -> dict[str, Any]:
+        """Args:
+            prompts: one text per sample; each ``<image>`` in it stands for the sample's next image.
+            images: per sample, its images in placeholder order (an empty list for text-only samples).
+            targets: per sample, the text to learn (labels); None for generation batches.
+            padding_side: "right" for training, "left" for batched generation.
+            max_num_patches: NaFlex patch budget for this batch.
+
+        Returns:
+            ``input_ids``, ``attention_mask`` (B, T), ``labels`` (B, T) when targets are given, and the image
+            inputs (``pixel_values`` and, for NaFlex, ``spatial_shapes``, ``pixel_attention_mask``) when any.
+        """
+        images = images if images is not None else [[] for _ in prompts]
+        if len(images) != len(prompts) or (targets is not None and len(targets) != len(prompts)):
+            raise ValueError(
+                f"got {len(prompts)} prompts, {len(images)} image lists and "
+                f"{'no' if targets is None else len(targets)} targets; give one of each per sample"
+            )
+        for b, (prompt, sample_images) in enumerate(zip(prompts, images)):
+            count = prompt.count(self.image_token)
+            if count != len(sample_images):
+                raise ValueError(
+                    f"sample {b} has {count} {self.image_token} placeholder(s) but {len(sample_images)} image(s); "
+                    f"put one placeholder in the prompt per image"
+                )
+        flat = [image for sample in images for image in sample]
+        batch: dict[str, Any] = {}
+        counts: list[int] = []
+        if flat:
+            kwargs = {"max_num_patches": max_num_patches} if max_num_patches else {}
+            inputs = self.image_processor(flat, **kwargs)
+            batch.update({key: inputs[key] for key in inputs.keys()})
+            grids = _grids(inputs.pixel_values, inputs.spatial_shapes, self.patch_size)
+            counts = [self.projector.num_tokens(grid) for grid in grids]
+
+        tok = self.tokenizer
+        sequences, label_sequences, next_image = [], [], 0
+        for b, prompt in enumerate(prompts):
+            ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
+            for i, segment in enumerate(prompt.split(self.image_token)):
+                if i:
+                    ids += [self.image_token_id] * counts[next_image]
+                    next_image += 1
+                ids += self._text_ids(segment)
+            labels = [IGNORE_INDEX] * len(ids)
+            if targets is not None:
+                answer = self._text_ids(targets[b]) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+                ids, labels = ids + answer, labels + answer
+            sequences.append(ids)
+            label_sequences.append(labels)
+
+        length = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), length), tok.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(len(sequences), length, dtype=torch.long)
+        labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+        for b, (ids, lab) in enumerate(zip(sequences, label_sequences)):
+            span = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
+            input_ids[b, span] = torch.tensor(ids)
+            labels[b, span] = torch.tensor(lab)
+            attention_mask[b, span] = 1
+        batch.update(input_ids=input_ids, attention_mask=attention_mask)
+        if targets is not None:
+            batch["labels"] = labels
+        return batch
+
+
+class VisionLanguageModel(nn.Module):
+    """vision tower -> projector -> language model, composed in plain code.
+
+    Args:
+        vision_tower: the encoder (frozen, LoRA-wrapped or trainable).
+        projector: maps the tower's tokens to the LM's width; its ``config.layers`` picks the tower layers.
+        language_model: any ``AutoModelForCausalLM`` (Llama, Qwen2, Gemma, ...).
+        image_token_id: the placeholder token id (see :func:`add_image_token`).
+    """
+
+    def __init__(
+        self,
+        vision_tower: SigLIP2Encoder,
+        projector: Projector,
+        language_model: PreTrainedModel,
+        image_token_id: int,
+    ) -> None:
+        super().__init__()
+        width = language_model.get_input_embeddings().embedding_dim
+        if projector.config.out_features != width:
+            raise ValueError(
+                f"the projector emits {projector.config.out_features} channels but the language model's width is "
+                f"{width}; build the projector with out_features={width}"
+            )
+        if projector.config.in_features != vision_tower.config.hidden_size:
+            raise ValueError(
+                f"the projector takes {projector.config.in_features} channels but the tower's width is "
+                f"{vision_tower.config.hidden_size}; build it with in_features={vision_tower.config.hidden_size}"
+            )
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.language_model = language_model
+        self.image_token_id = image_token_id
+
+    @property
+    def tower(self) -> SigLIP2Encoder:
+        """The encoder itself, inside a LoRA wrapper if there is one."""
+        tower = self.vision_tower
+        return tower.get_base_model() if isinstance(tower, PeftModel) else tower
+
+    def image_features(
+        self,
+        pixel_values: torch.Tensor,
+        spatial_shapes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """All images' projected tokens, concatenated in image order: (sum of per-image counts, D_lm)."""
+        layers = self.projector.config.layers
+        out = self.vision_tower(
+            pixel_values,
+            spatial_shapes,
+            pixel_attention_mask,
+            layers=[layer for layer in layers if layer is not None],
+            return_last=None in layers,
+            return_pooled=False,
+        )
+        return torch.cat(self.projector(out).per_image())
+
+    def inputs_embeds(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T, D_lm) LM input embeddings with the image tokens scattered over the placeholders.
+
+        The counts are checked before the tower runs: placeholders must equal the projector's tokens for the images.
+        """
+        placeholders = input_ids == self.image_token_id
+        found = int(placeholders.sum())
+        expected = 0
+        if pixel_values is not None:
+            grids = _grids(pixel_values, spatial_shapes, self.tower.config.patch_size)
+            expected = sum(self.projector.num_tokens(grid) for grid in grids)
+        if found != expected:
+            raise ValueError(
+                f"input_ids hold {found} image placeholder tokens but the {0 if pixel_values is None else len(grids)} "
+                f"image(s) give {expected} tokens; build batches with VLMProcessor, which expands each <image> to "
+                f"its image's token count"
+            )
+        embed = self.language_model.get_input_embeddings()
+        embeds = embed(input_ids.masked_fill(placeholders, 0))
+        if expected:
+            features = self.image_features(pixel_values, spatial_shapes, pixel_attention_mask)
+            embeds = embeds.masked_scatter(placeholders[..., None], features.to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        **lm_kwargs: Any,
+    ) -> Any:
+        """The language model's output (``loss`` when ``labels`` are given, ``logits``) on the merged inputs."""
+        embeds = self.inputs_embeds(input_ids, pixel_values, spatial_shapes, pixel_attention_mask)
+        if attention_mask is not None and "position_ids" not in lm_kwargs:
+            # Positions count real tokens only, so left-padded samples start at 0 like unpadded ones.
+            lm_kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Hugging Face ``generate`` on the merged inputs (any decoding: greedy, sampling, beams; KV cache).
+
+        Returns:
+            (B, new tokens): the generated ids only, without the prompt.
+        """
+        embeds = self.inputs_embeds(input_ids, pixel_values, spatial_shapes, pixel_attention_mask)
+        return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # ----------------------------------------------------------------------------------------------- save / load
+
+    def merge_lora(self) -> VisionLanguageModel:
+        """Fold LoRA adapters of the tower and the LM into their weights (for saving or fast inference)."""
+        if isinstance(self.vision_tower, PeftModel):
+            self.vision_tower = self.vision_tower.merge_and_unload()
+        if isinstance(self.language_model, PeftModel):
+            self.language_model = self.language_model.merge_and_unload()
+        return self
+
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        """Write ``vision_tower/``, ``projector/``, ``language_model/`` (and ``tokenizer/``) plus vlm_config.json."""
+        if isinstance(self.vision_tower, PeftModel) or isinstance(self.language_model, PeftModel):
+            raise ValueError(
+                "the model holds LoRA adapters: call merge_lora() first, or save the adapters with their own "
+                "save_pretrained"
+            )
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.vision_tower.save_pretrained(folder / "vision_tower")
+        self.projector.save_pretrained(folder / "projector")
+        self.language_model.save_pretrained(folder / "language_model")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder / "tokenizer")
+        (folder / CONFIG_FILE).write_text(json.dumps({"image_token_id": self.image_token_id}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+        """Load a folder written by :meth:`save_pretrained`."""
+        folder = Path(directory)
+        if not (folder / CONFIG_FILE).is_file():
+            raise ValueError(f"{folder} has no {CONFIG_FILE}; was it written by VisionLanguageModel.save_pretrained?")
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        lm_config = AutoConfig.from_pretrained(folder / "language_model")
+        return cls(
+            SigLIP2Encoder.from_pretrained(folder / "vision_tower", dtype=dtype),
+            load_projector(folder / "projector"),
+            AutoModelForCausalLM.from_pretrained(folder / "language_model", config=lm_config, dtype=dtype),
+            config["image_token_id"],
+        )
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """Which parts of a :class:`VisionLanguageModel` train. Everything not named here is frozen."""
+
+    projector: bool = True
+    language_model: Literal["frozen", "full", "lora"] = "frozen"
+    vision_tower: Literal["frozen", "full", "lora"] = "frozen"
+    lm_lora: dict[str, Any] = field(default_factory=lambda: {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"})
+    tower_lora: EncoderLoRAConfig = field(default_factory=EncoderLoRAConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("language_model", "vision_tower"):
+            if getattr(self, name) not in ("frozen", "full", "lora"):
+                raise ValueError(f"{name} must be 'frozen', 'full' or 'lora', got {name}={getattr(self, name)!r}")
+
+
+STAGE_1 = TrainingStage()  # LLaVA stage 1: align the projector, everything else frozen
+STAGE_2 = TrainingStage(language_model="full")  # LLaVA stage 2: projector + LM, tower frozen
+
+
+def apply_stage(model: VisionLanguageModel, stage: TrainingStage) -> dict[str, tuple[int, int]]:
+    """Freeze and unfreeze for ``stage`` (adding LoRA adapters it asks for) and return (trainable, total)
+    parameter counts per part."""
+    model.requires_grad_(False)
+    model.projector.requires_grad_(stage.projector)
+    if stage.language_model == "full":
+        model.language_model.requires_grad_(True)
+    elif stage.language_model == "lora":
+        if not isinstance(model.language_model, PeftModel):
+            model.language_model = get_peft_model(model.language_model, LoraConfig(**stage.lm_lora))
+        for name, p in model.language_model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    if stage.vision_tower == "full":
+        model.vision_tower.requires_grad_(True)
+    elif stage.vision_tower == "lora":
+        if not isinstance(model.vision_tower, PeftModel):
+            model.vision_tower = add_lora(model.vision_tower, stage.tower_lora)
+        for name, p in model.vision_tower.named_parameters():
+            p.requires_grad_("lora_" in name)
+    counts = {
+        part: trainable_parameters(getattr(model, part)) for part in ("vision_tower", "projector", "language_model")
+    }
+    logger.info(
+        "stage: projector %s, language model %s, tower %s; trainable %s",
+        "trained" if stage.projector else "frozen",
+        stage.language_model,
+        stage.vision_tower,
+        ", ".join(f"{k} {t:,} of {n:,}" for k, (t, n) in counts.items()),
+    )
+    return counts

@@ -1,0 +1,164 @@
+"""Export to and import from transformers' ``LlavaForConditionalGeneration`` format.
+
+What fits LLaVA's format, and why the rest does not:
+
+* the tower must be fixed-resolution: LLaVA calls its vision tower with ``pixel_values`` alone, while NaFlex
+  towers need ``spatial_shapes`` and a patch mask;
+* the projector must be ``mlp`` with depth 2 and hidden width = the LM's width (LLaVA's ``linear_1``, GELU,
+  ``linear_2``), or ``linear`` (written as ``linear_1`` = the layer, activation "linear", ``linear_2`` = identity).
+  Pixel-shuffle, pooling and resampler projectors change the token count, which LLaVA's projector cannot;
+* the projector must read hidden states (integer layers, concatenated): LLaVA selects ``hidden_states[layer]``,
+  which never holds the post-layernorm ``last_hidden_state``;
+* LoRA adapters must be merged first (``VisionLanguageModel.merge_lora``).
+
+Exported folders load with ``LlavaForConditionalGeneration.from_pretrained(folder)`` and give the same logits and
+greedy generations as the model they came from (tested with Llama and Qwen2 language models).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from huggingface_hub import save_torch_state_dict
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerBase
+
+from ..adapters import LinearConfig, LinearProjector, MLPConfig, MLPProjector, build_projector
+from ..checkpoint import config_from_hf, config_to_hf, convert_hf_state_dict
+from ..model import SigLIP2Encoder
+from ..processor import ProcessorConfig
+from .llava import VisionLanguageModel
+
+__all__ = ["export_llava", "import_llava"]
+
+
+def _check_exportable(model: VisionLanguageModel) -> None:
+    if isinstance(model.vision_tower, PeftModel) or isinstance(model.language_model, PeftModel):
+        raise ValueError("merge LoRA adapters before exporting: model.merge_lora()")
+    if model.tower.config.naflex:
+        raise ValueError(
+            "NaFlex towers cannot be exported to LLaVA's format: LLaVA calls its vision tower with pixel_values "
+            "only, but NaFlex needs spatial_shapes and a patch mask. Use VisionLanguageModel.save_pretrained"
+        )
+    config = model.projector.config
+    if isinstance(model.projector, MLPProjector):
+        if config.depth != 2 or (config.hidden_features or config.out_features) != config.out_features:
+            raise ValueError(
+                f"LLaVA's projector is linear -> GELU -> linear with hidden width = the LM's width; this MLP has "
+                f"depth={config.depth}, hidden_features={config.hidden_features}"
+            )
+    elif not isinstance(model.projector, LinearProjector):
+        raise ValueError(
+            f"a {config.kind!r} projector cannot be exported to LLaVA's format, whose projector keeps one token per "
+            f"patch (linear or 2-layer MLP only); use VisionLanguageModel.save_pretrained"
+        )
+    if None in config.layers or config.combine != "concat":
+        raise ValueError(
+            f"LLaVA feeds its projector hidden states (integer layers, concatenated); this projector has "
+            f"layers={config.layers}, combine={config.combine!r}"
+        )
+
+
+def export_llava(
+    model: VisionLanguageModel, directory: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None
+) -> None:
+    """Write ``model`` as a transformers LLaVA checkpoint (config.json, safetensors, preprocessor_config.json and
+    the tokenizer if given). Raises ``ValueError`` naming the reason for configurations LLaVA cannot express."""
+    _check_exportable(model)
+    tower, projector, lm = model.tower, model.projector, model.language_model
+    layers = list(projector.config.layers)
+    grid = tower.config.position_grid
+    config = LlavaConfig(
+        vision_config=config_to_hf(tower.config),
+        text_config=lm.config.to_dict(),
+        image_token_index=model.image_token_id,
+        vision_feature_layer=layers[0] if len(layers) == 1 else layers,
+        vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
+        projector_hidden_act="gelu" if isinstance(projector, MLPProjector) else "linear",
+        image_seq_length=grid * grid,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
+    if isinstance(projector, MLPProjector):
+        first, second = projector.proj[0], projector.proj[2]
+        linear_1 = (first.weight, first.bias)
+        linear_2 = (second.weight, second.bias)
+    else:  # linear_2 = identity under LLaVA's "linear" activation
+        width = projector.config.out_features
+        linear_1 = (projector.proj.weight, projector.proj.bias)
+        linear_2 = (torch.eye(width, dtype=projector.proj.weight.dtype), projector.proj.bias.new_zeros(width))
+    for name, (weight, bias) in (("linear_1", linear_1), ("linear_2", linear_2)):
+        state[f"model.multi_modal_projector.{name}.weight"] = weight
+        state[f"model.multi_modal_projector.{name}.bias"] = bias
+    prefix = f"{lm.base_model_prefix}."
+    for key, value in lm.state_dict().items():
+        if key.startswith(prefix):
+            state[f"model.language_model.{key[len(prefix) :]}"] = value
+        elif key == "lm_head.weight":
+            if not config.tie_word_embeddings:
+                state[key] = value
+        else:
+            raise ValueError(f"unexpected language model weight {key!r}: only '<{prefix}...>' and lm_head are mapped")
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    save_torch_state_dict({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder)
+    processor = tower.processor_config.to_hf()
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def import_llava(directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """Load a transformers LLaVA checkpoint with a SigLIP vision tower into a :class:`VisionLanguageModel`."""
+    llava = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype or torch.float32)
+    config = llava.config
+    if config.vision_config.model_type != "siglip_vision_model":
+        raise ValueError(f"the LLaVA vision tower is {config.vision_config.model_type!r}, not a SigLIP tower")
+    if config.vision_feature_select_strategy != "full":
+        raise ValueError(
+            f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} drops a CLS token that "
+            f"SigLIP towers do not have; only 'full' is supported"
+        )
+    if not config.multimodal_projector_bias:
+        raise ValueError("projectors without bias (multimodal_projector_bias=False) are not supported")
+
+    tower_config = config_from_hf(config.vision_config.to_dict())
+    with torch.device("meta"):
+        tower = SigLIP2Encoder(tower_config)
+    tower.load_state_dict(convert_hf_state_dict(llava.model.vision_tower.state_dict()), strict=True, assign=True)
+    processor_file = Path(directory) / "preprocessor_config.json"
+    if processor_file.is_file():
+        raw = json.loads(processor_file.read_text())
+        tower.processor_config = ProcessorConfig.from_hf(raw, patch_size=tower_config.patch_size)
+
+    layers = config.vision_feature_layer
+    layers = (layers,) if isinstance(layers, int) else tuple(layers)
+    source = llava.model.multi_modal_projector
+    width = config.text_config.hidden_size
+    common = dict(in_features=tower_config.hidden_size, out_features=width, layers=layers)
+    if config.projector_hidden_act == "gelu":
+        projector = build_projector(MLPConfig(depth=2, **common))
+        for ours, theirs in ((projector.proj[0], source.linear_1), (projector.proj[2], source.linear_2)):
+            ours.load_state_dict(theirs.state_dict())
+    elif config.projector_hidden_act == "linear":
+        projector = build_projector(LinearConfig(**common))
+        with torch.no_grad():  # linear_2(linear_1(x)) as one layer
+            projector.proj.weight.copy_(source.linear_2.weight @ source.linear_1.weight)
+            projector.proj.bias.copy_(source.linear_2.weight @ source.linear_1.bias + source.linear_2.bias)
+    else:
+        raise ValueError(
+            f"projector_hidden_act={config.projector_hidden_act!r}: only 'gelu' (exact GELU, our mlp) and 'linear' "
+            f"are supported"
+        )
+
+    lm = AutoModelForCausalLM.from_config(config.text_config, dtype=llava.dtype)
+    prefix = f"{lm.base_model_prefix}."
+    state = {prefix + k: v for k, v in llava.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = llava.lm_head.weight
+    lm.load_state_dict(state, strict=True)
+    return VisionLanguageModel(tower.to(llava.dtype), projector.to(llava.dtype), lm, config.image_token_id)

@@ -1,0 +1,255 @@
+"""The LLaVA-style VLM: batching, merging image tokens, training stages, save / load, and exchange with
+transformers' LlavaForConditionalGeneration (Llama and Qwen2 language models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from siglip2_encoder import ImageProcessor, SigLIP2Encoder
+from siglip2_encoder.adapters import LinearConfig, MLPConfig, PixelShuffleConfig, build_projector
+from siglip2_encoder.integrations.llava import (
+    IGNORE_INDEX,
+    STAGE_1,
+    STAGE_2,
+    TrainingStage,
+    VisionLanguageModel,
+    VLMProcessor,
+    add_image_token,
+    apply_stage,
+)
+from siglip2_encoder.integrations.llava_export import export_llava, import_llava
+
+WORDS = list(dict.fromkeys("what colour is the shape a red green blue circle square it describe image and".split()))
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+LM = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def make_vlm(lm_cls=LlamaForCausalLM, lm_config_cls=LlamaConfig, projector="mlp", naflex=False, seed=0):
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer()
+    tower_fields = dict(TOWER, patch_size=8) | (
+        dict(image_size=None, num_patches=16) if naflex else dict(image_size=32)
+    )
+    tower = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", **tower_fields).eval()
+    lm = lm_cls(lm_config_cls(vocab_size=len(tokenizer), **LM, tie_word_embeddings=False)).eval()
+    image_token_id = add_image_token(tokenizer, lm)
+    configs = {
+        "mlp": MLPConfig(in_features=32, out_features=48, layers=(-2,)),
+        "mlp2layers": MLPConfig(in_features=32, out_features=48, layers=(-2, 1)),
+        "linear": LinearConfig(in_features=32, out_features=48, layers=(-1,)),
+        "pixel_shuffle": PixelShuffleConfig(in_features=32, out_features=48),
+    }
+    model = VisionLanguageModel(tower, build_projector(configs[projector]), lm, image_token_id)
+    processor = VLMProcessor(tokenizer, ImageProcessor(tower.processor_config), model.projector, patch_size=8)
+    return model, processor, tokenizer
+
+
+def images(n, seed=0, sizes=None):
+    rng = np.random.default_rng(seed)
+    sizes = sizes or [(40, 40)] * n
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes[:n]]
+
+
+def test_placeholders_expand_to_each_images_token_count_and_labels_are_masked():
+    model, processor, tokenizer = make_vlm(projector="pixel_shuffle", naflex=True)
+    pics = images(3, sizes=[(40, 120), (120, 40), (40, 40)])
+    batch = processor(
+        ["<image> describe image", "what colour is <image> and <image>", "what colour is the shape"],
+        [[pics[0]], [pics[1], pics[2]], []],
+        ["a red circle", "red and blue", "blue"],
+    )
+    grids = [tuple(g) for g in batch["spatial_shapes"].tolist()]
+    counts = [model.projector.num_tokens(g) for g in grids]
+    placeholders = (batch["input_ids"] == model.image_token_id).sum(1).tolist()
+    assert placeholders == [counts[0], counts[1] + counts[2], 0] and len(set(counts)) > 1
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    for b, target in enumerate(["a red circle", "red and blue", "blue"]):
+        learned = labels[b][labels[b] != IGNORE_INDEX].tolist()
+        assert learned == tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert (labels[b][ids[b] == model.image_token_id] == IGNORE_INDEX).all()
+        assert (labels[b][mask[b] == 0] == IGNORE_INDEX).all()
+    assert (mask[:, 0] == 1).all() and (mask.sum(1) < mask.shape[1]).any()  # right padding
+    # The second sample: text, its first image's tokens, text, its second image's tokens, in order.
+    row = ids[1][mask[1] == 1].tolist()
+    first = row.index(model.image_token_id)
+    assert row[first : first + counts[1]] == [model.image_token_id] * counts[1]
+    assert row[first + counts[1]] == tokenizer.convert_tokens_to_ids("and")
+
+    left = processor(["<image> describe image", "what colour"], [[pics[0]], []], padding_side="left")
+    assert (left["attention_mask"][:, -1] == 1).all() and left["attention_mask"][1, 0] == 0
+
+
+def test_mismatched_placeholders_fail_before_any_compute():
+    model, processor, _ = make_vlm()
+    with pytest.raises(ValueError, match="sample 0 has 2 <image> placeholder"):
+        processor(["<image> and <image>"], [images(1)])
+    with pytest.raises(ValueError, match="one of each per sample"):
+        processor(["a", "b"], [images(1)])
+    batch = processor(["<image> describe image"], [images(1)])
+    calls = []
+    model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match="hold 15 image placeholder tokens but the 1 image"):
+        model(batch["input_ids"][:, 2:], pixel_values=batch["pixel_values"])  # drops <s> and one image token
+    assert calls == [], "the tower must not run on a mismatched batch"
+    with pytest.raises(ValueError, match="has no '<video>' token"):
+        VLMProcessor(processor.tokenizer, processor.image_processor, model.projector, 8, image_token="<video>")
+
+
+def test_image_tokens_land_on_the_placeholders():
+    model, processor, _ = make_vlm()
+    batch = processor(["what colour is <image> the shape"], [images(1)])
+    with torch.no_grad():
+        embeds = model.inputs_embeds(batch["input_ids"], batch["pixel_values"])
+        features = model.image_features(batch["pixel_values"])
+        text = model.language_model.get_input_embeddings()(batch["input_ids"])
+    where = batch["input_ids"][0] == model.image_token_id
+    assert torch.equal(embeds[0, where], features) and torch.equal(embeds[0, ~where], text[0, ~where])
+
+
+def test_left_and_right_padding_give_the_same_logits():
+    model, processor, _ = make_vlm()
+    prompts, pics = ["<image> describe image", "what colour is the shape <image> a"], [images(1, 1), images(1, 2)]
+    with torch.no_grad():
+        right, left = (processor(prompts, pics, padding_side=side) for side in ("right", "left"))
+        out_r, out_l = model(**right).logits, model(**left).logits
+    for b in range(2):
+        torch.testing.assert_close(
+            out_r[b][right["attention_mask"][b] == 1], out_l[b][left["attention_mask"][b] == 1], atol=1e-5, rtol=0
+        )
+
+
+def test_generate_batched_left_padding_equals_one_by_one():
+    model, processor, _ = make_vlm()
+    prompts, pics = ["<image> describe image", "what colour is the shape <image>"], [images(1, 1), images(1, 2)]
+    batch = processor(prompts, pics, padding_side="left")
+    together = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    for b in range(2):
+        alone = model.generate(**processor([prompts[b]], [pics[b]]), max_new_tokens=5, do_sample=False)
+        assert together[b].tolist() == alone[0].tolist()
+    sampled = model.generate(**batch, max_new_tokens=4, do_sample=True, top_k=5)
+    assert sampled.shape == (2, 4)
+
+
+def trained_parts(model, batch, stage, steps=3):
+    apply_stage(model, stage)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    changed = {n.split(".")[0] for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    lora = {n.split(".")[0] for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+    return changed, lora, losses
+
+
+def test_training_stages_train_only_what_they_name():
+    model, processor, _ = make_vlm()
+    batch = processor(["<image> describe image"] * 2, [images(1, 3), images(1, 4)], ["a red circle", "a blue square"])
+    changed, _, losses = trained_parts(model, batch, STAGE_1, steps=8)
+    assert changed == {"projector"} and losses[-1] < losses[0]
+    changed, _, losses = trained_parts(model, batch, STAGE_2)
+    assert changed == {"projector", "language_model"}
+    model, processor, _ = make_vlm()
+    stage = TrainingStage(
+        projector=False,
+        language_model="lora",
+        vision_tower="lora",
+        lm_lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    )
+    changed, lora, _ = trained_parts(model, batch, stage)
+    assert lora == {"vision_tower", "language_model"}
+    frozen = [n for n, p in model.named_parameters() if "lora_" not in n and p.requires_grad]
+    assert frozen == [], frozen
+    with pytest.raises(ValueError, match="merge_lora"):
+        model.save_pretrained("/nonexistent")
+    with pytest.raises(ValueError, match="language_model must be"):
+        TrainingStage(language_model="half")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, processor, tokenizer = make_vlm(projector="pixel_shuffle", naflex=True)
+    batch = processor(["<image> describe image"], [images(1, sizes=[(30, 90)])])
+    model.save_pretrained(tmp_path, tokenizer=tokenizer)
+    loaded = VisionLanguageModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("lm_cls", "lm_config_cls"), [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config)]
+)
+@pytest.mark.parametrize("projector", ["mlp", "mlp2layers", "linear"])
+def test_export_to_transformers_llava_gives_the_same_logits_and_generation(tmp_path, lm_cls, lm_config_cls, projector):
+    model, processor, tokenizer = make_vlm(lm_cls, lm_config_cls, projector)
+    export_llava(model, tmp_path, tokenizer)
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    batch = processor(["what colour is <image> the shape", "<image> describe image"], [images(1, 5), images(1, 6)])
+    with torch.no_grad():
+        ours = model(**batch).logits
+        theirs = llava(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+        ).logits
+    real = batch["attention_mask"].bool()  # padding positions differ: we count positions over real tokens only
+    torch.testing.assert_close(ours[real], theirs[real], atol=1e-4, rtol=0)
+    single = processor(["what colour is <image> the shape"], [images(1, 5)])
+    generated = model.generate(**single, max_new_tokens=6, do_sample=False)
+    reference = llava.generate(**single, max_new_tokens=6, do_sample=False)[:, single["input_ids"].shape[1] :]
+    assert generated.tolist() == reference.tolist()
+
+    back = import_llava(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, ours, atol=1e-5, rtol=0)
+    assert back.image_token_id == model.image_token_id and back.projector.config.layers == model.projector.config.layers
+
+
+def test_configurations_llava_cannot_express_are_refused(tmp_path):
+    for kwargs, message in [
+        (dict(naflex=True), "NaFlex towers cannot be exported"),
+        (dict(projector="pixel_shuffle"), "'pixel_shuffle' projector cannot be exported"),
+    ]:
+        model, _, _ = make_vlm(**kwargs)
+        with pytest.raises(ValueError, match=message):
+            export_llava(model, tmp_path)
+    model, _, _ = make_vlm()
+    model.projector = build_projector(MLPConfig(in_features=32, out_features=48, layers=(None,)))
+    with pytest.raises(ValueError, match="integer layers"):
+        export_llava(model, tmp_path)
+    model.projector = build_projector(MLPConfig(in_features=32, out_features=48, depth=3))
+    with pytest.raises(ValueError, match="depth=3"):
+        export_llava(model, tmp_path)
+
+
+def test_add_image_token_resizes_embeddings_and_width_checks():
+    tokenizer = make_tokenizer()
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **LM))
+    token_id = add_image_token(tokenizer, lm)
+    assert token_id == len(tokenizer) - 2 and tokenizer.pad_token == "<pad>"
+    assert lm.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert add_image_token(tokenizer, lm) == token_id  # idempotent
+    tower = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", **TOWER, image_size=32, patch_size=8)
+    with pytest.raises(ValueError, match="out_features=48"):
+        VisionLanguageModel(tower, build_projector(MLPConfig(in_features=32, out_features=64)), lm, token_id)
