@@ -253,3 +253,18 @@ def test_add_image_token_resizes_embeddings_and_width_checks():
     tower = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", **TOWER, image_size=32, patch_size=8)
     with pytest.raises(ValueError, match="out_features=48"):
         VisionLanguageModel(tower, build_projector(MLPConfig(in_features=32, out_features=64)), lm, token_id)
+
+
+def test_build_from_names_and_configs(tmp_path):
+    torch.manual_seed(0)
+    SigLIP2Encoder.from_preset("siglip2-base-patch16-224", **TOWER, image_size=32, patch_size=8).save_pretrained(
+        tmp_path / "tower"
+    )
+    tokenizer = make_tokenizer()
+    model, processor = VisionLanguageModel.build(
+        tmp_path / "tower", LlamaConfig(vocab_size=len(tokenizer), **LM), tokenizer
+    )
+    assert model.projector.config.out_features == 48 and model.projector.config.layers == (-2,)
+    assert model.language_model.get_input_embeddings().num_embeddings == len(tokenizer)
+    batch = processor(["<image> describe image"], [images(1)], ["a red circle"])
+    assert torch.isfinite(model(**batch).loss)

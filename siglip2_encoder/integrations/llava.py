@@ -24,9 +24,9 @@ from typing import Any, Literal
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..adapters import Projector, load_projector
+from ..adapters import MLPConfig, Projector, ProjectorConfig, build_projector, load_projector
 from ..lora import EncoderLoRAConfig, add_lora, trainable_parameters
 from ..model import SigLIP2Encoder
 from ..processor import ImageInput, ImageProcessor
@@ -209,6 +209,43 @@ class VisionLanguageModel(nn.Module):
         self.projector = projector
         self.language_model = language_model
         self.image_token_id = image_token_id
+
+    @classmethod
+    def build(
+        cls,
+        vision_tower: str | os.PathLike | SigLIP2Encoder,
+        language_model: str | os.PathLike | PretrainedConfig | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        projector: ProjectorConfig | None = None,
+        image_token: str = "<image>",
+    ) -> tuple[VisionLanguageModel, VLMProcessor]:
+        """Assemble a model and its batch processor from names or objects.
+
+        Args:
+            vision_tower: a SigLIP / SigLIP 2 Hub id or folder, or an encoder.
+            language_model: a causal LM's Hub id or folder, its config (random init), or the model.
+            tokenizer: the LM's tokenizer; the image token (and a pad token) are added to it.
+            projector: its config; widths are filled in when left at 0. Default: LLaVA's 2-layer MLP on layer -2.
+            image_token: the placeholder string.
+        """
+        if not isinstance(vision_tower, SigLIP2Encoder):
+            vision_tower = SigLIP2Encoder.from_pretrained(vision_tower)
+        if isinstance(language_model, PretrainedConfig):
+            language_model = AutoModelForCausalLM.from_config(language_model)
+        elif not isinstance(language_model, PreTrainedModel):
+            language_model = AutoModelForCausalLM.from_pretrained(language_model)
+        image_token_id = add_image_token(tokenizer, language_model, image_token)
+        width = language_model.get_input_embeddings().embedding_dim
+        config = projector or MLPConfig(in_features=vision_tower.config.hidden_size, out_features=width)
+        model = cls(vision_tower, build_projector(config), language_model, image_token_id)
+        processor = VLMProcessor(
+            tokenizer,
+            ImageProcessor(vision_tower.processor_config),
+            model.projector,
+            patch_size=vision_tower.config.patch_size,
+            image_token=image_token,
+        )
+        return model, processor
 
     @property
     def tower(self) -> SigLIP2Encoder:
