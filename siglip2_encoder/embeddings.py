@@ -51,11 +51,11 @@ class FixedResolutionEmbeddings(nn.Module):
         grid = table.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
         return _grid_to_tokens(F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False))
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) with H, W multiples of the patch size -> (B, H/p * W/p, D)."""
+    def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, H//p * W//p, D); ``positions`` (N, D) replaces the tower's own position embeddings."""
         h, w = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, h, w)
-        return x.flatten(2).transpose(1, 2) + self.positions(h, w)
+        return x.flatten(2).transpose(1, 2) + (self.positions(h, w) if positions is None else positions)
 
 
 class NaFlexEmbeddings(nn.Module):
@@ -79,15 +79,20 @@ class NaFlexEmbeddings(nn.Module):
         resized = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         return _grid_to_tokens(resized).to(table.dtype)
 
-    def forward(self, patches: torch.Tensor, spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
+    def forward(
+        self, patches: torch.Tensor, spatial_shapes: list[tuple[int, int]], positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Args:
             patches: (B, L, p * p * C) patchified pixels, image b's first h_b * w_b rows real, the rest padding.
             spatial_shapes: per image (h_b, w_b), with h_b * w_b <= L.
+            positions: optional (L, D) position embeddings for every image instead of the tower's own.
 
         Returns:
             (B, L, D); padding rows get no position embedding.
         """
         x = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))
+        if positions is not None:
+            return x + positions
         pos = torch.zeros_like(x)
         cache: dict[tuple[int, int], torch.Tensor] = {}  # images of one batch often share a grid
         for i, (h, w) in enumerate(spatial_shapes):

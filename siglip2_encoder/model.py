@@ -191,8 +191,9 @@ class SigLIP2Encoder(nn.Module):
         pixel_values: torch.Tensor,
         spatial_shapes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
-        """Validate the inputs and embed them.
+        """Validate the inputs and embed them (``positions``: see :meth:`forward`).
 
         Returns:
             (B, N, D) embeddings, each image's grid (h, w), and a (B, N) bool validity mask or None if all valid.
@@ -219,11 +220,19 @@ class SigLIP2Encoder(nn.Module):
                     f"spatial_shapes {_as_grids(spatial_shapes)} disagree with the image size {height}x{width} "
                     f"(grid {grid}); drop spatial_shapes or fix it"
                 )
+            want = (grid[0] * grid[1], self.config.hidden_size)
+            if positions is not None and tuple(positions.shape) not in (want, (b, *want)):
+                raise ValueError(
+                    f"positions must be (h * w, D) = {want} or (B, h * w, D) for this {grid[0]}x{grid[1]} grid, "
+                    f"got {tuple(positions.shape)}"
+                )
             if self.config.naflex:
                 pixels = pixel_values[..., : grid[0] * p, : grid[1] * p]
-                return self.embeddings(patchify(pixels, p), grids), grids, None
-            return self.embeddings(pixel_values), grids, None
+                return self.embeddings(patchify(pixels, p), grids, positions), grids, None
+            return self.embeddings(pixel_values, positions), grids, None
 
+        if positions is not None:
+            raise ValueError("positions apply to (B, C, H, W) images only")
         if pixel_values.ndim != 3 or not self.config.naflex:
             want = (
                 "(B, L, p*p*C) patches with spatial_shapes, or (B, C, H, W)" if self.config.naflex else "(B, C, H, W)"
@@ -258,6 +267,7 @@ class SigLIP2Encoder(nn.Module):
         layers: Sequence[int] = (),
         return_last: bool = True,
         return_pooled: bool | None = None,
+        positions: torch.Tensor | None = None,
     ) -> EncoderOutput:
         """Encode images.
 
@@ -270,6 +280,10 @@ class SigLIP2Encoder(nn.Module):
             return_last: compute ``last_hidden_state`` (all layers + post-layernorm).
             return_pooled: compute ``pooler_output`` with the attention-pooling head; None means "if the tower has a
                 head".
+            positions: (h * w, D) or (B, h * w, D) position embeddings to add instead of the tower's own, for
+                (B, C, H, W) input;
+                tiled inference gives each tile its window of the whole image's positions
+                (:meth:`position_embeddings`).
 
         Returns:
             :class:`~siglip2_encoder.EncoderOutput`; padding tokens are zero in every returned token tensor.
@@ -288,7 +302,7 @@ class SigLIP2Encoder(nn.Module):
             raise ValueError("nothing to compute: request layers=[...], return_last=True or return_pooled=True")
         depth = self.config.num_hidden_layers if run_to_end else max(wanted)
 
-        x, grids, mask = self.embed(pixel_values, spatial_shapes, pixel_attention_mask)
+        x, grids, mask = self.embed(pixel_values, spatial_shapes, pixel_attention_mask, positions)
         keep = _zero_padding if mask is not None else lambda t, m: t
         hidden: dict[int, torch.Tensor] = {}
         if 0 in wanted:
@@ -316,6 +330,10 @@ class SigLIP2Encoder(nn.Module):
             spatial_shapes=shapes,
             attention_mask=mask,
         )
+
+    def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The (h * w, D) position embeddings the tower adds for an (h, w) token grid."""
+        return self.embeddings.positions(*grid)
 
     def forward_intermediates(
         self,
