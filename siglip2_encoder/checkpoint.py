@@ -286,6 +286,13 @@ def _read_json(source: _Source, filename: str) -> dict[str, Any] | None:
         raise CheckpointError(f"{filename} of {source} is not valid JSON: {err}") from err
 
 
+def _read_tower_config(source: _Source) -> EncoderConfig:
+    hf_config = _read_json(source, "config.json")
+    if hf_config is None:
+        raise CheckpointError(f"{source} has no config.json; is it a transformers SigLIP checkpoint?")
+    return config_from_hf(hf_config)
+
+
 def load_pretrained(
     cls: type[SigLIP2Encoder],
     name_or_path: str | os.PathLike,
@@ -303,10 +310,7 @@ def load_pretrained(
     source = _Source(
         name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
-    hf_config = _read_json(source, "config.json")
-    if hf_config is None:
-        raise CheckpointError(f"{source} has no config.json; is it a transformers SigLIP checkpoint?")
-    config = config_from_hf(hf_config)
+    config = _read_tower_config(source)
 
     found = next(((name, path) for name in _WEIGHT_FILES if (path := source.get(name)) is not None), None)
     if found is None:

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, HubUnreachableError, _read_json, _Source, config_from_hf
+from .checkpoint import CheckpointError, HubUnreachableError, _read_json, _read_tower_config, _Source
 from .config import EncoderConfig
 from .extract import DTYPES, ExtractSettings, discover_inputs, extract_features
 from .flops import encoder_flops, num_parameters
@@ -189,10 +189,7 @@ def _describe(model: str) -> tuple[EncoderConfig, ProcessorConfig, str]:
         return preset.config, ProcessorConfig.default_for(preset.config, resample=preset.resample), "preset table"
     try:
         source = _Source(model, revision=None, cache_dir=None, token=None, local_files_only=False)
-        hf = _read_json(source, "config.json")
-        if hf is None:
-            raise FatalError(f"{source} has no config.json")
-        config = config_from_hf(hf)
+        config = _read_tower_config(source)
         processing = _read_json(source, "preprocessor_config.json")
     except CheckpointError as err:
         if preset is not None:

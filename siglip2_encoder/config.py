@@ -16,10 +16,18 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["EncoderConfig", "SUPPORTED_ACTIVATIONS"]
+__all__ = ["EncoderConfig", "SUPPORTED_ACTIVATIONS", "check_positive_ints"]
 
 # transformers' names for the activations SigLIP checkpoints use; timm's "gelu_tanh" is the same function.
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
+
+
+def check_positive_ints(config: Any, *names: str) -> None:
+    """Raise ValueError naming the first of ``config``'s fields ``names`` that is not a positive int."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
 
 
 @dataclass(frozen=True)
@@ -43,17 +51,15 @@ class EncoderConfig:
     use_head: bool = True  # whether the attention-pooling (MAP) head exists
 
     def __post_init__(self) -> None:
-        for name in (
+        check_positive_ints(
+            self,
             "hidden_size",
             "intermediate_size",
             "num_hidden_layers",
             "num_attention_heads",
             "num_channels",
             "patch_size",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        )
         if (self.image_size is None) == (self.num_patches is None):
             raise ValueError(
                 "set exactly one of image_size (fixed-resolution checkpoints) and num_patches (NaFlex checkpoints), "

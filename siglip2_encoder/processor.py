@@ -283,15 +283,12 @@ class ImageProcessor:
         local_files_only: bool = False,
     ) -> ImageProcessor:
         """The processor of a checkpoint (Hub id or local folder), from its ``preprocessor_config.json``."""
-        from .checkpoint import CheckpointError, _read_json, _Source, config_from_hf
+        from .checkpoint import _read_json, _read_tower_config, _Source
 
         source = _Source(
             name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
-        hf_config = _read_json(source, "config.json")
-        if hf_config is None:
-            raise CheckpointError(f"{source} has no config.json; is it a transformers SigLIP checkpoint?")
-        config = config_from_hf(hf_config)
+        config = _read_tower_config(source)
         processor = _read_json(source, "preprocessor_config.json")
         if processor is None:
             return cls(ProcessorConfig.default_for(config))

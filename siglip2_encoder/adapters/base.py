@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..config import check_positive_ints
 from ..output import EncoderOutput
 
 __all__ = [
@@ -112,10 +113,7 @@ class ProjectorConfig:
     combine: str = "concat"  # several layers: "concat" on channels or "mean"
 
     def __post_init__(self) -> None:
-        for name in ("in_features", "out_features"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        check_positive_ints(self, "in_features", "out_features")
         object.__setattr__(self, "layers", tuple(self.layers))
         if not self.layers or any(not (layer is None or isinstance(layer, int)) for layer in self.layers):
             raise ValueError(f"layers must be a non-empty sequence of ints or None, got layers={self.layers!r}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import check_positive_ints
 from .base import ProjectedTokens, Projector, ProjectorConfig, VisionFeatures, mlp, register
 
 __all__ = ["PixelShuffleConfig", "PixelShuffleProjector", "pixel_shuffle"]
@@ -36,10 +37,7 @@ class PixelShuffleConfig(ProjectorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("factor", "depth"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        check_positive_ints(self, "factor", "depth")
 
 
 @register

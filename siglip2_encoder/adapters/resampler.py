@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import check_positive_ints
 from .base import ProjectedTokens, Projector, ProjectorConfig, VisionFeatures, mlp, register
 
 __all__ = ["ResamplerConfig", "ResamplerProjector"]
@@ -23,10 +24,7 @@ class ResamplerConfig(ProjectorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("num_queries", "num_heads", "depth", "mlp_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        check_positive_ints(self, "num_queries", "num_heads", "depth", "mlp_ratio")
         if self.out_features % self.num_heads:
             raise ValueError(
                 f"num_heads must divide out_features, got num_heads={self.num_heads}, out_features={self.out_features}"

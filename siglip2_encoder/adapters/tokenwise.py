@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..config import check_positive_ints
 from .base import ProjectedTokens, Projector, ProjectorConfig, VisionFeatures, mlp, register
 
 __all__ = ["LinearConfig", "LinearProjector", "MLPConfig", "MLPProjector"]
@@ -50,8 +51,7 @@ class MLPConfig(ProjectorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 1:
-            raise ValueError(f"depth must be a positive int, got depth={self.depth!r}")
+        check_positive_ints(self, "depth")
 
 
 @register
