@@ -13,6 +13,8 @@ DenseModel` (task="depth") instead.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoBackbone, AutoConfig, PreTrainedConfig, PreTrainedModel
@@ -60,20 +62,8 @@ class SigLIP2BackboneConfig(BackboneConfigMixin, PreTrainedConfig):
         return cls(**fields, **kwargs)
 
     def encoder_config(self) -> EncoderConfig:
-        names = (
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_channels",
-            "patch_size",
-            "image_size",
-            "num_patches",
-            "hidden_act",
-            "layer_norm_eps",
-            "attention_dropout",
-        )
-        return EncoderConfig(**{n: getattr(self, n) for n in names}, use_head=False)
+        names = [f.name for f in fields(EncoderConfig) if f.name != "use_head"]
+        return EncoderConfig(**{name: getattr(self, name) for name in names}, use_head=False)
 
 
 class SigLIP2Backbone(BackboneMixin, PreTrainedModel):
