@@ -1,6 +1,14 @@
 """siglip2-encoder: the SigLIP 2 (and SigLIP) vision tower as a frozen or LoRA-tunable feature extractor."""
 
-from .checkpoint import CheckpointError, HubUnreachableError, config_from_hf, config_to_hf, convert_hf_state_dict
+from .checkpoint import (
+    CheckpointError,
+    HubUnreachableError,
+    config_from_hf,
+    config_to_hf,
+    convert_hf_state_dict,
+    convert_timm_state_dict,
+    to_timm_state_dict,
+)
 from .config import EncoderConfig
 from .images import ImageLoadError, load_image
 from .model import SigLIP2Encoder
@@ -28,8 +36,10 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "convert_hf_state_dict",
+    "convert_timm_state_dict",
     "get_preset",
     "list_presets",
     "load_image",
     "naflex_size",
+    "to_timm_state_dict",
 ]
