@@ -25,7 +25,7 @@ import timm
 import torch
 import transformers
 
-from siglip2_encoder import SigLIP2Encoder, get_preset, to_timm_state_dict
+from siglip2_encoder import SigLIP2Encoder, to_timm_state_dict
 from siglip2_encoder.checkpoint import config_to_hf
 from siglip2_encoder.flops import encoder_flops
 
