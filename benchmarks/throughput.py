@@ -114,8 +114,8 @@ def main() -> None:
             want = peers["transformers sdpa"](x)
             torch.testing.assert_close(mine.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
             torch.testing.assert_close(mine.pooler_output, peers["timm"](x), atol=1e-4, rtol=0)
-            runs = {"ours": lambda: ours(x)}
-            runs.update({name: (lambda m=m: m(x)) for name, m in peers.items()})
+            runs = {"ours": lambda x=x: ours(x)}
+            runs.update({name: (lambda m=m, x=x: m(x)) for name, m in peers.items()})
             seconds = {name: timed(fn, args.repeats, device) for name, fn in runs.items()}
             for name, s in seconds.items():
                 rate = flops_full * batch / s / 1e9
@@ -125,8 +125,8 @@ def main() -> None:
                 )
 
             llava = {
-                "ours": lambda: ours(x, layers=[-2], return_last=False, return_pooled=False),
-                "transformers sdpa": lambda: peers["transformers sdpa"](x, output_hidden_states=True),
+                "ours": lambda x=x: ours(x, layers=[-2], return_last=False, return_pooled=False),
+                "transformers sdpa": lambda x=x: peers["transformers sdpa"](x, output_hidden_states=True),
             }
             ref = peers["transformers sdpa"](x, output_hidden_states=True).hidden_states[-2]
             torch.testing.assert_close(llava["ours"]().hidden_states[-2], ref, atol=1e-4, rtol=0)
