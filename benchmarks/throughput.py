@@ -107,6 +107,19 @@ def main() -> None:
         "| task | batch | implementation | images/s | GFLOP/s | % of GEMM | ours vs it |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def rows(task: str, batch: int, runs: dict, flops: int) -> list[str]:
+        """Time each run and render its table row, with the ratio of its time to ours."""
+        seconds = {name: timed(fn, args.repeats, device) for name, fn in runs.items()}
+        out = []
+        for name, s in seconds.items():
+            rate = flops * batch / s / 1e9
+            out.append(
+                f"| {task} | {batch} | {name} | {batch / s:.2f} | {rate:.0f} | {100 * rate / gemm:.0f}% | "
+                f"{s / seconds['ours']:.2f}x |"
+            )
+        return out
+
     with torch.inference_mode():
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, c.image_size, c.image_size, device=device)
@@ -116,13 +129,7 @@ def main() -> None:
             torch.testing.assert_close(mine.pooler_output, peers["timm"](x), atol=1e-4, rtol=0)
             runs = {"ours": lambda x=x: ours(x)}
             runs.update({name: (lambda m=m, x=x: m(x)) for name, m in peers.items()})
-            seconds = {name: timed(fn, args.repeats, device) for name, fn in runs.items()}
-            for name, s in seconds.items():
-                rate = flops_full * batch / s / 1e9
-                lines.append(
-                    f"| tokens + pooled | {batch} | {name} | {batch / s:.2f} | {rate:.0f} | "
-                    f"{100 * rate / gemm:.0f}% | {s / seconds['ours']:.2f}x |"
-                )
+            lines += rows("tokens + pooled", batch, runs, flops_full)
 
             llava = {
                 "ours": lambda x=x: ours(x, layers=[-2], return_last=False, return_pooled=False),
@@ -130,13 +137,7 @@ def main() -> None:
             }
             ref = peers["transformers sdpa"](x, output_hidden_states=True).hidden_states[-2]
             torch.testing.assert_close(llava["ours"]().hidden_states[-2], ref, atol=1e-4, rtol=0)
-            seconds = {name: timed(fn, args.repeats, device) for name, fn in llava.items()}
-            for name, s in seconds.items():
-                rate = flops_llava * batch / s / 1e9
-                lines.append(
-                    f"| LLaVA layer -2 | {batch} | {name} | {batch / s:.2f} | {rate:.0f} | "
-                    f"{100 * rate / gemm:.0f}% | {s / seconds['ours']:.2f}x |"
-                )
+            lines += rows("LLaVA layer -2", batch, llava, flops_llava)
     print("\n".join(lines))
 
 

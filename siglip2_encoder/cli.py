@@ -109,7 +109,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     for index in settings.layers:
         model.layer_index(index)  # fail before any work on an impossible layer
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
-    logger.info("%d inputs -> %s (%s)", len(paths), args.output, ", ".join(_feature_names(settings)))
+    logger.info("%d inputs -> %s (%s)", len(paths), args.output, ", ".join(settings.feature_names))
     summary = extract_features(
         paths,
         args.output,
@@ -129,11 +129,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
         logger.warning(RANDOM_BANNER, settings.model)
     logger.info("%s", summary)
     return EXIT_PARTIAL if summary.failed else EXIT_OK
-
-
-def _feature_names(settings: ExtractSettings) -> list[str]:
-    names = (["pooled"] if settings.pooled else []) + (["last_hidden_state"] if settings.last_hidden_state else [])
-    return names + [f"hidden_state_{i}" for i in settings.layers]
 
 
 # ------------------------------------------------------------------------------------------------------ info

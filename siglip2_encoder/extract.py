@@ -89,6 +89,15 @@ class ExtractSettings:
             raise ValueError("nothing to extract: ask for pooled features, the final tokens, or some layers")
         object.__setattr__(self, "layers", tuple(self.layers))
 
+    def token_features(self) -> list[tuple[str, int | None]]:
+        """(stored name, layer) of every token feature: None = last_hidden_state, ints = hidden states."""
+        last = [("last_hidden_state", None)] if self.last_hidden_state else []
+        return last + [(f"hidden_state_{i}", i) for i in self.layers]
+
+    @property
+    def feature_names(self) -> list[str]:
+        return (["pooled"] if self.pooled else []) + [name for name, _ in self.token_features()]
+
 
 @dataclass
 class ExtractSummary:
@@ -255,10 +264,7 @@ def _encode(
     if settings.pooled:
         for f, pooled in zip(per_image, out.pooler_output):
             f["pooled"] = pooled
-    names = (["last_hidden_state"] if settings.last_hidden_state else []) + [
-        f"hidden_state_{i}" for i in settings.layers
-    ]
-    for name, layer in zip(names, ([None] if settings.last_hidden_state else []) + list(settings.layers)):
+    for name, layer in settings.token_features():
         for f, tokens in zip(per_image, out.per_image(layer)):
             f[name] = tokens
     for row, grid in zip((r for r in rows if r["status"] == "ok"), out.grids):
