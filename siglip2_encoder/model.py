@@ -19,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from .config import EncoderConfig
 from .embeddings import FixedResolutionEmbeddings, NaFlexEmbeddings, patchify
 from .head import MultiheadAttentionPoolingHead
-from .layers import MLP, Attention, EncoderLayer
+from .layers import MLP, Attention, EncoderLayer, Workspace
 from .output import EncoderOutput
+from .packing import ATTENTION_BACKENDS, AttentionBackend, Packing, resolve_backend
 from .processor import ProcessorConfig
 
 __all__ = ["SigLIP2Encoder"]
@@ -57,6 +58,10 @@ class SigLIP2Encoder(nn.Module):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = MultiheadAttentionPoolingHead(config) if config.use_head else None
         self.gradient_checkpointing = False
+        self.attention_backend = "auto"
+        # Use the in-place inference path of each layer when autograd records nothing (see layers.py); set False to
+        # run the reference path everywhere (the tests compare the two).
+        self.fast_inference = True
         # How images are preprocessed for this tower; from_pretrained sets the checkpoint's own, save_pretrained
         # writes it as preprocessor_config.json.
         self.processor_config = ProcessorConfig.default_for(config)
@@ -163,8 +168,57 @@ class SigLIP2Encoder(nn.Module):
         self.gradient_checkpointing = False
 
     @property
+    def attention_backend(self) -> str:
+        """How packed attention runs: "auto" (default), "sdpa", "varlen", "flash_attn" or "flex" (see
+        :mod:`~siglip2_encoder.packing`)."""
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: AttentionBackend) -> None:
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+        self._attention_backend = name
+
+    def fuse_qkv(self, enabled: bool = True) -> SigLIP2Encoder:
+        """Run the q, k, v projections as one GEMM in the inference path. Returns self.
+
+        Keeps a stacked copy of the q, k, v weights per layer (rebuilt when they change): 3 * D^2 more weights per
+        layer, about a quarter of a layer's. On a 2-core CPU one big GEMM was not faster than three (see
+        benchmarks/RESULTS.md), so it is off by default; it pays where kernel launches dominate (small batches on a
+        GPU).
+        """
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_qkv = enabled
+                module._fused = None
+        return self
+
+    def clear_caches(self) -> None:
+        """Drop the cached resized position grids and fused q, k, v weights. Needed only after writing weights
+        through ``.data`` (which bypasses the version counters the caches check); they rebuild on the next call."""
+        self.embeddings.clear_cache()
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module._fused = None
+
+    def set_precision(self, dtype: torch.dtype, *, keep_embeddings_fp32: bool = True) -> SigLIP2Encoder:
+        """Cast the tower to ``dtype`` (e.g. torch.bfloat16 on a GPU), by default keeping the patch and position
+        embeddings in fp32: pixels are embedded and position grids resized in full precision, and the sum is cast
+        once before the first layer. Returns self."""
+        self.to(dtype=dtype)
+        if keep_embeddings_fp32:
+            self.embeddings.float()
+        return self
+
+    @property
     def dtype(self) -> torch.dtype:
+        """The dtype pixel values are converted to (that of the patch embedding)."""
         return self.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """The dtype the encoder layers compute in (differs from :attr:`dtype` after :meth:`set_precision`)."""
+        return self.post_layernorm.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -188,22 +242,22 @@ class SigLIP2Encoder(nn.Module):
 
     def embed(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
         spatial_shapes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
-        """Validate the inputs and embed them (``positions``: see :meth:`forward`).
+    ) -> tuple[torch.Tensor, Packing]:
+        """Validate the inputs (see :meth:`forward`) and embed them.
 
         Returns:
-            (B, N, D) embeddings, each image's grid (h, w), and a (B, N) bool validity mask or None if all valid.
+            (T, D) packed embeddings of the real tokens of every image, and the :class:`Packing` that says where
+            each image's tokens are.
         """
-        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-            got = getattr(pixel_values, "dtype", type(pixel_values).__name__)
-            raise TypeError(
-                f"pixel_values must be a floating-point torch.Tensor, got {got}; "
-                f"use siglip2_encoder.ImageProcessor to turn images into pixel_values"
-            )
+        if isinstance(pixel_values, (list, tuple)):
+            if positions is not None:
+                raise ValueError("positions apply to a (B, C, H, W) batch, not to a list of images")
+            return self._embed_list(list(pixel_values), spatial_shapes)
+        _check_pixels(pixel_values)
         p, c = self.config.patch_size, self.config.num_channels
         if pixel_values.ndim == 4:
             b, channels, height, width = pixel_values.shape
@@ -214,8 +268,7 @@ class SigLIP2Encoder(nn.Module):
                 )
             # As in the reference conv, the last H % p rows and W % p columns fall outside every patch.
             grid = (height // p, width // p)
-            grids = [grid] * b
-            if spatial_shapes is not None and _as_grids(spatial_shapes) != grids:
+            if spatial_shapes is not None and _as_grids(spatial_shapes) != [grid] * b:
                 raise ValueError(
                     f"spatial_shapes {_as_grids(spatial_shapes)} disagree with the image size {height}x{width} "
                     f"(grid {grid}); drop spatial_shapes or fix it"
@@ -226,10 +279,8 @@ class SigLIP2Encoder(nn.Module):
                     f"positions must be (h * w, D) = {want} or (B, h * w, D) for this {grid[0]}x{grid[1]} grid, "
                     f"got {tuple(positions.shape)}"
                 )
-            if self.config.naflex:
-                pixels = pixel_values[..., : grid[0] * p, : grid[1] * p]
-                return self.embeddings(patchify(pixels, p), grids, positions), grids, None
-            return self.embeddings(pixel_values, positions), grids, None
+            packing = Packing.from_grids([grid] * b, pixel_values.device)
+            return self._embed_batch(pixel_values, positions).reshape(-1, self.config.hidden_size), packing
 
         if positions is not None:
             raise ValueError("positions apply to (B, C, H, W) images only")
@@ -249,18 +300,61 @@ class SigLIP2Encoder(nn.Module):
                 f"spatial_shapes {grids} must give one grid (h >= 1, w >= 1, h * w <= {length}) per image for "
                 f"{b} images"
             )
-        counts = torch.tensor([h * w for h, w in grids], device=pixel_values.device)
-        mask = torch.arange(length, device=pixel_values.device) < counts[:, None]  # (B, L)
-        if pixel_attention_mask is not None and not torch.equal(pixel_attention_mask.to(torch.bool), mask):
-            raise ValueError(
-                "pixel_attention_mask must mark exactly the first h*w patches of each image as valid "
-                "(as spatial_shapes says); pass the processor's mask unchanged, or leave it out"
-            )
-        return self.embeddings(pixel_values, grids), grids, None if bool(mask.all()) else mask
+        if pixel_attention_mask is not None:
+            counts = torch.tensor([h * w for h, w in grids], device=pixel_values.device)
+            mask = torch.arange(length, device=pixel_values.device) < counts[:, None]  # (B, L)
+            if not torch.equal(pixel_attention_mask.to(torch.bool), mask):
+                raise ValueError(
+                    "pixel_attention_mask must mark exactly the first h*w patches of each image as valid "
+                    "(as spatial_shapes says); pass the processor's mask unchanged, or leave it out"
+                )
+        packing = Packing.from_grids(grids, pixel_values.device, length)
+        return self.embeddings(packing.pack(pixel_values), packing.packed_grids), packing
+
+    def _embed_batch(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) images of one size -> (B, N, D)."""
+        if not self.config.naflex:
+            return self.embeddings(images, positions)
+        p = self.config.patch_size
+        b, _, height, width = images.shape
+        grid = (height // p, width // p)
+        patches = patchify(images[..., : grid[0] * p, : grid[1] * p], p)  # (B, N, p*p*C)
+        if positions is None:
+            positions = self.embeddings.positions(*grid)
+        positions = positions.expand(b, *positions.shape[-2:]).reshape(-1, positions.shape[-1])
+        return self.embeddings(patches.reshape(-1, patches.shape[-1]), [grid] * b, positions).view(
+            b, -1, positions.shape[-1]
+        )
+
+    def _embed_list(self, images: list[torch.Tensor], spatial_shapes) -> tuple[torch.Tensor, Packing]:
+        """A list of (C, H_i, W_i) images of any sizes -> (T, D) packed embeddings; images of one size run together."""
+        if not images:
+            raise ValueError("pixel_values is an empty list; pass at least one (C, H, W) image")
+        p, c = self.config.patch_size, self.config.num_channels
+        for i, image in enumerate(images):
+            _check_pixels(image)
+            if image.ndim != 3 or image.shape[0] != c or image.shape[1] < p or image.shape[2] < p:
+                raise ValueError(
+                    f"image {i} of the list has shape {tuple(image.shape)}; each must be ({c}, H, W) with H and W "
+                    f"at least the patch size {p}"
+                )
+        grids = [(image.shape[1] // p, image.shape[2] // p) for image in images]
+        if spatial_shapes is not None and _as_grids(spatial_shapes) != grids:
+            raise ValueError(f"spatial_shapes {_as_grids(spatial_shapes)} disagree with the images' grids {grids}")
+        packing = Packing.from_grids(grids, images[0].device)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape[1:]), []).append(i)
+        per_image: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+        for indices in by_size.values():
+            embedded = self._embed_batch(torch.stack([images[i] for i in indices]))
+            for i, tokens in zip(indices, embedded):
+                per_image[i] = tokens
+        return torch.cat([per_image[i] for i in packing.order]), packing
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
         spatial_shapes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         *,
@@ -271,8 +365,12 @@ class SigLIP2Encoder(nn.Module):
     ) -> EncoderOutput:
         """Encode images.
 
+        Images with different token counts run packed: every layer sees only real tokens and attention is
+        block-diagonal per image (:mod:`~siglip2_encoder.packing`); outputs come back padded in input order.
+
         Args:
-            pixel_values: (B, C, H, W), or for NaFlex towers (B, L, p * p * C) patches (see the class docstring).
+            pixel_values: (B, C, H, W); a list of (C, H_i, W_i) images of any sizes; or for NaFlex towers
+                (B, L, p * p * C) patches (see the class docstring).
             spatial_shapes: (B, 2) per-image token grids (h, w); required for patchified NaFlex input.
             pixel_attention_mask: (B, L) validity of patchified NaFlex input; derived from spatial_shapes if absent.
             layers: hidden states to return, transformers' indexing (0 = embeddings, i = after layer i,
@@ -281,8 +379,7 @@ class SigLIP2Encoder(nn.Module):
             return_pooled: compute ``pooler_output`` with the attention-pooling head; None means "if the tower has a
                 head".
             positions: (h * w, D) or (B, h * w, D) position embeddings to add instead of the tower's own, for
-                (B, C, H, W) input;
-                tiled inference gives each tile its window of the whole image's positions
+                (B, C, H, W) input; tiled inference gives each tile its window of the whole image's positions
                 (:meth:`position_embeddings`).
 
         Returns:
@@ -302,33 +399,45 @@ class SigLIP2Encoder(nn.Module):
             raise ValueError("nothing to compute: request layers=[...], return_last=True or return_pooled=True")
         depth = self.config.num_hidden_layers if run_to_end else max(wanted)
 
-        x, grids, mask = self.embed(pixel_values, spatial_shapes, pixel_attention_mask, positions)
-        keep = _zero_padding if mask is not None else lambda t, m: t
+        x, packing = self.embed(pixel_values, spatial_shapes, pixel_attention_mask, positions)
+        x = x.to(self.encoder_dtype)
+        backend = resolve_backend(
+            self.attention_backend, x.device, x.dtype, self.config.attention_dropout if self.training else 0.0
+        )
+        # The in-place inference path may only run when autograd records nothing.
+        recording = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.encoder.parameters())
+        )
+        workspace = Workspace() if self.fast_inference and not recording else None
+
+        def snapshot(t: torch.Tensor) -> torch.Tensor:
+            """Padded copy of packed tokens that later in-place layers cannot change."""
+            out = packing.unpack(t)
+            return out.clone() if workspace is not None and packing.uniform else out
+
         hidden: dict[int, torch.Tensor] = {}
         if 0 in wanted:
-            hidden.update(dict.fromkeys(wanted[0], keep(x, mask)))
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N) keys to attend to
+            hidden.update(dict.fromkeys(wanted[0], snapshot(x)))
         for i, layer in enumerate(self.encoder.layers[:depth], start=1):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            if workspace is None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, packing, backend, use_reentrant=False)
             else:
-                x = layer(x, attn_mask)
+                x = layer(x, packing, backend, workspace)
             if i in wanted:
-                hidden.update(dict.fromkeys(wanted[i], keep(x, mask)))
+                hidden.update(dict.fromkeys(wanted[i], snapshot(x)))
 
         last = pooled = None
         if run_to_end:
             last = self.post_layernorm(x)
             if return_pooled:
-                pooled = self.head(last, mask)
-            last = keep(last, mask) if return_last else None
-        shapes = torch.tensor(grids, dtype=torch.long, device=x.device).reshape(-1, 2)
+                pooled = self.head(last, packing)
+            last = packing.unpack(last) if return_last else None
         return EncoderOutput(
             last_hidden_state=last,
             pooler_output=pooled,
             hidden_states=hidden,
-            spatial_shapes=shapes,
-            attention_mask=mask,
+            spatial_shapes=torch.tensor(packing.grids, dtype=torch.long, device=x.device).reshape(-1, 2),
+            attention_mask=packing.mask(),
         )
 
     def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
@@ -383,6 +492,10 @@ def _as_grids(spatial_shapes: torch.Tensor | Sequence[tuple[int, int]]) -> list[
     return [(int(h), int(w)) for h, w in spatial_shapes]
 
 
-def _zero_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, N, D) with the rows where the (B, N) mask is False set to zero."""
-    return x.masked_fill(~mask[..., None], 0.0)
+def _check_pixels(pixel_values: object) -> None:
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+        got = getattr(pixel_values, "dtype", type(pixel_values).__name__)
+        raise TypeError(
+            f"pixel_values must be a floating-point torch.Tensor (or a list of them), got {got}; "
+            f"use siglip2_encoder.ImageProcessor to turn images into pixel_values"
+        )
