@@ -25,7 +25,7 @@ __all__ = ["Attention", "MLP", "EncoderLayer", "Workspace", "activation", "weigh
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     """The activations named in :data:`~siglip2_encoder.config.SUPPORTED_ACTIVATIONS`."""
-    return F.gelu(x, approximate="tanh" if name == "gelu_pytorch_tanh" else "none")
+    return F.gelu(x, approximate=_gelu_approximation(name))
 
 
 def weights_key(*tensors: torch.Tensor) -> tuple | None:
@@ -39,6 +39,10 @@ def weights_key(*tensors: torch.Tensor) -> tuple | None:
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
     except RuntimeError:
         return None
+
+
+def _gelu_approximation(name: str) -> str:
+    return "tanh" if name == "gelu_pytorch_tanh" else "none"
 
 
 class Workspace:
@@ -123,6 +127,8 @@ class EncoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
+        self.prepack = False  # see SigLIP2Encoder.prepack_for_cpu
+        self._prepacked: tuple[tuple | None, dict] | None = None
 
     def forward(
         self, x: torch.Tensor, packing: Packing, backend: str, workspace: Workspace | None = None
@@ -136,6 +142,8 @@ class EncoderLayer(nn.Module):
             x = x + self.self_attn(self.layer_norm1(x), packing, backend)
             return x + self.mlp(self.layer_norm2(x))
 
+        if self.prepack and x.device.type == "cpu":
+            return self._forward_onednn(x, packing, backend)
         attn, mlp = self.self_attn, self.mlp
         q, k, v = attn.project_qkv(self.layer_norm1(x), workspace)
         out = packing.attend(q, k, v, backend, attn.dropout if attn.training else 0.0)
@@ -144,8 +152,36 @@ class EncoderLayer(nn.Module):
         h = torch.addmm(
             mlp.fc1.bias, h, mlp.fc1.weight.t(), out=workspace.get("mlp", (x.shape[0], mlp.fc1.out_features), x)
         )
-        torch.ops.aten.gelu_(h, approximate="tanh" if mlp.act == "gelu_pytorch_tanh" else "none")
+        torch.ops.aten.gelu_(h, approximate=_gelu_approximation(mlp.act))
         return x.add_(mlp.fc2.bias).addmm_(h, mlp.fc2.weight.t())
+
+    def _forward_onednn(self, x: torch.Tensor, packing: Packing, backend: str) -> torch.Tensor:
+        """Inference path on CPU with oneDNN weights prepacked once (see :meth:`prepacked`): the GEMM kernels run
+        on weights already in their blocked layout, with GELU and the residual adds fused into them."""
+        attn, linear = self.self_attn, torch.ops.mkldnn._linear_pointwise
+        w = self.prepacked()
+        t = x.shape[0]
+        qkv = linear(self.layer_norm1(x), *w["qkv"], "none", [], "")
+        q, k, v = qkv.view(t, 3, attn.num_heads, attn.head_dim).unbind(1)
+        out = packing.attend(q, k, v, backend, attn.dropout if attn.training else 0.0)
+        x = linear.binary(out, x, *w["out"], "add")
+        h = linear(self.layer_norm2(x), *w["fc1"], "gelu", [], _gelu_approximation(self.mlp.act))
+        return linear.binary(h, x, *w["fc2"], "add")
+
+    def prepacked(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """oneDNN-packed copies of this layer's linear weights (q, k, v stacked), rebuilt when the weights change."""
+        attn, mlp = self.self_attn, self.mlp
+        linears = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "out": attn.out_proj}
+        linears |= {"fc1": mlp.fc1, "fc2": mlp.fc2}
+        key = weights_key(*(t for m in linears.values() for t in (m.weight, m.bias)))
+        if self._prepacked is None or key is None or self._prepacked[0] != key:
+            pack = torch.ops.mkldnn._reorder_linear_weight
+            with torch.no_grad():
+                qkv = [linears[n] for n in "qkv"]
+                packed = {"qkv": (pack(torch.cat([m.weight for m in qkv]), 256), torch.cat([m.bias for m in qkv]))}
+                packed |= {n: (pack(linears[n].weight, 256), linears[n].bias.detach()) for n in ("out", "fc1", "fc2")}
+            self._prepacked = (key, packed)
+        return self._prepacked[1]
 
     def _plain(self) -> bool:
         """True when every submodule is the stock one with no hooks, so the inference path computes the same thing:

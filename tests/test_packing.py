@@ -223,3 +223,15 @@ def test_bf16_keeps_embeddings_in_fp32(fixed_dir):
     got = run(ours, {"pixel_values": x})
     assert got.last_hidden_state.dtype == torch.bfloat16
     torch.testing.assert_close(got.pooler_output.float(), want.pooler_output, atol=0.1, rtol=0.05)
+
+
+def test_onednn_prepacked_path_equals_reference_and_follows_weight_updates(naflex_dir):
+    ours = SigLIP2Encoder.from_pretrained(naflex_dir).prepack_for_cpu()
+    inputs = naflex_batch(GRIDS)
+    assert_outputs_close(run(ours, inputs), run(ours, inputs, fast=False))
+    packed = ours.encoder.layers[0].prepacked()
+    perturb(ours, seed=3)  # in place, like an optimizer step: the packed copies must be rebuilt
+    assert_outputs_close(run(ours, inputs), run(ours, inputs, fast=False))
+    assert ours.encoder.layers[0].prepacked() is not packed
+    ours.prepack_for_cpu(False)
+    assert ours.encoder.layers[0]._prepacked is None
