@@ -178,7 +178,9 @@ def fixed_sections(args, report: Report, device: torch.device, dtype: torch.dtyp
         compiled = SigLIP2Encoder.from_preset(args.preset).to(device).eval().compile_layers()
     with torch.inference_mode():
         for batch in args.batch_sizes:
-            x = torch.randn(batch, 3, c.image_size, c.image_size, device=device, dtype=dtype)
+            # 378 for So400m/14-384: the pixels the 384 input's patches cover (timm's dynamic size wants a multiple).
+            side = c.position_grid * c.patch_size
+            x = torch.randn(batch, 3, side, side, device=device, dtype=dtype)
             if "fixed" in args.sections:
                 mine = ours(x)
                 want = peers["transformers sdpa"](x)

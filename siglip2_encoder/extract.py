@@ -199,7 +199,8 @@ def extract_features(
     summary = ExtractSummary(skipped=len(paths) - len(pending))
     started = time.monotonic()
 
-    model = model.to(device=settings.device, dtype=DTYPES[settings.dtype]).eval()
+    # Half precision keeps the patch and position embeddings in fp32 (and the pixels fed to them).
+    model = model.to(device=settings.device).set_precision(DTYPES[settings.dtype]).eval()
     writer = ShardWriter(folder, DTYPES[settings.save_dtype])
     plan = _batch_plan(len(pending), settings.shard_size, settings.batch_size)
     loader = DataLoader(
@@ -255,7 +256,7 @@ def _encode(
     rows: list[dict[str, Any]],
 ) -> list[dict[str, torch.Tensor]]:
     """Run one batch; returns each image's features and fills in the ok rows' grids."""
-    inputs = processor.collate(items).to(settings.device, DTYPES[settings.dtype])
+    inputs = processor.collate(items).to(settings.device, model.dtype)
     with torch.inference_mode():
         out = model(
             **inputs, layers=settings.layers, return_last=settings.last_hidden_state, return_pooled=settings.pooled

@@ -198,8 +198,9 @@ class SigLIP2Encoder(nn.Module):
         the residual adds fused in. Returns self.
 
         Costs a second copy of every encoder-layer weight (rebuilt when the weights change): roughly double the
-        tower's memory. Pays most at small batches, where the stock GEMM (MKL) is furthest from peak: 1.2x at batch
-        1 on B/16-224 on a 2-core CPU (benchmarks/RESULTS.md). CPU only; other devices keep the default path.
+        tower's memory. Pays at small batches, where the stock GEMM (MKL) is furthest from its peak: 1.17x at batch 1
+        on B/16-224 on a 2-core CPU (benchmarks/RESULTS.md). Forward passes of more than
+        ``layers.PREPACK_MAX_TOKENS`` tokens, where it was measured slower, and other devices keep the default path.
         """
         if enabled and not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
             raise ValueError(

@@ -13,7 +13,8 @@ __all__ = ["EncoderOutput"]
 class EncoderOutput:
     """What one forward pass computed; fields that were not asked for are None or absent.
 
-    Token tensors are padded to a common length N when images have different grids (NaFlex); padding rows are
+    Token tensors are padded to a common length N when images have different grids (NaFlex, lists of images of
+    different sizes); they are computed packed, without padding, and padded on the way out. Padding rows are
     zero and ``attention_mask`` marks the real ones. Image b's real tokens are its first ``h_b * w_b`` rows, in
     row-major order of its (h_b, w_b) grid.
 

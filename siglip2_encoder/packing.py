@@ -19,7 +19,7 @@ otherwise. No backend builds a (T x T) or padded (B x N x N) additive mask.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
@@ -84,7 +84,6 @@ class Packing:
     runs: tuple[tuple[int, int, int], ...]
     device: torch.device
     length: int
-    _block_masks: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_grids(cls, grids: list[tuple[int, int]], device: torch.device | str, length: int | None = None) -> Packing:
@@ -202,24 +201,23 @@ class Packing:
         if backend == "flex":
             from torch.nn.attention.flex_attention import flex_attention
 
-            out = flex_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=self._block_mask())
+            out = flex_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=self.block_mask)
             return out[0].transpose(0, 1).reshape(t, -1)
         raise ValueError(f"unknown attention backend {backend!r}")
 
-    def _block_mask(self):
+    @cached_property
+    def block_mask(self):
         """The block-diagonal flex-attention block mask over the packed sequence, built once per packing."""
-        if "mask" not in self._block_masks:
-            from torch.nn.attention.flex_attention import create_block_mask
+        from torch.nn.attention.flex_attention import create_block_mask
 
-            counts = torch.tensor([self.counts[i] for i in self.order], device=self.device)
-            image = torch.repeat_interleave(torch.arange(self.num_images, device=self.device), counts)
+        counts = torch.tensor([self.counts[i] for i in self.order], device=self.device)
+        image = torch.repeat_interleave(torch.arange(self.num_images, device=self.device), counts)
 
-            def same_image(b, h, q_idx, kv_idx):
-                return image[q_idx] == image[kv_idx]
+        def same_image(b, h, q_idx, kv_idx):
+            return image[q_idx] == image[kv_idx]
 
-            t = self.num_tokens
-            self._block_masks["mask"] = create_block_mask(same_image, None, None, t, t, device=self.device)
-        return self._block_masks["mask"]
+        t = self.num_tokens
+        return create_block_mask(same_image, None, None, t, t, device=self.device)
 
     def pool(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Cross-attention of one (heads, head_dim) query per image to its packed (T, heads, head_dim) keys.

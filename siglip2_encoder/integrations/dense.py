@@ -152,5 +152,5 @@ def tiled_feature_maps(
                 acc[:, r : r + th, c : c + tw] += m * weight
         for r, c in chunk:
             total[r : r + th, c : c + tw] += weight
-    maps = {layer: (acc / total).to(model.dtype) for layer, acc in sums.items()}
+    maps = {layer: (acc / total).to(model.encoder_dtype) for layer, acc in sums.items()}
     return {k: _upsample(v, original) for k, v in maps.items()} if upsample else maps
