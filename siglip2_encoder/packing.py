@@ -164,7 +164,7 @@ class Packing:
         return out.view(self.num_images, self.length, -1)
 
     def mask(self) -> torch.Tensor | None:
-        """(B, N_max) bool validity of :meth:`unpack`'s rows, or None when every row is real."""
+        """(B, length) bool validity of :meth:`unpack`'s rows, or None when every row is real."""
         if self.uniform:
             return None
         counts = torch.tensor(self.counts, device=self.device)
