@@ -138,38 +138,40 @@ def build(preset: str, device: torch.device, dtype: torch.dtype, peers: tuple[st
 
 
 class Report:
-    """Times and measures runs and renders them as Markdown table rows."""
+    """Times and measures runs; renders them as a Markdown table once the GEMM roofline is final."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, gemm: float) -> None:
-        self.args, self.device, self.gemm = args, device, gemm
-        self.lines = [
-            "| task | batch | tokens/image | implementation | images/s | GFLOP/s | % of GEMM | peak MiB "
-            "| ours faster by |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-
-    def rescale(self, gemm: float) -> None:
-        """Recompute the "% of GEMM" column against a new roofline."""
-        for i, line in enumerate(self.lines[2:], start=2):
-            cells = line.split(" | ")
-            if len(cells) == 9:  # timed rows; the memory-ratio rows have no GFLOP/s
-                cells[6] = f"{100 * float(cells[5]) / gemm:.0f}%"
-            self.lines[i] = " | ".join(cells)
-        self.gemm = gemm
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args, self.device = args, device
+        self.table: list[tuple[list[str], float | None]] = []  # row cells, with the row's GFLOP/s for "% of GEMM"
 
     def rows(self, task: str, batch: int, tokens: str, runs: dict[str, Callable], flops: int) -> dict[str, float]:
-        """``runs`` maps implementation names to calls, "ours" first; ``flops`` is the useful work of one call."""
+        """``runs`` maps implementation names to calls, "ours" first; ``flops`` is the useful work of one call.
+        Returns each run's peak MiB."""
         seconds, memory = {}, {}
         for name, fn in runs.items():
             seconds[name] = timed(fn, self.args.repeats, self.device)
             memory[name] = peak_mib(fn, self.device)
         for name in runs:
             rate = flops / seconds[name] / 1e9
-            self.lines.append(
-                f"| {task} | {batch} | {tokens} | {name} | {batch / seconds[name]:.2f} | {rate:.0f} | "
-                f"{100 * rate / self.gemm:.0f}% | {memory[name]:.0f} | {seconds[name] / seconds['ours']:.2f}x |"
-            )
+            cells = [task, str(batch), tokens, name, f"{batch / seconds[name]:.2f}", f"{rate:.0f}"]
+            self.table.append((cells + [f"{memory[name]:.0f}", f"{seconds[name] / seconds['ours']:.2f}x"], rate))
         return memory
+
+    def memory_ratio(self, task: str, batch: int, tokens: str, ratio: float) -> None:
+        self.table.append(
+            ([task, str(batch), tokens, "peak memory ours / transformers", "", "", f"{ratio:.2f}", ""], None)
+        )
+
+    def markdown(self, gemm: float) -> list[str]:
+        lines = [
+            "| task | batch | tokens/image | implementation | images/s | GFLOP/s | % of GEMM | peak MiB "
+            "| ours faster by |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for cells, rate in self.table:
+            percent = "" if rate is None else f"{100 * rate / gemm:.0f}%"
+            lines.append("| " + " | ".join(cells[:6] + [percent] + cells[6:]) + " |")
+        return lines
 
 
 def check(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
@@ -216,10 +218,7 @@ def fixed_sections(args, report: Report, device: torch.device, dtype: torch.dtyp
                 check(llava["ours"]().hidden_states[-2], hf(x, output_hidden_states=True).hidden_states[-2], "layer -2")
                 flops = batch * encoder_flops(c, tokens, layers=c.num_hidden_layers - 1, pooled=False)
                 memory = report.rows("LLaVA layer -2", batch, str(tokens), llava, flops)
-                report.lines.append(
-                    f"| LLaVA layer -2 | {batch} | {tokens} | peak memory ours / transformers | | | | "
-                    f"{memory['ours'] / memory['transformers sdpa']:.2f} | |"
-                )
+                report.memory_ratio("LLaVA layer -2", batch, str(tokens), memory["ours"] / memory["transformers sdpa"])
         if "scaling" in args.sections:
             for n in args.tokens:
                 side = math.isqrt(n) * c.patch_size
@@ -299,14 +298,14 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    report = Report(args, device, gemm_gflops(device, dtype))
+    gemm = gemm_gflops(device, dtype)
+    report = Report(args, device)
     if {"fixed", "llava", "scaling"} & set(args.sections):
         fixed_sections(args, report, device, dtype)
     if "naflex" in args.sections:
         naflex_section(args, report, device, dtype)
     # The roofline is the better of a measurement before and one after: a single one can catch a busy moment.
-    gemm = max(report.gemm, gemm_gflops(device, dtype))
-    report.rescale(gemm)
+    gemm = max(gemm, gemm_gflops(device, dtype))
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(
@@ -320,7 +319,7 @@ def main() -> None:
                 f"warm-up. Measured {args.dtype} GEMM (2048^3): {gemm:.0f} GFLOP/s. Sections: "
                 f"{' '.join(args.sections)}.",
                 "",
-                *report.lines,
+                *report.markdown(gemm),
             ]
         )
     )

@@ -347,12 +347,10 @@ class SigLIP2Encoder(nn.Module):
         b, _, height, width = images.shape
         grid = (height // p, width // p)
         patches = patchify(images[..., : grid[0] * p, : grid[1] * p], p)  # (B, N, p*p*C)
-        if positions is None:
-            positions = self.embeddings.positions(*grid)
-        positions = positions.expand(b, *positions.shape[-2:]).reshape(-1, positions.shape[-1])
-        return self.embeddings(patches.reshape(-1, patches.shape[-1]), [grid] * b, positions).view(
-            b, -1, positions.shape[-1]
-        )
+        if positions is not None:
+            positions = positions.expand(b, *positions.shape[-2:]).reshape(-1, positions.shape[-1])
+        x = self.embeddings(patches.reshape(-1, patches.shape[-1]), [grid] * b, positions)
+        return x.view(b, -1, x.shape[-1])
 
     def _embed_list(self, images: list[torch.Tensor], spatial_shapes) -> tuple[torch.Tensor, Packing]:
         """A list of (C, H_i, W_i) images of any sizes -> (T, D) packed embeddings; images of one size run together."""
