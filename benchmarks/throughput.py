@@ -27,7 +27,6 @@ CPU the largest running total of PyTorch allocations, taken from the profiler's 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import platform
 import statistics
@@ -40,8 +39,7 @@ import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
 
-from siglip2_encoder import SigLIP2Encoder, to_timm_state_dict
-from siglip2_encoder.checkpoint import config_to_hf
+from siglip2_encoder import SigLIP2Encoder, config_to_hf, prepack_for_cpu, to_timm_state_dict
 from siglip2_encoder.flops import encoder_flops
 
 SECTIONS = ("fixed", "llava", "naflex", "scaling")
@@ -132,8 +130,8 @@ def build(preset: str, device: torch.device, dtype: torch.dtype, peers: tuple[st
         models["timm"] = vit.to(device=device, dtype=dtype).eval()
     if dtype != torch.float32:
         ours.set_precision(dtype)
-    if device.type == "cpu" and "prepacked" in peers:
-        models["ours, prepacked"] = copy.deepcopy(ours).prepack_for_cpu()
+    if device.type == "cpu" and dtype == torch.float32 and "prepacked" in peers:
+        models["ours, prepacked"] = prepack_for_cpu(ours)
     return ours, models
 
 

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         EncoderLoRAConfig(
             r=args.rank,
             alpha=2.0 * args.rank,
-            layers=args.lora_layers,
+            encoder_layers=args.lora_layers,
             modules=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
         ),
     )

@@ -1,26 +1,33 @@
-"""siglip2-encoder: the SigLIP 2 (and SigLIP) vision tower as a frozen or LoRA-tunable feature extractor."""
+"""siglip2-encoder: the SigLIP 2 (and SigLIP) vision tower as a frozen or LoRA-tunable feature extractor.
 
-from .checkpoint import (
-    CheckpointError,
-    HubUnreachableError,
+Importing the package loads torch, torchvision, Pillow and safetensors; transformers, peft and timm are imported
+only by the modules that use them (``lora``, ``integrations``).
+"""
+
+from .config import EncoderConfig, ProcessorConfig
+from .convert import (
     config_from_hf,
     config_to_hf,
     convert_hf_state_dict,
     convert_timm_state_dict,
+    processor_config_from_hf,
+    processor_config_to_hf,
     to_timm_state_dict,
 )
-from .config import EncoderConfig
+from .hub import CheckpointError, CheckpointSource, HubUnreachableError
 from .images import ImageLoadError, load_image
 from .model import SigLIP2Encoder
+from .onednn import prepack_for_cpu
 from .output import EncoderOutput
 from .presets import PRESETS, Preset, get_preset, list_presets
-from .processor import ImageProcessor, ProcessedImage, ProcessedImages, ProcessorConfig, naflex_size
+from .processor import ImageProcessor, ProcessedImage, ProcessedImages, naflex_size
 from .store import ExtractedFeatures
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSource",
     "EncoderConfig",
     "EncoderOutput",
     "ExtractedFeatures",
@@ -41,5 +48,8 @@ __all__ = [
     "list_presets",
     "load_image",
     "naflex_size",
+    "prepack_for_cpu",
+    "processor_config_from_hf",
+    "processor_config_to_hf",
     "to_timm_state_dict",
 ]

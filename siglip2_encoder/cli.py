@@ -18,14 +18,15 @@ import sys
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, HubUnreachableError, _read_json, _read_tower_config, _Source
-from .config import EncoderConfig
+from .config import EncoderConfig, ProcessorConfig
+from .convert import read_config, read_processor_config
 from .extract import DTYPES, ExtractSettings, discover_inputs, extract_features
 from .flops import encoder_flops, num_parameters
+from .hub import CheckpointError, CheckpointSource, HubUnreachableError
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from .model import SigLIP2Encoder
 from .presets import get_preset, list_presets
-from .processor import ImageProcessor, ProcessorConfig
+from .processor import ImageProcessor
 from .store import ExtractedFeatures
 
 __all__ = ["main"]
@@ -181,20 +182,16 @@ def _describe(model: str) -> tuple[EncoderConfig, ProcessorConfig, str]:
     except ValueError:
         preset = None
     if preset is not None and not model.startswith("google/"):
-        return preset.config, ProcessorConfig.default_for(preset.config, resample=preset.resample), "preset table"
+        return preset.config, preset.processor_config, "preset table"
     try:
-        source = _Source(model, revision=None, cache_dir=None, token=None, local_files_only=False)
-        config = _read_tower_config(source)
-        processing = _read_json(source, "preprocessor_config.json")
+        source = CheckpointSource(model)
+        config = read_config(source)
+        return config, read_processor_config(source, config), f"config.json of {source}"
     except CheckpointError as err:
         if preset is not None:
             logger.warning("%s; showing the preset table's entry for %s", err, preset.name)
-            return preset.config, ProcessorConfig.default_for(preset.config, resample=preset.resample), "preset table"
+            return preset.config, preset.processor_config, "preset table"
         raise FatalError(f"{err}; `siglip2-encoder info --list` shows the presets, which need no download") from None
-    where = f"config.json of {source}"
-    if processing is None:
-        return config, ProcessorConfig.default_for(config), where
-    return config, ProcessorConfig.from_hf(processing, patch_size=config.patch_size), where
 
 
 # ------------------------------------------------------------------------------------------------------ pca

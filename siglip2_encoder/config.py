@@ -1,13 +1,14 @@
-"""Architecture config of the SigLIP / SigLIP 2 vision tower.
+"""Pure configs: the architecture of a SigLIP / SigLIP 2 vision tower, and how its images are preprocessed.
 
-One frozen dataclass describes both families:
+:class:`EncoderConfig` describes both tower families:
 
 * fixed-resolution checkpoints (SigLIP 1 and SigLIP 2 "FixRes"): a conv patch embedding and a learned
   ``(image_size / patch_size) ** 2`` position table; set ``image_size``.
 * NaFlex checkpoints (SigLIP 2): a linear patch embedding over patchified pixels and a learned square position grid
   of ``num_patches`` entries, resized per image; set ``num_patches``.
 
-Field names follow transformers' ``SiglipVisionConfig`` / ``Siglip2VisionConfig`` so that configs convert one to one.
+Field names follow transformers' ``SiglipVisionConfig`` / ``Siglip2VisionConfig`` (and their defaults), so configs
+convert one to one (:mod:`~siglip2_encoder.convert`). This module imports nothing but the standard library.
 """
 
 from __future__ import annotations
@@ -16,10 +17,20 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["EncoderConfig", "SUPPORTED_ACTIVATIONS", "check_positive_ints"]
+__all__ = [
+    "EncoderConfig",
+    "NAFLEX_NUM_PATCHES",
+    "ProcessorConfig",
+    "RESAMPLE_FILTERS",
+    "SUPPORTED_ACTIVATIONS",
+    "check_positive_ints",
+]
 
 # transformers' names for the activations SigLIP checkpoints use; timm's "gelu_tanh" is the same function.
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
+# transformers' Siglip2VisionConfig default: a 16x16 learned position grid.
+NAFLEX_NUM_PATCHES = 256
+RESAMPLE_FILTERS = ("bilinear", "bicubic")
 
 
 def check_positive_ints(config: Any, *names: str) -> None:
@@ -66,8 +77,7 @@ class EncoderConfig:
                 f"got image_size={self.image_size!r}, num_patches={self.num_patches!r}"
             )
         if self.image_size is not None:
-            if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
-                raise ValueError(f"image_size must be a positive int, got image_size={self.image_size!r}")
+            check_positive_ints(self, "image_size")
             # So400m/14 at 384 has a 27x27 grid: the last 384 - 27 * 14 = 6 pixel rows and columns are not seen.
             if self.image_size < self.patch_size:
                 raise ValueError(
@@ -75,11 +85,8 @@ class EncoderConfig:
                     f"patch_size={self.patch_size}"
                 )
         if self.num_patches is not None:
-            if (
-                not isinstance(self.num_patches, int)
-                or self.num_patches <= 0
-                or math.isqrt(self.num_patches) ** 2 != (self.num_patches)
-            ):
+            check_positive_ints(self, "num_patches")
+            if math.isqrt(self.num_patches) ** 2 != self.num_patches:
                 raise ValueError(
                     f"num_patches must be a positive perfect square (the position grid is square), "
                     f"got num_patches={self.num_patches!r}"
@@ -118,3 +125,59 @@ class EncoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """Preprocessing of one checkpoint. Set ``image_size`` (fixed-resolution) or ``max_num_patches`` (NaFlex)."""
+
+    image_size: tuple[int, int] | None = (224, 224)  # fixed-resolution target (height, width)
+    max_num_patches: int | None = None  # NaFlex: patch budget per image
+    patch_size: int = 16  # NaFlex patch side; unused by fixed-resolution processing
+    resample: str = "bilinear"  # resize filter, one of RESAMPLE_FILTERS
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255  # uint8 -> [0, 1]
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.image_size is None) == (self.max_num_patches is None):
+            raise ValueError(
+                f"set exactly one of image_size (fixed-resolution) and max_num_patches (NaFlex), got "
+                f"image_size={self.image_size!r}, max_num_patches={self.max_num_patches!r}"
+            )
+        if self.image_size is not None:
+            size = self.image_size
+            if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in size):
+                raise ValueError(f"image_size must be (height, width) of positive ints, got image_size={size!r}")
+            object.__setattr__(self, "image_size", tuple(size))
+        if self.max_num_patches is not None:
+            check_positive_ints(self, "max_num_patches")
+        check_positive_ints(self, "patch_size")
+        if self.resample not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample must be one of {list(RESAMPLE_FILTERS)}, got resample={self.resample!r}")
+        for name in ("image_mean", "image_std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"{name} must have 3 values (RGB), got {name}={getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
+        if any(s == 0 for s in self.image_std):
+            raise ValueError(f"image_std must not contain 0, got image_std={self.image_std}")
+
+    @property
+    def naflex(self) -> bool:
+        return self.max_num_patches is not None
+
+    @classmethod
+    def default_for(cls, config: EncoderConfig, resample: str = "bilinear") -> ProcessorConfig:
+        """SigLIP 2's preprocessing for a tower: native size, or a budget equal to the position grid's size."""
+        if config.naflex:
+            return cls(
+                image_size=None, max_num_patches=config.num_patches, patch_size=config.patch_size, resample=resample
+            )
+        return cls(image_size=(config.image_size, config.image_size), patch_size=config.patch_size, resample=resample)
+
+    def replace(self, **changes: Any) -> ProcessorConfig:
+        return replace(self, **changes)

@@ -23,10 +23,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .files import write_atomic
 from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image
 from .model import SigLIP2Encoder
 from .processor import ImageProcessor, ProcessedImage
-from .store import RUN_FILE, ShardWriter, committed_rows, write_atomic, write_manifest
+from .store import RUN_FILE, ShardWriter, committed_rows, write_manifest
 
 __all__ = ["ExtractSettings", "ExtractSummary", "discover_inputs", "extract_features"]
 

@@ -13,9 +13,21 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTENSIONS", "DEFAULT_MAX_PIXELS", "ImageLoadError", "load_image"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImageInput",
+    "ImageLoadError",
+    "composite_on_white",
+    "image_to_tensor",
+    "load_image",
+    "pil_to_array",
+]
+
+ImageInput = Image.Image | np.ndarray | torch.Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +61,34 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     return image
 
 
-def _to_array(image: Image.Image, path: Path) -> np.ndarray:
-    """(H, W, 3): uint8 for 8-bit images, float32 in [0, 1] for 16-bit and float ones."""
+def composite_on_white(rgba: torch.Tensor) -> torch.Tensor:
+    """(4, H, W) RGBA -> (3, H, W) RGB composited onto an opaque white background, in the input's dtype.
+
+    uint8 pixels follow Pillow's ``Image.alpha_composite`` integer arithmetic exactly (transformers' ``convert_rgb``
+    composites with it), so RGBA arrays, tensors and PIL images all give the same pixels; float pixels in [0, 1] use
+    ``rgb * alpha + (1 - alpha)``.
+    """
+    rgb, alpha = rgba[:3], rgba[3:]
+    if rgba.dtype != torch.uint8:
+        return rgb * alpha + (1 - alpha)
+    rgb, alpha = rgb.int(), alpha.int()
+    # Pillow (AlphaComposite.c, 7 precision bits): coefficients a and 255 - a, rounded division by 255.
+    x = ((rgb * alpha + 255 * (255 - alpha)) << 7) + (128 << 7)
+    out = ((((x >> 8) + x) >> 8) >> 7).clamp(0, 255)
+    return torch.where(alpha == 0, 255, out).to(torch.uint8)
+
+
+def pil_to_array(image: Image.Image) -> np.ndarray:
+    """(H, W, 3): uint8 for 8-bit images, float32 in [0, 1] for 16-bit and float ones; transparency composited onto
+    white; CMYK, grey, palette and 1-bit images become RGB.
+
+    Raises:
+        ValueError: the image holds NaN or Inf values.
+    """
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float32)
         if not np.isfinite(values).all():
-            raise ImageLoadError(f"{path}: the image contains NaN or Inf values")
+            raise ValueError("the image contains NaN or Inf values")
         if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and values.min() >= 0 and values.max() <= 65535):
             values = values / 65535.0  # 16-bit range (16-bit PNGs decode as mode I)
         elif values.min() < 0 or values.max() > 1:
@@ -62,9 +96,57 @@ def _to_array(image: Image.Image, path: Path) -> np.ndarray:
             values = (values - low) / (high - low) if high > low else np.zeros_like(values)
         return np.repeat(values[..., None], 3, axis=-1)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        rgba = torch.from_numpy(np.asarray(image.convert("RGBA")).copy()).permute(2, 0, 1)
+        return composite_on_white(rgba).permute(1, 2, 0).numpy()
     return np.asarray(image.convert("RGB"))
+
+
+def image_to_tensor(image: ImageInput, index: int = 0) -> torch.Tensor:
+    """One image as a (3, H, W) uint8 tensor, or a float32 tensor in [0, 1]; errors name it as image ``index``.
+
+    PIL images as :func:`pil_to_array` reads them; numpy arrays are (H, W, C) or (H, W), torch tensors (C, H, W) or
+    (H, W); 1 (grey), 3 (RGB) or 4 (RGBA, composited onto white) channels; uint8 (0-255) or float (0-1) pixels.
+    """
+    where = f"image {index}"
+    if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"{where} is empty ({image.width}x{image.height})")
+        try:
+            image = pil_to_array(image)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3:  # numpy images are (H, W, C), PIL's layout
+            image = np.moveaxis(image, -1, 0)
+        tensor = torch.from_numpy(np.ascontiguousarray(image))
+    elif isinstance(image, torch.Tensor):  # tensors are (C, H, W), torch's layout
+        tensor = image.detach().cpu()
+    else:
+        raise TypeError(f"{where} is a {type(image).__name__}; pass a PIL image, a numpy array or a torch tensor")
+    shape = tuple(tensor.shape)
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
+        layout = "(H, W, C)" if isinstance(image, np.ndarray) else "(C, H, W)"
+        raise ValueError(f"{where} has shape {shape}; expected {layout} with 1, 3 or 4 channels, or (H, W)")
+    if tensor.shape[1] == 0 or tensor.shape[2] == 0:
+        raise ValueError(f"{where} is empty (shape {shape})")
+    if tensor.dtype != torch.uint8:
+        if not tensor.is_floating_point():
+            raise TypeError(f"{where} has dtype {tensor.dtype}; pass uint8 (0-255) or float (0-1) pixels")
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{where} contains NaN or Inf values")
+        if tensor.min() < 0 or tensor.max() > 1:
+            raise ValueError(
+                f"{where} is float with values in [{tensor.min():.3g}, {tensor.max():.3g}]; float pixels must lie in "
+                f"[0, 1] (divide 0-255 values by 255, or pass uint8)"
+            )
+    if tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    elif tensor.shape[0] == 4:
+        tensor = composite_on_white(tensor)
+    return tensor.contiguous()
 
 
 def load_image(
@@ -108,4 +190,7 @@ def load_image(
                 image = ImageOps.exif_transpose(image)
             except Exception as err:  # a broken EXIF block: keep the pixels, say so
                 logger.warning("%s: cannot apply its EXIF orientation (%s); using the stored orientation", path, err)
-        return _to_array(image, path)
+        try:
+            return pil_to_array(image)
+        except ValueError as err:
+            raise ImageLoadError(f"{path}: {err}") from None

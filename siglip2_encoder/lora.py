@@ -41,9 +41,9 @@ class EncoderLoRAConfig:
     alpha: float = 16.0  # scale = alpha / r
     dropout: float = 0.0  # dropout on the adapter input
     modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")  # any of LORA_MODULES
-    # Which encoder layers: None = all; an int n = the last n; a tuple = indices into encoder.layers (0-based,
-    # negatives from the end, so -1 is the last layer).
-    layers: int | tuple[int, ...] | None = None
+    # Which entries of encoder.layers (the module names' 0-based numbering, not hidden-state indices): None = all;
+    # an int n = the last n; a tuple = indices, negatives from the end (-1 is the last layer).
+    encoder_layers: int | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -56,20 +56,24 @@ class EncoderLoRAConfig:
         unknown = [m for m in self.modules if m not in LORA_MODULES]
         if unknown or not self.modules:
             raise ValueError(f"modules must be a non-empty subset of {list(LORA_MODULES)}, got {list(self.modules)}")
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.encoder_layers, list):
+            object.__setattr__(self, "encoder_layers", tuple(self.encoder_layers))
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """The 0-based encoder layers that get adapters, for a tower of ``num_layers``."""
-        if self.layers is None:
+        if self.encoder_layers is None:
             return list(range(num_layers))
-        if isinstance(self.layers, int):
-            if not 1 <= self.layers <= num_layers:
-                raise ValueError(f"layers={self.layers} must take between 1 and {num_layers} last layers")
-            return list(range(num_layers - self.layers, num_layers))
-        indices = sorted({i % num_layers for i in self.layers if -num_layers <= i < num_layers})
-        if len(indices) != len(set(self.layers)) or not indices:
-            raise ValueError(f"layers={self.layers} must be indices in [{-num_layers}, {num_layers - 1}]")
+        if isinstance(self.encoder_layers, int):
+            if not 1 <= self.encoder_layers <= num_layers:
+                raise ValueError(
+                    f"encoder_layers={self.encoder_layers} must take between 1 and {num_layers} last layers"
+                )
+            return list(range(num_layers - self.encoder_layers, num_layers))
+        indices = sorted({i % num_layers for i in self.encoder_layers if -num_layers <= i < num_layers})
+        if len(indices) != len(set(self.encoder_layers)) or not indices:
+            raise ValueError(
+                f"encoder_layers={self.encoder_layers} must be indices in [{-num_layers}, {num_layers - 1}]"
+            )
         return indices
 
     def target_modules(self, num_layers: int) -> list[str]:

@@ -3,26 +3,34 @@
 patch + position embeddings -> N pre-norm encoder layers -> post-layernorm -> attention-pooling head.
 The forward pass runs only as far as the outputs asked for need: a request for layer -2 alone stops before the last
 layer and skips the post-layernorm and the head.
+
+The parts live in their own files (``embeddings``, ``layers``, ``head``; the kernels in ``attention``; the input
+formats in ``inputs``); this file composes them, loads and saves.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import EncoderConfig
-from .embeddings import FixedResolutionEmbeddings, NaFlexEmbeddings, patchify
+from .attention import attention_backend_names, select_attention_backend
+from .config import EncoderConfig, ProcessorConfig
+from .convert import check_state_dict, read_checkpoint, write_checkpoint
+from .embeddings import FixedResolutionEmbeddings, NaFlexEmbeddings
 from .head import MultiheadAttentionPoolingHead
-from .layers import MLP, Attention, EncoderLayer, Workspace
-from .output import EncoderOutput
-from .packing import ATTENTION_BACKENDS, AttentionBackend, Packing, resolve_backend
-from .processor import ProcessorConfig
+from .hub import CheckpointSource
+from .inputs import Grids, TowerInput, parse_inputs
+from .layers import EncoderLayer, Workspace
+from .output import EncoderOutput, Layer, tokens_to_map
+from .packing import Packing
+from .presets import get_preset
+from .processor import patchify
 
 __all__ = ["SigLIP2Encoder"]
 
@@ -33,6 +41,16 @@ class Encoder(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_hidden_layers)])
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What one forward pass must compute."""
+
+    hidden: dict[int, list[int]]  # hidden-state index 0..L -> the keys it was requested under
+    last: bool  # last_hidden_state
+    pooled: bool  # pooler_output
+    depth: int  # layers to run
 
 
 class SigLIP2Encoder(nn.Module):
@@ -48,11 +66,26 @@ class SigLIP2Encoder(nn.Module):
     * NaFlex towers: ``pixel_values`` (B, L, p * p * C) patchified and padded, with ``spatial_shapes`` (B, 2) giving
       each image's grid (h, w) and optionally ``pixel_attention_mask`` (B, L). (B, C, H, W) images are accepted too
       and patchified here.
+    * either: a list of (C, H_i, W_i) images of any sizes, run packed.
+
+    Args:
+        config: the architecture.
+        processor_config: how images are preprocessed for this tower (``save_pretrained`` writes it); default:
+            SigLIP 2's for the architecture.
     """
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: EncoderConfig, processor_config: ProcessorConfig | None = None) -> None:
         super().__init__()
+        processor_config = processor_config or ProcessorConfig.default_for(config)
+        if processor_config.naflex != config.naflex or (
+            config.naflex and processor_config.patch_size != config.patch_size
+        ):
+            raise ValueError(
+                f"processor_config {processor_config} does not fit this {'NaFlex' if config.naflex else 'fixed'} "
+                f"tower with patch_size={config.patch_size}; use ProcessorConfig.default_for(config)"
+            )
         self.config = config
+        self.processor_config = processor_config
         self.embeddings = NaFlexEmbeddings(config) if config.naflex else FixedResolutionEmbeddings(config)
         self.encoder = Encoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -62,9 +95,6 @@ class SigLIP2Encoder(nn.Module):
         # Use the in-place inference path of each layer when autograd records nothing (see layers.py); set False to
         # run the reference path everywhere (the tests compare the two).
         self.fast_inference = True
-        # How images are preprocessed for this tower; from_pretrained sets the checkpoint's own, save_pretrained
-        # writes it as preprocessor_config.json.
-        self.processor_config = ProcessorConfig.default_for(config)
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------- construction
@@ -78,12 +108,10 @@ class SigLIP2Encoder(nn.Module):
         ``overrides`` replace config fields, e.g. ``num_hidden_layers=2`` for a quick test. The features are
         meaningless; use :meth:`from_pretrained` for real ones.
         """
-        from .presets import get_preset
-
         preset = get_preset(name)
+        config = preset.config.replace(**overrides)
         with torch.device(device or "cpu"):
-            model = cls(preset.config.replace(**overrides))
-        model.processor_config = ProcessorConfig.default_for(model.config, resample=preset.resample)
+            model = cls(config, ProcessorConfig.default_for(config, resample=preset.resample))
         return model.to(dtype=dtype) if dtype is not None else model
 
     @classmethod
@@ -98,55 +126,57 @@ class SigLIP2Encoder(nn.Module):
         token: str | bool | None = None,
         local_files_only: bool = False,
     ) -> SigLIP2Encoder:
-        """Load the vision tower of a SigLIP / SigLIP 2 checkpoint: a Hub id or a local folder.
+        """Load the vision tower of a SigLIP / SigLIP 2 checkpoint: a Hub id or a local folder, in eval().
 
         Accepts transformers' ``siglip``, ``siglip2`` (image-text; the text tower is skipped) and
         ``siglip_vision_model``, ``siglip2_vision_model`` (vision-only) checkpoints, stored as ``model.safetensors``,
-        sharded safetensors with an index, or ``pytorch_model.bin``. Loading is strict: missing or unexpected vision
-        weights raise an error listing them.
+        sharded safetensors with an index (only the shards holding vision weights are read), or
+        ``pytorch_model.bin``. Loading is strict: missing or unexpected vision weights raise an error listing them.
+        ``dtype=None`` keeps the stored dtype.
         """
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(
-            cls,
-            name_or_path,
-            revision=revision,
-            dtype=dtype,
-            device=device,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
+        source = CheckpointSource(
+            name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
+        stored = read_checkpoint(source, dtype=dtype)
+        with torch.device("meta"):
+            model = cls(stored.config, stored.processor_config)
+        check_state_dict(model.state_dict(), stored.state_dict, str(source))
+        model.load_state_dict(stored.state_dict, strict=True, assign=True)
+        return model.to(device=device).eval() if device is not None else model.eval()
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write config.json, model.safetensors and preprocessor_config.json that transformers'
         ``SiglipVisionModel`` / ``Siglip2VisionModel`` and :meth:`from_pretrained` both load."""
-        from .checkpoint import save_pretrained
+        foreign = self.foreign_modules()
+        if foreign:
+            shown = ", ".join(f"{name} ({kind})" for name, kind in foreign[:3])
+            raise ValueError(
+                f"cannot save: {len(foreign)} module(s) are not the tower's own, e.g. {shown}. Merge LoRA adapters "
+                f"first (merge_and_unload()) or save them with the PeftModel's save_pretrained; a prepack_for_cpu() "
+                f"copy cannot be saved: save the tower it was made from"
+            )
+        write_checkpoint(save_directory, self.config, self.state_dict(), self.processor_config)
 
-        save_pretrained(self, save_directory)
+    def foreign_modules(self) -> list[tuple[str, str]]:
+        """(name, qualified type) of every outermost module whose type differs from the tower this config builds
+        (LoRA wrappers, quantized or prepacked layers, ...): their weights do not have transformers' layout."""
+        with torch.device("meta"):
+            own = {name: type(m) for name, m in SigLIP2Encoder(self.config).named_modules()}
+        foreign: list[tuple[str, str]] = []
+        for name, module in self.named_modules():
+            inside = foreign and name.startswith(foreign[-1][0] + ".")
+            if own.get(name) is not type(module) and not inside:
+                foreign.append((name, f"{type(module).__module__}.{type(module).__qualname__}"))
+        return foreign
 
-    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Random initialisation following the reference implementations (lecun-normal patch embedding, xavier
-        attention and MLP weights, normal(1/sqrt(D)) positions)."""
-        width = self.config.hidden_size
-        for module in self.modules():
-            if isinstance(module, (Attention, MLP)):
-                for linear in module.children():
-                    nn.init.xavier_uniform_(linear.weight)
-                    nn.init.normal_(linear.bias, std=1e-6 if isinstance(module, MLP) else 0.0)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        patch = self.embeddings.patch_embedding
-        fan_in = patch.weight[0].numel()
-        nn.init.trunc_normal_(patch.weight, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
-        nn.init.zeros_(patch.bias)
-        nn.init.normal_(self.embeddings.position_embedding.weight, std=1 / math.sqrt(width))
+        """Random initialisation following the reference implementations (each part's ``reset_parameters``)."""
+        self.embeddings.reset_parameters()
+        for layer in self.encoder.layers:
+            layer.reset_parameters()
+        self.post_layernorm.reset_parameters()
         if self.head is not None:
-            nn.init.xavier_uniform_(self.head.probe.view(1, -1))
-            nn.init.xavier_uniform_(self.head.attention.in_proj_weight)
-            nn.init.zeros_(self.head.attention.in_proj_bias)
+            self.head.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------- training knobs
 
@@ -169,47 +199,15 @@ class SigLIP2Encoder(nn.Module):
 
     @property
     def attention_backend(self) -> str:
-        """How packed attention runs: "auto" (default), "sdpa", "varlen", "flash_attn" or "flex" (see
-        :mod:`~siglip2_encoder.packing`)."""
+        """How packed attention runs: "auto" (default) or a name in :data:`~siglip2_encoder.attention.
+        ATTENTION_BACKENDS` ("sdpa", "varlen", "flash_attn", "flex")."""
         return self._attention_backend
 
     @attention_backend.setter
-    def attention_backend(self, name: AttentionBackend) -> None:
-        if name not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    def attention_backend(self, name: str) -> None:
+        if name not in attention_backend_names():
+            raise ValueError(f"attention_backend must be one of {attention_backend_names()}, got {name!r}")
         self._attention_backend = name
-
-    def fuse_qkv(self, enabled: bool = True) -> SigLIP2Encoder:
-        """Run the q, k, v projections as one GEMM in the inference path. Returns self.
-
-        Keeps a stacked copy of the q, k, v weights per layer (rebuilt when they change): 3 * D^2 more weights per
-        layer, about a quarter of a layer's. On a 2-core CPU one big GEMM was not faster than three (see
-        benchmarks/RESULTS.md), so it is off by default; it pays where kernel launches dominate (small batches on a
-        GPU).
-        """
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.fuse_qkv = enabled
-                module._fused = None
-        return self
-
-    def prepack_for_cpu(self, enabled: bool = True) -> SigLIP2Encoder:
-        """Run the inference path's GEMMs through oneDNN on weights prepacked into its blocked layout, with GELU and
-        the residual adds fused in. Returns self.
-
-        Costs a second copy of every encoder-layer weight (rebuilt when the weights change): roughly double the
-        tower's memory. Pays at small batches, where the stock GEMM (MKL) is furthest from its peak: 1.17x at batch 1
-        on B/16-224 on a 2-core CPU (benchmarks/RESULTS.md). Forward passes of more than
-        ``layers.PREPACK_MAX_TOKENS`` tokens, where it was measured slower, and other devices keep the default path.
-        """
-        if enabled and not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
-            raise ValueError(
-                f"prepack_for_cpu needs PyTorch built with oneDNN (mkldnn); torch {torch.__version__} is not"
-            )
-        for layer in self.encoder.layers:
-            layer.prepack = enabled
-            layer._prepacked = None
-        return self
 
     def compile_layers(self, **kwargs) -> SigLIP2Encoder:
         """``torch.compile`` each encoder layer (``kwargs`` go to it); the Python that packs and routes tokens stays
@@ -217,17 +215,6 @@ class SigLIP2Encoder(nn.Module):
         for layer in self.encoder.layers:
             layer.compile(**kwargs)
         return self
-
-    def clear_caches(self) -> None:
-        """Drop the cached resized position grids, fused q, k, v weights and prepacked weights. Needed only after
-        writing weights through ``.data`` (which bypasses the version counters the caches check); they rebuild on
-        the next call."""
-        self.embeddings.clear_cache()
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module._fused = None
-            elif isinstance(module, EncoderLayer):
-                module._prepacked = None
 
     def set_precision(self, dtype: torch.dtype, *, keep_embeddings_fp32: bool = True) -> SigLIP2Encoder:
         """Cast the tower to ``dtype`` (e.g. torch.bfloat16 on a GPU), by default keeping the patch and position
@@ -264,82 +251,38 @@ class SigLIP2Encoder(nn.Module):
         if isinstance(index, bool) or not isinstance(index, int) or not -(n + 1) <= index <= n:
             raise ValueError(
                 f"layer index {index!r} is out of range for a {n}-layer tower: use 0 (embeddings) to {n} "
-                f"(last layer), or -1 (last layer) to {-(n + 1)} (embeddings)"
+                f"(last layer), or -1 (last layer) to {-(n + 1)} (embeddings); None means last_hidden_state"
             )
         return index % (n + 1)
 
-    def embed(
-        self,
-        pixel_values: torch.Tensor | Sequence[torch.Tensor],
-        spatial_shapes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
-        pixel_attention_mask: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Packing]:
-        """Validate the inputs (see :meth:`forward`) and embed them.
+    def _request(self, layers: Layer | Sequence[Layer], return_last: bool, return_pooled: bool | None) -> _Request:
+        layers = [layers] if layers is None or isinstance(layers, int) else list(layers)
+        hidden: dict[int, list[int]] = {}
+        for index in layers:
+            if index is not None:
+                hidden.setdefault(self.layer_index(index), []).append(index)
+        if return_pooled is None:
+            return_pooled = self.head is not None
+        elif return_pooled and self.head is None:
+            raise ValueError("this tower has no attention-pooling head (use_head=False); pass return_pooled=False")
+        last = return_last or None in layers
+        if not (last or return_pooled or hidden):
+            raise ValueError("nothing to compute: request layers=[...], return_last=True or return_pooled=True")
+        depth = self.config.num_hidden_layers if last or return_pooled else max(hidden)
+        return _Request(hidden, last, return_pooled, depth)
 
-        Returns:
-            (T, D) packed embeddings of the real tokens of every image, and the :class:`Packing` that says where
-            each image's tokens are.
-        """
-        if isinstance(pixel_values, (list, tuple)):
-            if positions is not None:
-                raise ValueError("positions apply to a (B, C, H, W) batch, not to a list of images")
-            return self._embed_list(list(pixel_values), spatial_shapes)
-        _check_pixels(pixel_values)
-        p, c = self.config.patch_size, self.config.num_channels
-        if pixel_values.ndim == 4:
-            b, channels, height, width = pixel_values.shape
-            if channels != c or height < p or width < p:
-                raise ValueError(
-                    f"pixel_values of shape {tuple(pixel_values.shape)} must be (B, {c}, H, W) with H and W at least "
-                    f"the patch size {p}; ImageProcessor prepares images"
-                )
-            # As in the reference conv, the last H % p rows and W % p columns fall outside every patch.
-            grid = (height // p, width // p)
-            if spatial_shapes is not None and _as_grids(spatial_shapes) != [grid] * b:
-                raise ValueError(
-                    f"spatial_shapes {_as_grids(spatial_shapes)} disagree with the image size {height}x{width} "
-                    f"(grid {grid}); drop spatial_shapes or fix it"
-                )
-            want = (grid[0] * grid[1], self.config.hidden_size)
-            if positions is not None and tuple(positions.shape) not in (want, (b, *want)):
-                raise ValueError(
-                    f"positions must be (h * w, D) = {want} or (B, h * w, D) for this {grid[0]}x{grid[1]} grid, "
-                    f"got {tuple(positions.shape)}"
-                )
-            packing = Packing.from_grids([grid] * b, pixel_values.device)
-            return self._embed_batch(pixel_values, positions).reshape(-1, self.config.hidden_size), packing
+    def embed(self, inputs: TowerInput) -> torch.Tensor:
+        """Validated inputs (:func:`~siglip2_encoder.inputs.parse_inputs`) -> (T, D) packed embeddings."""
+        packing = inputs.packing
+        if inputs.patches is not None:
+            return self.embeddings(inputs.patches, packing.packed_grids)
+        embedded = [(indices, self._embed_images(images, inputs.positions)) for indices, images in inputs.groups]
+        if len(embedded) == 1 and packing.order == embedded[0][0]:
+            return embedded[0][1].flatten(0, 1)
+        per_image = {i: tokens for indices, batch in embedded for i, tokens in zip(indices, batch)}
+        return torch.cat([per_image[i] for i in packing.order])
 
-        if positions is not None:
-            raise ValueError("positions apply to (B, C, H, W) images only")
-        if pixel_values.ndim != 3 or not self.config.naflex:
-            want = (
-                "(B, L, p*p*C) patches with spatial_shapes, or (B, C, H, W)" if self.config.naflex else "(B, C, H, W)"
-            )
-            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} is not {want} for this tower")
-        b, length, dim = pixel_values.shape
-        if dim != c * p * p:
-            raise ValueError(f"patchified pixel_values must have p*p*C = {c * p * p} values per patch, got {dim}")
-        if spatial_shapes is None:
-            raise ValueError("patchified pixel_values need spatial_shapes (B, 2): each image's grid (h, w)")
-        grids = _as_grids(spatial_shapes)
-        if len(grids) != b or any(h < 1 or w < 1 or h * w > length for h, w in grids):
-            raise ValueError(
-                f"spatial_shapes {grids} must give one grid (h >= 1, w >= 1, h * w <= {length}) per image for "
-                f"{b} images"
-            )
-        if pixel_attention_mask is not None:
-            counts = torch.tensor([h * w for h, w in grids], device=pixel_values.device)
-            mask = torch.arange(length, device=pixel_values.device) < counts[:, None]  # (B, L)
-            if not torch.equal(pixel_attention_mask.to(torch.bool), mask):
-                raise ValueError(
-                    "pixel_attention_mask must mark exactly the first h*w patches of each image as valid "
-                    "(as spatial_shapes says); pass the processor's mask unchanged, or leave it out"
-                )
-        packing = Packing.from_grids(grids, pixel_values.device, length)
-        return self.embeddings(packing.pack(pixel_values), packing.packed_grids), packing
-
-    def _embed_batch(self, images: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def _embed_images(self, images: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """(B, C, H, W) images of one size -> (B, N, D)."""
         if not self.config.naflex:
             return self.embeddings(images, positions)
@@ -348,43 +291,49 @@ class SigLIP2Encoder(nn.Module):
         grid = (height // p, width // p)
         patches = patchify(images[..., : grid[0] * p, : grid[1] * p], p)  # (B, N, p*p*C)
         if positions is not None:
-            positions = positions.expand(b, *positions.shape[-2:]).reshape(-1, positions.shape[-1])
-        x = self.embeddings(patches.reshape(-1, patches.shape[-1]), [grid] * b, positions)
-        return x.view(b, -1, x.shape[-1])
+            positions = positions.expand(b, *positions.shape[-2:]).flatten(0, 1)
+        return self.embeddings(patches.flatten(0, 1), [grid] * b, positions).unflatten(0, (b, -1))
 
-    def _embed_list(self, images: list[torch.Tensor], spatial_shapes) -> tuple[torch.Tensor, Packing]:
-        """A list of (C, H_i, W_i) images of any sizes -> (T, D) packed embeddings; images of one size run together."""
-        if not images:
-            raise ValueError("pixel_values is an empty list; pass at least one (C, H, W) image")
-        p, c = self.config.patch_size, self.config.num_channels
-        for i, image in enumerate(images):
-            _check_pixels(image)
-            if image.ndim != 3 or image.shape[0] != c or image.shape[1] < p or image.shape[2] < p:
-                raise ValueError(
-                    f"image {i} of the list has shape {tuple(image.shape)}; each must be ({c}, H, W) with H and W "
-                    f"at least the patch size {p}"
-                )
-        grids = [(image.shape[1] // p, image.shape[2] // p) for image in images]
-        if spatial_shapes is not None and _as_grids(spatial_shapes) != grids:
-            raise ValueError(f"spatial_shapes {_as_grids(spatial_shapes)} disagree with the images' grids {grids}")
-        packing = Packing.from_grids(grids, images[0].device)
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(images):
-            by_size.setdefault(tuple(image.shape[1:]), []).append(i)
-        per_image: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
-        for indices in by_size.values():
-            embedded = self._embed_batch(torch.stack([images[i] for i in indices]))
-            for i, tokens in zip(indices, embedded):
-                per_image[i] = tokens
-        return torch.cat([per_image[i] for i in packing.order]), packing
+    def forward_layers(
+        self, x: torch.Tensor, packing: Packing, keep: Mapping[int, Sequence[int]], depth: int
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Run the first ``depth`` layers on packed (T, D) embeddings.
+
+        Returns:
+            The hidden states ``keep`` asks for (index 0..L -> the keys to file it under), each padded (B, N, D), and
+            the (T, D) packed output of layer ``depth``.
+        """
+        dropout = self.config.attention_dropout if self.training else 0.0
+        attend = select_attention_backend(self.attention_backend, x.device, x.dtype, dropout).prepare(packing)
+        # The in-place inference path may only run when autograd records nothing.
+        recording = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.encoder.parameters())
+        )
+        workspace = Workspace() if self.fast_inference and not recording else None
+
+        hidden: dict[int, torch.Tensor] = {}
+
+        def snapshot(i: int) -> None:
+            if i in keep:
+                out = packing.unpack(x)  # a view when every image has the same length: copy it, x changes in place
+                hidden.update(dict.fromkeys(keep[i], out.clone() if workspace is not None and packing.uniform else out))
+
+        snapshot(0)
+        for i, layer in enumerate(self.encoder.layers[:depth], start=1):
+            if self.gradient_checkpointing and self.training and recording:
+                x = checkpoint(layer, x, attend, use_reentrant=False)
+            else:
+                x = layer(x, attend, workspace)
+            snapshot(i)
+        return hidden, x
 
     def forward(
         self,
         pixel_values: torch.Tensor | Sequence[torch.Tensor],
-        spatial_shapes: torch.Tensor | Sequence[tuple[int, int]] | None = None,
+        spatial_shapes: Grids | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         *,
-        layers: Sequence[int] = (),
+        layers: Layer | Sequence[Layer] = (),
         return_last: bool = True,
         return_pooled: bool | None = None,
         positions: torch.Tensor | None = None,
@@ -399,9 +348,9 @@ class SigLIP2Encoder(nn.Module):
                 (B, L, p * p * C) patches (see the class docstring).
             spatial_shapes: (B, 2) per-image token grids (h, w); required for patchified NaFlex input.
             pixel_attention_mask: (B, L) validity of patchified NaFlex input; derived from spatial_shapes if absent.
-            layers: hidden states to return, transformers' indexing (0 = embeddings, i = after layer i,
-                -1 = last layer before post-layernorm, -2 = penultimate).
-            return_last: compute ``last_hidden_state`` (all layers + post-layernorm).
+            layers: outputs to return: hidden states in transformers' indexing (0 = embeddings, i = after layer i,
+                -1 = last layer before post-layernorm, -2 = penultimate), and None for ``last_hidden_state``.
+            return_last: compute ``last_hidden_state`` (all layers + post-layernorm) even if None is not in layers.
             return_pooled: compute ``pooler_output`` with the attention-pooling head; None means "if the tower has a
                 head".
             positions: (h * w, D) or (B, h * w, D) position embeddings to add instead of the tower's own, for
@@ -411,54 +360,17 @@ class SigLIP2Encoder(nn.Module):
         Returns:
             :class:`~siglip2_encoder.EncoderOutput`; padding tokens are zero in every returned token tensor.
         """
-        if isinstance(layers, int):
-            layers = (layers,)
-        wanted: dict[int, list[int]] = {}
-        for index in layers:
-            wanted.setdefault(self.layer_index(index), []).append(index)
-        if return_pooled is None:
-            return_pooled = self.head is not None
-        elif return_pooled and self.head is None:
-            raise ValueError("this tower has no attention-pooling head (use_head=False); pass return_pooled=False")
-        run_to_end = return_last or return_pooled
-        if not (run_to_end or wanted):
-            raise ValueError("nothing to compute: request layers=[...], return_last=True or return_pooled=True")
-        depth = self.config.num_hidden_layers if run_to_end else max(wanted)
-
-        x, packing = self.embed(pixel_values, spatial_shapes, pixel_attention_mask, positions)
+        request = self._request(layers, return_last, return_pooled)
+        inputs = parse_inputs(self.config, pixel_values, spatial_shapes, pixel_attention_mask, positions)
+        packing = inputs.packing
         # Contiguous: the conv embedding comes out transposed, and layer norm and in-place GEMMs would copy it.
-        x = x.to(self.encoder_dtype).contiguous()
-        backend = resolve_backend(
-            self.attention_backend, x.device, x.dtype, self.config.attention_dropout if self.training else 0.0
-        )
-        # The in-place inference path may only run when autograd records nothing.
-        recording = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.encoder.parameters())
-        )
-        workspace = Workspace() if self.fast_inference and not recording else None
-
-        def snapshot(t: torch.Tensor) -> torch.Tensor:
-            """Padded copy of packed tokens that later in-place layers cannot change."""
-            out = packing.unpack(t)
-            return out.clone() if workspace is not None and packing.uniform else out
-
-        hidden: dict[int, torch.Tensor] = {}
-        if 0 in wanted:
-            hidden.update(dict.fromkeys(wanted[0], snapshot(x)))
-        for i, layer in enumerate(self.encoder.layers[:depth], start=1):
-            if workspace is None and self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, packing, backend, use_reentrant=False)
-            else:
-                x = layer(x, packing, backend, workspace)
-            if i in wanted:
-                hidden.update(dict.fromkeys(wanted[i], snapshot(x)))
-
+        x = self.embed(inputs).to(self.encoder_dtype).contiguous()
+        hidden, x = self.forward_layers(x, packing, request.hidden, request.depth)
         last = pooled = None
-        if run_to_end:
-            last = self.post_layernorm(x)
-            if return_pooled:
-                pooled = self.head(last, packing)
-            last = packing.unpack(last) if return_last else None
+        if request.last or request.pooled:
+            x = self.post_layernorm(x)
+            pooled = self.head(x, packing) if request.pooled else None
+            last = packing.unpack(x) if request.last else None
         return EncoderOutput(
             last_hidden_state=last,
             pooler_output=pooled,
@@ -466,6 +378,21 @@ class SigLIP2Encoder(nn.Module):
             spatial_shapes=torch.tensor(packing.grids, dtype=torch.long, device=x.device).reshape(-1, 2),
             attention_mask=packing.mask(),
         )
+
+    def forward_features(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], **inputs) -> torch.Tensor:
+        """timm's ``forward_features``: the final (B, N, D) tokens after the post-layernorm (``inputs`` as in
+        :meth:`forward`: spatial_shapes, pixel_attention_mask, positions)."""
+        return self(pixel_values, **inputs, return_pooled=False).last_hidden_state
+
+    def forward_head(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """timm's ``forward_head``: (B, N, D) final tokens (with their (B, N) validity mask if padded) -> (B, D)
+        attention-pooled features."""
+        if self.head is None:
+            raise ValueError("this tower has no attention-pooling head (use_head=False)")
+        b, n, _ = tokens.shape
+        counts = [n] * b if attention_mask is None else attention_mask.sum(1).tolist()
+        packing = Packing.from_grids([(1, int(c)) for c in counts], tokens.device, n)
+        return self.head(packing.pack(tokens), packing)
 
     def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
         """The (h * w, D) position embeddings the tower adds for an (h, w) token grid."""
@@ -506,23 +433,7 @@ class SigLIP2Encoder(nn.Module):
         if norm:
             feats = [self.post_layernorm(f) for f in feats]
         if output_fmt == "NCHW":
-            h, w = out.grids[0]
-            feats = [f.reshape(f.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+            feats = [tokens_to_map(f, out.grids[0]).contiguous() for f in feats]
         if intermediates_only:
             return feats
         return out.last_hidden_state, feats
-
-
-def _as_grids(spatial_shapes: torch.Tensor | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    if isinstance(spatial_shapes, torch.Tensor):
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
-
-
-def _check_pixels(pixel_values: object) -> None:
-    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-        got = getattr(pixel_values, "dtype", type(pixel_values).__name__)
-        raise TypeError(
-            f"pixel_values must be a floating-point torch.Tensor (or a list of them), got {got}; "
-            f"use siglip2_encoder.ImageProcessor to turn images into pixel_values"
-        )

@@ -6,7 +6,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["EncoderOutput"]
+__all__ = ["EncoderOutput", "Layer", "tokens_to_map"]
+
+# A requested output layer: an int is a hidden state in transformers' indexing (0 = embeddings, -1 = the last layer
+# before the post-layernorm, -2 = the penultimate layer); None is ``last_hidden_state``, the final tokens after it.
+Layer = int | None
+
+
+def tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Row-major tokens (..., h * w, D) -> feature maps (..., D, h, w)."""
+    h, w = grid
+    return tokens.unflatten(-2, (h, w)).movedim(-1, -3)
 
 
 @dataclass
@@ -35,11 +45,13 @@ class EncoderOutput:
     spatial_shapes: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
 
-    def tokens(self, layer: int | None = None) -> torch.Tensor:
+    def tokens(self, layer: Layer = None) -> torch.Tensor:
         """The padded (B, N, D) tokens of ``layer`` (a requested hidden-state index) or, for None, the final ones."""
         if layer is None:
             if self.last_hidden_state is None:
-                raise ValueError("last_hidden_state was not computed; call the encoder with return_last=True")
+                raise ValueError(
+                    "last_hidden_state was not computed; call the encoder with return_last=True or None in layers"
+                )
             return self.last_hidden_state
         if layer not in self.hidden_states:
             raise ValueError(
@@ -58,12 +70,12 @@ class EncoderOutput:
         """Number of real tokens per image (h * w)."""
         return [h * w for h, w in self.grids]
 
-    def per_image(self, layer: int | None = None) -> list[torch.Tensor]:
+    def per_image(self, layer: Layer = None) -> list[torch.Tensor]:
         """A list of B tensors, image b's real tokens (h_b * w_b, D), padding removed."""
         x = self.tokens(layer)
         return [x[b, :n] for b, n in enumerate(self.token_counts)]
 
-    def padded(self, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def padded(self, layer: Layer = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, D) tokens and their (B, N) bool validity mask (all True for fixed-resolution batches)."""
         x = self.tokens(layer)
         mask = self.attention_mask
@@ -71,15 +83,16 @@ class EncoderOutput:
             mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         return x, mask
 
-    def feature_maps(self, layer: int | None = None) -> list[torch.Tensor]:
+    def feature_maps(self, layer: Layer = None) -> list[torch.Tensor]:
         """A list of B maps, image b's tokens as (D, h_b, w_b)."""
-        return [t.transpose(0, 1).reshape(-1, h, w) for t, (h, w) in zip(self.per_image(layer), self.grids)]
+        return [tokens_to_map(t, grid) for t, grid in zip(self.per_image(layer), self.grids)]
 
-    def feature_map(self, layer: int | None = None) -> torch.Tensor:
+    def feature_map(self, layer: Layer = None) -> torch.Tensor:
         """(B, D, h, w) maps; every image must share one grid (use :meth:`feature_maps` otherwise)."""
         grids = set(self.grids)
         if len(grids) != 1:
             raise ValueError(
                 f"images have different token grids {sorted(grids)}; use feature_maps() for a per-image list"
             )
-        return torch.stack(self.feature_maps(layer))
+        h, w = grids.pop()
+        return tokens_to_map(self.tokens(layer)[:, : h * w], (h, w))

@@ -1,70 +1,19 @@
-"""Packed variable-length execution: images with different token counts share one (T, D) token sequence.
+"""Packed variable-length layout: images with different token counts share one (T, D) token sequence.
 
-Every linear layer runs on the T real tokens only (no padding); attention is block-diagonal, one block per image.
-Images are reordered so that those with equal token counts sit next to each other: each run of equal-length images
-is then a contiguous (G * n, D) slice that views as a (G, n, D) batch without copying. Attention backends:
-
-* ``"sdpa"``: ``F.scaled_dot_product_attention`` once per run of equal-length images (the CPU path, and the
-  fallback everywhere). A fixed-resolution batch is one run: exactly one SDPA call, as an unpacked model makes.
-* ``"varlen"``: PyTorch's ``torch.nn.attention.varlen.varlen_attn`` (flash attention over ``cu_seqlens``; CUDA,
-  fp16/bf16).
-* ``"flash_attn"``: ``flash_attn.flash_attn_varlen_func`` from the flash-attn package (CUDA, fp16/bf16).
-* ``"flex"``: ``torch.nn.attention.flex_attention`` with a block-diagonal block mask over the whole sequence.
-  Fused only under ``torch.compile``; without it PyTorch materialises the scores.
-
-``"auto"`` takes flash_attn, then varlen, where they apply (CUDA, half precision, no attention dropout), and sdpa
-otherwise. No backend builds a (T x T) or padded (B x N x N) additive mask.
+Every linear layer runs on the T real tokens only (no padding); attention is block-diagonal, one block per image
+(the kernels are in :mod:`~siglip2_encoder.attention`). Images are reordered so that those with equal token counts
+sit next to each other: each run of equal-length images is then a contiguous (G * n, D) slice that views as a
+(G, n, D) batch without copying. :class:`Packing` is pure layout: it computes nothing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["ATTENTION_BACKENDS", "AttentionBackend", "Packing", "resolve_backend"]
-
-AttentionBackend = Literal["auto", "sdpa", "varlen", "flash_attn", "flex"]
-ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "sdpa", "varlen", "flash_attn", "flex")
-
-
-def _has_torch_varlen() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
-
-
-def _has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, dropout: float) -> str:
-    """The concrete backend for ``backend`` on this device and dtype; raises if an explicit one cannot run."""
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
-    half = dtype in (torch.float16, torch.bfloat16)
-    fused_ok = device.type == "cuda" and half and dropout == 0.0
-    if backend == "auto":
-        if fused_ok and _has_flash_attn():
-            return "flash_attn"
-        if fused_ok and _has_torch_varlen():
-            return "varlen"
-        return "sdpa"
-    if backend in ("varlen", "flash_attn"):
-        if not fused_ok:
-            raise ValueError(
-                f"attention backend {backend!r} needs a CUDA device, fp16 or bf16 and no attention dropout; got "
-                f"{device.type}, {dtype}, dropout {dropout}. Use 'auto' or 'sdpa'"
-            )
-        if backend == "flash_attn" and not _has_flash_attn():
-            raise ValueError("attention backend 'flash_attn' needs the flash-attn package: pip install flash-attn")
-        if backend == "varlen" and not _has_torch_varlen():
-            raise ValueError(f"attention backend 'varlen' needs torch.nn.attention.varlen (torch {torch.__version__})")
-    if backend == "flex" and dropout:
-        raise ValueError("attention backend 'flex' has no attention dropout; use 'sdpa' for training with dropout")
-    return backend
+__all__ = ["Packing"]
 
 
 @dataclass(eq=False)
@@ -174,64 +123,9 @@ class Packing:
         """(B, ...) rows in packed order -> input order."""
         return per_image if self.order == tuple(range(self.num_images)) else per_image[self.inverse_order]
 
-    # ------------------------------------------------------------------------------------------------- attention
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout: float = 0.0):
-        """Block-diagonal self-attention of packed (T, heads, head_dim) q, k, v -> (T, heads * head_dim).
-
-        ``backend`` is a resolved name (see :func:`resolve_backend`), never "auto".
-        """
-        t, heads, head_dim = q.shape
-        if backend == "sdpa":
-            outs = []
-            for run in self.runs:
-                out = F.scaled_dot_product_attention(_run(q, *run), _run(k, *run), _run(v, *run), dropout_p=dropout)
-                outs.append(out.transpose(1, 2).reshape(-1, heads * head_dim))  # a view for SDPA's CPU layout
-            return outs[0] if len(outs) == 1 else torch.cat(outs)
-        if backend == "varlen":
-            from torch.nn.attention.varlen import varlen_attn
-
-            cu, n = self.cu_seqlens, self.max_tokens
-            return varlen_attn(q, k, v, cu, cu, n, n).reshape(t, -1)
-        if backend == "flash_attn":
-            from flash_attn import flash_attn_varlen_func
-
-            cu, n = self.cu_seqlens, self.max_tokens
-            return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout).reshape(t, -1)
-        if backend == "flex":
-            from torch.nn.attention.flex_attention import flex_attention
-
-            out = flex_attention(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=self.block_mask)
-            return out[0].transpose(0, 1).reshape(t, -1)
-        raise ValueError(f"unknown attention backend {backend!r}")
-
-    @cached_property
-    def block_mask(self):
-        """The block-diagonal flex-attention block mask over the packed sequence, built once per packing."""
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        counts = torch.tensor([self.counts[i] for i in self.order], device=self.device)
-        image = torch.repeat_interleave(torch.arange(self.num_images, device=self.device), counts)
-
-        def same_image(b, h, q_idx, kv_idx):
-            return image[q_idx] == image[kv_idx]
-
-        t = self.num_tokens
-        return create_block_mask(same_image, None, None, t, t, device=self.device)
-
-    def pool(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Cross-attention of one (heads, head_dim) query per image to its packed (T, heads, head_dim) keys.
-
-        Returns (B, heads * head_dim) in packed order.
-        """
-        heads, head_dim = query.shape
-        outs = []
-        for run in self.runs:
-            q = query[None, :, None].expand(run[1], heads, 1, head_dim)
-            outs.append(F.scaled_dot_product_attention(q, _run(k, *run), _run(v, *run)).reshape(run[1], -1))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def _run(x: torch.Tensor, start: int, images: int, n: int) -> torch.Tensor:
-    """The (images, heads, n, head_dim) view of one run of a packed (T, heads, head_dim) tensor."""
-    return x[start : start + images * n].unflatten(0, (images, n)).transpose(1, 2)
+    def runs_of(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The (images, heads, n, head_dim) view of each run of a packed (T, heads, head_dim) tensor, as SDPA takes
+        batches; no copies."""
+        return [
+            x[start : start + images * n].unflatten(0, (images, n)).transpose(1, 2) for start, images, n in self.runs
+        ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import EncoderConfig
+from .config import NAFLEX_NUM_PATCHES, EncoderConfig, ProcessorConfig
 
 __all__ = ["Preset", "PRESETS", "get_preset", "list_presets"]
 
@@ -33,7 +33,11 @@ class Preset:
     hub_id: str
     config: EncoderConfig
     resample: str  # "bilinear" or "bicubic", the checkpoint processor's resize filter
-    max_num_patches: int | None = None  # NaFlex default patch budget per image
+
+    @property
+    def processor_config(self) -> ProcessorConfig:
+        """The checkpoint's preprocessing: native size (fixed resolution) or a 256-patch budget (NaFlex)."""
+        return ProcessorConfig.default_for(self.config, resample=self.resample)
 
 
 _WIDTHS = {  # name: (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads)
@@ -44,9 +48,10 @@ _WIDTHS = {  # name: (hidden_size, intermediate_size, num_hidden_layers, num_att
 }
 
 
-def _fixed(family: str, width: str, patch: int, size: int, resample: str) -> Preset:
+def _preset(family: str, width: str, patch: int, size: int | None, resample: str = "bilinear") -> Preset:
+    """``size`` None: a NaFlex tower with its 16x16 position grid."""
     hidden, mlp, depth, heads = _WIDTHS[width]
-    name = f"{family}-{width}-patch{patch}-{size}"
+    name = f"{family}-{width}-patch{patch}-{size or 'naflex'}"
     config = EncoderConfig(
         hidden_size=hidden,
         intermediate_size=mlp,
@@ -54,40 +59,26 @@ def _fixed(family: str, width: str, patch: int, size: int, resample: str) -> Pre
         num_attention_heads=heads,
         patch_size=patch,
         image_size=size,
+        num_patches=None if size else NAFLEX_NUM_PATCHES,
     )
     return Preset(name=name, hub_id=f"google/{name}", config=config, resample=resample)
-
-
-def _naflex(width: str) -> Preset:
-    hidden, mlp, depth, heads = _WIDTHS[width]
-    name = f"siglip2-{width}-patch16-naflex"
-    config = EncoderConfig(
-        hidden_size=hidden,
-        intermediate_size=mlp,
-        num_hidden_layers=depth,
-        num_attention_heads=heads,
-        patch_size=16,
-        image_size=None,
-        num_patches=256,
-    )
-    return Preset(name=name, hub_id=f"google/{name}", config=config, resample="bilinear", max_num_patches=256)
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        *(_fixed("siglip2", "base", 16, s, "bilinear") for s in (224, 256, 384, 512)),
-        _fixed("siglip2", "base", 32, 256, "bilinear"),
-        *(_fixed("siglip2", "large", 16, s, "bilinear") for s in (256, 384, 512)),
-        *(_fixed("siglip2", "so400m", 14, s, "bilinear") for s in (224, 384)),
-        *(_fixed("siglip2", "so400m", 16, s, "bilinear") for s in (256, 384, 512)),
-        *(_fixed("siglip2", "giant-opt", 16, s, "bilinear") for s in (256, 384)),
-        _naflex("base"),
-        _naflex("so400m"),
+        *(_preset("siglip2", "base", 16, s) for s in (224, 256, 384, 512)),
+        _preset("siglip2", "base", 32, 256),
+        *(_preset("siglip2", "large", 16, s) for s in (256, 384, 512)),
+        *(_preset("siglip2", "so400m", 14, s) for s in (224, 384)),
+        *(_preset("siglip2", "so400m", 16, s) for s in (256, 384, 512)),
+        *(_preset("siglip2", "giant-opt", 16, s) for s in (256, 384)),
+        _preset("siglip2", "base", 16, None),
+        _preset("siglip2", "so400m", 16, None),
         # SigLIP 1: the same architecture, bicubic preprocessing.
-        _fixed("siglip", "base", 16, 224, "bicubic"),
-        _fixed("siglip", "so400m", 14, 224, "bicubic"),
-        _fixed("siglip", "so400m", 14, 384, "bicubic"),
+        _preset("siglip", "base", 16, 224, "bicubic"),
+        _preset("siglip", "so400m", 14, 224, "bicubic"),
+        _preset("siglip", "so400m", 14, 384, "bicubic"),
     ]
 }
 

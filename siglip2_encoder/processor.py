@@ -11,9 +11,10 @@ Resizing uses torchvision's antialiased kernels on uint8 tensors, the operations
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,126 +22,25 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
-from .config import EncoderConfig
-from .embeddings import patchify
+from .config import ProcessorConfig
+from .convert import read_config, read_processor_config
+from .hub import CheckpointSource
+from .images import ImageInput, image_to_tensor
+from .presets import get_preset
 
-if TYPE_CHECKING:
-    import os
+__all__ = ["ImageProcessor", "ProcessedImage", "ProcessedImages", "naflex_size", "patchify"]
 
-__all__ = ["ImageProcessor", "ProcessorConfig", "ProcessedImage", "ProcessedImages", "naflex_size", "ImageInput"]
-
-ImageInput = Image.Image | np.ndarray | torch.Tensor
-
-_PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers stores them
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 
 
-@dataclass(frozen=True)
-class ProcessorConfig:
-    """Preprocessing of one checkpoint. Set ``image_size`` (fixed-resolution) or ``max_num_patches`` (NaFlex)."""
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, p * p * C), patches in row-major order, pixels as (row, col, channel).
 
-    image_size: tuple[int, int] | None = (224, 224)  # fixed-resolution target (height, width)
-    max_num_patches: int | None = None  # NaFlex: patch budget per image
-    patch_size: int = 16  # NaFlex patch side; unused by fixed-resolution processing
-    resample: str = "bilinear"  # resize filter: "bilinear" or "bicubic"
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    rescale_factor: float = 1 / 255  # uint8 -> [0, 1]
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-
-    def __post_init__(self) -> None:
-        if (self.image_size is None) == (self.max_num_patches is None):
-            raise ValueError(
-                f"set exactly one of image_size (fixed-resolution) and max_num_patches (NaFlex), got "
-                f"image_size={self.image_size!r}, max_num_patches={self.max_num_patches!r}"
-            )
-        if self.image_size is not None:
-            if len(self.image_size) != 2 or any(not isinstance(s, int) or s <= 0 for s in self.image_size):
-                raise ValueError(f"image_size must be (height, width) of positive ints, got {self.image_size!r}")
-            object.__setattr__(self, "image_size", tuple(self.image_size))
-        if self.max_num_patches is not None and (not isinstance(self.max_num_patches, int) or self.max_num_patches < 1):
-            raise ValueError(f"max_num_patches must be a positive int, got max_num_patches={self.max_num_patches!r}")
-        if not isinstance(self.patch_size, int) or self.patch_size <= 0:
-            raise ValueError(f"patch_size must be a positive int, got patch_size={self.patch_size!r}")
-        if self.resample not in _INTERPOLATION:
-            raise ValueError(f"resample must be one of {sorted(_INTERPOLATION)}, got resample={self.resample!r}")
-        for name in ("image_mean", "image_std"):
-            value = tuple(float(v) for v in getattr(self, name))
-            if len(value) != 3:
-                raise ValueError(f"{name} must have 3 values (RGB), got {name}={getattr(self, name)!r}")
-            object.__setattr__(self, name, value)
-        if any(s == 0 for s in self.image_std):
-            raise ValueError(f"image_std must not contain 0, got image_std={self.image_std}")
-
-    @property
-    def naflex(self) -> bool:
-        return self.max_num_patches is not None
-
-    @classmethod
-    def default_for(cls, config: EncoderConfig, resample: str = "bilinear") -> ProcessorConfig:
-        """SigLIP 2's preprocessing for a tower: native size, or a budget equal to the position grid's size."""
-        if config.naflex:
-            return cls(
-                image_size=None, max_num_patches=config.num_patches, patch_size=config.patch_size, resample=resample
-            )
-        return cls(image_size=(config.image_size, config.image_size), patch_size=config.patch_size, resample=resample)
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], patch_size: int) -> ProcessorConfig:
-        """From transformers' ``preprocessor_config.json`` (``SiglipImageProcessor`` or ``Siglip2ImageProcessor``)."""
-        resample = hf.get("resample", 2 if "max_num_patches" in hf else 3)
-        if resample not in _PIL_RESAMPLE:
-            raise ValueError(
-                f"preprocessor_config.json has resample={resample!r}; supported: {_PIL_RESAMPLE} (PIL's codes)"
-            )
-        common = dict(
-            resample=_PIL_RESAMPLE[resample],
-            image_mean=tuple(hf.get("image_mean", (0.5, 0.5, 0.5))),
-            image_std=tuple(hf.get("image_std", (0.5, 0.5, 0.5))),
-            rescale_factor=hf.get("rescale_factor", 1 / 255),
-            do_resize=hf.get("do_resize", True),
-            do_rescale=hf.get("do_rescale", True),
-            do_normalize=hf.get("do_normalize", True),
-        )
-        if "max_num_patches" in hf or "Siglip2" in hf.get("image_processor_type", ""):
-            return cls(
-                image_size=None,
-                max_num_patches=hf.get("max_num_patches", 256),
-                patch_size=hf.get("patch_size", patch_size),
-                **common,
-            )
-        size = hf.get("size", {"height": 224, "width": 224})
-        if not {"height", "width"} <= set(size):
-            raise ValueError(f"preprocessor_config.json size must give height and width, got size={size!r}")
-        return cls(image_size=(size["height"], size["width"]), patch_size=patch_size, **common)
-
-    def to_hf(self) -> dict[str, Any]:
-        """transformers' ``preprocessor_config.json`` for this preprocessing."""
-        out: dict[str, Any] = {
-            "do_resize": self.do_resize,
-            "resample": {v: k for k, v in _PIL_RESAMPLE.items()}[self.resample],
-            "do_rescale": self.do_rescale,
-            "rescale_factor": self.rescale_factor,
-            "do_normalize": self.do_normalize,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-        }
-        if self.naflex:
-            return {
-                "image_processor_type": "Siglip2ImageProcessor",
-                "patch_size": self.patch_size,
-                "max_num_patches": self.max_num_patches,
-                **out,
-            }
-        height, width = self.image_size
-        return {
-            "image_processor_type": "SiglipImageProcessor",
-            "do_convert_rgb": True,
-            "size": {"height": height, "width": width},
-            **out,
-        }
+    This is the layout of transformers' ``Siglip2ImageProcessor`` and of the NaFlex patch embedding weights.
+    """
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch_size) * (w // patch_size), -1)
 
 
 class ProcessedImage(NamedTuple):
@@ -210,55 +110,6 @@ class ProcessedImages:
         return replace(self, **move)
 
 
-def _to_chw(image: ImageInput, index: int) -> torch.Tensor:
-    """One image as a (3, H, W) uint8 tensor, or float32 tensor in [0, 1]; transparency composited onto white."""
-    where = f"image {index}"
-    if isinstance(image, Image.Image):
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"{where} is empty ({image.width}x{image.height})")
-        if "A" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        array = np.asarray(image.convert("RGB"))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-    if isinstance(image, np.ndarray):
-        if image.ndim == 3:  # numpy images are (H, W, C), PIL's layout
-            image = np.moveaxis(image, -1, 0)
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
-    elif isinstance(image, torch.Tensor):  # tensors are (C, H, W), torch's layout
-        tensor = image.detach().cpu()
-    else:
-        raise TypeError(f"{where} is a {type(image).__name__}; pass a PIL image, a numpy array or a torch tensor")
-    if tensor.ndim == 2:
-        tensor = tensor[None]
-    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
-        layout = "(H, W, C)" if isinstance(image, np.ndarray) else "(C, H, W)"
-        raise ValueError(
-            f"{where} has shape {tuple(image.shape)}; expected {layout} with 1, 3 or 4 channels, or (H, W)"
-        )
-    if tensor.shape[1] == 0 or tensor.shape[2] == 0:
-        raise ValueError(f"{where} is empty (shape {tuple(image.shape)})")
-    if tensor.dtype != torch.uint8:
-        if not tensor.is_floating_point():
-            raise TypeError(f"{where} has dtype {tensor.dtype}; pass uint8 (0-255) or float (0-1) pixels")
-        tensor = tensor.float()
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{where} contains NaN or Inf values")
-        if tensor.min() < 0 or tensor.max() > 1:
-            raise ValueError(
-                f"{where} is float with values in [{tensor.min():.3g}, {tensor.max():.3g}]; float pixels must lie in "
-                f"[0, 1] (divide 0-255 values by 255, or pass uint8)"
-            )
-    if tensor.shape[0] == 1:
-        tensor = tensor.expand(3, -1, -1)
-    elif tensor.shape[0] == 4:  # RGBA: composite onto white, as for PIL images
-        scale = 255.0 if tensor.dtype == torch.uint8 else 1.0
-        rgb, alpha = tensor[:3].float(), tensor[3:].float() / scale
-        blended = rgb * alpha + scale * (1 - alpha)
-        tensor = blended.round().to(torch.uint8) if scale == 255.0 else blended
-    return tensor.contiguous()
-
-
 class ImageProcessor:
     """Turns images into the encoder's inputs, following a :class:`ProcessorConfig`.
 
@@ -282,25 +133,17 @@ class ImageProcessor:
         token: str | bool | None = None,
         local_files_only: bool = False,
     ) -> ImageProcessor:
-        """The processor of a checkpoint (Hub id or local folder), from its ``preprocessor_config.json``."""
-        from .checkpoint import _read_json, _read_tower_config, _Source
-
-        source = _Source(
+        """The processor of a checkpoint (Hub id or local folder), from the processor settings transformers saved
+        with it (``preprocessor_config.json``, or transformers 5's ``processor_config.json``)."""
+        source = CheckpointSource(
             name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
-        config = _read_tower_config(source)
-        processor = _read_json(source, "preprocessor_config.json")
-        if processor is None:
-            return cls(ProcessorConfig.default_for(config))
-        return cls(ProcessorConfig.from_hf(processor, patch_size=config.patch_size))
+        return cls(read_processor_config(source, read_config(source)))
 
     @classmethod
     def from_preset(cls, name: str) -> ImageProcessor:
         """The default preprocessing of a preset architecture (see :func:`~siglip2_encoder.list_presets`)."""
-        from .presets import get_preset
-
-        preset = get_preset(name)
-        return cls(ProcessorConfig.default_for(preset.config, resample=preset.resample))
+        return cls(get_preset(name).processor_config)
 
     def __call__(
         self,
@@ -329,7 +172,7 @@ class ImageProcessor:
         config = self.config
         if max_num_patches is not None and not config.naflex:
             raise ValueError("max_num_patches applies to NaFlex checkpoints only; this processor has a fixed size")
-        tensor = _to_chw(image, index)
+        tensor = image_to_tensor(image, index)
         size = (int(tensor.shape[1]), int(tensor.shape[2]))
         if not config.naflex:
             return ProcessedImage(self._resize_normalize(tensor, config.image_size), None, size)

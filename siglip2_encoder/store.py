@@ -29,21 +29,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["ExtractedFeatures", "ShardWriter", "committed_rows", "write_atomic", "write_manifest"]
+from .files import write_atomic
+
+__all__ = ["ExtractedFeatures", "ShardWriter", "committed_rows", "write_manifest"]
 
 RUN_FILE = "run.json"
 MANIFEST = "manifest.jsonl"
 SHARD_GLOB = "shard-*.jsonl"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:
@@ -92,9 +84,8 @@ class ShardWriter:
                 if key != "pooled" and "token_offsets" not in tensors:
                     counts = torch.tensor([0] + [len(p) for p in parts])
                     tensors["token_offsets"] = counts.cumsum(0)
-            tmp = self.folder / f".{name}.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-            os.replace(tmp, self.folder / f"{name}.safetensors")
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+            write_atomic(self.folder / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
         write_atomic(self.folder / f"{name}.jsonl", _jsonl(rows))  # the commit
         self.next_index += 1
 

@@ -144,7 +144,7 @@ def test_generate_batched_left_padding_equals_one_by_one():
     for b in range(2):
         alone = model.generate(**processor([prompts[b]], [pics[b]]), max_new_tokens=5, do_sample=False)
         assert together[b].tolist() == alone[0].tolist()
-    sampled = model.generate(**batch, max_new_tokens=4, do_sample=True, top_k=5)
+    sampled = model.generate(**batch, min_new_tokens=4, max_new_tokens=4, do_sample=True, top_k=5)
     assert sampled.shape == (2, 4)
 
 

@@ -35,7 +35,7 @@ def lora_names(model: torch.nn.Module) -> list[str]:
 def test_add_lora_freezes_the_rest_and_is_a_no_op_at_init(fixed_dir):
     base = SigLIP2Encoder.from_pretrained(fixed_dir)
     before = pooled(base)
-    config = EncoderLoRAConfig(r=4, modules=("q_proj", "v_proj", "fc1"), layers=2)
+    config = EncoderLoRAConfig(r=4, modules=("q_proj", "v_proj", "fc1"), encoder_layers=2)
     model = add_lora(base, config)
     targets = lora_names(model)
     assert targets == sorted(f"base_model.model.{t}" for t in config.target_modules(3))
@@ -81,7 +81,7 @@ def test_save_load_merge_disable_and_named_adapters(fixed_dir, tmp_path):
     assert isinstance(merged, SigLIP2Encoder) and not lora_names(merged)
     torch.testing.assert_close(pooled(merged), adapted, atol=1e-5, rtol=0)
 
-    two = add_lora(model, EncoderLoRAConfig(r=2, modules=("fc2",), layers=(-1,)), adapter_name="second")
+    two = add_lora(model, EncoderLoRAConfig(r=2, modules=("fc2",), encoder_layers=(-1,)), adapter_name="second")
     randomize_lora(two, seed=2, adapter="second")
     two.set_adapter("second")
     second = pooled(two)
@@ -158,9 +158,9 @@ def test_config_errors():
         with pytest.raises(ValueError, match=message):
             EncoderLoRAConfig(**kwargs)
     with pytest.raises(ValueError, match="between 1 and 3 last layers"):
-        EncoderLoRAConfig(layers=4).layer_indices(3)
+        EncoderLoRAConfig(encoder_layers=4).layer_indices(3)
     with pytest.raises(ValueError, match="indices in"):
-        EncoderLoRAConfig(layers=(0, 3)).layer_indices(3)
-    assert EncoderLoRAConfig(layers=(0, -1)).layer_indices(3) == [0, 2]
+        EncoderLoRAConfig(encoder_layers=(0, 3)).layer_indices(3)
+    assert EncoderLoRAConfig(encoder_layers=(0, -1)).layer_indices(3) == [0, 2]
     with pytest.raises(TypeError, match="SigLIP2Encoder"):
         add_lora(torch.nn.Linear(2, 2))

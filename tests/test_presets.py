@@ -43,7 +43,7 @@ def test_every_preset_runs_and_loads_in_transformers(name, tmp_path):
         out = model(**inputs, layers=[-2])
     grid = preset.config.position_grid
     if preset.config.naflex:
-        assert max(out.token_counts) <= preset.max_num_patches == 256
+        assert max(out.token_counts) <= preset.processor_config.max_num_patches == 256
     else:
         assert out.grids == [(grid, grid)] * 2 and out.last_hidden_state.shape == (2, grid * grid, 32)
     assert out.pooler_output.shape == (2, 32) and torch.isfinite(out.pooler_output).all()

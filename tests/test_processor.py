@@ -10,7 +10,15 @@ from PIL import Image
 from transformers import Siglip2ImageProcessor, Siglip2ImageProcessorPil, SiglipImageProcessor, SiglipImageProcessorPil
 from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
-from siglip2_encoder import ImageProcessor, ProcessorConfig, naflex_size
+from siglip2_encoder import (
+    CheckpointError,
+    EncoderConfig,
+    ImageProcessor,
+    ProcessorConfig,
+    naflex_size,
+    processor_config_from_hf,
+    processor_config_to_hf,
+)
 
 SIZES = [(37, 53), (224, 224), (13, 301), (480, 64), (1, 1), (5, 700), (333, 333), (90, 17)]
 
@@ -127,10 +135,28 @@ def test_config_validation_and_hf_round_trip():
         ProcessorConfig(resample="lanczos")
     with pytest.raises(ValueError, match="image_std"):
         ProcessorConfig(image_std=(0.5, 0.0, 0.5))
-    for config in (
-        ProcessorConfig(image_size=(384, 384), resample="bicubic"),
-        ProcessorConfig(image_size=None, max_num_patches=729, patch_size=14),
+    fixed_tower = EncoderConfig(image_size=384, patch_size=14)
+    naflex_tower = EncoderConfig(image_size=None, num_patches=256, patch_size=14)
+    for config, tower in (
+        (ProcessorConfig(image_size=(384, 384), resample="bicubic", patch_size=14), fixed_tower),
+        (ProcessorConfig(image_size=None, max_num_patches=729, patch_size=14), naflex_tower),
     ):
-        assert ProcessorConfig.from_hf(config.to_hf(), patch_size=config.patch_size) == config
-    with pytest.raises(ValueError, match="resample=1"):
-        ProcessorConfig.from_hf({"resample": 1, "size": {"height": 8, "width": 8}}, patch_size=8)
+        assert processor_config_from_hf(processor_config_to_hf(config), tower) == config
+
+
+@pytest.mark.parametrize(
+    ("settings", "naflex", "message"),
+    [
+        ({"resample": 1}, False, r"resample=1; supported: \{2: 'bilinear', 3: 'bicubic'\}"),
+        ({"image_processor_type": "CLIPImageProcessor"}, False, "the image processor is 'CLIPImageProcessor'"),
+        ({"image_processor_type": "Siglip2ImageProcessor"}, False, "but the tower is fixed-resolution"),
+        ({"image_processor_type": "SiglipImageProcessor"}, True, "but the tower is NaFlex"),
+        ({"patch_size": 16}, True, "cuts 16-pixel patches but the tower's patch_size is 14"),
+        ({"size": {"shortest_edge": 8}}, False, "size must give height and width"),
+        ({"image_std": [0.5, 0, 0.5]}, False, "image_std must not contain 0"),
+    ],
+)
+def test_bad_processor_settings_are_refused(settings, naflex, message):
+    tower = EncoderConfig(image_size=None if naflex else 28, num_patches=256 if naflex else None, patch_size=14)
+    with pytest.raises(CheckpointError, match=message):
+        processor_config_from_hf(settings, tower)

@@ -23,32 +23,29 @@ from transformers.modeling_outputs import BackboneOutput
 
 from ..config import EncoderConfig
 from ..model import SigLIP2Encoder
+from ..output import tokens_to_map
 
 __all__ = ["SigLIP2BackboneConfig", "SigLIP2Backbone"]
+
+# The tower's architecture fields, declared once in EncoderConfig; a backbone has no pooling head.
+_TOWER_FIELDS = [f for f in fields(EncoderConfig) if f.name != "use_head"]
 
 
 @strict
 class SigLIP2BackboneConfig(BackboneConfigMixin, PreTrainedConfig):
-    """Architecture fields as in :class:`~siglip2_encoder.EncoderConfig`, plus the backbone's outputs."""
+    """The backbone's outputs, plus the tower's architecture fields as keyword arguments: every field of
+    :class:`~siglip2_encoder.EncoderConfig` but ``use_head``, with its defaults (e.g. ``hidden_size=768``)."""
 
     model_type = "siglip2_encoder_backbone"
 
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    num_channels: int = 3
-    patch_size: int = 16
-    image_size: int | None = 224
-    num_patches: int | None = None
-    hidden_act: str = "gelu_pytorch_tanh"
-    layer_norm_eps: float = 1e-6
-    attention_dropout: float = 0.0
     apply_layernorm: bool = True
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        for field in _TOWER_FIELDS:
+            setattr(self, field.name, kwargs.pop(field.name, field.default))
+        self.encoder_config()  # validates the architecture fields, naming a bad one
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, self.num_hidden_layers + 1)]
         self.set_output_features_output_indices(
             out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
@@ -57,17 +54,16 @@ class SigLIP2BackboneConfig(BackboneConfigMixin, PreTrainedConfig):
 
     @classmethod
     def from_encoder_config(cls, config: EncoderConfig, **kwargs) -> SigLIP2BackboneConfig:
-        fields = config.to_dict()
-        fields.pop("use_head")  # a backbone has no pooling head
-        return cls(**fields, **kwargs)
+        return cls(**{f.name: getattr(config, f.name) for f in _TOWER_FIELDS}, **kwargs)
 
     def encoder_config(self) -> EncoderConfig:
-        names = [f.name for f in fields(EncoderConfig) if f.name != "use_head"]
-        return EncoderConfig(**{name: getattr(self, name) for name in names}, use_head=False)
+        return EncoderConfig(**{f.name: getattr(self, f.name) for f in _TOWER_FIELDS}, use_head=False)
 
 
 class SigLIP2Backbone(BackboneMixin, PreTrainedModel):
-    """(B, 3, H, W) -> ``BackboneOutput.feature_maps``: one (B, D, H/p, W/p) map per ``out_features`` stage."""
+    """(B, 3, H, W) -> ``BackboneOutput.feature_maps``: one (B, D, H/p, W/p) map per ``out_features`` stage; with
+    ``output_hidden_states``, ``hidden_states`` holds the embeddings and every layer's output (num_layers + 1
+    tensors of (B, N, D)), whatever the stages, as transformers' ViT backbones (e.g. ``Dinov2Backbone``) do."""
 
     config_class = SigLIP2BackboneConfig
     base_model_prefix = "siglip2_backbone"
@@ -106,20 +102,26 @@ class SigLIP2Backbone(BackboneMixin, PreTrainedModel):
     ) -> BackboneOutput:
         if output_attentions:
             raise ValueError("SigLIP2Backbone does not return attention weights (it uses fused attention)")
-        layers = [self.stage_names.index(name) for name in self.out_features]
-        out = self.encoder(pixel_values, layers=layers, return_last=False, return_pooled=False)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        stages = [self.stage_names.index(name) for name in self.out_features]
+        every = list(range(self.config.num_hidden_layers + 1))
+        out = self.encoder(
+            pixel_values, layers=every if output_hidden_states else stages, return_last=False, return_pooled=False
+        )
         maps = []
-        for layer in layers:
-            tokens = out.hidden_states[layer]
+        for stage in stages:
+            tokens = out.hidden_states[stage]
             if self.config.apply_layernorm:
                 tokens = self.encoder.post_layernorm(tokens)
-            h, w = out.grids[0]
-            maps.append(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w))
-        hidden = tuple(out.hidden_states[i] for i in layers) if output_hidden_states else None
+            maps.append(tokens_to_map(tokens, out.grids[0]).contiguous())
+        hidden = tuple(out.hidden_states[i] for i in every) if output_hidden_states else None
         if return_dict is False:
             return (tuple(maps),) + ((hidden,) if hidden is not None else ())
         return BackboneOutput(feature_maps=tuple(maps), hidden_states=hidden)
 
 
+# Registered when this module is imported, i.e. when a user asks for the backbone: then AutoBackbone and the
+# models that build their backbone from a config (UperNet) find it.
 AutoConfig.register(SigLIP2BackboneConfig.model_type, SigLIP2BackboneConfig, exist_ok=True)
 AutoBackbone.register(SigLIP2BackboneConfig, SigLIP2Backbone, exist_ok=True)

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..images import ImageInput, image_to_tensor
 from ..model import SigLIP2Encoder
-from ..processor import ImageInput, ImageProcessor, ProcessorConfig, _to_chw, naflex_size
+from ..output import Layer
+from ..processor import ImageProcessor, naflex_size
 
-__all__ = ["feature_maps", "prepare_image", "tiled_feature_maps"]
-
-Layer = int | None  # None = last_hidden_state (after post-layernorm), int = hidden state (transformers' indexing)
+__all__ = ["feature_maps", "prepare_image", "tile_starts", "tiled_feature_maps"]
 
 
 def prepare_image(
@@ -33,23 +33,14 @@ def prepare_image(
 
     ``max_tokens=0`` keeps the image's own size, rounded to multiples of the patch size (for tiling).
     """
-    config = model.processor_config
     p = model.config.patch_size
-    original = tuple(_to_chw(image, 0).shape[1:])
+    original = tuple(image_to_tensor(image).shape[1:])
     budget = max_tokens if max_tokens is not None else model.config.position_grid**2
     if budget == 0:
         size = (max(p, round(original[0] / p) * p), max(p, round(original[1] / p) * p))
     else:
         size = naflex_size(*original, p, budget)
-    resize = ProcessorConfig(
-        image_size=size,
-        resample=config.resample,
-        image_mean=config.image_mean,
-        image_std=config.image_std,
-        rescale_factor=config.rescale_factor,
-        do_rescale=config.do_rescale,
-        do_normalize=config.do_normalize,
-    )
+    resize = model.processor_config.replace(image_size=size, max_num_patches=None, do_resize=True)
     return ImageProcessor(resize)(image).pixel_values, original
 
 
@@ -77,12 +68,7 @@ def feature_maps(
     """
     pixels, original = prepare_image(model, image, max_tokens)
     with torch.inference_mode():
-        out = model(
-            pixels.to(model.device, model.dtype),
-            layers=[i for i in layers if i is not None],
-            return_last=None in layers,
-            return_pooled=False,
-        )
+        out = model(pixels.to(model.device, model.dtype), layers=layers, return_last=False, return_pooled=False)
     maps = {layer: out.feature_maps(layer)[0] for layer in layers}
     return {k: _upsample(v, original) for k, v in maps.items()} if upsample else maps
 
@@ -94,7 +80,9 @@ def _window(n: int, ramp: int) -> torch.Tensor:
     return (torch.minimum(i + 1, n - i).clamp(max=ramp + 1)) / (ramp + 1)
 
 
-def _starts(length: int, tile: int, stride: int) -> list[int]:
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Where tiles of side ``tile`` start along a side of ``length`` with ``stride`` between them: the last one ends
+    at the edge, and a side no longer than one tile gets one tile at 0."""
     if length <= tile:
         return [0]
     starts = list(range(0, length - tile + 1, stride))
@@ -133,18 +121,19 @@ def tiled_feature_maps(
     th, tw = min(tile_tokens, gh), min(tile_tokens, gw)
     positions = model.position_embeddings((gh, gw)).reshape(gh, gw, -1)
     windows = [
-        (r, c) for r in _starts(gh, th, th - overlap_tokens or 1) for c in _starts(gw, tw, tw - overlap_tokens or 1)
+        (r, c)
+        for r in tile_starts(gh, th, th - overlap_tokens or 1)
+        for c in tile_starts(gw, tw, tw - overlap_tokens or 1)
     ]
     weight = (_window(th, overlap_tokens)[:, None] * _window(tw, overlap_tokens)[None, :]).to(pixels.device)
     sums: dict[Layer, torch.Tensor] = {}
     total = torch.zeros(gh, gw, device=pixels.device)
-    hidden = [i for i in layers if i is not None]
     for start in range(0, len(windows), batch_size):
         chunk = windows[start : start + batch_size]
         crops = torch.cat([pixels[..., r * p : (r + th) * p, c * p : (c + tw) * p] for r, c in chunk])
         pos = torch.stack([positions[r : r + th, c : c + tw].reshape(th * tw, -1) for r, c in chunk])
         with torch.inference_mode():
-            out = model(crops, layers=hidden, return_last=None in layers, return_pooled=False, positions=pos)
+            out = model(crops, layers=layers, return_last=False, return_pooled=False, positions=pos)
         for layer in layers:
             maps = out.feature_map(layer).float()  # (n, D, th, tw)
             acc = sums.setdefault(layer, torch.zeros(maps.shape[1], gh, gw, device=pixels.device))

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import SigLIP2Encoder
+from ..output import Layer
+from .dense import tile_starts
 
 __all__ = [
     "DenseModel",
@@ -108,7 +110,7 @@ class DenseModel(nn.Module):
         self,
         encoder: SigLIP2Encoder,
         head: nn.Module,
-        taps: Sequence[int | None] = (None,),
+        taps: Sequence[Layer] = (None,),
         task: Literal["segmentation", "depth"] = "segmentation",
     ) -> None:
         super().__init__()
@@ -121,12 +123,7 @@ class DenseModel(nn.Module):
 
     def features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The tapped (B, D, h, w) maps of (B, 3, H, W) images."""
-        out = self.encoder(
-            pixel_values,
-            layers=[t for t in self.taps if t is not None],
-            return_last=None in self.taps,
-            return_pooled=False,
-        )
+        out = self.encoder(pixel_values, layers=self.taps, return_last=False, return_pooled=False)
         return [out.feature_map(t) for t in self.taps]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -145,10 +142,7 @@ class DenseModel(nn.Module):
         H, W and ``tile`` are in pixels; tiles never leave the image."""
         _, _, height, width = pixel_values.shape
         stride = max(1, tile - overlap)
-        rows = list(range(0, max(height - tile, 0) + 1, stride))
-        cols = list(range(0, max(width - tile, 0) + 1, stride))
-        rows += [height - tile] if height > tile and rows[-1] != height - tile else []
-        cols += [width - tile] if width > tile and cols[-1] != width - tile else []
+        rows, cols = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
         total, count = None, torch.zeros(1, 1, height, width, device=pixel_values.device)
         for r in rows:
             for c in cols:

@@ -23,13 +23,15 @@ from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import MLPConfig, Projector, ProjectorConfig, build_projector, load_projector
+from ..images import ImageInput
 from ..lora import EncoderLoRAConfig, add_lora, trainable_parameters
 from ..model import SigLIP2Encoder
-from ..processor import ImageInput, ImageProcessor
+from ..processor import ImageProcessor
 
 __all__ = [
     "IGNORE_INDEX",
@@ -260,13 +262,12 @@ class VisionLanguageModel(nn.Module):
         pixel_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """All images' projected tokens, concatenated in image order: (sum of per-image counts, D_lm)."""
-        layers = self.projector.config.layers
         out = self.vision_tower(
             pixel_values,
             spatial_shapes,
             pixel_attention_mask,
-            layers=[layer for layer in layers if layer is not None],
-            return_last=None in layers,
+            layers=self.projector.config.layers,
+            return_last=False,
             return_pooled=False,
         )
         return torch.cat(self.projector(out).per_image())
@@ -401,6 +402,13 @@ STAGE_1 = TrainingStage()  # LLaVA stage 1: align the projector, everything else
 STAGE_2 = TrainingStage(language_model="full")  # LLaVA stage 2: projector + LM, tower frozen
 
 
+def _train_active_adapters(model: nn.Module) -> None:
+    """Make the active adapters of every peft layer in ``model`` trainable (the rest stays as the caller froze it)."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_adapter(module.active_adapters)
+
+
 def apply_stage(model: VisionLanguageModel, stage: TrainingStage) -> dict[str, tuple[int, int]]:
     """Freeze and unfreeze for ``stage`` (adding LoRA adapters it asks for) and return (trainable, total)
     parameter counts per part."""
@@ -411,15 +419,13 @@ def apply_stage(model: VisionLanguageModel, stage: TrainingStage) -> dict[str, t
     elif stage.language_model == "lora":
         if not isinstance(model.language_model, PeftModel):
             model.language_model = get_peft_model(model.language_model, LoraConfig(**stage.lm_lora))
-        for name, p in model.language_model.named_parameters():
-            p.requires_grad_("lora_" in name)
+        _train_active_adapters(model.language_model)
     if stage.vision_tower == "full":
         model.vision_tower.requires_grad_(True)
     elif stage.vision_tower == "lora":
         if not isinstance(model.vision_tower, PeftModel):
             model.vision_tower = add_lora(model.vision_tower, stage.tower_lora)
-        for name, p in model.vision_tower.named_parameters():
-            p.requires_grad_("lora_" in name)
+        _train_active_adapters(model.vision_tower)
     counts = {
         part: trainable_parameters(getattr(model, part)) for part in ("vision_tower", "projector", "language_model")
     }

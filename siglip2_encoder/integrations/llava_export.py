@@ -24,12 +24,20 @@ from pathlib import Path
 import torch
 from huggingface_hub import save_torch_state_dict
 from peft import PeftModel
+from torch import nn
 from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerBase
 
 from ..adapters import LinearConfig, LinearProjector, MLPConfig, MLPProjector, build_projector
-from ..checkpoint import config_from_hf, config_to_hf, convert_hf_state_dict
+from ..convert import (
+    check_state_dict,
+    config_from_hf,
+    config_to_hf,
+    convert_hf_state_dict,
+    processor_config_from_hf,
+    processor_config_to_hf,
+)
+from ..files import write_atomic
 from ..model import SigLIP2Encoder
-from ..processor import ProcessorConfig
 from .llava import VisionLanguageModel
 
 __all__ = ["export_llava", "import_llava"]
@@ -62,6 +70,11 @@ def _check_exportable(model: VisionLanguageModel) -> None:
         )
 
 
+def _linears(projector: MLPProjector) -> list[nn.Linear]:
+    """The projector MLP's linear layers, in order."""
+    return [m for m in projector.proj.modules() if isinstance(m, nn.Linear)]
+
+
 def export_llava(
     model: VisionLanguageModel, directory: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> None:
@@ -84,7 +97,7 @@ def export_llava(
     )
     state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
     if isinstance(projector, MLPProjector):
-        first, second = projector.proj[0], projector.proj[2]
+        first, second = _linears(projector)
         linear_1 = (first.weight, first.bias)
         linear_2 = (second.weight, second.bias)
     else:  # linear_2 = identity under LLaVA's "linear" activation
@@ -107,8 +120,8 @@ def export_llava(
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
     save_torch_state_dict({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder)
-    processor = tower.processor_config.to_hf()
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    processor = processor_config_to_hf(tower.processor_config)
+    write_atomic(folder / "preprocessor_config.json", (json.dumps(processor, indent=2) + "\n").encode())
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -128,13 +141,15 @@ def import_llava(directory: str | os.PathLike, *, dtype: torch.dtype | None = No
         raise ValueError("projectors without bias (multimodal_projector_bias=False) are not supported")
 
     tower_config = config_from_hf(config.vision_config.to_dict())
-    with torch.device("meta"):
-        tower = SigLIP2Encoder(tower_config)
-    tower.load_state_dict(convert_hf_state_dict(llava.model.vision_tower.state_dict()), strict=True, assign=True)
     processor_file = Path(directory) / "preprocessor_config.json"
+    processor = None
     if processor_file.is_file():
-        raw = json.loads(processor_file.read_text())
-        tower.processor_config = ProcessorConfig.from_hf(raw, patch_size=tower_config.patch_size)
+        processor = processor_config_from_hf(json.loads(processor_file.read_text()), tower_config)
+    with torch.device("meta"):
+        tower = SigLIP2Encoder(tower_config, processor)
+    state = convert_hf_state_dict(llava.model.vision_tower.state_dict())
+    check_state_dict(tower.state_dict(), state, f"the vision tower of {directory}")
+    tower.load_state_dict(state, strict=True, assign=True)
 
     layers = config.vision_feature_layer
     layers = (layers,) if isinstance(layers, int) else tuple(layers)
@@ -143,7 +158,7 @@ def import_llava(directory: str | os.PathLike, *, dtype: torch.dtype | None = No
     common = dict(in_features=tower_config.hidden_size, out_features=width, layers=layers)
     if config.projector_hidden_act == "gelu":
         projector = build_projector(MLPConfig(depth=2, **common))
-        for ours, theirs in ((projector.proj[0], source.linear_1), (projector.proj[2], source.linear_2)):
+        for ours, theirs in zip(_linears(projector), (source.linear_1, source.linear_2)):
             ours.load_state_dict(theirs.state_dict())
     elif config.projector_hidden_act == "linear":
         projector = build_projector(LinearConfig(**common))

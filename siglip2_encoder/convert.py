@@ -1,0 +1,442 @@
+"""Conversions between the tower and foreign formats, as pure functions, and whole checkpoints in and out.
+
+* transformers: :func:`config_from_hf` / :func:`config_to_hf` (``config.json``), :func:`processor_config_from_hf` /
+  :func:`processor_config_to_hf` (``preprocessor_config.json``), :func:`convert_hf_state_dict` (image-text or
+  vision-only weights, with or without the ``vision_model.`` prefix; the text tower is dropped by name, explicitly).
+* timm: :func:`convert_timm_state_dict` / :func:`to_timm_state_dict`.
+* :func:`read_checkpoint`: a :class:`~siglip2_encoder.hub.CheckpointSource` -> :class:`Checkpoint` (config, state
+  dict, processor config), reading only the shards that hold vision weights; :func:`write_checkpoint` writes a folder
+  transformers' ``SiglipVisionModel`` / ``Siglip2VisionModel`` loads; :func:`check_state_dict` is the strict key and
+  shape check every loader uses.
+
+Nothing here knows the model class: the tower is described by its :class:`~siglip2_encoder.EncoderConfig` and its
+state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import NAFLEX_NUM_PATCHES, EncoderConfig, ProcessorConfig
+from .files import write_atomic
+from .hub import CheckpointError, CheckpointSource
+
+__all__ = [
+    "Checkpoint",
+    "check_state_dict",
+    "config_from_hf",
+    "config_to_hf",
+    "convert_hf_state_dict",
+    "convert_timm_state_dict",
+    "processor_config_from_hf",
+    "processor_config_to_hf",
+    "read_checkpoint",
+    "read_config",
+    "read_processor_config",
+    "to_timm_state_dict",
+    "write_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+# model_type -> whether the vision tower is NaFlex.
+IMAGE_TEXT_TYPES = {"siglip": False, "siglip2": True}
+VISION_TYPES = {"siglip_vision_model": False, "siglip2_vision_model": True}
+# image_processor_type -> whether it is NaFlex preprocessing; transformers 4 named its torchvision ones "...Fast".
+PROCESSOR_TYPES = {
+    "SiglipImageProcessor": False,
+    "SiglipImageProcessorFast": False,
+    "Siglip2ImageProcessor": True,
+    "Siglip2ImageProcessorFast": True,
+}
+# EncoderConfig field -> transformers' name, where they differ.
+_HF_FIELD_NAMES = {"use_head": "vision_use_head"}
+_PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers stores them
+
+VISION_PREFIX = "vision_model."
+# Weights of an image-text checkpoint that are not the vision tower; skipped by name, never silently.
+_NON_VISION_PREFIXES = ("text_model.", "logit_scale", "logit_bias")
+# Non-persistent buffers that older transformers versions wrote into checkpoints.
+_IGNORED_BUFFERS = ("embeddings.position_ids",)
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# transformers 5 saves a processor's settings in processor_config.json under "image_processor"; older versions and
+# image processors saved alone write preprocessor_config.json.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+# ----------------------------------------------------------------------------------------------------- configs
+
+
+def _square(value: Any, name: str) -> Any:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"only square {name} is supported, got {name}={list(value)}")
+        return value[0]
+    return value
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> EncoderConfig:
+    """The vision tower's config from a transformers ``config.json`` (image-text or vision-only).
+
+    Fields missing from the file take transformers' defaults, which are :class:`EncoderConfig`'s own.
+    """
+    model_type = hf_config.get("model_type")
+    if model_type in IMAGE_TEXT_TYPES:
+        vision = hf_config.get("vision_config") or {}
+        naflex = IMAGE_TEXT_TYPES[model_type]
+    elif model_type in VISION_TYPES:
+        vision = hf_config
+        naflex = VISION_TYPES[model_type]
+    else:
+        raise CheckpointError(
+            f"config.json has model_type={model_type!r}; expected one of "
+            f"{sorted([*IMAGE_TEXT_TYPES, *VISION_TYPES])} (a SigLIP or SigLIP 2 checkpoint)"
+        )
+    kwargs: dict[str, Any] = {}
+    for field in fields(EncoderConfig):
+        key = _HF_FIELD_NAMES.get(field.name, field.name)
+        if field.name not in ("image_size", "num_patches") and vision.get(key) is not None:
+            kwargs[field.name] = vision[key]
+    kwargs["patch_size"] = _square(kwargs.get("patch_size", EncoderConfig.patch_size), "patch_size")
+    if "attention_dropout" in kwargs:
+        kwargs["attention_dropout"] = float(kwargs["attention_dropout"])
+    if naflex:
+        return EncoderConfig(image_size=None, num_patches=vision.get("num_patches", NAFLEX_NUM_PATCHES), **kwargs)
+    return EncoderConfig(image_size=_square(vision.get("image_size", EncoderConfig.image_size), "image_size"), **kwargs)
+
+
+def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
+    """A vision-only transformers ``config.json`` (``SiglipVisionModel`` or ``Siglip2VisionModel``)."""
+    out: dict[str, Any] = {
+        "architectures": ["Siglip2VisionModel" if config.naflex else "SiglipVisionModel"],
+        "model_type": "siglip2_vision_model" if config.naflex else "siglip_vision_model",
+    }
+    for name, value in config.to_dict().items():
+        if value is not None:
+            out[_HF_FIELD_NAMES.get(name, name)] = value
+    return out
+
+
+def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig) -> ProcessorConfig:
+    """From transformers' image processor settings (``SiglipImageProcessor`` / ``Siglip2ImageProcessor``).
+
+    The tower decides the kind of preprocessing (a NaFlex tower needs NaFlex patches); ``image_processor_type``, when
+    the file names one, must agree with it. Missing fields take transformers' defaults.
+    """
+    kind = hf.get("image_processor_type")
+    if kind is not None and kind not in PROCESSOR_TYPES:
+        raise CheckpointError(
+            f"the image processor is {kind!r}; expected one of {sorted(PROCESSOR_TYPES)} (a SigLIP processor)"
+        )
+    if kind is not None and PROCESSOR_TYPES[kind] != tower.naflex:
+        raise CheckpointError(
+            f"the image processor is {kind!r} but the tower is {'NaFlex' if tower.naflex else 'fixed-resolution'}; "
+            f"the checkpoint's config.json and processor settings do not belong together"
+        )
+    resample = hf.get("resample", 2 if tower.naflex else 3)  # transformers' defaults: SigLIP 2 bilinear, 1 bicubic
+    if resample not in _PIL_RESAMPLE:
+        raise CheckpointError(f"the image processor has resample={resample!r}; supported: {_PIL_RESAMPLE} (PIL codes)")
+    names = ("image_mean", "image_std", "rescale_factor", "do_resize", "do_rescale", "do_normalize")
+    common = {name: hf[name] for name in names if hf.get(name) is not None}
+    try:
+        if tower.naflex:
+            patch = hf.get("patch_size", tower.patch_size)
+            if patch != tower.patch_size:
+                raise CheckpointError(
+                    f"the image processor cuts {patch}-pixel patches but the tower's patch_size is {tower.patch_size}"
+                )
+            budget = hf.get("max_num_patches", NAFLEX_NUM_PATCHES)
+            return ProcessorConfig(
+                image_size=None, max_num_patches=budget, patch_size=patch, resample=_PIL_RESAMPLE[resample], **common
+            )
+        size = hf.get("size", {"height": 224, "width": 224})
+        if not isinstance(size, Mapping) or not {"height", "width"} <= set(size):
+            raise CheckpointError(f"the image processor's size must give height and width, got size={size!r}")
+        return ProcessorConfig(
+            image_size=(size["height"], size["width"]),
+            patch_size=tower.patch_size,
+            resample=_PIL_RESAMPLE[resample],
+            **common,
+        )
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"invalid image processor settings: {err}") from None
+
+
+def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
+    """transformers' ``preprocessor_config.json`` for this preprocessing."""
+    out: dict[str, Any] = {
+        "do_resize": config.do_resize,
+        "resample": {v: k for k, v in _PIL_RESAMPLE.items()}[config.resample],
+        "do_rescale": config.do_rescale,
+        "rescale_factor": config.rescale_factor,
+        "do_normalize": config.do_normalize,
+        "image_mean": list(config.image_mean),
+        "image_std": list(config.image_std),
+    }
+    if config.naflex:
+        return {
+            "image_processor_type": "Siglip2ImageProcessor",
+            "patch_size": config.patch_size,
+            "max_num_patches": config.max_num_patches,
+            **out,
+        }
+    height, width = config.image_size
+    return {
+        "image_processor_type": "SiglipImageProcessor",
+        "do_convert_rgb": True,
+        "size": {"height": height, "width": width},
+        **out,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- weights
+
+
+def _vision_key(key: str) -> str | None:
+    """The tower's name for a checkpoint key, or None for a weight that is known not to belong to it."""
+    if key.startswith(_NON_VISION_PREFIXES):
+        return None
+    key = key.removeprefix(VISION_PREFIX)
+    return None if key in _IGNORED_BUFFERS else key
+
+
+def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers SigLIP / SigLIP 2 weights -> this tower's names (the same names, minus prefix and text tower)."""
+    return {name: value for key, value in state_dict.items() if (name := _vision_key(key)) is not None}
+
+
+# Prefixes that differ only by name between timm's SigLIP VisionTransformer (global_pool="map") and this tower;
+# "{}" stands for a layer number.
+_TIMM_NAMES = [
+    ("patch_embed.proj.", "embeddings.patch_embedding."),
+    ("blocks.{}.norm1.", "encoder.layers.{}.layer_norm1."),
+    ("blocks.{}.norm2.", "encoder.layers.{}.layer_norm2."),
+    ("blocks.{}.attn.proj.", "encoder.layers.{}.self_attn.out_proj."),
+    ("blocks.{}.mlp.", "encoder.layers.{}.mlp."),
+    ("norm.", "post_layernorm."),
+    ("attn_pool.proj.", "head.attention.out_proj."),
+    ("attn_pool.norm.", "head.layernorm."),
+    ("attn_pool.mlp.", "head.mlp."),
+]
+
+
+def _rename(key: str, source: int) -> str | None:
+    """``key`` renamed by :data:`_TIMM_NAMES`, reading pairs from side ``source`` (0 = timm, 1 = ours)."""
+    for pair in _TIMM_NAMES:
+        pattern = re.escape(pair[source]).replace(r"\{\}", r"(\d+)")
+        if m := re.match(pattern, key):
+            return pair[1 - source].format(*m.groups()) + key[m.end() :]
+    return None
+
+
+def convert_timm_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm SigLIP ViT weights (``vit_*_siglip_*``: no class token, ``global_pool="map"``) -> this tower's names.
+
+    timm fuses q, k, v (``attn.qkv``) and, in the pooling head, k and v (``attn_pool.kv``); they are split or
+    joined here. Unknown keys are passed through, so strict loading names them.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key == "pos_embed":
+            out["embeddings.position_embedding.weight"] = value[0]
+        elif key == "attn_pool.latent":
+            out["head.probe"] = value
+        elif m := re.fullmatch(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", key):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3)):
+                out[f"encoder.layers.{m[1]}.self_attn.{name}.{m[2]}"] = part
+        elif m := re.fullmatch(r"attn_pool\.q\.(weight|bias)", key):
+            out[f"head.attention.in_proj_{m[1]}"] = torch.cat([value, state_dict[f"attn_pool.kv.{m[1]}"]])
+        elif not re.fullmatch(r"attn_pool\.kv\.(weight|bias)", key):
+            out[_rename(key, 0) or key] = value
+    return out
+
+
+def to_timm_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This tower's weights -> timm's SigLIP ViT names (the inverse of :func:`convert_timm_state_dict`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key == "embeddings.position_embedding.weight":
+            out["pos_embed"] = value[None]
+        elif key == "head.probe":
+            out["attn_pool.latent"] = value
+        elif m := re.fullmatch(r"head\.attention\.in_proj_(weight|bias)", key):
+            out[f"attn_pool.q.{m[1]}"], out[f"attn_pool.kv.{m[1]}"] = value.split(
+                [len(value) // 3, 2 * len(value) // 3]
+            )
+        elif m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", key):
+            parts = [state_dict[f"encoder.layers.{m[1]}.self_attn.{n}_proj.{m[2]}"] for n in "qkv"]
+            out[f"blocks.{m[1]}.attn.qkv.{m[2]}"] = torch.cat(parts)
+        elif not re.fullmatch(r"encoder\.layers\.\d+\.self_attn\.[kv]_proj\.(weight|bias)", key):
+            name = _rename(key, 1)
+            if name is None:
+                raise ValueError(f"no timm name for weight {key!r}")
+            out[name] = value
+    return out
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str, what: str = "tower"
+) -> None:
+    """Strict loading: raise :class:`CheckpointError` listing missing, unexpected and misshapen weights.
+
+    ``expected`` is the model's own state dict (shapes only are read; a model on the meta device will do).
+    """
+    for key, tensor in state.items():
+        if key in expected and tensor.shape != expected[key].shape:
+            raise CheckpointError(
+                f"weight {key} in {source} has shape {tuple(tensor.shape)}, but the config implies "
+                f"{tuple(expected[key].shape)}"
+            )
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        parts = [
+            f"missing: {show(missing)}" if missing else "",
+            f"unexpected: {show(unexpected)}" if unexpected else "",
+        ]
+        raise CheckpointError(
+            f"the weights in {source} do not match the {what} its config describes "
+            f"({'; '.join(p for p in parts if p)}). Is this a SigLIP / SigLIP 2 checkpoint, and is config.json its own?"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A vision tower as stored: architecture, weights under the tower's names, and its preprocessing."""
+
+    config: EncoderConfig
+    state_dict: dict[str, torch.Tensor]
+    processor_config: ProcessorConfig
+
+
+def read_config(source: CheckpointSource) -> EncoderConfig:
+    """The tower's config from the source's ``config.json``."""
+    hf_config = source.read_json("config.json")
+    if hf_config is None:
+        raise source.missing("config.json; is it a transformers SigLIP checkpoint?")
+    try:
+        return config_from_hf(hf_config)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"config.json of {source} is not a valid SigLIP config: {err}") from None
+
+
+def read_processor_config(source: CheckpointSource, tower: EncoderConfig) -> ProcessorConfig:
+    """The checkpoint's preprocessing, from whichever layout transformers wrote; SigLIP 2's defaults for the tower
+    (with a warning) only when the source has no processor file at all."""
+    for filename in PROCESSOR_FILES:
+        settings = source.read_json(filename)
+        if settings is None:
+            continue
+        if filename == "processor_config.json":
+            settings = settings.get("image_processor")
+            if not isinstance(settings, dict):
+                continue  # a processor file without image settings (e.g. a tokenizer-only processor)
+        try:
+            return processor_config_from_hf(settings, tower)
+        except CheckpointError as err:
+            raise CheckpointError(f"{filename} of {source}: {err}") from None
+    default = ProcessorConfig.default_for(tower)
+    logger.warning("%s has no %s; using the SigLIP 2 defaults %s", source, " or ".join(PROCESSOR_FILES), default)
+    return default
+
+
+def _shard_names(index_file: Path) -> list[str]:
+    """The shard files of a sharded checkpoint that hold vision weights."""
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return sorted({file for key, file in weight_map.items() if _vision_key(key)})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index_file} is not a valid checkpoint index (needs a 'weight_map'): {err}") from err
+
+
+def _weight_files(source: CheckpointSource) -> list[Path]:
+    """The files holding the vision weights: one file, or the vision shards of a sharded checkpoint."""
+    for name in WEIGHT_FILES:
+        path = source.get(name)
+        if path is None:
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        shards = {shard: source.get(shard) for shard in _shard_names(path)}
+        absent = [shard for shard, file in shards.items() if file is None]
+        if absent:
+            raise source.missing(f"shards {', '.join(absent)} listed in {name}")
+        return list(shards.values())
+    raise source.missing(f"weight file (none of {', '.join(WEIGHT_FILES)})")
+
+
+def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(tower key, tensor) for the vision weights in safetensors or torch pickles; other tensors are not read."""
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for key in f.keys():
+                        if (name := _vision_key(key)) is not None:
+                            yield name, f.get_tensor(key)
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"cannot read {file} (truncated or not a safetensors file?): {err}") from None
+        else:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as err:  # a pickle with code objects, or a corrupt file: say which file
+                raise CheckpointError(f"cannot read {file} with torch.load(weights_only=True): {err}") from err
+            yield from convert_hf_state_dict(state).items()
+
+
+def read_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Read a transformers SigLIP / SigLIP 2 checkpoint's vision tower (``dtype=None`` keeps the stored dtype)."""
+    config = read_config(source)
+    files = _weight_files(source)
+    state = {key: tensor.to(dtype) if dtype is not None else tensor for key, tensor in _read_tensors(files)}
+    return Checkpoint(config, state, read_processor_config(source, config))
+
+
+def write_checkpoint(
+    folder: str | os.PathLike,
+    config: EncoderConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    processor_config: ProcessorConfig,
+) -> None:
+    """Write config.json, model.safetensors and preprocessor_config.json, each atomically.
+
+    Keys get transformers' ``vision_model.`` prefix, the layout of Google's Hub checkpoints, which every transformers
+    version loads.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtypes = {t.dtype for t in state_dict.values() if t.is_floating_point()}
+    hf_config = config_to_hf(config)
+    if len(dtypes) == 1:
+        hf_config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    state = {VISION_PREFIX + k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    write_atomic(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_atomic(folder / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
+    processor = processor_config_to_hf(processor_config)
+    write_atomic(folder / "preprocessor_config.json", (json.dumps(processor, indent=2) + "\n").encode())

@@ -1,0 +1,56 @@
+"""The package's shape: imports form a tree, no module uses another's private names, and importing the core does not
+pay for transformers, peft or timm."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "siglip2_encoder"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(imported module, imported names) of every ``from ... import`` inside the package, lazy ones included."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+            found.append((target, [alias.name for alias in node.names]))
+    return found
+
+
+def test_imports_form_a_tree_without_private_names():
+    graph: dict[str, set[str]] = {}
+    private = []
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        graph.setdefault(name, set())
+        for target, names in imports(path):
+            if name.startswith(target + ".") and path.name == "__init__.py":
+                continue  # a package's __init__ re-exporting its own modules
+            graph[name].add(target)
+            private += [f"{name} imports {n} from {target}" for n in names if n.startswith("_")]
+    assert not private
+    try:
+        list(TopologicalSorter(graph).static_order())
+    except CycleError as err:
+        raise AssertionError(f"import circle: {' -> '.join(err.args[1])}") from None
+
+
+def test_importing_the_core_loads_no_transformers_peft_or_timm():
+    code = (
+        "import sys, siglip2_encoder; m = siglip2_encoder.SigLIP2Encoder.from_preset('siglip2-base-patch16-224', "
+        "num_hidden_layers=1); print(sorted(k for k in ('transformers', 'peft', 'timm') if k in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
