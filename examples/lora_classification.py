@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info("adapter and head saved in %s; reloaded: %s predictions", out, "identical" if same else "DIFFERENT")
     if not same:
         raise SystemExit("reloaded predictions differ")
-    return {"before": before, "after": after, "identical_after_reload": float(same)}
+    return {"before": before, "after": after, "chance": 1 / len(CLASSES), "identical_after_reload": float(same)}
 
 
 def _reload(base_model: str | Path, out: Path, width: int) -> tuple[nn.Module, nn.Module]:

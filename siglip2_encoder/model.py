@@ -248,7 +248,12 @@ class SigLIP2Encoder(nn.Module):
     def layer_index(self, index: int) -> int:
         """Turn a hidden-state index (transformers' convention, negatives from the end) into 0..num_layers."""
         n = self.config.num_hidden_layers
-        if isinstance(index, bool) or not isinstance(index, int) or not -(n + 1) <= index <= n:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(
+                f"layer index {index!r} must be an int (a hidden-state index) or None (last_hidden_state), "
+                f"not {type(index).__name__}"
+            )
+        if not -(n + 1) <= index <= n:
             raise ValueError(
                 f"layer index {index!r} is out of range for a {n}-layer tower: use 0 (embeddings) to {n} "
                 f"(last layer), or -1 (last layer) to {-(n + 1)} (embeddings); None means last_hidden_state"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,7 +105,38 @@ def test_save_and_load_round_trip(name, tmp_path, variable):
         assert torch.equal(loaded(variable).tokens, projector(variable).tokens)
 
 
-def test_pixel_shuffle_layout_and_padding():
+def test_pixel_shuffle_equals_idefics3s():
+    """transformers' Idefics3 / SmolVLM connector is the reference token order for square grids."""
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    tokens = torch.randn(2, 6 * 6, 5)
+    want = Idefics3Connector.pixel_shuffle(None, tokens, scale_factor=2)  # (2, 9, 20)
+    projector = build_projector(PixelShuffleConfig(in_features=5, out_features=7, factor=2, layers=(None,)))
+    got = torch.stack([pixel_shuffle(grid, 2) for grid in VisionFeatures(tokens, [(6, 6)] * 2).per_image()])
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(projector(VisionFeatures(tokens, [(6, 6)] * 2)).tokens, projector.proj(want))
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (5, 5), (3, 3)])
+def test_bilinear_pool_equals_llava_onevisions(grid):
+    """LLaVA-OneVision's apply_pooling (transformers) on a square grid, odd sides included."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    h, w = grid
+    tokens = torch.randn(2, h * w, 4)
+    config = SimpleNamespace(vision_config=SimpleNamespace(image_size=h * 14, patch_size=14))
+    want = LlavaOnevisionModel.apply_pooling(SimpleNamespace(config=config), tokens)
+    projector = build_projector(PoolConfig(in_features=4, out_features=4, mode="bilinear", depth=1, layers=(None,)))
+    with torch.no_grad():  # make the MLP the identity, leaving the pooling
+        projector.proj[0].weight.copy_(torch.eye(4))
+        projector.proj[0].bias.zero_()
+        got = projector(VisionFeatures(tokens, [grid] * 2))
+    assert got.token_counts == [want.shape[1]] * 2
+    torch.testing.assert_close(got.tokens, want, atol=1e-6, rtol=0)
+
+
+def test_pixel_shuffle_pads_grids_the_factor_does_not_divide():
     grid = torch.arange(3 * 5 * 2, dtype=torch.float32).reshape(3, 5, 2)  # (h, w, C)
     out = pixel_shuffle(grid, 2)
     assert out.shape == (2 * 3, 2 * 2 * 2)
@@ -136,21 +169,43 @@ def test_multi_layer_input_concat_and_mean(encoder, variable):
         VisionFeatures.from_output(variable, (5,))
 
 
-def test_input_and_config_errors(variable, tmp_path):
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: LinearConfig(in_features=0, out_features=4), "in_features must be a positive int, got in_features=0"),
+        (lambda: MLPConfig(in_features=4, out_features=4, depth=0), "depth must be a positive int, got depth=0"),
+        (
+            lambda: PoolConfig(in_features=4, out_features=4, mode="max"),
+            "mode must be 'avg' or 'bilinear', got mode='max'",
+        ),
+        (
+            lambda: PixelShuffleConfig(in_features=4, out_features=4, factor=0),
+            "factor must be a positive int, got factor=0",
+        ),
+        (
+            lambda: ResamplerConfig(in_features=4, out_features=10, num_heads=4),
+            "num_heads must divide out_features, got num_heads=4, out_features=10",
+        ),
+        (
+            lambda: LinearConfig(in_features=4, out_features=4, layers=()),
+            "layers must be a non-empty sequence of ints or None, got layers=()",
+        ),
+        (
+            lambda: LinearConfig(in_features=4, out_features=4, combine="sum"),
+            "combine must be 'concat' or 'mean', got combine='sum'",
+        ),
+    ],
+    ids=["in_features", "depth", "mode", "factor", "num_heads", "layers", "combine"],
+)
+def test_bad_projector_config_is_refused_with_its_exact_message(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_input_and_file_errors(variable, tmp_path):
     projector = build_projector(CONFIGS["mlp"])  # expects 2 layers concatenated
     with pytest.raises(ValueError, match="expects 64 channels per token"):
         projector(VisionFeatures.from_output(variable, (-2,)))
-    for make, message in [
-        (lambda: LinearConfig(in_features=0, out_features=4), "in_features must be a positive int"),
-        (lambda: MLPConfig(in_features=4, out_features=4, depth=0), "depth must be a positive int"),
-        (lambda: PoolConfig(in_features=4, out_features=4, mode="max"), "mode must be 'avg' or 'bilinear'"),
-        (lambda: PixelShuffleConfig(in_features=4, out_features=4, factor=0), "factor must be a positive int"),
-        (lambda: ResamplerConfig(in_features=4, out_features=10, num_heads=4), "num_heads must divide"),
-        (lambda: LinearConfig(in_features=4, out_features=4, layers=()), "layers must be a non-empty"),
-        (lambda: LinearConfig(in_features=4, out_features=4, combine="sum"), "combine must be"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            make()
     with pytest.raises(ValueError, match="no projector_config.json"):
         load_projector(tmp_path)
     (tmp_path / "projector_config.json").write_text(json.dumps({"kind": "qformer"}))

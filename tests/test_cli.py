@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -90,53 +89,63 @@ def test_bad_files_are_reported_and_good_ones_written(tmp_path, tiny_checkpoint)
     assert store.feature_map(good[0], "hidden_state_-2").shape == (32, h, w)
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, photos):
-    torch.manual_seed(0)
-    model = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", num_hidden_layers=4)
-    model.save_pretrained(tmp_path / "model")
-    inputs = photos * 4  # 24 files (copies: the same path twice would count once)
+# Runs the command line in a subprocess that SIGKILLs itself at an exact write step: after shard 0 is committed, or
+# after shard 1's features are written but before its commit record.
+KILLING_CLI = """
+import os, signal, sys
+from siglip2_encoder import cli, store
+
+point = os.environ["KILL_AT"]
+commit, write_atomic = store.ShardWriter.write, store.write_atomic
+
+def write(self, rows, features):
+    commit(self, rows, features)
+    if point == "after-commit":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def atomic(path, data):
+    if point == "before-commit" and path.name == "shard-00001.jsonl":
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_atomic(path, data)
+
+store.ShardWriter.write, store.write_atomic = write, atomic
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("kill_at", "committed"), [("after-commit", 1), ("before-commit", 1)])
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_checkpoint, photos, kill_at, committed):
+    inputs = photos * 2  # 12 files (copies: the same path twice would count once)
     folder = tmp_path / "many"
     folder.mkdir()
     for i, path in enumerate(inputs):
         (folder / f"{i:02d}.png").write_bytes(Path(path).read_bytes())
-    common = [
-        str(folder),
-        "--model",
-        str(tmp_path / "model"),
-        "--tokens",
-        "--batch-size",
-        "2",
-        "--shard-size",
-        "2",
-        "--workers",
-        "1",
-    ]
+    common = [str(folder), "--model", str(tiny_checkpoint), "--tokens", "--batch-size", "2", "--shard-size", "2"]
+    common += ["--workers", "1"]
 
     reference = run_cli("extract", *common, "-o", str(tmp_path / "reference"))
     assert reference.returncode == EXIT_OK, reference.stderr
 
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [*CLI, "extract", *common, "-o", str(interrupted)],
-        stderr=subprocess.PIPE,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KILL_AT": kill_at}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLING_CLI, "extract", *common, "-o", str(interrupted)], env=env, timeout=300
     )
-    deadline = time.monotonic() + 240
-    while not (interrupted / "shard-00001.jsonl").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL
-    committed = len(list(interrupted.glob("shard-*.jsonl")))
-    assert committed < 12, "the kill must interrupt the run"
+    assert killed.returncode == -signal.SIGKILL
+    assert len(list(interrupted.glob("shard-*.jsonl"))) == committed
+    leftovers = {p.name for p in interrupted.glob("shard-*.safetensors")}
+    assert leftovers == (
+        {"shard-00000.safetensors", "shard-00001.safetensors"}
+        if kill_at == "before-commit"
+        else {"shard-00000.safetensors"}
+    )
 
     refused = run_cli("extract", *common, "-o", str(interrupted))
     assert refused.returncode == EXIT_FATAL and "--resume" in refused.stderr
     resumed = run_cli("extract", *common, "-o", str(interrupted), "--resume")
     assert resumed.returncode == EXIT_OK, resumed.stderr
     assert f"skipped {2 * committed}" in resumed.stderr
+    assert not list(interrupted.glob(".*.tmp"))
 
     want, got = ExtractedFeatures.open(tmp_path / "reference"), ExtractedFeatures.open(interrupted)
     assert [r["path"] for r in got.rows] == [r["path"] for r in want.rows]

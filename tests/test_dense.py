@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
+from transformers import AutoBackbone, SiglipVisionModel, UperNetConfig, UperNetForSemanticSegmentation
 
 from siglip2_encoder import SigLIP2Encoder
 from siglip2_encoder.integrations.backbone import SigLIP2Backbone, SigLIP2BackboneConfig
@@ -80,7 +80,7 @@ def test_heads_shapes_and_dense_model_segmentation_and_depth():
     assert logits.shape == (2, 5, 64, 96)
     loss = fpn.loss(logits, torch.randint(0, 5, (2, 64, 96)))
     loss.backward()
-    assert tower.encoder.layers[0].mlp.fc1.weight.grad is not None  # end to end unless frozen
+    assert tower.encoder.layers[0].mlp.fc1.weight.grad.abs().sum() > 0  # end to end unless frozen
     probe = DenseModel(tower, LinearProbeHead(64, 3), (None,)).eval()
     with torch.no_grad():
         one = probe(x[:1])
@@ -136,6 +136,28 @@ def test_backbone_conventions_and_upernet_training_step():
     assert upernet.backbone.encoder.encoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
+def test_backbone_hidden_states_follow_transformers(fixed_dir):
+    """Like transformers' ViT backbones: the embeddings plus every layer, whatever out_indices selects; and the
+    values are transformers' SiglipVisionModel hidden states on the same weights."""
+    tower = SigLIP2Encoder.from_pretrained(fixed_dir)
+    backbone = SigLIP2Backbone.from_encoder(tower, out_indices=[2]).eval()
+    reference = SiglipVisionModel.from_pretrained(fixed_dir).eval()
+    x = torch.randn(2, 3, 36, 36)
+    with torch.no_grad():
+        out = backbone(x, output_hidden_states=True)
+        want = reference(x, output_hidden_states=True).hidden_states
+        plain = backbone(x)
+        as_tuple = backbone(x, output_hidden_states=True, return_dict=False)
+    assert len(out.hidden_states) == len(want) == 4 and len(out.feature_maps) == 1
+    for ours, theirs in zip(out.hidden_states, want):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert plain.hidden_states is None and len(as_tuple) == 2 and len(as_tuple[1]) == 4
+    backbone.config.output_hidden_states = True  # the config's default applies when the call says nothing
+    with torch.no_grad():
+        assert len(backbone(x).hidden_states) == 4
+
+
+@pytest.mark.slow
 def test_segmentation_example_probe_learns(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     import segmentation_probe

@@ -3,6 +3,8 @@ adapter exchange with transformers' SiglipVisionModel in both directions."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -149,18 +151,39 @@ def test_gradient_checkpointing_with_frozen_base(fixed_dir):
     assert checkpointed_bytes < 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)
 
 
-def test_config_errors():
-    for kwargs, message in [
-        (dict(r=0), "r must be a positive int"),
-        (dict(modules=("qkv",)), "modules must be a non-empty subset"),
-        (dict(dropout=1.0), "dropout must be in"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            EncoderLoRAConfig(**kwargs)
-    with pytest.raises(ValueError, match="between 1 and 3 last layers"):
-        EncoderLoRAConfig(encoder_layers=4).layer_indices(3)
-    with pytest.raises(ValueError, match="indices in"):
-        EncoderLoRAConfig(encoder_layers=(0, 3)).layer_indices(3)
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(r=0), "r must be a positive int, got r=0"),
+        (dict(alpha=0), "alpha must be > 0, got alpha=0"),
+        (dict(dropout=1.0), "dropout must be in [0, 1), got dropout=1.0"),
+        (
+            dict(modules=("qkv",)),
+            "modules must be a non-empty subset of ['q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2'], "
+            "got ['qkv']",
+        ),
+    ],
+    ids=lambda v: None if isinstance(v, str) else ",".join(v),
+)
+def test_bad_lora_config_is_refused_with_its_exact_message(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EncoderLoRAConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    ("encoder_layers", "message"),
+    [
+        (4, "encoder_layers=4 must take between 1 and 3 last layers"),
+        ((0, 3), "encoder_layers=(0, 3) must be indices in [-3, 2]"),
+    ],
+)
+def test_bad_layer_selection_is_refused_with_its_exact_message(encoder_layers, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EncoderLoRAConfig(encoder_layers=encoder_layers).layer_indices(3)
+
+
+def test_layer_selection_and_model_type():
     assert EncoderLoRAConfig(encoder_layers=(0, -1)).layer_indices(3) == [0, 2]
-    with pytest.raises(TypeError, match="SigLIP2Encoder"):
+    assert EncoderLoRAConfig(encoder_layers=2).layer_indices(3) == [1, 2]
+    with pytest.raises(TypeError, match="add_lora takes a SigLIP2Encoder or a PeftModel around one, got Linear"):
         add_lora(torch.nn.Linear(2, 2))

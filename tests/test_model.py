@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import TINY, random_images
@@ -59,9 +61,6 @@ def test_hidden_state_indexing_follows_transformers():
     assert torch.equal(out.hidden_states[3], out.hidden_states[-1])  # L = last layer = -1
     assert torch.equal(out.hidden_states[2], out.hidden_states[-2])
     assert torch.allclose(model.post_layernorm(out.hidden_states[-1]), out.last_hidden_state)
-    for bad in (4, -5, 1.0, True):
-        with pytest.raises(ValueError, match="out of range"):
-            model(x, layers=[bad])
 
 
 def test_batch_invariance_and_determinism():
@@ -198,30 +197,176 @@ def test_attention_dropout_only_in_training():
         assert not torch.equal(model(x).pooler_output, model(x).pooler_output)
 
 
-def test_input_errors_name_the_problem():
-    fixed, naflex = tower(FIXED_CFG), tower(NAFLEX_CFG)
-    with pytest.raises(TypeError, match="floating-point"):
-        fixed(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        fixed(torch.zeros(1, 4, 32, 32))
-    with pytest.raises(ValueError, match="at least the patch size"):
-        fixed(torch.zeros(1, 3, 4, 32))
-    with pytest.raises(ValueError, match="spatial_shapes"):
-        fixed(torch.zeros(1, 3, 32, 32), spatial_shapes=[(2, 2)])
-    with pytest.raises(ValueError, match="is not"):
-        fixed(torch.zeros(1, 16, 192))
-    with pytest.raises(ValueError, match="need spatial_shapes"):
-        naflex(torch.zeros(1, 16, 192))
-    with pytest.raises(ValueError, match="h \\* w <= 16"):
-        naflex(torch.zeros(1, 16, 192), spatial_shapes=[(5, 4)])
-    with pytest.raises(ValueError, match="p\\*p\\*C = 192"):
-        naflex(torch.zeros(1, 16, 100), spatial_shapes=[(4, 4)])
-    with pytest.raises(ValueError, match="pixel_attention_mask"):
-        naflex(torch.zeros(1, 16, 192), spatial_shapes=[(2, 4)], pixel_attention_mask=torch.ones(1, 16))
-    with pytest.raises(ValueError, match="no attention-pooling head"):
-        tower(FIXED_CFG.replace(use_head=False))(torch.zeros(1, 3, 32, 32), return_pooled=True)
-    with pytest.raises(ValueError, match="nothing to compute"):
-        fixed(torch.zeros(1, 3, 32, 32), return_last=False, return_pooled=False)
+X = torch.zeros(1, 3, 32, 32)
+PATCHES = torch.zeros(1, 16, 192)
+BAD_INPUTS = [
+    (
+        "uint8 pixels",
+        "fixed",
+        (X.to(torch.uint8),),
+        {},
+        TypeError,
+        "pixel_values must be a floating-point torch.Tensor (or a list of them), got torch.uint8; use "
+        "siglip2_encoder.ImageProcessor to turn images into pixel_values",
+    ),
+    (
+        "4 channels",
+        "fixed",
+        (torch.zeros(1, 4, 32, 32),),
+        {},
+        ValueError,
+        "pixel_values of shape (1, 4, 32, 32) must be (B, 3, H, W) with H and W at least the patch size 8; "
+        "ImageProcessor prepares images",
+    ),
+    (
+        "smaller than a patch",
+        "fixed",
+        (torch.zeros(1, 3, 4, 32),),
+        {},
+        ValueError,
+        "pixel_values of shape (1, 3, 4, 32) must be (B, 3, H, W) with H and W at least the patch size 8; "
+        "ImageProcessor prepares images",
+    ),
+    (
+        "spatial_shapes that disagree",
+        "fixed",
+        (X,),
+        {"spatial_shapes": [(2, 2)]},
+        ValueError,
+        "spatial_shapes [(2, 2)] disagree with the image size 32x32 (grid (4, 4)); drop spatial_shapes or fix it",
+    ),
+    (
+        "patches on a fixed tower",
+        "fixed",
+        (PATCHES,),
+        {},
+        ValueError,
+        "pixel_values of shape (1, 16, 192) is not (B, C, H, W) for this tower",
+    ),
+    (
+        "patches without grids",
+        "naflex",
+        (PATCHES,),
+        {},
+        ValueError,
+        "patchified pixel_values need spatial_shapes (B, 2): each image's grid (h, w)",
+    ),
+    (
+        "a grid longer than the patches",
+        "naflex",
+        (PATCHES,),
+        {"spatial_shapes": [(5, 4)]},
+        ValueError,
+        "spatial_shapes [(5, 4)] must give one grid (h >= 1, w >= 1, h * w <= 16) per image for 1 images",
+    ),
+    (
+        "patches of the wrong size",
+        "naflex",
+        (torch.zeros(1, 16, 100),),
+        {"spatial_shapes": [(4, 4)]},
+        ValueError,
+        "patchified pixel_values must have p*p*C = 192 values per patch, got 100",
+    ),
+    (
+        "a mask that disagrees with the grids",
+        "naflex",
+        (PATCHES,),
+        {"spatial_shapes": [(2, 4)], "pixel_attention_mask": torch.ones(1, 16)},
+        ValueError,
+        "pixel_attention_mask must mark exactly the first h*w patches of each image as valid (as spatial_shapes "
+        "says); pass the processor's mask unchanged, or leave it out",
+    ),
+    (
+        "nothing requested",
+        "fixed",
+        (X,),
+        {"return_last": False, "return_pooled": False},
+        ValueError,
+        "nothing to compute: request layers=[...], return_last=True or return_pooled=True",
+    ),
+    (
+        "an empty list",
+        "fixed",
+        ([],),
+        {},
+        ValueError,
+        "pixel_values is an empty list; pass at least one (C, H, W) image",
+    ),
+    (
+        "a grey image in a list",
+        "fixed",
+        ([torch.zeros(3, 32, 32), torch.zeros(1, 32, 32)],),
+        {},
+        ValueError,
+        "image 1 of the list has shape (1, 32, 32); each must be (3, H, W) with H and W at least the patch size 8",
+    ),
+    (
+        "positions of the wrong shape",
+        "fixed",
+        (X,),
+        {"positions": torch.zeros(3, 32)},
+        ValueError,
+        "positions must be (h * w, D) = (16, 32) or (B, h * w, D) for this 4x4 grid, got (3, 32)",
+    ),
+    (
+        "positions for a list",
+        "fixed",
+        ([torch.zeros(3, 32, 32)],),
+        {"positions": torch.zeros(16, 32)},
+        ValueError,
+        "positions apply to a (B, C, H, W) batch, not to a list of images",
+    ),
+    (
+        "a layer past the last",
+        "fixed",
+        (X,),
+        {"layers": [4]},
+        ValueError,
+        "layer index 4 is out of range for a 3-layer tower: use 0 (embeddings) to 3 (last layer), or -1 (last "
+        "layer) to -4 (embeddings); None means last_hidden_state",
+    ),
+    (
+        "a layer before the embeddings",
+        "fixed",
+        (X,),
+        {"layers": [-5]},
+        ValueError,
+        "layer index -5 is out of range for a 3-layer tower",
+    ),
+    (
+        "a float layer",
+        "fixed",
+        (X,),
+        {"layers": [1.0]},
+        TypeError,
+        "layer index 1.0 must be an int (a hidden-state index) or None (last_hidden_state), not float",
+    ),
+    (
+        "a bool layer",
+        "fixed",
+        (X,),
+        {"layers": [True]},
+        TypeError,
+        "layer index True must be an int (a hidden-state index) or None (last_hidden_state), not bool",
+    ),
+    (
+        "pooling without a head",
+        "headless",
+        (X,),
+        {"return_pooled": True},
+        ValueError,
+        "this tower has no attention-pooling head (use_head=False); pass return_pooled=False",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "args", "kwargs", "error", "message"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_input_is_refused_with_its_exact_message(kind, args, kwargs, error, message):
+    config = {"fixed": FIXED_CFG, "naflex": NAFLEX_CFG, "headless": FIXED_CFG.replace(use_head=False)}[kind]
+    with pytest.raises(error, match=re.escape(message)):
+        tower(config)(*args, **kwargs)
 
 
 def test_headless_tower_returns_no_pooled_output():

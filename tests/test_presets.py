@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import random_images
 from transformers import AutoImageProcessor, Siglip2VisionModel, SiglipVisionModel
 
-from siglip2_encoder import EncoderConfig, ImageProcessor, SigLIP2Encoder, get_preset, list_presets
+from siglip2_encoder import EncoderConfig, ImageProcessor, SigLIP2Encoder, config_to_hf, get_preset, list_presets
+from siglip2_encoder.flops import num_parameters
 
 SHRINK = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
 
@@ -58,20 +61,50 @@ def test_every_preset_runs_and_loads_in_transformers(name, tmp_path):
     torch.testing.assert_close(out.pooler_output, want.pooler_output, atol=1e-5, rtol=0)
 
 
-def test_config_errors_name_the_field():
-    cases = [
-        (dict(image_size=None, num_patches=None), "exactly one of image_size"),
-        (dict(num_patches=256), "exactly one of image_size"),
-        (dict(image_size=None, num_patches=200), "perfect square"),
-        (dict(hidden_size=100, num_attention_heads=12), "num_attention_heads must divide hidden_size"),
-        (dict(hidden_act="relu"), "hidden_act must be one of"),
-        (dict(num_hidden_layers=0), "num_hidden_layers must be a positive int"),
-        (dict(image_size=8, patch_size=16), "image_size must be at least patch_size"),
-        (dict(attention_dropout=1.5), "attention_dropout"),
-    ]
-    for fields, message in cases:
-        with pytest.raises(ValueError, match=message):
-            EncoderConfig(**fields)
+@pytest.mark.parametrize("name", list_presets())
+@pytest.mark.parametrize("use_head", [True, False])
+def test_num_parameters_counts_the_weights(name, use_head):
+    config = get_preset(name).config.replace(use_head=use_head)
+    with torch.device("meta"):
+        ours = SigLIP2Encoder(config)
+        reference_class = Siglip2VisionModel if config.naflex else SiglipVisionModel
+        reference = reference_class(reference_class.config_class(**config_to_hf(config)))
+    assert num_parameters(config) == sum(p.numel() for p in ours.parameters()) == reference.num_parameters()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            dict(image_size=None, num_patches=None),
+            "set exactly one of image_size (fixed-resolution checkpoints) and num_patches (NaFlex checkpoints), got "
+            "image_size=None, num_patches=None",
+        ),
+        (
+            dict(num_patches=256),
+            "set exactly one of image_size (fixed-resolution checkpoints) and num_patches (NaFlex checkpoints), got "
+            "image_size=224, num_patches=256",
+        ),
+        (
+            dict(image_size=None, num_patches=200),
+            "num_patches must be a positive perfect square (the position grid is square), got num_patches=200",
+        ),
+        (
+            dict(hidden_size=100, num_attention_heads=12),
+            "num_attention_heads must divide hidden_size, got num_attention_heads=12, hidden_size=100",
+        ),
+        (dict(hidden_act="relu"), "hidden_act must be one of ('gelu_pytorch_tanh', 'gelu'), got hidden_act='relu'"),
+        (dict(num_hidden_layers=0), "num_hidden_layers must be a positive int, got num_hidden_layers=0"),
+        (dict(patch_size=2.5), "patch_size must be a positive int, got patch_size=2.5"),
+        (dict(image_size=8, patch_size=16), "image_size must be at least patch_size, got image_size=8, patch_size=16"),
+        (dict(attention_dropout=1.5), "attention_dropout must be in [0, 1), got attention_dropout=1.5"),
+        (dict(layer_norm_eps=0.0), "layer_norm_eps must be > 0, got layer_norm_eps=0.0"),
+    ],
+    ids=lambda v: None if isinstance(v, str) else ",".join(v),
+)
+def test_bad_config_is_refused_with_its_exact_message(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        EncoderConfig(**fields)
 
 
 @pytest.mark.slow

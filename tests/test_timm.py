@@ -9,7 +9,7 @@ import torch
 from siglip2_encoder import EncoderConfig, SigLIP2Encoder, convert_timm_state_dict, to_timm_state_dict
 
 
-def timm_siglip() -> torch.nn.Module:
+def timm_siglip(**kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(
         "vit_base_patch16_siglip_224",
@@ -22,6 +22,7 @@ def timm_siglip() -> torch.nn.Module:
         img_size=32,
         patch_size=8,
         act_layer="gelu_tanh",
+        **kwargs,
     )
     with torch.no_grad():
         for p in model.parameters():
@@ -48,6 +49,35 @@ def test_timm_weights_give_timm_outputs():
     torch.testing.assert_close(out.last_hidden_state, tokens, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.pooler_output, pooled, atol=1e-5, rtol=0)
     for a, b in zip(ours_inter, inter):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(indices=[0, 2], norm=True, output_fmt="NCHW"),
+        dict(indices=2, norm=False, output_fmt="NLC"),
+        dict(indices=[-1], norm=True, output_fmt="NLC", intermediates_only=True),
+        dict(indices=None, output_fmt="NCHW", intermediates_only=True),
+    ],
+)
+def test_forward_intermediates_equals_timms_on_non_square_images(kwargs):
+    reference = timm_siglip(dynamic_img_size=True)
+    # timm resizes position embeddings with antialiased (PIL-style) bicubic, transformers and we without: a zero
+    # table makes both resizes exact, so this compares the intermediates' indexing, norm and layout alone.
+    torch.nn.init.zeros_(reference.pos_embed)
+    ours = SigLIP2Encoder(CONFIG).eval()
+    ours.load_state_dict(convert_timm_state_dict(reference.state_dict()), strict=True)
+    x = torch.randn(2, 3, 24, 40)  # a 3 x 5 grid, position embeddings interpolated in both
+    with torch.no_grad():
+        want = reference.forward_intermediates(x, **kwargs)
+        got = ours.forward_intermediates(x, **kwargs)
+    if not kwargs.get("intermediates_only"):
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+        got, want = got[1], want[1]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
