@@ -4,8 +4,11 @@ Commands: ``extract`` (folders of images -> safetensors shards + manifest), ``in
 ``pca`` (the first three principal components of the patch features as a picture), ``similarity`` (nearest
 images by pooled features in an extracted folder).
 
-Exit status: 0 success; 1 fatal error (bad model, output exists, ...); 2 bad command line; 3 some inputs failed
-(all others were written); 130 interrupted (rerun ``extract`` with ``--resume``).
+Exit status: 0 success; 1 fatal error (model not loadable, output exists or is being written, disk full, ...);
+2 bad command line (an option's value, a missing --file-list, a device this machine lacks); 3 some inputs failed
+(all others were written; a resumed run counts the failures of the run it continues); 130 interrupted (rerun
+``extract`` with ``--resume``). Every error is one line naming the option to change; nothing is written before the
+command line, the model and the inputs have been checked.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,12 +39,39 @@ logger = logging.getLogger("siglip2_encoder")
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_MODEL = "google/siglip2-so400m-patch14-384"
-OFFLINE_HINT = "run the same command with --random-weights so400m-patch14-384 (offline, meaningless features)"
 RANDOM_BANNER = "RANDOM WEIGHTS (%s): the architecture runs, but the features are meaningless"
 
 
 class FatalError(Exception):
     """Ends the command with a one-line error and exit status 1."""
+
+
+class UsageError(FatalError):
+    """A bad command line: ends the command with a one-line error naming the option, and exit status 2."""
+
+
+def offline_hint(model: str) -> str:
+    """What to do without Hub access: the preset of the same architecture, if ``model`` names one."""
+    try:
+        preset = get_preset(model)
+    except ValueError:
+        return "`siglip2-encoder info --list` shows the architectures --random-weights builds offline"
+    return f"run the same command with --random-weights {preset.name} (offline, meaningless features)"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def load_model(model: str, random_weights: str | None) -> tuple[SigLIP2Encoder, ImageProcessor]:
@@ -54,7 +85,7 @@ def load_model(model: str, random_weights: str | None) -> tuple[SigLIP2Encoder, 
     except HubUnreachableError as err:
         raise FatalError(
             f"cannot fetch {err.repo_id} from the Hugging Face Hub ({err.reason}); pass a local folder with --model, "
-            f"or {OFFLINE_HINT}"
+            f"or {offline_hint(model)}"
         ) from None
     except CheckpointError as err:
         raise FatalError(str(err)) from None
@@ -79,36 +110,87 @@ def _preset_name(name: str) -> str:
 
 
 def _device(name: str | None) -> str:
-    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+    """--device checked against this machine (default: cuda if available)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device.type not in available:
+        raise UsageError(f"--device {name!r}: only cpu, cuda and mps are supported")
+    if not available[device.type]:
+        raise UsageError(f"--device {name}: this machine has no {device.type.upper()} device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(device)
+
+
+def _check_output_folder(output: str) -> None:
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"-o {output} is a file; give a folder (it is created if missing)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FatalError(f"cannot write the output folder {output}: {existing} is not writable")
+
+
+def _check_file_list(file_list: str | None) -> None:
+    if file_list is None:
+        return
+    path = Path(file_list)
+    if path.is_dir():
+        raise UsageError(f"--file-list {file_list} is a folder; give a text file with one image path per line")
+    if not path.is_file():
+        raise UsageError(f"--file-list {file_list}: no such file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"--file-list {file_list} is not readable")
 
 
 # ------------------------------------------------------------------------------------------------------ extract
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    # Everything is checked before anything is written: options, inputs, the model.
+    _check_output_folder(args.output)
+    _check_file_list(args.file_list)
+    device = _device(args.device)
     paths = discover_inputs(args.inputs, args.file_list)
     if not paths:
-        raise FatalError("no input images: give files, folders, glob patterns or --file-list")
+        raise UsageError("no input images: give files, folders, glob patterns or --file-list")
+    model, processor = load_model(args.model, args.random_weights)
+    name = args.random_weights or args.model
+    if args.max_num_patches is not None and not processor.config.naflex:
+        raise UsageError(f"--max-num-patches applies to NaFlex checkpoints; {name} has a fixed resolution")
+    for index in args.layers:
+        try:
+            model.layer_index(index)
+        except ValueError as err:
+            raise UsageError(f"--layers {index}: {err}") from None
+    pooled, tokens = not args.no_pooled, args.tokens
+    if pooled and model.head is None:  # e.g. the towers of PaliGemma and LLaVA-OneVision
+        pooled = False
+        if not (tokens or args.layers):
+            tokens = True
+            logger.warning("%s has no attention-pooling head: saving the final tokens (--tokens) instead", name)
+        else:
+            logger.info("%s has no attention-pooling head: saving only the requested tokens", name)
     settings = ExtractSettings(
-        model=args.random_weights or args.model,
+        model=name,
         random_weights=bool(args.random_weights),
-        pooled=not args.no_pooled,
-        last_hidden_state=args.tokens,
+        pooled=pooled,
+        last_hidden_state=tokens,
         layers=tuple(dict.fromkeys(args.layers)),
         save_dtype=args.save_dtype,
         dtype=args.dtype,
-        device=_device(args.device),
+        device=device,
         batch_size=args.batch_size,
         max_num_patches=args.max_num_patches,
         shard_size=args.shard_size,
         exif_transpose=not args.no_exif,
         max_pixels=args.max_pixels,
     )
-    model, processor = load_model(args.model, args.random_weights)
-    if args.max_num_patches is not None and not processor.config.naflex:
-        raise FatalError(f"--max-num-patches applies to NaFlex checkpoints; {settings.model} has a fixed resolution")
-    for index in settings.layers:
-        model.layer_index(index)  # fail before any work on an impossible layer
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
     logger.info("%d inputs -> %s (%s)", len(paths), args.output, ", ".join(settings.feature_names))
     summary = extract_features(
@@ -126,10 +208,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
         logger.warning("failed: %s", reason if path in reason else f"{path}: {reason}")
     if len(summary.failures) > 20:
         logger.warning("... and %d more failures, listed in %s/manifest.jsonl", len(summary.failures) - 20, args.output)
+    if summary.failed_before:
+        logger.warning("%d inputs failed in the earlier run; see %s/manifest.jsonl", summary.failed_before, args.output)
     if settings.random_weights:
         logger.warning(RANDOM_BANNER, settings.model)
     logger.info("%s", summary)
-    return EXIT_PARTIAL if summary.failed else EXIT_OK
+    return EXIT_PARTIAL if summary.failed_total else EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------------ info
@@ -302,17 +386,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--save-dtype", choices=sorted(DTYPES), default="fp32", help="storage precision (default fp32)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision (default fp32)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, help="image decoding processes (default: min(4, CPUs))")
-    p.add_argument("--max-num-patches", type=int, help="NaFlex patch budget per image (default: the checkpoint's)")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per output shard (default 1024)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in the output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument(
+        "--workers", type=non_negative_int, help="image decoding processes (default: min(4, CPUs); 0: in this one)"
+    )
+    p.add_argument(
+        "--max-num-patches", type=positive_int, help="NaFlex patch budget per image (default: the checkpoint's)"
+    )
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="images per output shard (default 1024)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run in the output folder")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation")
     p.add_argument(
         "--max-pixels",
-        type=int,
+        type=positive_int,
         default=DEFAULT_MAX_PIXELS,
         help=f"larger images are rejected as decompression bombs (default {DEFAULT_MAX_PIXELS})",
     )
@@ -328,13 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     _add_model_options(p)
     p.add_argument("--layer", type=int, help="hidden state to show (default: the final tokens)")
-    p.add_argument("--max-num-patches", type=int, help="NaFlex patch budget")
+    p.add_argument("--max-num-patches", type=positive_int, help="NaFlex patch budget")
     p.set_defaults(run=cmd_pca)
 
     p = commands.add_parser("similarity", help="images of an extracted folder nearest to a query image")
     p.add_argument("query", help="query image file")
     p.add_argument("--features", required=True, help="folder written by `extract` (with pooled features)")
-    p.add_argument("-k", "--top-k", type=int, default=5)
+    p.add_argument("-k", "--top-k", type=positive_int, default=5)
     p.set_defaults(run=cmd_similarity)
     return parser
 
@@ -344,11 +433,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
         return args.run(args)
+    except UsageError as err:
+        logger.error("error: %s", err)
+        return EXIT_USAGE
     except FatalError as err:
         logger.error("error: %s", err)
         return EXIT_FATAL
     except ValueError as err:  # invalid settings or output folder conflicts, already worded for the user
         logger.error("error: %s", err)
+        return EXIT_FATAL
+    except OSError as err:  # a full disk, a folder turned read-only: committed shards stay whole
+        where = f" ({err.filename})" if err.filename else ""
+        rerun = "; committed shards are kept: fix it and rerun with --resume" if args.command == "extract" else ""
+        logger.error("error: %s%s%s", err.strerror or err, where, rerun)
         return EXIT_FATAL
     except KeyboardInterrupt:
         logger.error("interrupted; committed shards are kept, rerun with --resume to finish")

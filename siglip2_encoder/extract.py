@@ -1,8 +1,9 @@
 """Feature extraction over many image files: resumable, crash-safe, never stopped by one bad file.
 
 Inputs are split into blocks of ``shard_size``; each block becomes one committed shard (see :mod:`.store`). Images
-are decoded and preprocessed in DataLoader workers while the model runs. A file that cannot be used is recorded in
-the manifest with its reason and the run goes on.
+are decoded and preprocessed in worker processes while the model runs. A file that cannot be used is recorded in
+the manifest with its reason and the run goes on, also when it kills the worker decoding it (a decoder crash, the
+system's out-of-memory killer). One run writes a folder at a time.
 """
 
 from __future__ import annotations
@@ -10,24 +11,38 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .config import check_positive_ints
 from .files import write_atomic
-from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image
+from .images import DEFAULT_MAX_PIXELS, image_extensions, load_image
 from .model import SigLIP2Encoder
 from .processor import ImageProcessor, ProcessedImage
-from .store import RUN_FILE, ShardWriter, committed_rows, write_manifest
+from .store import (
+    LOCK_FILE,
+    RUN_FILE,
+    ShardWriter,
+    close_inherited_locks,
+    committed_rows,
+    has_output,
+    sole_writer,
+    write_manifest,
+)
 
 __all__ = ["ExtractSettings", "ExtractSummary", "discover_inputs", "extract_features"]
 
@@ -36,19 +51,63 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def discover_inputs(specs: Sequence[str], file_list: str | os.PathLike | None = None) -> list[str]:
-    """Expand image files, folders (recursive, sorted, common image extensions), glob patterns and a text file of
-    paths (one per line) into one list, in the order given, without duplicates.
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. inside a folder we may not read: recorded as an input, whose reading then fails
+        return False
 
-    A path that does not exist is kept, so that the run records it as failed instead of dropping it unseen.
+
+def _scan(root: Path, extensions: frozenset[str], skipped: defaultdict[str, list[str]]) -> list[str]:
+    """Files under ``root`` (symlinked folders followed, each real folder once) with an extension in ``extensions``."""
+    found: list[str] = []
+    seen: set[str] = set()
+
+    def unreadable(err: OSError) -> None:
+        skipped["unreadable folders"].append(f"{err.filename} ({err.strerror})")
+
+    for folder, subfolders, files in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop, or two links to one folder
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()
+        for name in subfolders:
+            if Path(name).suffix.lower() in extensions:
+                skipped["folders named like images (searched, not read)"].append(os.path.join(folder, name))
+        for name in files:
+            path = os.path.join(folder, name)
+            if Path(name).suffix.lower() in extensions:
+                found.append(path)
+            else:
+                skipped[f"files with an extension Pillow cannot open ({Path(name).suffix or 'none'})"].append(path)
+    return sorted(found)
+
+
+def read_file_list(file_list: str | os.PathLike) -> list[str]:
+    """One path per line, exactly as written (no comments, no stripping of spaces); empty lines are skipped and a
+    line's trailing carriage return (Windows line ends) is dropped."""
+    lines = Path(file_list).read_text().split("\n")
+    return [line.removesuffix("\r") for line in lines if line.removesuffix("\r")]
+
+
+def discover_inputs(specs: Sequence[str], file_list: str | os.PathLike | None = None) -> list[str]:
+    """Expand image files, folders, glob patterns and a text file of paths (:func:`read_file_list`) into one list, in
+    the order given, without duplicates.
+
+    Folders are searched recursively (symlinked folders too), in sorted order, for files whose extension the
+    installed Pillow can open; what is skipped is logged with counts and reasons. A path that does not exist is
+    kept, so that the run records it as failed instead of dropping it unseen.
     """
+    extensions = image_extensions()
+    skipped: defaultdict[str, list[str]] = defaultdict(list)
     found: list[str] = []
     for spec in specs:
         path = Path(spec)
-        if path.is_dir():
-            files = (p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
-            found += sorted(str(p) for p in files)
-        elif not path.exists() and glob.has_magic(spec):
+        if _is_dir(path):
+            found += _scan(path, extensions, skipped)
+        elif not os.path.lexists(spec) and glob.has_magic(spec):
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
                 logger.warning("the pattern %r matches no file", spec)
@@ -56,8 +115,10 @@ def discover_inputs(specs: Sequence[str], file_list: str | os.PathLike | None = 
         else:
             found.append(spec)
     if file_list is not None:
-        lines = Path(file_list).read_text().splitlines()
-        found += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        found += read_file_list(file_list)
+    for reason, paths in skipped.items():
+        shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+        logger.warning("skipped %d %s: %s", len(paths), reason, shown)
     return list(dict.fromkeys(found))
 
 
@@ -80,9 +141,9 @@ class ExtractSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "shard_size", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {name}={getattr(self, name)}")
+        check_positive_ints(self, "batch_size", "shard_size", "max_pixels")
+        if self.max_num_patches is not None:
+            check_positive_ints(self, "max_num_patches")
         for name in ("save_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
@@ -105,6 +166,7 @@ class ExtractSummary:
     done: int = 0  # extracted in this run
     skipped: int = 0  # already in the output (resume)
     failed: int = 0  # recorded as failed in this run
+    failed_before: int = 0  # recorded as failed by the earlier run a resumed run continues
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
@@ -112,30 +174,120 @@ class ExtractSummary:
     def images_per_second(self) -> float:
         return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def failed_total(self) -> int:
+        """Inputs of the whole output folder that failed: this run's and the earlier run's it resumed."""
+        return self.failed + self.failed_before
+
     def __str__(self) -> str:
+        before = f" (+{self.failed_before} in the earlier run)" if self.failed_before else ""
         return (
-            f"done {self.done}, skipped {self.skipped}, failed {self.failed}, {self.seconds:.1f} s, "
+            f"done {self.done}, skipped {self.skipped}, failed {self.failed}{before}, {self.seconds:.1f} s, "
             f"{self.images_per_second:.2f} images/s"
         )
 
 
-class _Images(Dataset):
-    """Decodes and preprocesses one file per item, in a worker; a failure becomes its reason."""
+@dataclass(frozen=True)
+class _Decode:
+    """Decodes and preprocesses one file by index; any failure becomes its reason (a string)."""
 
-    def __init__(self, paths: list[str], processor: ImageProcessor, settings: ExtractSettings) -> None:
-        self.paths, self.processor, self.settings = paths, processor, settings
+    paths: Sequence[str]
+    processor: ImageProcessor
+    settings: ExtractSettings
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[int, ProcessedImage | str]:
+    def __call__(self, index: int) -> ProcessedImage | str:
         try:
             pixels = load_image(
                 self.paths[index], exif_transpose=self.settings.exif_transpose, max_pixels=self.settings.max_pixels
             )
-            return index, self.processor.process_one(pixels, max_num_patches=self.settings.max_num_patches)
+            return self.processor.process_one(pixels, max_num_patches=self.settings.max_num_patches)
         except (ValueError, TypeError, OSError) as err:  # load_image / process_one report bad inputs so
-            return index, str(err)
+            return str(err)
+        except Exception as err:  # anything else one file provokes is still that file's failure
+            return f"{self.paths[index]}: {type(err).__name__}: {err}"
+
+
+# The worker's decoder, installed once per worker process (not sent with every task).
+_worker_decode: Callable[[int], ProcessedImage | str] | None = None
+
+
+def _start_worker(decode: _Decode) -> None:
+    global _worker_decode
+    close_inherited_locks()
+    _worker_decode = decode
+    torch.set_num_threads(1)  # the workers share the CPU with the model
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:  # a killed run's workers would otherwise wait for tasks forever
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
+
+
+def _decode_in_worker(index: int) -> ProcessedImage | str:
+    return _worker_decode(index)
+
+
+WORKER_DIED = (
+    "the process decoding this file died (killed by the system, e.g. out of memory, or a crash in an image "
+    "decoder); the file was tried alone and killed its process again"
+)
+
+
+class _Decoder:
+    """Decodes items in worker processes, a bounded number ahead, yielding them in order.
+
+    When a worker dies, every item not yet finished is tried again alone in a fresh process: an item that kills
+    that one too becomes a failure (:data:`WORKER_DIED`), the others their normal results. ProcessPoolExecutor
+    (rather than a DataLoader, whose worker deaths surface as exceptions raised from a signal handler anywhere in
+    the main process) reports a death on the futures of the items it hit.
+    """
+
+    def __init__(self, decode: _Decode, num_workers: int, ahead: int) -> None:
+        self.decode, self.num_workers, self.ahead = decode, num_workers, max(ahead, num_workers)
+
+    def _pool(self, workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(self.decode,)
+        )
+
+    def _alone(self, index: int) -> ProcessedImage | str:
+        with self._pool(1) as pool:
+            try:
+                return pool.submit(_decode_in_worker, index).result()
+            except BrokenProcessPool:
+                return f"{self.decode.paths[index]}: {WORKER_DIED}"
+
+    def __call__(self, indices: Sequence[int]) -> Iterator[ProcessedImage | str]:
+        """The results for ``indices``, in their order."""
+        if self.num_workers == 0:
+            yield from map(self.decode, indices)
+            return
+        todo = deque(indices)
+        pending: deque[tuple[int, Future]] = deque()
+        pool = self._pool(self.num_workers)
+        try:
+            while todo or pending:
+                while todo and len(pending) < self.ahead:
+                    index = todo.popleft()
+                    pending.append((index, pool.submit(_decode_in_worker, index)))
+                index, future = pending[0]
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    pool.shutdown(cancel_futures=True)
+                    for index, future in pending:
+                        finished = future.done() and not future.cancelled() and future.exception() is None
+                        yield future.result() if finished else self._alone(index)
+                    pending.clear()
+                    pool = self._pool(self.num_workers)
+                    continue
+                pending.popleft()
+                yield result
+        finally:
+            pool.shutdown(cancel_futures=True)
 
 
 def _batch_plan(num_items: int, shard_size: int, batch_size: int) -> list[list[int]]:
@@ -148,9 +300,13 @@ def _batch_plan(num_items: int, shard_size: int, batch_size: int) -> list[list[i
 
 
 def _prepare_output(folder: Path, settings: ExtractSettings, *, resume: bool, overwrite: bool) -> list[dict]:
-    """Create or check the output folder; returns the rows already committed (resume)."""
+    """Check the (locked) output folder and start or continue its run; returns the rows already committed.
+
+    A folder holding only temporary files of an interrupted write (a kill before ``run.json`` was renamed into
+    place, say) counts as empty, so every interruption leaves a folder that a plain run or ``resume`` accepts.
+    """
     record = json.dumps(asdict(settings), indent=2, sort_keys=True).encode()
-    if folder.exists() and any(folder.iterdir()):
+    if has_output(folder):
         if resume:
             if not (folder / RUN_FILE).is_file():
                 raise ValueError(f"{folder} is not an extraction folder (no {RUN_FILE}); cannot resume into it")
@@ -164,10 +320,24 @@ def _prepare_output(folder: Path, settings: ExtractSettings, *, resume: bool, ov
             raise ValueError(
                 f"{folder} already holds output; pass --resume to continue it or --overwrite to replace it"
             )
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    for entry in folder.iterdir():  # what an overwrite replaces, or an interrupted write left; not the lock
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     write_atomic(folder / RUN_FILE, record)
     return []
+
+
+def _new_row(path: str, item: ProcessedImage | str) -> dict[str, Any]:
+    failed = isinstance(item, str)
+    return {
+        "path": path,
+        "status": "failed" if failed else "ok",
+        "error": item if failed else None,
+        "shard": None,
+        "row": None,
+        "original_size": None if failed else list(item.original_size),
+        "grid": None,
+    }
 
 
 def extract_features(
@@ -190,63 +360,54 @@ def extract_features(
         settings: what to extract and how.
         resume: continue an interrupted run in ``output``: committed shards are kept, nothing done is redone.
         overwrite: replace an existing ``output``; without it or ``resume`` an existing output is an error.
-        num_workers: DataLoader workers decoding images while the model runs (0 = in this process).
+        num_workers: worker processes decoding images while the model runs (0 = in this process, where a file that
+            crashes its decoder ends the run).
         progress: show a progress bar; None = only when stderr is a terminal.
+
+    Raises:
+        ValueError: the folder is being written by another run, holds output (without ``resume`` or
+            ``overwrite``), or holds a run with other settings.
     """
     folder = Path(output)
-    done_rows = _prepare_output(folder, settings, resume=resume, overwrite=overwrite)
-    done = {row["path"] for row in done_rows}
-    pending = [p for p in paths if p not in done]
-    summary = ExtractSummary(skipped=len(paths) - len(pending))
-    started = time.monotonic()
+    with sole_writer(folder):
+        done_rows = _prepare_output(folder, settings, resume=resume, overwrite=overwrite)
+        done = {row["path"] for row in done_rows}
+        pending = [p for p in paths if p not in done]
+        summary = ExtractSummary(
+            skipped=len(paths) - len(pending), failed_before=sum(r["status"] == "failed" for r in done_rows)
+        )
+        started = time.monotonic()
 
-    # Half precision keeps the patch and position embeddings in fp32 (and the pixels fed to them).
-    model = model.to(device=settings.device).set_precision(DTYPES[settings.dtype]).eval()
-    writer = ShardWriter(folder, DTYPES[settings.save_dtype])
-    plan = _batch_plan(len(pending), settings.shard_size, settings.batch_size)
-    loader = DataLoader(
-        _Images(pending, processor, settings),
-        batch_sampler=plan,
-        num_workers=num_workers,
-        collate_fn=list,
-        persistent_workers=False,
-    )
-    rows: list[dict[str, Any]] = []
-    features: list[dict[str, torch.Tensor]] = []
-    show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(pending), unit="img", disable=not show, dynamic_ncols=True) as bar:
-        for batch in loader:
-            good = [(i, item) for i, item in batch if not isinstance(item, str)]
-            for i, item in batch:
-                row = {
-                    "path": pending[i],
-                    "status": "ok",
-                    "error": None,
-                    "shard": None,
-                    "row": None,
-                    "original_size": None,
-                    "grid": None,
-                }
-                if isinstance(item, str):
-                    row.update(status="failed", error=item)
-                    summary.failures.append((pending[i], item))
-                else:
-                    row["original_size"] = list(item.original_size)
-                rows.append(row)
-            if good:
-                features += _encode(model, processor, [item for _, item in good], settings, rows[-len(batch) :])
-            summary.done += len(good)
-            summary.failed += len(batch) - len(good)
-            bar.update(len(batch))
-            bar.set_postfix(failed=summary.failed, refresh=False)
-            if (batch[-1][0] + 1) % settings.shard_size == 0 or batch[-1][0] + 1 == len(pending):
-                writer.write(rows, features)
-                done_rows += rows
-                rows, features = [], []
-    order = {p: i for i, p in enumerate(paths)}
-    write_manifest(folder, sorted(done_rows, key=lambda r: order.get(r["path"], len(order))))
-    summary.seconds = time.monotonic() - started
-    return summary
+        # Half precision keeps the patch and position embeddings in fp32 (and the pixels fed to them).
+        model = model.to(device=settings.device).set_precision(DTYPES[settings.dtype]).eval()
+        writer = ShardWriter(folder, DTYPES[settings.save_dtype])
+        decoded = _Decoder(_Decode(pending, processor, settings), num_workers, ahead=2 * settings.batch_size)(
+            range(len(pending))
+        )
+        show = sys.stderr.isatty() if progress is None else progress
+        rows: list[dict[str, Any]] = []
+        features: list[dict[str, torch.Tensor]] = []
+        with tqdm(total=len(pending), unit="img", disable=not show, dynamic_ncols=True) as bar:
+            for batch in _batch_plan(len(pending), settings.shard_size, settings.batch_size):
+                items = [next(decoded) for _ in batch]
+                batch_rows = [_new_row(pending[i], item) for i, item in zip(batch, items)]
+                good = [item for item in items if not isinstance(item, str)]
+                if good:
+                    features += _encode(model, processor, good, settings, batch_rows)
+                summary.failures += [(row["path"], row["error"]) for row in batch_rows if row["error"]]
+                summary.done += len(good)
+                summary.failed += len(batch) - len(good)
+                rows += batch_rows
+                bar.update(len(batch))
+                bar.set_postfix(failed=summary.failed, refresh=False)
+                if (batch[-1] + 1) % settings.shard_size == 0 or batch[-1] + 1 == len(pending):
+                    writer.write(rows, features)
+                    done_rows += rows
+                    rows, features = [], []
+        order = {p: i for i, p in enumerate(paths)}
+        write_manifest(folder, sorted(done_rows, key=lambda r: order.get(r["path"], len(order))))
+        summary.seconds = time.monotonic() - started
+        return summary
 
 
 def _encode(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import warnings
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
-    "IMAGE_EXTENSIONS",
+    "image_extensions",
     "ImageInput",
     "ImageLoadError",
     "composite_on_white",
@@ -31,10 +32,24 @@ ImageInput = Image.Image | np.ndarray | torch.Tensor
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold (2 x MAX_IMAGE_PIXELS)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _pil_limit_lock = threading.Lock()
+
+
+_NOT_REGULAR = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case extensions of the formats the installed Pillow can open (``.jpg``, ``.tga``, ``.avif``, ...)."""
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 class ImageLoadError(ValueError):
@@ -161,14 +176,17 @@ def load_image(
       float32 [0, 1], never clipped; 8-bit images stay uint8.
 
     Raises:
-        ImageLoadError: missing or unreadable path, a directory, an empty file, bytes that are no image, truncated
-            or corrupt data, a 0x0 image, or more than ``max_pixels`` pixels.
+        ImageLoadError: missing or unreadable path, a directory or anything else that is not a regular file (a FIFO
+            is never opened: reading it would block), an empty file, bytes that are no image, truncated or corrupt
+            data, a 0x0 image, or more than ``max_pixels`` pixels.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ImageLoadError(f"{path}: is a directory, not an image file")
     try:
-        if path.stat().st_size == 0:
+        info = path.stat()
+        kind = stat.S_IFMT(info.st_mode)
+        if kind != stat.S_IFREG:
+            raise ImageLoadError(f"{path}: is {_NOT_REGULAR.get(kind, 'not a regular file')}, not an image file")
+        if info.st_size == 0:
             raise ImageLoadError(f"{path}: the file is empty (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -6,10 +6,12 @@
       shard-00000.jsonl      one row per input of that block: the shard's commit record
       ...
       manifest.jsonl         all rows in input order, written when a run ends
+      .lock                  held (flock) by the one run writing the folder; names its process
 
 A shard is committed by renaming its ``.jsonl`` into place after its ``.safetensors``; both are written to a
-temporary file first. A crash therefore leaves only whole, committed shards, plus at most one uncommitted
-``.safetensors`` that a resumed run deletes and redoes.
+temporary file first, flushed to disk before the rename, and the folder after it (:func:`~siglip2_encoder.files.
+write_atomic`). A crash or power loss therefore leaves only whole, committed shards, plus at most one uncommitted
+``.safetensors`` and temporary files, which a resumed run deletes and redoes.
 
 Each shard holds ``pooled`` (n, D) for the n images that succeeded, and for token features (``last_hidden_state``,
 ``hidden_state_<layer>``) the tokens of all n images packed as (sum of h*w, D), with ``token_offsets`` (n + 1,)
@@ -18,24 +20,80 @@ marking where each image's tokens start.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .files import write_atomic
 
-__all__ = ["ExtractedFeatures", "ShardWriter", "committed_rows", "write_manifest"]
+__all__ = [
+    "ExtractedFeatures",
+    "ShardWriter",
+    "close_inherited_locks",
+    "committed_rows",
+    "has_output",
+    "sole_writer",
+    "write_manifest",
+]
 
 RUN_FILE = "run.json"
 MANIFEST = "manifest.jsonl"
 SHARD_GLOB = "shard-*.jsonl"
+LOCK_FILE = ".lock"
+_held_locks: set[int] = set()  # descriptors of the locks this process holds
+
+
+@contextmanager
+def sole_writer(folder: Path) -> Iterator[None]:
+    """Hold the folder's lock for the block: a second writer is refused, naming the process that writes.
+
+    The lock is ``flock`` on ``.lock``: the system releases it when the process ends, however it ends. A forked
+    child shares it until it closes its copy of the descriptor: worker processes call :func:`close_inherited_locks`
+    first, so that a killed run's workers cannot keep its folder locked.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    _held_locks.add(fd)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(
+                f"{folder} is being written by another extract run (process {other}); wait for it to end, or write "
+                f"to another --output folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        _held_locks.discard(fd)
+        os.close(fd)
+
+
+def close_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's lock descriptors (the parent keeps its locks)."""
+    for fd in list(_held_locks):
+        os.close(fd)
+    _held_locks.clear()
+
+
+def has_output(folder: Path) -> bool:
+    """True if the folder holds anything but its lock and temporary files of an interrupted write."""
+    return folder.is_dir() and any(p.name != LOCK_FILE and not _temporary(p) for p in folder.iterdir())
+
+
+def _temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:
@@ -49,7 +107,7 @@ def committed_rows(folder: Path) -> list[dict[str, Any]]:
         rows.extend(json.loads(line) for line in record.read_text().splitlines() if line)
     committed = {r["shard"] for r in rows if r["shard"]}
     for leftover in [*folder.glob("shard-*.safetensors"), *folder.glob(".*.tmp")]:
-        if leftover.name.startswith(".") or leftover.name not in committed:
+        if _temporary(leftover) or leftover.name not in committed:
             leftover.unlink()
     return rows
 
@@ -85,7 +143,11 @@ class ShardWriter:
                     counts = torch.tensor([0] + [len(p) for p in parts])
                     tensors["token_offsets"] = counts.cumsum(0)
             tensors = {k: v.contiguous() for k, v in tensors.items()}
-            write_atomic(self.folder / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+            target = self.folder / f"{name}.safetensors"
+            try:
+                write_atomic(target, lambda tmp: save_file(tensors, tmp))
+            except SafetensorError as err:  # safetensors reports a full disk or a failed write this way
+                raise OSError(f"cannot write {target}: {err}") from None
         write_atomic(self.folder / f"{name}.jsonl", _jsonl(rows))  # the commit
         self.next_index += 1
 

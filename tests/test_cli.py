@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from corpus import make_corpus
 from PIL import Image
 
 from siglip2_encoder import ExtractedFeatures, ImageProcessor, SigLIP2Encoder, load_image
-from siglip2_encoder.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, main
+from siglip2_encoder.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 
 CLI = [sys.executable, "-m", "siglip2_encoder.cli"]
 
@@ -50,7 +51,7 @@ def test_bad_files_are_reported_and_good_ones_written(tmp_path, tiny_checkpoint)
     good, bad = make_corpus(tmp_path / "corpus")
     listing = tmp_path / "more.txt"
     missing = str(tmp_path / "missing.jpg")
-    listing.write_text(f"# also these\n{tmp_path / 'corpus' / 'folder.png'}\n{missing}\n")
+    listing.write_text(f"{tmp_path / 'corpus' / 'folder.png'}\n{missing}\n")
     out = tmp_path / "out"
     result = run_cli(
         "extract",
@@ -132,6 +133,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_checkpoint, 
         [sys.executable, "-c", KILLING_CLI, "extract", *common, "-o", str(interrupted)], env=env, timeout=300
     )
     assert killed.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30  # the killed run's decoding workers look for their parent every second
+    while subprocess.run(["pgrep", "-f", str(interrupted)], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "decoding workers outlived their run"
+        time.sleep(0.2)
     assert len(list(interrupted.glob("shard-*.jsonl"))) == committed
     leftovers = {p.name for p in interrupted.glob("shard-*.safetensors")}
     assert leftovers == (
@@ -220,35 +225,54 @@ def test_fatal_errors_are_one_line_with_a_way_out(tmp_path, photos, monkeypatch,
 
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.example.invalid")
     assert main(["extract", photos[0], "-o", str(tmp_path / "a")]) == EXIT_FATAL
-    assert "--random-weights so400m-patch14-384" in caplog.text
-    assert main(["extract", str(tmp_path / "nothing-*.png"), "-o", str(tmp_path / "b")]) == EXIT_FATAL
-    assert "no input images" in caplog.text
-    assert (
-        main(
-            [
-                "extract",
-                photos[0],
-                "-o",
-                str(tmp_path / "c"),
-                "--random-weights",
-                "base-patch16-224",
-                "--max-num-patches",
-                "64",
-            ]
-        )
-        == EXIT_FATAL
-    )
-    assert "applies to NaFlex" in caplog.text
-    assert (
-        main(
-            ["extract", photos[0], "-o", str(tmp_path / "d"), "--random-weights", "base-patch16-224", "--layers", "13"]
-        )
-        == EXIT_FATAL
-    )
-    assert "out of range" in caplog.text
+    assert "or run the same command with --random-weights siglip2-so400m-patch14-384 (offline" in caplog.text
+    caplog.clear()
+    assert main(["extract", photos[0], "-o", str(tmp_path / "a"), "--model", "someone/custom-siglip"]) == EXIT_FATAL
+    assert "--random-weights siglip2" not in caplog.text and "`siglip2-encoder info --list` shows" in caplog.text
+    assert not (tmp_path / "a").exists(), "nothing is written before the model loads"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nothing-*.png"], "no input images: give files, folders, glob patterns or --file-list"),
+        (
+            ["{photo}", "--random-weights", "base-patch16-224", "--max-num-patches", "64"],
+            "--max-num-patches applies to NaFlex checkpoints; siglip2-base-patch16-224 has a fixed resolution",
+        ),
+        (["{photo}", "--random-weights", "base-patch16-224", "--layers", "13"], "--layers 13: layer index 13 is out"),
+        (["{photo}", "--device", "cuda"], "--device cuda: this machine has no CUDA device; use --device cpu"),
+        (["{photo}", "--device", "foo"], "--device 'foo' is not a device; use cpu, cuda or cuda:N"),
+        (["{photo}", "--device", "mps"], "--device mps: this machine has no MPS device; use --device cpu"),
+        (["{photo}", "--file-list", "{tmp}/missing.txt"], "--file-list {tmp}/missing.txt: no such file"),
+        (["{photo}", "--file-list", "{tmp}"], "--file-list {tmp} is a folder; give a text file"),
+        (["{photo}", "-o", "{photo}"], "-o {photo} is a file; give a folder"),
+    ],
+    ids=["no inputs", "budget on fixed", "layer", "cuda", "foo", "mps", "missing list", "list folder", "-o file"],
+)
+def test_bad_command_lines_exit_2_with_one_line_before_writing(tmp_path, photos, caplog, args, message):
+    fill = {"photo": photos[0], "tmp": str(tmp_path)}
+    args = [a.format(**fill) for a in args]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "out")]
+    if "--random-weights" not in args:
+        args += ["--random-weights", "base-patch16-naflex"]
+    assert main(["extract", *args]) == EXIT_USAGE
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {message.format(**fill)}"), errors
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--max-num-patches", "0"], ["--max-num-patches", "-3"], ["--batch-size", "0"], ["--resume", "--overwrite"]],
+    ids=["budget 0", "budget -3", "batch 0", "resume and overwrite"],
+)
+def test_options_out_of_range_are_refused_by_the_parser(tmp_path, photos, args, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["extract", photos[0], "-o", str(tmp_path / "e"), "--random-weights", "vit-huge"])
-    assert exit_info.value.code == 2
+        main(["extract", photos[0], "-o", str(tmp_path / "out"), "--random-weights", "base-patch16-naflex", *args])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "error: argument" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_random_weights_are_labelled_and_reproducible(tmp_path, photos, caplog):

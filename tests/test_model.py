@@ -375,3 +375,14 @@ def test_headless_tower_returns_no_pooled_output():
     with torch.no_grad():
         out = model(torch.randn(1, 3, 32, 32))
     assert out.pooler_output is None and out.last_hidden_state.shape == (1, 16, 32)
+
+
+def test_every_part_initialises_itself_as_the_reference_does():
+    model = tower(FIXED_CFG.replace(hidden_size=64, num_attention_heads=4), seed=3)
+    bound = (6 / (64 + 64)) ** 0.5  # xavier-uniform for a 64 x 64 weight
+    for linear in (model.head.attention.out_proj, model.encoder.layers[0].self_attn.out_proj):
+        assert torch.all(linear.bias == 0) and linear.weight.abs().max() <= bound
+        assert linear.weight.std() > 0.8 * bound / 3**0.5  # uniform(-b, b) has std b / sqrt(3)
+    fc1 = model.encoder.layers[0].mlp.fc1
+    assert 0 < fc1.bias.abs().max() < 1e-5
+    assert torch.all(model.head.attention.in_proj_bias == 0)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import check_positive_ints
+from ..files import write_atomic
 from ..output import EncoderOutput
 
 __all__ = [
@@ -168,8 +169,9 @@ class Projector(nn.Module):
         """Write ``projector_config.json`` and ``projector.safetensors``; :func:`load_projector` reads them."""
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, folder / WEIGHTS_FILE)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
+        write_atomic(folder / CONFIG_FILE, (json.dumps(self.config.to_dict(), indent=2) + "\n").encode())
 
 
 PROJECTORS: dict[str, type[Projector]] = {}

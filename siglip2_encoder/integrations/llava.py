@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import MLPConfig, Projector, ProjectorConfig, build_projector, load_projector
+from ..files import write_atomic
 from ..images import ImageInput
 from ..lora import EncoderLoRAConfig, add_lora, trainable_parameters
 from ..model import SigLIP2Encoder
@@ -361,7 +362,9 @@ class VisionLanguageModel(nn.Module):
         self.language_model.save_pretrained(folder / "language_model")
         if tokenizer is not None:
             tokenizer.save_pretrained(folder / "tokenizer")
-        (folder / CONFIG_FILE).write_text(json.dumps({"image_token_id": self.image_token_id}, indent=2) + "\n")
+        write_atomic(
+            folder / CONFIG_FILE, (json.dumps({"image_token_id": self.image_token_id}, indent=2) + "\n").encode()
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> VisionLanguageModel:
