@@ -1,10 +1,11 @@
-"""siglip2-encoder: the SigLIP 2 (and SigLIP) vision tower as a frozen or LoRA-tunable feature extractor.
+"""siglip2-encoder: the SigLIP 2 (and SigLIP) vision tower as a frozen or LoRA-tunable feature extractor, and the
+image-text model around it.
 
 Importing the package loads torch, torchvision, Pillow and safetensors; transformers, peft and timm are imported
 only by the modules that use them (``lora``, ``integrations``).
 """
 
-from .config import EncoderConfig, ProcessorConfig
+from .config import EncoderConfig, ProcessorConfig, TextConfig
 from .convert import (
     config_from_hf,
     config_to_hf,
@@ -12,16 +13,20 @@ from .convert import (
     convert_timm_state_dict,
     processor_config_from_hf,
     processor_config_to_hf,
+    text_config_from_hf,
+    text_config_to_hf,
     to_timm_state_dict,
 )
 from .hub import CheckpointError, CheckpointSource, HubUnreachableError
 from .images import ImageLoadError, load_image
+from .joint import ModelOutput, SigLIP2Model
 from .model import SigLIP2Encoder
 from .onednn import prepack_for_cpu
 from .output import EncoderOutput
 from .presets import PRESETS, Preset, get_preset, list_presets
 from .processor import ImageProcessor, ProcessedImage, ProcessedImages, naflex_size
 from .store import ExtractedFeatures
+from .text import SigLIP2TextEncoder, TextOutput
 
 __version__ = "0.1.0"
 
@@ -34,12 +39,17 @@ __all__ = [
     "HubUnreachableError",
     "ImageLoadError",
     "ImageProcessor",
+    "ModelOutput",
     "PRESETS",
     "Preset",
     "ProcessedImage",
     "ProcessedImages",
     "ProcessorConfig",
     "SigLIP2Encoder",
+    "SigLIP2Model",
+    "SigLIP2TextEncoder",
+    "TextConfig",
+    "TextOutput",
     "config_from_hf",
     "config_to_hf",
     "convert_hf_state_dict",
@@ -51,5 +61,7 @@ __all__ = [
     "prepack_for_cpu",
     "processor_config_from_hf",
     "processor_config_to_hf",
+    "text_config_from_hf",
+    "text_config_to_hf",
     "to_timm_state_dict",
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "AttendFn",
     "AttentionBackend",
     "attention_backend_names",
+    "key_padding_attention",
     "register_attention_backend",
     "select_attention_backend",
 ]
@@ -98,6 +99,21 @@ def select_attention_backend(name: str, device: torch.device, dtype: torch.dtype
     if reason:
         raise ValueError(f"attention backend {name!r} {reason}; use 'auto' or 'sdpa'")
     return ATTENTION_BACKENDS[name]
+
+
+def key_padding_attention(keep: torch.Tensor) -> AttendFn:
+    """SDPA over a (B, L) batch of padded sequences packed as (B * L, ...), where keys whose ``keep`` (B, L) entry is
+    False are ignored by every query (padding queries are still computed): transformers' bidirectional padding mask,
+    which the SigLIP text towers take."""
+    batch, length = keep.shape
+    mask = keep.to(torch.bool)[:, None, None, :]  # (B, 1, 1, L), broadcast over heads and queries
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        q, k, v = (x.unflatten(0, (batch, length)).transpose(1, 2) for x in (q, k, v))  # (B, heads, L, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return out.transpose(1, 2).reshape(batch * length, -1)
+
+    return attend
 
 
 def _sdpa(packing: Packing) -> AttendFn:

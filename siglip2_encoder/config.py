@@ -1,6 +1,7 @@
-"""Pure configs: the architecture of a SigLIP / SigLIP 2 vision tower, and how its images are preprocessed.
+"""Pure configs: the architecture of the SigLIP / SigLIP 2 towers, and how images are preprocessed.
 
-:class:`EncoderConfig` describes both tower families:
+:class:`TransformerConfig` holds what every tower's encoder layers take; :class:`EncoderConfig` (the vision tower)
+and :class:`TextConfig` (the text tower) add their own fields. :class:`EncoderConfig` describes both vision families:
 
 * fixed-resolution checkpoints (SigLIP 1 and SigLIP 2 "FixRes"): a conv patch embedding and a learned
   ``(image_size / patch_size) ** 2`` position table; set ``image_size``.
@@ -23,6 +24,8 @@ __all__ = [
     "ProcessorConfig",
     "RESAMPLE_FILTERS",
     "SUPPORTED_ACTIVATIONS",
+    "TextConfig",
+    "TransformerConfig",
     "check_positive_ints",
 ]
 
@@ -42,35 +45,59 @@ def check_positive_ints(config: Any, *names: str) -> None:
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
-    """Hyperparameters of one vision tower.
-
-    Exactly one of ``image_size`` (fixed-resolution) and ``num_patches`` (NaFlex) is set.
-    """
+class TransformerConfig:
+    """The fields every tower's stack of pre-norm encoder layers takes (transformers' names and defaults)."""
 
     hidden_size: int = 768  # width D of every token
     intermediate_size: int = 3072  # MLP hidden width
     num_hidden_layers: int = 12  # number of encoder layers
     num_attention_heads: int = 12  # heads per attention layer; must divide hidden_size
+    hidden_act: str = "gelu_pytorch_tanh"  # one of SUPPORTED_ACTIVATIONS
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0  # only active in train()
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads must divide hidden_size, got num_attention_heads={self.num_attention_heads}, "
+                f"hidden_size={self.hidden_size}"
+            )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTIVATIONS}, got hidden_act={self.hidden_act!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got layer_norm_eps={self.layer_norm_eps!r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got attention_dropout={self.attention_dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes: Any) -> TransformerConfig:
+        """A copy with ``changes`` applied (and validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EncoderConfig(TransformerConfig):
+    """Hyperparameters of one vision tower.
+
+    Exactly one of ``image_size`` (fixed-resolution) and ``num_patches`` (NaFlex) is set.
+    """
+
     num_channels: int = 3  # input image channels
     patch_size: int = 16  # side of a square patch, in pixels
     image_size: int | None = 224  # fixed-resolution: native side length in pixels; None for NaFlex
     num_patches: int | None = None  # NaFlex: entries of the square learned position grid (256 = 16x16)
-    hidden_act: str = "gelu_pytorch_tanh"  # one of SUPPORTED_ACTIVATIONS
-    layer_norm_eps: float = 1e-6
-    attention_dropout: float = 0.0  # only active in train()
     use_head: bool = True  # whether the attention-pooling (MAP) head exists
 
     def __post_init__(self) -> None:
-        check_positive_ints(
-            self,
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_channels",
-            "patch_size",
-        )
+        super().__post_init__()
+        check_positive_ints(self, "num_channels", "patch_size")
         if (self.image_size is None) == (self.num_patches is None):
             raise ValueError(
                 "set exactly one of image_size (fixed-resolution checkpoints) and num_patches (NaFlex checkpoints), "
@@ -91,17 +118,6 @@ class EncoderConfig:
                     f"num_patches must be a positive perfect square (the position grid is square), "
                     f"got num_patches={self.num_patches!r}"
                 )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"num_attention_heads must divide hidden_size, got num_attention_heads={self.num_attention_heads}, "
-                f"hidden_size={self.hidden_size}"
-            )
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {SUPPORTED_ACTIVATIONS}, got hidden_act={self.hidden_act!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be > 0, got layer_norm_eps={self.layer_norm_eps!r}")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1), got attention_dropout={self.attention_dropout!r}")
 
     @property
     def naflex(self) -> bool:
@@ -115,16 +131,25 @@ class EncoderConfig:
             return math.isqrt(self.num_patches)
         return self.image_size // self.patch_size
 
+
+@dataclass(frozen=True)
+class TextConfig(TransformerConfig):
+    """Hyperparameters of one text tower (transformers' ``SiglipTextConfig`` / ``Siglip2TextConfig``)."""
+
+    vocab_size: int = 32000  # token embedding rows (SigLIP 2's Gemma vocabulary: 256000)
+    max_position_embeddings: int = 64  # the longest text, in tokens; SigLIP pads every text to this length
+    projection_size: int | None = None  # width of the pooled feature after the head; None = hidden_size
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_ints(self, "vocab_size", "max_position_embeddings")
+        if self.projection_size is not None:
+            check_positive_ints(self, "projection_size")
+
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def replace(self, **changes: Any) -> EncoderConfig:
-        """A copy with ``changes`` applied (and validated again)."""
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def output_size(self) -> int:
+        """Width of the pooled text feature (the head's output)."""
+        return self.projection_size or self.hidden_size
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,12 +28,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import NAFLEX_NUM_PATCHES, EncoderConfig, ProcessorConfig
+from .config import NAFLEX_NUM_PATCHES, EncoderConfig, ProcessorConfig, TextConfig
 from .files import write_atomic
 from .hub import CheckpointError, CheckpointSource
 
 __all__ = [
     "Checkpoint",
+    "ModelCheckpoint",
     "check_state_dict",
     "config_from_hf",
     "config_to_hf",
@@ -43,9 +44,14 @@ __all__ = [
     "processor_config_to_hf",
     "read_checkpoint",
     "read_config",
+    "read_model_checkpoint",
     "read_processor_config",
+    "read_state_dict",
+    "text_config_from_hf",
+    "text_config_to_hf",
     "to_timm_state_dict",
     "write_checkpoint",
+    "write_model_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,6 +71,7 @@ _HF_FIELD_NAMES = {"use_head": "vision_use_head"}
 _PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers stores them
 
 VISION_PREFIX = "vision_model."
+TEXT_PREFIX = "text_model."
 # Weights of an image-text checkpoint that are not the vision tower; skipped by name, never silently.
 _NON_VISION_PREFIXES = ("text_model.", "logit_scale", "logit_bias")
 # Non-persistent buffers that older transformers versions wrote into checkpoints.
@@ -131,6 +138,28 @@ def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
         if value is not None:
             out[_HF_FIELD_NAMES.get(name, name)] = value
     return out
+
+
+def text_config_from_hf(hf_config: Mapping[str, Any]) -> TextConfig:
+    """The text tower's config from an image-text ``config.json`` (its ``text_config``; transformers' defaults for
+    missing fields, which are :class:`TextConfig`'s own)."""
+    model_type = hf_config.get("model_type")
+    if model_type not in IMAGE_TEXT_TYPES:
+        raise CheckpointError(
+            f"config.json has model_type={model_type!r}, which has no text tower; an image-text checkpoint has one of "
+            f"{sorted(IMAGE_TEXT_TYPES)} (load a vision-only checkpoint with SigLIP2Encoder.from_pretrained)"
+        )
+    text = hf_config.get("text_config") or {}
+    kwargs = {f.name: text[f.name] for f in fields(TextConfig) if text.get(f.name) is not None}
+    if "attention_dropout" in kwargs:
+        kwargs["attention_dropout"] = float(kwargs["attention_dropout"])
+    return TextConfig(**kwargs)
+
+
+def text_config_to_hf(config: TextConfig, siglip2: bool) -> dict[str, Any]:
+    """transformers' ``text_config`` of an image-text ``config.json``."""
+    out = {"model_type": "siglip2_text_model" if siglip2 else "siglip_text_model"}
+    return out | {name: value for name, value in config.to_dict().items() if value is not None}
 
 
 def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig) -> ProcessorConfig:
@@ -210,12 +239,20 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------- weights
 
 
+KeyMap = Callable[[str], "str | None"]  # a checkpoint key -> our name for it, or None to skip it
+
+
 def _vision_key(key: str) -> str | None:
     """The tower's name for a checkpoint key, or None for a weight that is known not to belong to it."""
     if key.startswith(_NON_VISION_PREFIXES):
         return None
     key = key.removeprefix(VISION_PREFIX)
     return None if key in _IGNORED_BUFFERS else key
+
+
+def _model_key(key: str) -> str | None:
+    """An image-text checkpoint's key as the joint model names it: unchanged, but for stale non-persistent buffers."""
+    return None if key.removeprefix(VISION_PREFIX).removeprefix(TEXT_PREFIX) in _IGNORED_BUFFERS else key
 
 
 def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -325,6 +362,16 @@ def check_state_dict(
 
 
 @dataclass(frozen=True)
+class ModelCheckpoint:
+    """An image-text model as stored: both towers' architectures, every weight (transformers' names), preprocessing."""
+
+    vision_config: EncoderConfig
+    text_config: TextConfig
+    state_dict: dict[str, torch.Tensor]
+    processor_config: ProcessorConfig
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     """A vision tower as stored: architecture, weights under the tower's names, and its preprocessing."""
 
@@ -366,24 +413,24 @@ def read_processor_config(source: CheckpointSource, tower: EncoderConfig) -> Pro
     return default
 
 
-def _shard_names(index_file: Path) -> list[str]:
-    """The shard files of a sharded checkpoint that hold vision weights."""
+def _shard_names(index_file: Path, select: KeyMap) -> list[str]:
+    """The shard files of a sharded checkpoint that hold weights ``select`` keeps."""
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
-        return sorted({file for key, file in weight_map.items() if _vision_key(key)})
+        return sorted({file for key, file in weight_map.items() if select(key)})
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{index_file} is not a valid checkpoint index (needs a 'weight_map'): {err}") from err
 
 
-def _weight_files(source: CheckpointSource) -> list[Path]:
-    """The files holding the vision weights: one file, or the vision shards of a sharded checkpoint."""
+def _weight_files(source: CheckpointSource, select: KeyMap) -> list[Path]:
+    """The files holding the weights ``select`` keeps: one file, or the shards of a sharded checkpoint holding them."""
     for name in WEIGHT_FILES:
         path = source.get(name)
         if path is None:
             continue
         if not name.endswith(".index.json"):
             return [path]
-        shards = {shard: source.get(shard) for shard in _shard_names(path)}
+        shards = {shard: source.get(shard) for shard in _shard_names(path, select)}
         absent = [shard for shard, file in shards.items() if file is None]
         if absent:
             raise source.missing(f"shards {', '.join(absent)} listed in {name}")
@@ -391,14 +438,14 @@ def _weight_files(source: CheckpointSource) -> list[Path]:
     raise source.missing(f"weight file (none of {', '.join(WEIGHT_FILES)})")
 
 
-def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(tower key, tensor) for the vision weights in safetensors or torch pickles; other tensors are not read."""
+def _read_tensors(files: list[Path], select: KeyMap) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our name, tensor) for the weights ``select`` keeps, from safetensors or torch pickles; others are not read."""
     for file in files:
         if file.suffix == ".safetensors":
             try:
                 with safe_open(file, framework="pt") as f:
                     for key in f.keys():
-                        if (name := _vision_key(key)) is not None:
+                        if (name := select(key)) is not None:
                             yield name, f.get_tensor(key)
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"cannot read {file} (truncated or not a safetensors file?): {err}") from None
@@ -407,15 +454,62 @@ def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 state = torch.load(file, map_location="cpu", weights_only=True)
             except Exception as err:  # a pickle with code objects, or a corrupt file: say which file
                 raise CheckpointError(f"cannot read {file} with torch.load(weights_only=True): {err}") from err
-            yield from convert_hf_state_dict(state).items()
+            yield from ((name, value) for key, value in state.items() if (name := select(key)) is not None)
 
 
 def read_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = None) -> Checkpoint:
     """Read a transformers SigLIP / SigLIP 2 checkpoint's vision tower (``dtype=None`` keeps the stored dtype)."""
     config = read_config(source)
-    files = _weight_files(source)
-    state = {key: tensor.to(dtype) if dtype is not None else tensor for key, tensor in _read_tensors(files)}
-    return Checkpoint(config, state, read_processor_config(source, config))
+    return Checkpoint(config, read_state_dict(source, _vision_key, dtype), read_processor_config(source, config))
+
+
+def read_model_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = None) -> ModelCheckpoint:
+    """Read a transformers ``siglip`` / ``siglip2`` image-text checkpoint: both towers, ``logit_scale`` and
+    ``logit_bias``."""
+    hf_config = source.read_json("config.json")
+    if hf_config is None:
+        raise source.missing("config.json; is it a transformers SigLIP checkpoint?")
+    try:
+        text = text_config_from_hf(hf_config)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"config.json of {source} is not a valid SigLIP text config: {err}") from None
+    vision = read_config(source)
+    state = read_state_dict(source, _model_key, dtype)
+    return ModelCheckpoint(vision, text, state, read_processor_config(source, vision))
+
+
+def write_model_checkpoint(
+    folder: str | os.PathLike,
+    vision_config: EncoderConfig,
+    text_config: TextConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    processor_config: ProcessorConfig,
+) -> None:
+    """Write an image-text folder that transformers' ``SiglipModel`` / ``Siglip2Model`` loads (NaFlex towers make a
+    SigLIP 2 checkpoint, fixed-resolution ones a SigLIP one: transformers' SigLIP 2 model is the NaFlex one)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    siglip2 = vision_config.naflex
+    vision = {k: v for k, v in config_to_hf(vision_config).items() if k != "architectures"}
+    hf_config = {
+        "architectures": ["Siglip2Model" if siglip2 else "SiglipModel"],
+        "model_type": "siglip2" if siglip2 else "siglip",
+        "vision_config": vision,
+        "text_config": text_config_to_hf(text_config, siglip2),
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    write_atomic(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_atomic(folder / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
+    processor = processor_config_to_hf(processor_config)
+    write_atomic(folder / "preprocessor_config.json", (json.dumps(processor, indent=2) + "\n").encode())
+
+
+def read_state_dict(source: CheckpointSource, select: KeyMap, dtype: torch.dtype | None = None) -> dict:
+    """The weights ``select`` keeps (renamed by it), opening only the files that hold them."""
+    files = _weight_files(source, select)
+    return {key: tensor.to(dtype) if dtype is not None else tensor for key, tensor in _read_tensors(files, select)}
 
 
 def write_checkpoint(

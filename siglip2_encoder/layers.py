@@ -18,16 +18,18 @@ Neither path keeps anything derived from the weights between calls, so no weight
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import AttendFn
-from .config import EncoderConfig
+from .config import TransformerConfig
 
-__all__ = ["Attention", "EncoderLayer", "Gemms", "InPlaceGemms", "MLP", "Workspace", "gelu_approximation"]
+__all__ = ["Attention", "Encoder", "EncoderLayer", "Gemms", "InPlaceGemms", "MLP", "Workspace", "gelu_approximation"]
 
 
 def gelu_approximation(name: str) -> str:
@@ -51,7 +53,7 @@ class Workspace:
 class Attention(nn.Module):
     """Multi-head self-attention over packed tokens, block-diagonal per image."""
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
@@ -79,7 +81,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """fc1 -> GELU -> fc2."""
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.approximate = gelu_approximation(config.hidden_act)
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
@@ -153,7 +155,7 @@ class InPlaceGemms:
 class EncoderLayer(nn.Module):
     """x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = Attention(config)
@@ -186,3 +188,40 @@ class EncoderLayer(nn.Module):
             if module is not self and type(module) not in (Attention, MLP, nn.Linear, nn.LayerNorm):
                 return False
         return True
+
+
+class Encoder(nn.Module):
+    """The stack of encoder layers (named ``encoder.layers.N`` as in transformers), shared by both towers."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attend: AttendFn,
+        depth: int | None = None,
+        fast: bool = True,
+        each: Callable[[int, torch.Tensor, bool], None] | None = None,
+    ) -> torch.Tensor:
+        """Run the first ``depth`` layers (default all) on packed (T, D) tokens.
+
+        Args:
+            fast: use the in-place inference path when autograd records nothing (see :func:`inference_layer`).
+            each: called as ``each(i, x, in_place)`` with the input of the stack (i = 0) and each layer's output
+                (i = 1..depth); ``in_place`` says that later layers will overwrite ``x``, so keep a copy.
+        """
+        recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        workspace = Workspace() if fast and not recording else None
+        if each is not None:
+            each(0, x, workspace is not None)
+        for i, layer in enumerate(self.layers[:depth], start=1):
+            if self.gradient_checkpointing and self.training and recording:
+                x = checkpoint(layer, x, attend, use_reentrant=False)
+            else:
+                x = layer(x, attend, workspace)
+            if each is not None:
+                each(i, x, workspace is not None)
+        return x

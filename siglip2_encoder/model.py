@@ -17,7 +17,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import attention_backend_names, select_attention_backend
 from .config import EncoderConfig, ProcessorConfig
@@ -26,21 +25,13 @@ from .embeddings import FixedResolutionEmbeddings, NaFlexEmbeddings
 from .head import MultiheadAttentionPoolingHead
 from .hub import CheckpointSource
 from .inputs import Grids, TowerInput, parse_inputs
-from .layers import EncoderLayer, Workspace
+from .layers import Encoder
 from .output import EncoderOutput, Layer, tokens_to_map
 from .packing import Packing
 from .presets import get_preset
 from .processor import patchify
 
 __all__ = ["SigLIP2Encoder"]
-
-
-class Encoder(nn.Module):
-    """The stack of encoder layers (named ``encoder.layers.N`` as in transformers)."""
-
-    def __init__(self, config: EncoderConfig) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([EncoderLayer(config) for _ in range(config.num_hidden_layers)])
 
 
 @dataclass(frozen=True)
@@ -90,7 +81,6 @@ class SigLIP2Encoder(nn.Module):
         self.encoder = Encoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = MultiheadAttentionPoolingHead(config) if config.use_head else None
-        self.gradient_checkpointing = False
         self.attention_backend = "auto"
         # Use the in-place inference path of each layer when autograd records nothing (see layers.py); set False to
         # run the reference path everywhere (the tests compare the two).
@@ -192,10 +182,19 @@ class SigLIP2Encoder(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each layer's activations in the backward pass (non-reentrant), trading compute for memory."""
-        self.gradient_checkpointing = True
+        self.encoder.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
-        self.gradient_checkpointing = False
+        self.encoder.gradient_checkpointing = False
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the layers recompute their activations in the backward pass (the flag lives on ``encoder``)."""
+        return self.encoder.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        self.encoder.gradient_checkpointing = enabled
 
     @property
     def attention_backend(self) -> str:
@@ -310,27 +309,14 @@ class SigLIP2Encoder(nn.Module):
         """
         dropout = self.config.attention_dropout if self.training else 0.0
         attend = select_attention_backend(self.attention_backend, x.device, x.dtype, dropout).prepare(packing)
-        # The in-place inference path may only run when autograd records nothing.
-        recording = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.encoder.parameters())
-        )
-        workspace = Workspace() if self.fast_inference and not recording else None
-
         hidden: dict[int, torch.Tensor] = {}
 
-        def snapshot(i: int) -> None:
+        def snapshot(i: int, tokens: torch.Tensor, in_place: bool) -> None:
             if i in keep:
-                out = packing.unpack(x)  # a view when every image has the same length: copy it, x changes in place
-                hidden.update(dict.fromkeys(keep[i], out.clone() if workspace is not None and packing.uniform else out))
+                out = packing.unpack(tokens)  # a view when every image has the same length: copy what changes
+                hidden.update(dict.fromkeys(keep[i], out.clone() if in_place and packing.uniform else out))
 
-        snapshot(0)
-        for i, layer in enumerate(self.encoder.layers[:depth], start=1):
-            if self.gradient_checkpointing and self.training and recording:
-                x = checkpoint(layer, x, attend, use_reentrant=False)
-            else:
-                x = layer(x, attend, workspace)
-            snapshot(i)
-        return hidden, x
+        return hidden, self.encoder(x, attend, depth, self.fast_inference, snapshot)
 
     def forward(
         self,

@@ -1,0 +1,169 @@
+"""The text tower and the image-text model against transformers' SiglipModel / Siglip2Model on the same weights."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import perturb
+from transformers import (
+    AutoModel,
+    Siglip2Config,
+    Siglip2Model,
+    Siglip2TextConfig,
+    Siglip2TextModel,
+    SiglipConfig,
+    SiglipModel,
+    SiglipTextConfig,
+    SiglipTextModel,
+)
+
+from siglip2_encoder import CheckpointError, SigLIP2Encoder
+from siglip2_encoder.config import EncoderConfig, TextConfig
+from siglip2_encoder.joint import SigLIP2Model
+from siglip2_encoder.processor import patchify
+from siglip2_encoder.text import SigLIP2TextEncoder
+
+TEXT = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+TEXT = TEXT | dict(max_position_embeddings=16)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+IDS = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
+MASK = torch.ones(3, 16, dtype=torch.long)
+MASK[1, 10:] = 0
+MASK[2, 4:] = 0
+
+
+@pytest.fixture(scope="module", params=["siglip", "siglip2"])
+def image_text_dir(request, tmp_path_factory) -> Path:
+    """A transformers image-text checkpoint: SiglipModel (fixed resolution) or Siglip2Model (NaFlex)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp(request.param)
+    if request.param == "siglip2":
+        model = Siglip2Model(Siglip2Config(text_config=TEXT, vision_config=VISION | dict(num_patches=16)))
+    else:
+        model = SiglipModel(SiglipConfig(text_config=TEXT, vision_config=VISION | dict(image_size=32)))
+    perturb(model, seed=4).save_pretrained(folder)
+    return folder
+
+
+def reference(folder: Path) -> torch.nn.Module:
+    """transformers' model for the folder, chosen by transformers from its config (SiglipModel or Siglip2Model)."""
+    return AutoModel.from_pretrained(folder).eval()
+
+
+def reference_inputs(folder: Path, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    if not SigLIP2Encoder.from_pretrained(folder).config.naflex:
+        return {"pixel_values": x}
+    grids = torch.tensor([[x.shape[-2] // 8, x.shape[-1] // 8]] * len(x))
+    mask = torch.ones(len(x), int(grids[0].prod()), dtype=torch.long)
+    return {"pixel_values": patchify(x, 8), "spatial_shapes": grids, "pixel_attention_mask": mask}
+
+
+@pytest.mark.parametrize("generation", ["siglip", "siglip2"])
+@pytest.mark.parametrize("mask", [None, MASK], ids=["no mask", "padding mask"])
+@pytest.mark.parametrize("fast", [True, False], ids=["inference path", "reference path"])
+def test_text_tower_equals_transformers(generation, mask, fast):
+    config_class, model_class = {
+        "siglip": (SiglipTextConfig, SiglipTextModel),
+        "siglip2": (Siglip2TextConfig, Siglip2TextModel),
+    }[generation]
+    torch.manual_seed(0)
+    theirs = perturb(model_class(config_class(**TEXT, projection_size=24)), seed=1)
+    ours = SigLIP2TextEncoder(TextConfig(**TEXT, projection_size=24)).eval()
+    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if k != "embeddings.position_ids"}, strict=True)
+    ours.fast_inference = fast
+    with torch.no_grad():
+        want, got = theirs(input_ids=IDS, attention_mask=mask), ours(IDS, mask)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-5, rtol=0)
+
+
+def test_image_text_logits_and_features_equal_transformers(image_text_dir):
+    theirs, ours = reference(image_text_dir), SigLIP2Model.from_pretrained(image_text_dir)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    inputs = reference_inputs(image_text_dir, x)
+    with torch.no_grad():
+        want = theirs(input_ids=IDS, **inputs)
+        got = ours(IDS, x)
+        image = ours.get_image_features(x)
+        text = ours.get_text_features(IDS, MASK)
+        want_image = theirs.get_image_features(**inputs).pooler_output
+        want_text = theirs.get_text_features(input_ids=IDS, attention_mask=MASK).pooler_output
+    assert got.logits_per_image.shape == (2, 3)
+    torch.testing.assert_close(got.logits_per_image, want.logits_per_image, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.logits_per_text, want.logits_per_text, atol=1e-4, rtol=0)
+    torch.testing.assert_close(image, want_image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text, want_text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        ours.logits(image, ours.get_text_features(IDS)), want.logits_per_image, atol=1e-4, rtol=0
+    )
+
+
+def test_saved_model_loads_in_transformers_and_back(image_text_dir, tmp_path):
+    ours = SigLIP2Model.from_pretrained(image_text_dir)
+    ours.save_pretrained(tmp_path)
+    theirs, original = reference(tmp_path), reference(image_text_dir)
+    assert type(theirs) is type(original) and theirs.state_dict().keys() == original.state_dict().keys()
+    assert all(torch.equal(theirs.state_dict()[k], original.state_dict()[k]) for k in original.state_dict())
+    again = SigLIP2Model.from_pretrained(tmp_path)
+    assert again.vision_model.processor_config == ours.vision_model.processor_config
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
+    tower = SigLIP2Encoder.from_pretrained(tmp_path)  # one tower alone still loads from the joint folder
+    assert all(torch.equal(tower.state_dict()[k], v) for k, v in ours.vision_model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda t: t(IDS.float()), ValueError, "input_ids must be a (B, L) integer tensor of token ids, got (3, 16)"),
+        (
+            lambda t: t(torch.zeros(1, 17, dtype=torch.long)),
+            ValueError,
+            "texts of 17 tokens; this tower takes 1 to 16 (max_position_embeddings): truncate them",
+        ),
+        (
+            lambda t: t(IDS, MASK[:, :8]),
+            ValueError,
+            "attention_mask of shape (3, 8) must match input_ids (3, 16)",
+        ),
+    ],
+    ids=["float ids", "too long", "mask shape"],
+)
+def test_bad_text_input_is_refused_with_its_exact_message(call, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        call(SigLIP2TextEncoder(TextConfig(**TEXT)))
+
+
+def test_bad_model_configs_and_checkpoints_are_refused(fixed_dir):
+    vision = EncoderConfig(**VISION, image_size=32)
+    with pytest.raises(ValueError, match=re.escape("needs the vision tower's pooling head; got use_head=False")):
+        SigLIP2Model(vision.replace(use_head=False), TextConfig(**TEXT))
+    with pytest.raises(ValueError, match=re.escape("set text_config.projection_size=32")):
+        SigLIP2Model(vision, TextConfig(**TEXT, projection_size=24))
+    message = "config.json has model_type='siglip_vision_model', which has no text tower"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        SigLIP2Model.from_pretrained(fixed_dir)
+
+
+def test_peft_adapters_on_the_text_tower_move_to_transformers(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    tower = SigLIP2TextEncoder(TextConfig(**TEXT))
+    base = SiglipTextModel(SiglipTextConfig(**TEXT))
+    base.load_state_dict(tower.state_dict(), strict=True)  # the same base weights
+    with torch.no_grad():
+        plain = base.eval()(input_ids=IDS, attention_mask=MASK).pooler_output
+    ours = get_peft_model(tower, LoraConfig(r=2, target_modules=["q_proj", "fc2"]))
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    ours.save_pretrained(tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        want, got = theirs(input_ids=IDS, attention_mask=MASK).pooler_output, ours.eval()(IDS, MASK).pooler_output
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, plain, atol=1e-3), "the adapter must change the output"
