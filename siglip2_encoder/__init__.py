@@ -19,7 +19,7 @@ from .convert import (
 )
 from .hub import CheckpointError, CheckpointSource, HubUnreachableError
 from .images import ImageLoadError, load_image
-from .joint import ModelOutput, SigLIP2Model
+from .joint import LabelSet, ModelOutput, SigLIP2Model
 from .model import SigLIP2Encoder
 from .onednn import prepack_for_cpu
 from .output import EncoderOutput
@@ -27,6 +27,7 @@ from .presets import PRESETS, Preset, get_preset, list_presets
 from .processor import ImageProcessor, ProcessedImage, ProcessedImages, naflex_size
 from .store import ExtractedFeatures
 from .text import SigLIP2TextEncoder, TextOutput
+from .tokenizer import TextTokenizer, TokenizedTexts
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "HubUnreachableError",
     "ImageLoadError",
     "ImageProcessor",
+    "LabelSet",
     "ModelOutput",
     "PRESETS",
     "Preset",
@@ -50,6 +52,8 @@ __all__ = [
     "SigLIP2TextEncoder",
     "TextConfig",
     "TextOutput",
+    "TextTokenizer",
+    "TokenizedTexts",
     "config_from_hf",
     "config_to_hf",
     "convert_hf_state_dict",

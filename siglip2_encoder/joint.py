@@ -21,11 +21,47 @@ from torch import nn
 from .config import EncoderConfig, ProcessorConfig, TextConfig
 from .convert import check_state_dict, read_model_checkpoint, write_model_checkpoint
 from .hub import CheckpointSource
+from .images import ImageInput
 from .inputs import Grids
 from .model import SigLIP2Encoder
+from .processor import ImageProcessor
 from .text import SigLIP2TextEncoder
+from .tokenizer import TextTokenizer
 
-__all__ = ["ModelOutput", "SigLIP2Model"]
+__all__ = ["LabelSet", "ModelOutput", "SigLIP2Model"]
+
+DEFAULT_TEMPLATE = "This is a photo of {}."  # transformers' zero-shot pipeline's
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """Labels encoded once for zero-shot classification (see :meth:`SigLIP2Model.encode_labels`).
+
+    Attributes:
+        labels: the label names, in the order of ``embeddings``' rows.
+        templates: the prompt templates averaged into each label's embedding.
+        embeddings: (K, D) L2-normalised text embeddings.
+    """
+
+    labels: tuple[str, ...]
+    templates: tuple[str, ...]
+    embeddings: torch.Tensor
+
+
+def _check_labels(labels: Sequence[str], templates: Sequence[str]) -> None:
+    if isinstance(labels, str) or not labels:
+        raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}")
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"every label must be a non-empty string, got {label!r}")
+    duplicates = sorted({label for label in labels if list(labels).count(label) > 1})
+    if duplicates:
+        raise ValueError(f"labels must be distinct, got {duplicates} more than once")
+    if isinstance(templates, str) or not templates:
+        raise ValueError(f"templates must be a non-empty list of strings, got {templates!r}")
+    for template in templates:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ValueError(f"a template must hold '{{}}' once, where the label goes; got {template!r}")
 
 
 @dataclass
@@ -125,6 +161,64 @@ class SigLIP2Model(nn.Module):
         """(B_images, B_texts) logits of already computed features (normalised here)."""
         image, text = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
         return image @ text.T.to(image.dtype) * self.logit_scale.exp() + self.logit_bias
+
+    def encode_labels(
+        self, labels: Sequence[str], tokenizer: TextTokenizer, templates: Sequence[str] = (DEFAULT_TEMPLATE,)
+    ) -> LabelSet:
+        """Each label's text embedding, averaged over ``templates`` (prompt ensembling) and normalised.
+
+        Computed once: pass the result to :meth:`classify` for any number of images and calls. It is a snapshot of
+        the text tower's weights: encode again after training them.
+        """
+        _check_labels(labels, templates)
+        per_template = []
+        with torch.inference_mode():
+            for template in templates:
+                tokens = tokenizer([template.format(label) for label in labels])
+                mask = None if tokens.attention_mask is None else tokens.attention_mask.to(self.text_model.device)
+                features = self.get_text_features(tokens.input_ids.to(self.text_model.device), mask)
+                per_template.append(F.normalize(features.float(), dim=-1))
+        embeddings = (
+            per_template[0] if len(per_template) == 1 else F.normalize(torch.stack(per_template).mean(0), dim=-1)
+        )
+        return LabelSet(tuple(labels), tuple(templates), embeddings)
+
+    def classify(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        labels: LabelSet | Sequence[str],
+        *,
+        tokenizer: TextTokenizer | None = None,
+        template: str | Sequence[str] = DEFAULT_TEMPLATE,
+        processor: ImageProcessor | None = None,
+        top_k: int | None = None,
+    ) -> list[list[dict[str, float | str]]]:
+        """Zero-shot classification: per image, ``[{"score": p, "label": name}, ...]`` highest first, as transformers'
+        ``pipeline("zero-shot-image-classification")`` returns (sigmoid probabilities: they need not sum to 1).
+
+        Args:
+            images: one image or a list (anything :class:`~siglip2_encoder.ImageProcessor` takes).
+            labels: a :class:`LabelSet` from :meth:`encode_labels` (fast: the text tower does not run), or label
+                names, encoded here with ``tokenizer`` and ``template`` (one template, or several to average).
+            processor: image preprocessing (default: the checkpoint's).
+            top_k: keep this many labels per image (default all).
+        """
+        if not isinstance(labels, LabelSet):
+            if tokenizer is None:
+                raise ValueError("label names need a tokenizer: pass tokenizer=TextTokenizer.from_pretrained(...)")
+            labels = self.encode_labels(labels, tokenizer, [template] if isinstance(template, str) else template)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int, got top_k={top_k!r}")
+        processor = processor or ImageProcessor(self.vision_model.processor_config)
+        inputs = processor(images).to(self.vision_model.device, self.vision_model.dtype)
+        with torch.inference_mode():
+            image = F.normalize(self.get_image_features(**inputs).float(), dim=-1)
+            logits = image @ labels.embeddings.to(image.device).T * self.logit_scale.float().exp() + self.logit_bias
+        results = []
+        for scores in torch.sigmoid(logits).tolist():
+            ranked = sorted(zip(scores, labels.labels), key=lambda pair: -pair[0])[:top_k]
+            results.append([{"score": score, "label": label} for score, label in ranked])
+        return results
 
     def forward(
         self,

@@ -167,3 +167,102 @@ def test_peft_adapters_on_the_text_tower_move_to_transformers(tmp_path):
         want, got = theirs(input_ids=IDS, attention_mask=MASK).pooler_output, ours.eval()(IDS, MASK).pooler_output
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert not torch.allclose(got, plain, atol=1e-3), "the adapter must change the output"
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer trained offline on the words the tests use."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = ["This is a photo of a cat.", "a dog", "a red car", "an apple tree", "A PHOTO OF A BIRD", "sketch of"]
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def zero_shot_dir(tmp_path_factory) -> Path:
+    """A SiglipModel checkpoint with its tokenizer and image processor: what transformers' pipeline loads."""
+    from transformers import SiglipImageProcessor
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("zero_shot")
+    text = TEXT | dict(max_position_embeddings=64)  # the pipeline pads to 64, as SigLIP was trained
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=VISION | dict(image_size=32)))
+    perturb(model, seed=7).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_classify_equals_transformers_zero_shot_pipeline(zero_shot_dir):
+    from PIL import Image
+    from transformers import pipeline
+
+    from siglip2_encoder.tokenizer import TextTokenizer
+
+    classifier = pipeline("zero-shot-image-classification", model=str(zero_shot_dir))
+    model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
+    labels = ["cat", "dog", "red car", "apple tree"]
+    rng = torch.Generator().manual_seed(2)
+    images = [Image.fromarray(torch.randint(0, 256, (40, 50, 3), generator=rng).byte().numpy()) for _ in range(3)]
+    label_set = model.encode_labels(labels, tokenizer)
+    ours = model.classify(images, label_set)
+    assert model.classify(images, labels, tokenizer=tokenizer) == ours  # encoded on the fly: the same
+    for image, got in zip(images, ours):
+        want = classifier(image, candidate_labels=labels)
+        assert [r["label"] for r in got] == [r["label"] for r in want]
+        for a, b in zip(got, want):
+            assert abs(a["score"] - b["score"]) < 1e-4
+    assert [len(r) for r in model.classify(images, label_set, top_k=2)] == [2, 2, 2]
+
+
+def test_prompt_ensembles_average_normalised_embeddings(zero_shot_dir):
+    from siglip2_encoder.tokenizer import TextTokenizer
+
+    model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
+    templates = ["This is a photo of {}.", "a sketch of {}"]
+    both = model.encode_labels(["cat", "dog"], tokenizer, templates)
+    each = [model.encode_labels(["cat", "dog"], tokenizer, [t]).embeddings for t in templates]
+    want = torch.nn.functional.normalize(each[0] + each[1], dim=-1)
+    torch.testing.assert_close(both.embeddings, want, atol=1e-6, rtol=0)
+    assert both.templates == tuple(templates) and torch.allclose(both.embeddings.norm(dim=-1), torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("labels", "templates", "message"),
+    [
+        ([], ["{}"], "labels must be a non-empty list of strings, got []"),
+        ("cat", ["{}"], "labels must be a non-empty list of strings, got 'cat'"),
+        (["cat", ""], ["{}"], "every label must be a non-empty string, got ''"),
+        (["cat", 3], ["{}"], "every label must be a non-empty string, got 3"),
+        (["cat", "dog", "cat"], ["{}"], "labels must be distinct, got ['cat'] more than once"),
+        (["cat"], ["a photo"], "a template must hold '{}' once, where the label goes; got 'a photo'"),
+        (["cat"], [], "templates must be a non-empty list of strings, got []"),
+    ],
+    ids=["no labels", "one string", "empty label", "non-string label", "duplicates", "template without {}", "none"],
+)
+def test_bad_labels_are_refused_with_their_exact_message(zero_shot_dir, labels, templates, message):
+    from siglip2_encoder.tokenizer import TextTokenizer
+
+    model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.encode_labels(labels, tokenizer, templates)
+
+
+def test_tokenizer_pads_to_64_lowercases_when_asked_and_warns_once_on_truncation(zero_shot_dir, caplog):
+    from siglip2_encoder.tokenizer import TextTokenizer
+
+    plain, lower = (
+        TextTokenizer.from_pretrained(zero_shot_dir),
+        TextTokenizer.from_pretrained(zero_shot_dir, lowercase=True),
+    )
+    assert plain.lowercase is False  # not a Gemma tokenizer: SigLIP 1 conventions
+    tokens = plain(["A PHOTO OF A BIRD", "a photo of a bird"])
+    assert tokens.input_ids.shape == (2, 64) and not torch.equal(tokens.input_ids[0], tokens.input_ids[1])
+    lowered = lower(["A PHOTO OF A BIRD", "a photo of a bird"])
+    assert torch.equal(lowered.input_ids[0], lowered.input_ids[1])
+    plain(["cat " * 70, "dog " * 80])
+    plain(["cat " * 90])
+    assert caplog.text.count("is truncated to 64") == 1
