@@ -1,8 +1,9 @@
 """``siglip2-encoder``: feature extraction and inspection from the command line.
 
-Commands: ``extract`` (folders of images -> safetensors shards + manifest), ``info`` (architecture, size, cost),
-``pca`` (the first three principal components of the patch features as a picture), ``similarity`` (nearest
-images by pooled features in an extracted folder).
+Commands: ``extract`` (folders of images -> safetensors shards + manifest), ``classify`` (zero-shot labels of
+images with an image-text checkpoint), ``info`` (architecture, size, cost), ``pca`` (the first three principal
+components of the patch features as a picture), ``similarity`` (nearest images by pooled features in an extracted
+folder).
 
 Exit status: 0 success; 1 fatal error (model not loadable, output exists or is being written, disk full, ...);
 2 bad command line (an option's value, a missing --file-list, a device this machine lacks); 3 some inputs failed
@@ -14,6 +15,7 @@ command line, the model and the inputs have been checked.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -21,17 +23,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .config import EncoderConfig, ProcessorConfig
 from .convert import read_config, read_processor_config
-from .extract import DTYPES, ExtractSettings, discover_inputs, extract_features
+from .extract import DTYPES, ExtractSettings, discover_inputs, extract_features, read_file_list
+from .files import write_atomic
 from .flops import encoder_flops, num_parameters
 from .hub import CheckpointError, CheckpointSource, HubUnreachableError
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .joint import DEFAULT_TEMPLATE, SigLIP2Model
 from .model import SigLIP2Encoder
 from .presets import get_preset, list_presets
 from .processor import ImageProcessor
 from .store import ExtractedFeatures
+from .tokenizer import TextTokenizer
 
 __all__ = ["main"]
 
@@ -136,16 +142,16 @@ def _check_output_folder(output: str) -> None:
         raise FatalError(f"cannot write the output folder {output}: {existing} is not writable")
 
 
-def _check_file_list(file_list: str | None) -> None:
+def _check_file_list(file_list: str | None, option: str = "--file-list", what: str = "one image path per line") -> None:
     if file_list is None:
         return
     path = Path(file_list)
     if path.is_dir():
-        raise UsageError(f"--file-list {file_list} is a folder; give a text file with one image path per line")
+        raise UsageError(f"{option} {file_list} is a folder; give a text file with {what}")
     if not path.is_file():
-        raise UsageError(f"--file-list {file_list}: no such file")
+        raise UsageError(f"{option} {file_list}: no such file")
     if not os.access(path, os.R_OK):
-        raise UsageError(f"--file-list {file_list} is not readable")
+        raise UsageError(f"{option} {file_list} is not readable")
 
 
 # ------------------------------------------------------------------------------------------------------ extract
@@ -359,6 +365,68 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------------ classify
+
+
+def _labels(args: argparse.Namespace) -> list[str]:
+    labels = list(args.labels or [])
+    if args.labels_file:
+        _check_file_list(args.labels_file, option="--labels-file", what="one label per line")
+        labels += read_file_list(args.labels_file)
+    if not labels:
+        raise UsageError("no labels: give them with --labels A B C or --labels-file FILE (one per line)")
+    return labels
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    labels = _labels(args)
+    if args.random_weights:
+        raise UsageError(
+            "classify needs the checkpoint's tokenizer, which random weights do not have: pass --model with a Hub id "
+            "or a local folder of an image-text checkpoint"
+        )
+    paths = discover_inputs(args.inputs)
+    if not paths:
+        raise UsageError("no input images: give files, folders or glob patterns")
+    try:
+        model = SigLIP2Model.from_pretrained(args.model)
+        tokenizer = TextTokenizer.from_pretrained(args.model, lowercase=False if args.no_lowercase else None)
+    except HubUnreachableError as err:
+        raise FatalError(
+            f"cannot fetch {err.repo_id} from the Hugging Face Hub ({err.reason}); pass a local folder with --model"
+        ) from None
+    except (CheckpointError, OSError) as err:
+        raise FatalError(str(err).splitlines()[0]) from None
+    try:
+        label_set = model.encode_labels(labels, tokenizer, args.template or [DEFAULT_TEMPLATE])
+    except ValueError as err:
+        raise UsageError(f"--labels / --template: {err}") from None
+    processor = ImageProcessor(model.vision_model.processor_config)
+    rows: list[dict] = []
+    show = not args.quiet and sys.stderr.isatty()
+    for start in tqdm(range(0, len(paths), args.batch_size), disable=not show, unit="batch"):
+        batch = {path: None for path in paths[start : start + args.batch_size]}  # path -> its row, input order
+        loaded = {}
+        for path in batch:
+            try:
+                loaded[path] = load_image(path)
+            except ImageLoadError as err:
+                batch[path] = {"path": path, "status": "failed", "error": str(err)}
+                logger.warning("failed: %s", err)
+        if loaded:
+            ranked = model.classify(list(loaded.values()), label_set, processor=processor, top_k=args.top_k)
+            for path, labels_of_image in zip(loaded, ranked):
+                batch[path] = {"path": path, "status": "ok", "labels": labels_of_image}
+                print(path)
+                print("\n".join(f"  {r['score']:.4f}  {r['label']}" for r in labels_of_image))
+        rows += batch.values()
+    if args.jsonl:
+        write_atomic(Path(args.jsonl), "".join(json.dumps(row) + "\n" for row in rows).encode())
+    failed = sum(row["status"] == "failed" for row in rows)
+    logger.info("classified %d images, %d failed", len(rows) - failed, failed)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -406,6 +474,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"larger images are rejected as decompression bombs (default {DEFAULT_MAX_PIXELS})",
     )
     p.set_defaults(run=cmd_extract)
+
+    p = commands.add_parser("classify", help="zero-shot labels of images (an image-text checkpoint)")
+    p.add_argument("inputs", nargs="*", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="candidate labels")
+    p.add_argument("--labels-file", metavar="TXT", help="a text file with one label per line")
+    p.add_argument(
+        "--template",
+        action="append",
+        help=f"prompt template with {{}} for the label (default {DEFAULT_TEMPLATE!r}); repeat to average several",
+    )
+    p.add_argument("-k", "--top-k", type=positive_int, help="show the k most likely labels (default all)")
+    p.add_argument("--jsonl", metavar="FILE", help="also write one JSON row per image to FILE")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument(
+        "--no-lowercase", action="store_true", help="keep texts' case (SigLIP 2 texts are lowercased by default)"
+    )
+    _add_model_options(p)
+    p.set_defaults(run=cmd_classify)
 
     p = commands.add_parser("info", help="architecture, parameters, tokens and GFLOPs per image, preprocessing")
     p.add_argument("model", nargs="?", help="Hub id, local folder, or preset name")

@@ -270,13 +270,12 @@ class _Decoder:
         pool = self._pool(self.num_workers)
         try:
             while todo or pending:
-                while todo and len(pending) < self.ahead:
-                    index = todo.popleft()
-                    pending.append((index, pool.submit(_decode_in_worker, index)))
-                index, future = pending[0]
                 try:
-                    result = future.result()
-                except BrokenProcessPool:
+                    while todo and len(pending) < self.ahead:
+                        pending.append((todo[0], pool.submit(_decode_in_worker, todo[0])))
+                        todo.popleft()
+                    result = pending[0][1].result()
+                except BrokenProcessPool:  # from result(), or from submit() once the pool noticed a death
                     pool.shutdown(cancel_futures=True)
                     for index, future in pending:
                         finished = future.done() and not future.cancelled() and future.exception() is None

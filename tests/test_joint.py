@@ -266,3 +266,40 @@ def test_tokenizer_pads_to_64_lowercases_when_asked_and_warns_once_on_truncation
     plain(["cat " * 70, "dog " * 80])
     plain(["cat " * 90])
     assert caplog.text.count("is truncated to 64") == 1
+
+
+def test_classify_command_prints_writes_jsonl_and_records_bad_files(zero_shot_dir, fixed_dir, tmp_path, capsys, caplog):
+    import json
+
+    from PIL import Image
+
+    from siglip2_encoder.cli import EXIT_FATAL, EXIT_PARTIAL, EXIT_USAGE, main
+    from siglip2_encoder.tokenizer import TextTokenizer
+
+    for i in range(2):
+        Image.new("RGB", (40, 30), (60 * i, 100, 200)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    images = [str(tmp_path / n) for n in ("img0.png", "img1.png", "broken.png")]
+    out = tmp_path / "labels.jsonl"
+    args = ["classify", *images, "--labels", "cat", "dog", "red car", "--model", str(zero_shot_dir), "-k", "2"]
+    assert main([*args, "--jsonl", str(out)]) == EXIT_PARTIAL
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"] and "broken.png" in rows[2]["error"]
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    want = model.classify(
+        [Image.open(p).convert("RGB") for p in images[:2]],
+        ["cat", "dog", "red car"],
+        tokenizer=TextTokenizer.from_pretrained(zero_shot_dir),
+        top_k=2,
+    )
+    assert [r["labels"] for r in rows[:2]] == want
+    assert f"{images[0]}\n  {want[0][0]['score']:.4f}  {want[0][0]['label']}" in capsys.readouterr().out
+
+    assert main(["classify", images[0], "--model", str(zero_shot_dir)]) == EXIT_USAGE
+    assert "no labels: give them with --labels A B C or --labels-file FILE" in caplog.text
+    assert main(["classify", images[0], "--labels", "cat", "--random-weights", "base-patch16-224"]) == EXIT_USAGE
+    assert "classify needs the checkpoint's tokenizer" in caplog.text
+    assert main(["classify", images[0], "--labels", "cat", "cat", "--model", str(zero_shot_dir)]) == EXIT_USAGE
+    assert "--labels / --template: labels must be distinct, got ['cat'] more than once" in caplog.text
+    assert main(["classify", images[0], "--labels", "cat", "--model", str(fixed_dir)]) == EXIT_FATAL
+    assert "which has no text tower" in caplog.text
