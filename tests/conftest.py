@@ -61,3 +61,14 @@ def naflex_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     perturb(Siglip2VisionModel(Siglip2VisionConfig(**NAFLEX)), seed=2).save_pretrained(folder)
     Siglip2ImageProcessor(patch_size=8, max_num_patches=NAFLEX_BUDGET).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny NaFlex tower saved by this library (random weights), for command-line and extraction tests."""
+    from siglip2_encoder import SigLIP2Encoder
+
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    SigLIP2Encoder.from_preset("siglip2-base-patch16-naflex", **TINY).save_pretrained(folder)
+    return folder

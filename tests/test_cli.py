@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
 from corpus import make_corpus
 from PIL import Image
 
@@ -26,14 +25,6 @@ CLI = [sys.executable, "-m", "siglip2_encoder.cli"]
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_model")
-    torch.manual_seed(0)
-    SigLIP2Encoder.from_preset("siglip2-base-patch16-naflex", **TINY).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

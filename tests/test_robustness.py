@@ -157,14 +157,6 @@ def test_damaged_checkpoints_fail_with_a_checkpoint_error(fixed_dir, tmp_path, d
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    SigLIP2Encoder.from_preset("siglip2-base-patch16-naflex", **TINY).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def headless(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("headless")
     torch.manual_seed(0)
@@ -194,10 +186,13 @@ def test_headless_tower_extracts_tokens_and_says_so(tmp_path, headless, caplog):
     assert store.tokens(images[0]).shape == (4, 32)  # a 2 x 2 grid: 32-pixel images, 16-pixel patches
 
 
-def test_files_get_the_permissions_of_ordinary_files(tmp_path, tiny):
+def test_files_get_the_permissions_of_ordinary_files(tmp_path, tiny_checkpoint):
     old = os.umask(0o022)
     try:
-        assert main(["extract", *photos(tmp_path / "in", 2), "-o", str(tmp_path / "out"), "--model", str(tiny)]) == 0
+        assert (
+            main(["extract", *photos(tmp_path / "in", 2), "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint)])
+            == 0
+        )
     finally:
         os.umask(old)
     for name in ("shard-00000.safetensors", "shard-00000.jsonl", "run.json", "manifest.jsonl"):
@@ -212,7 +207,7 @@ def test_writes_are_flushed_to_disk_before_and_after_the_rename(tmp_path, monkey
     assert synced == [str(tmp_path / ".data.bin.tmp"), str(tmp_path)]
 
 
-def test_a_file_that_kills_its_decoding_worker_is_recorded_and_the_run_goes_on(tmp_path, tiny, monkeypatch):
+def test_a_file_that_kills_its_decoding_worker_is_recorded_and_the_run_goes_on(tmp_path, tiny_checkpoint, monkeypatch):
     images = photos(tmp_path / "in", 6)
     poison = images[2]
     load = extract_module.load_image
@@ -223,8 +218,8 @@ def test_a_file_that_kills_its_decoding_worker_is_recorded_and_the_run_goes_on(t
         return load(path, **kwargs)
 
     monkeypatch.setattr(extract_module, "load_image", dying_load)  # forked workers inherit it
-    model, processor = SigLIP2Encoder.from_pretrained(tiny), ImageProcessor.from_pretrained(tiny)
-    settings = ExtractSettings(model=str(tiny), batch_size=2, shard_size=4)
+    model, processor = SigLIP2Encoder.from_pretrained(tiny_checkpoint), ImageProcessor.from_pretrained(tiny_checkpoint)
+    settings = ExtractSettings(model=str(tiny_checkpoint), batch_size=2, shard_size=4)
     summary = extract_features(images, tmp_path / "out", model, processor, settings, num_workers=2)
     assert (summary.done, summary.failed) == (5, 1)
     rows = {row["path"]: row for row in ExtractedFeatures.open(tmp_path / "out").rows}
@@ -237,33 +232,35 @@ def test_a_file_that_kills_its_decoding_worker_is_recorded_and_the_run_goes_on(t
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
 
 
-def test_a_second_writer_is_refused_naming_the_first(tmp_path, tiny, caplog):
+def test_a_second_writer_is_refused_naming_the_first(tmp_path, tiny_checkpoint, caplog):
     out = tmp_path / "out"
     with sole_writer(out):
-        code = main(["extract", *photos(tmp_path / "in", 2), "-o", str(out), "--model", str(tiny), "--resume"])
+        code = main(
+            ["extract", *photos(tmp_path / "in", 2), "-o", str(out), "--model", str(tiny_checkpoint), "--resume"]
+        )
     assert code == EXIT_FATAL
     assert f"is being written by another extract run (process {os.getpid()}); wait for it to end" in caplog.text
-    assert main(["extract", *photos(tmp_path / "in", 2), "-o", str(out), "--model", str(tiny)]) == EXIT_OK
+    assert main(["extract", *photos(tmp_path / "in", 2), "-o", str(out), "--model", str(tiny_checkpoint)]) == EXIT_OK
 
 
-def test_a_resumed_run_with_failures_recorded_earlier_exits_3(tmp_path, tiny):
+def test_a_resumed_run_with_failures_recorded_earlier_exits_3(tmp_path, tiny_checkpoint):
     images = [*photos(tmp_path / "in", 3), str(tmp_path / "missing.png")]
-    args = ["extract", *images, "-o", str(tmp_path / "out"), "--model", str(tiny), "--workers", "0"]
+    args = ["extract", *images, "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint), "--workers", "0"]
     assert main(args) == EXIT_PARTIAL
     assert main([*args, "--resume"]) == EXIT_PARTIAL
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_a_kill_before_run_json_is_renamed_leaves_a_usable_folder(tmp_path, tiny, resume):
+def test_a_kill_before_run_json_is_renamed_leaves_a_usable_folder(tmp_path, tiny_checkpoint, resume):
     out = tmp_path / "out"
     out.mkdir()
     (out / ".run.json.tmp").write_text("{")  # what a kill between writing and renaming run.json leaves
-    args = ["extract", *photos(tmp_path / "in", 2), "-o", str(out), "--model", str(tiny), "--workers", "0"]
+    args = ["extract", *photos(tmp_path / "in", 2), "-o", str(out), "--model", str(tiny_checkpoint), "--workers", "0"]
     assert main([*args, *(["--resume"] if resume else [])]) == EXIT_OK
     assert not (out / ".run.json.tmp").exists() and len(ExtractedFeatures.open(out).ok) == 2
 
 
-def test_a_full_disk_is_one_line_and_keeps_committed_shards(tmp_path, tiny, monkeypatch, caplog):
+def test_a_full_disk_is_one_line_and_keeps_committed_shards(tmp_path, tiny_checkpoint, monkeypatch, caplog):
     from safetensors import SafetensorError
 
     from siglip2_encoder import store
@@ -277,7 +274,7 @@ def test_a_full_disk_is_one_line_and_keeps_committed_shards(tmp_path, tiny, monk
         real_save(tensors, path)
 
     monkeypatch.setattr(store, "save_file", filling_save)
-    args = ["extract", *photos(tmp_path / "in", 4), "-o", str(tmp_path / "out"), "--model", str(tiny)]
+    args = ["extract", *photos(tmp_path / "in", 4), "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint)]
     assert main([*args, "--shard-size", "2", "--workers", "0"]) == EXIT_FATAL
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "No space left on device" in errors[0] and "rerun with --resume" in errors[0]
@@ -314,7 +311,7 @@ def test_file_list_lines_are_paths_exactly(tmp_path):
     assert discover_inputs([], listing) == [f"{tmp_path}/#note.png", f"{tmp_path}/ spaced.bmp"]
 
 
-def test_bad_corpus_run_has_no_traceback_no_silent_skip_and_no_lost_row(tmp_path, tiny):
+def test_bad_corpus_run_has_no_traceback_no_silent_skip_and_no_lost_row(tmp_path, tiny_checkpoint):
     good, bad = make_corpus(tmp_path / "corpus")
     corpus = tmp_path / "corpus"
     os.mkfifo(corpus / "pipe.jpg")  # opening it would block forever
@@ -325,7 +322,16 @@ def test_bad_corpus_run_has_no_traceback_no_silent_skip_and_no_lost_row(tmp_path
     good.append(str(corpus / "needle.png"))
     Image.new("RGB", (9, 9)).save(corpus / "odd.tga")
     good.append(str(corpus / "odd.tga"))
-    args = ["extract", str(corpus), "-o", str(tmp_path / "out"), "--model", str(tiny), "--max-pixels", "150000"]
+    args = [
+        "extract",
+        str(corpus),
+        "-o",
+        str(tmp_path / "out"),
+        "--model",
+        str(tiny_checkpoint),
+        "--max-pixels",
+        "150000",
+    ]
     result = subprocess.run(
         [*CLI, *args, "--batch-size", "3", "--shard-size", "4", "--workers", "2"],
         capture_output=True,
@@ -369,10 +375,12 @@ def test_preprocessing_a_sliver_costs_what_the_output_costs(tmp_path, preset):
     assert images == 1 and grown_mib < 400, f"preprocessing grew the process by {grown_mib} MiB"
 
 
-def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, tiny, monkeypatch, caplog):
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(
+    tmp_path, tiny_checkpoint, monkeypatch, caplog
+):
     # Tests run as root, whom permissions do not stop: the check itself is what is tested.
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
-    args = ["extract", *photos(tmp_path / "in", 1), "-o", str(tmp_path / "out"), "--model", str(tiny)]
+    args = ["extract", *photos(tmp_path / "in", 1), "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint)]
     assert main(args) == EXIT_FATAL
     assert f"error: cannot write the output folder {tmp_path / 'out'}: {tmp_path} is not writable" in caplog.text
 
