@@ -1,9 +1,9 @@
 """``siglip2-encoder``: feature extraction and inspection from the command line.
 
 Commands: ``extract`` (folders of images -> safetensors shards + manifest), ``classify`` (zero-shot labels of
-images with an image-text checkpoint), ``info`` (architecture, size, cost), ``pca`` (the first three principal
-components of the patch features as a picture), ``similarity`` (nearest images by pooled features in an extracted
-folder).
+images with an image-text checkpoint), ``search`` (images of an extracted folder that match texts), ``info``
+(architecture, size, cost), ``pca`` (the first three principal components of the patch features as a picture),
+``similarity`` (nearest images by pooled features in an extracted folder).
 
 Exit status: 0 success; 1 fatal error (model not loadable, output exists or is being written, disk full, ...);
 2 bad command line (an option's value, a missing --file-list, a device this machine lacks); 3 some inputs failed
@@ -36,6 +36,7 @@ from .joint import DEFAULT_TEMPLATE, SigLIP2Model
 from .model import SigLIP2Encoder
 from .presets import get_preset, list_presets
 from .processor import ImageProcessor
+from .retrieval import top_k
 from .store import ExtractedFeatures
 from .tokenizer import TextTokenizer
 
@@ -427,6 +428,35 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if failed else EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------------ search
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    try:
+        store = ExtractedFeatures.open(args.features)
+    except ValueError as err:
+        raise UsageError(f"--features: {err}") from None
+    settings = store.settings
+    if not settings.get("pooled"):
+        raise FatalError(f"{args.features} holds no pooled features; extract without --no-pooled")
+    if settings.get("random_weights"):
+        raise FatalError(f"{args.features} was extracted with random weights, which have no text tower or tokenizer")
+    try:
+        model = SigLIP2Model.from_pretrained(settings["model"])
+        tokenizer = TextTokenizer.from_pretrained(settings["model"], lowercase=False if args.no_lowercase else None)
+    except (CheckpointError, OSError) as err:
+        raise FatalError(f"the model of {args.features} ({settings['model']}): {str(err).splitlines()[0]}") from None
+    tokens = tokenizer(args.queries)
+    with torch.inference_mode():
+        queries = model.get_text_features(tokens.input_ids, tokens.attention_mask)
+    paths = [row["path"] for rows, _, _ in store.iter_shards("pooled") for row in rows]
+    scores, indices = top_k(queries, (tensor for _, tensor, _ in store.iter_shards("pooled")), args.top_k)
+    for query, row_scores, row_indices in zip(args.queries, scores.tolist(), indices.tolist()):
+        print(query)
+        print("\n".join(f"  {score:.4f}  {paths[i]}" for score, i in zip(row_scores, row_indices)))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------------ main
 
 
@@ -492,6 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(p)
     p.set_defaults(run=cmd_classify)
+
+    p = commands.add_parser("search", help="images of an extracted folder that best match texts")
+    p.add_argument("queries", nargs="+", help="texts to search for")
+    p.add_argument("--features", required=True, help="folder written by `extract` with an image-text checkpoint")
+    p.add_argument("-k", "--top-k", type=positive_int, default=10)
+    p.add_argument("--no-lowercase", action="store_true", help="keep the queries' case (SigLIP 2 lowercases)")
+    p.set_defaults(run=cmd_search)
 
     p = commands.add_parser("info", help="architecture, parameters, tokens and GFLOPs per image, preprocessing")
     p.add_argument("model", nargs="?", help="Hub id, local folder, or preset name")

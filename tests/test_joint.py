@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import perturb
@@ -303,3 +304,50 @@ def test_classify_command_prints_writes_jsonl_and_records_bad_files(zero_shot_di
     assert "--labels / --template: labels must be distinct, got ['cat'] more than once" in caplog.text
     assert main(["classify", images[0], "--labels", "cat", "--model", str(fixed_dir)]) == EXIT_FATAL
     assert "which has no text tower" in caplog.text
+
+
+def test_chunked_top_k_equals_a_search_over_the_whole_bank():
+    from siglip2_encoder.retrieval import top_k
+
+    generator = torch.Generator().manual_seed(3)
+    bank, queries = torch.randn(1000, 16, generator=generator), torch.randn(5, 16, generator=generator)
+    want = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(bank, dim=-1).T
+    want_scores, want_indices = want.topk(7, dim=1)
+    scores, indices = top_k(queries, bank.split(64), 7)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(scores, want_scores, atol=1e-6, rtol=0)
+    assert top_k(queries, [bank[:3]], 10)[1].shape == (5, 3)  # a smaller bank gives what it has
+    with pytest.raises(ValueError, match=re.escape("k must be a positive int, got k=0")):
+        top_k(queries, [bank], 0)
+
+
+def test_search_command_ranks_extracted_images_by_text(zero_shot_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from siglip2_encoder.cli import EXIT_OK, main
+    from siglip2_encoder.tokenizer import TextTokenizer
+
+    paths = []
+    for i in range(6):
+        path = tmp_path / "images" / f"img{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (32, 32), (40 * i, 255 - 40 * i, 90)).save(path)
+        paths.append(str(path))
+    out = tmp_path / "features"
+    assert main(["-q", "extract", *paths, "-o", str(out), "--model", str(zero_shot_dir), "--workers", "0"]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["search", "a cat", "red car", "--features", str(out), "-k", "3"]) == EXIT_OK
+    printed = capsys.readouterr().out.splitlines()
+
+    model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
+    with torch.no_grad():
+        # 32 x 32 is the native size: preprocessing is only (x / 255 - 0.5) / 0.5
+        pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1) for p in paths])
+        images = torch.nn.functional.normalize(model.get_image_features(pixels.float() / 127.5 - 1), dim=-1)
+        tokens = tokenizer(["a cat", "red car"])
+        texts = torch.nn.functional.normalize(model.get_text_features(tokens.input_ids, tokens.attention_mask), dim=-1)
+    best = (texts @ images.T).topk(3, dim=1)
+    want = []
+    for query, scores, indices in zip(["a cat", "red car"], best.values.tolist(), best.indices.tolist()):
+        want += [query] + [f"  {s:.4f}  {paths[i]}" for s, i in zip(scores, indices)]
+    assert printed == want
