@@ -460,13 +460,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="siglip2-encoder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only warnings and errors")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _extract_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("extract", help="extract features of many images into safetensors shards")
     p.add_argument("inputs", nargs="*", help="image files, folders (recursive) or glob patterns")
     p.add_argument("--file-list", metavar="TXT", help="a text file with one image path per line")
@@ -505,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=cmd_extract)
 
+
+def _classify_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("classify", help="zero-shot labels of images (an image-text checkpoint)")
     p.add_argument("inputs", nargs="*", help="image files, folders (recursive) or glob patterns")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="candidate labels")
@@ -523,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=cmd_classify)
 
+
+def _search_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("search", help="images of an extracted folder that best match texts")
     p.add_argument("queries", nargs="+", help="texts to search for")
     p.add_argument("--features", required=True, help="folder written by `extract` with an image-text checkpoint")
@@ -530,11 +528,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-lowercase", action="store_true", help="keep the queries' case (SigLIP 2 lowercases)")
     p.set_defaults(run=cmd_search)
 
+
+def _info_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("info", help="architecture, parameters, tokens and GFLOPs per image, preprocessing")
     p.add_argument("model", nargs="?", help="Hub id, local folder, or preset name")
     p.add_argument("--list", action="store_true", help="list the preset names")
     p.set_defaults(run=cmd_info)
 
+
+def _pca_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("pca", help="picture of the first 3 principal components of the patch features")
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
@@ -543,11 +545,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-patches", type=positive_int, help="NaFlex patch budget")
     p.set_defaults(run=cmd_pca)
 
+
+def _similarity_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("similarity", help="images of an extracted folder nearest to a query image")
     p.add_argument("query", help="query image file")
     p.add_argument("--features", required=True, help="folder written by `extract` (with pooled features)")
     p.add_argument("-k", "--top-k", type=positive_int, default=5)
     p.set_defaults(run=cmd_similarity)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="siglip2-encoder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _extract_command(commands)
+    _classify_command(commands)
+    _search_command(commands)
+    _info_command(commands)
+    _pca_command(commands)
+    _similarity_command(commands)
     return parser
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "config_to_hf",
     "convert_hf_state_dict",
     "convert_timm_state_dict",
+    "foreign_modules",
     "processor_config_from_hf",
     "processor_config_to_hf",
     "read_checkpoint",
@@ -327,6 +328,19 @@ def to_timm_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
                 raise ValueError(f"no timm name for weight {key!r}")
             out[name] = value
     return out
+
+
+def foreign_modules(model: torch.nn.Module, reference: torch.nn.Module) -> list[tuple[str, str]]:
+    """(name, qualified type) of every outermost module of ``model`` whose type differs from ``reference``'s module
+    of that name (LoRA wrappers, quantized or prepacked layers): their weights do not have the checkpoint layout.
+    ``reference`` is the plain model of the same config (build it on the meta device: it costs no memory)."""
+    own = {name: type(m) for name, m in reference.named_modules()}
+    foreign: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        inside = foreign and name.startswith(foreign[-1][0] + ".")
+        if own.get(name) is not type(module) and not inside:
+            foreign.append((name, f"{type(module).__module__}.{type(module).__qualname__}"))
+    return foreign
 
 
 def check_state_dict(

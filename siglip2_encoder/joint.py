@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig, ProcessorConfig, TextConfig
-from .convert import check_state_dict, read_model_checkpoint, write_model_checkpoint
+from .convert import check_state_dict, foreign_modules, read_model_checkpoint, write_model_checkpoint
 from .hub import CheckpointSource
 from .images import ImageInput
 from .inputs import Grids
@@ -133,9 +133,14 @@ class SigLIP2Model(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write a folder that transformers' ``SiglipModel`` (fixed-resolution) / ``Siglip2Model`` (NaFlex) and
         :meth:`from_pretrained` load."""
-        foreign = self.vision_model.foreign_modules()
-        if foreign or any(type(m).__module__.startswith("peft") for m in self.text_model.modules()):
-            raise ValueError("cannot save LoRA-wrapped towers as a plain checkpoint: merge_and_unload() first")
+        with torch.device("meta"):
+            text = foreign_modules(self.text_model, SigLIP2TextEncoder(self.text_model.config))
+        foreign = self.vision_model.foreign_modules() + text
+        if foreign:
+            raise ValueError(
+                f"cannot save: {foreign[0][0]} is a {foreign[0][1]}, not the tower's own module; merge LoRA adapters "
+                f"first (merge_and_unload())"
+            )
         write_model_checkpoint(
             save_directory,
             self.vision_model.config,

@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import attention_backend_names, select_attention_backend
 from .config import EncoderConfig, ProcessorConfig
-from .convert import check_state_dict, read_checkpoint, write_checkpoint
+from .convert import check_state_dict, foreign_modules, read_checkpoint, write_checkpoint
 from .embeddings import FixedResolutionEmbeddings, NaFlexEmbeddings
 from .head import MultiheadAttentionPoolingHead
 from .hub import CheckpointSource
@@ -148,16 +148,10 @@ class SigLIP2Encoder(nn.Module):
         write_checkpoint(save_directory, self.config, self.state_dict(), self.processor_config)
 
     def foreign_modules(self) -> list[tuple[str, str]]:
-        """(name, qualified type) of every outermost module whose type differs from the tower this config builds
-        (LoRA wrappers, quantized or prepacked layers, ...): their weights do not have transformers' layout."""
+        """(name, qualified type) of every outermost module that is not the tower's own (LoRA wrappers, quantized or
+        prepacked layers, ...): their weights do not have transformers' layout."""
         with torch.device("meta"):
-            own = {name: type(m) for name, m in SigLIP2Encoder(self.config).named_modules()}
-        foreign: list[tuple[str, str]] = []
-        for name, module in self.named_modules():
-            inside = foreign and name.startswith(foreign[-1][0] + ".")
-            if own.get(name) is not type(module) and not inside:
-                foreign.append((name, f"{type(module).__module__}.{type(module).__qualname__}"))
-        return foreign
+            return foreign_modules(self, SigLIP2Encoder(self.config))
 
     def reset_parameters(self) -> None:
         """Random initialisation following the reference implementations (each part's ``reset_parameters``)."""

@@ -351,3 +351,12 @@ def test_search_command_ranks_extracted_images_by_text(zero_shot_dir, tmp_path, 
     for query, scores, indices in zip(["a cat", "red car"], best.values.tolist(), best.indices.tolist()):
         want += [query] + [f"  {s:.4f}  {paths[i]}" for s, i in zip(scores, indices)]
     assert printed == want
+
+
+def test_a_model_with_a_lora_wrapped_text_tower_is_not_saved_as_a_plain_one(image_text_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = SigLIP2Model.from_pretrained(image_text_dir)
+    model.text_model = get_peft_model(model.text_model, LoraConfig(r=2, target_modules=["q_proj"])).base_model.model
+    with pytest.raises(ValueError, match=r"cannot save: encoder.layers.0.self_attn.q_proj is a peft.tuners.lora"):
+        model.save_pretrained(tmp_path)
