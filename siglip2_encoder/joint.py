@@ -23,6 +23,7 @@ from .convert import check_state_dict, foreign_modules, read_model_checkpoint, w
 from .hub import CheckpointSource
 from .images import ImageInput
 from .inputs import Grids
+from .loss import sigmoid_loss
 from .model import SigLIP2Encoder
 from .processor import ImageProcessor
 from .text import SigLIP2TextEncoder
@@ -71,12 +72,14 @@ class ModelOutput:
     logits_per_text: (B_texts, B_images), its transpose.
     image_embeds: (B_images, D) L2-normalised image features.
     text_embeds: (B_texts, D) L2-normalised text features.
+    loss: the pairwise sigmoid loss (:func:`~siglip2_encoder.loss.sigmoid_loss`) when asked for.
     """
 
     logits_per_image: torch.Tensor
     logits_per_text: torch.Tensor
     image_embeds: torch.Tensor
     text_embeds: torch.Tensor
+    loss: torch.Tensor | None = None  # the sigmoid loss, with return_loss=True (image i matches text i)
 
 
 class SigLIP2Model(nn.Module):
@@ -232,9 +235,12 @@ class SigLIP2Model(nn.Module):
         attention_mask: torch.Tensor | None = None,
         spatial_shapes: Grids | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
+        return_loss: bool = False,
     ) -> ModelOutput:
-        """Logits of every image against every text."""
+        """Logits of every image against every text; with ``return_loss``, the sigmoid loss of the batch, where
+        image i and text i are the matching pairs (fine-tuning: LoRA on either tower works through peft)."""
         image = F.normalize(self.get_image_features(pixel_values, spatial_shapes, pixel_attention_mask), dim=-1)
         text = F.normalize(self.get_text_features(input_ids, attention_mask), dim=-1)
         logits_per_text = text @ image.T.to(text.dtype) * self.logit_scale.exp() + self.logit_bias
-        return ModelOutput(logits_per_text.T, logits_per_text, image, text)
+        loss = sigmoid_loss(image, text.to(image.dtype), self.logit_scale, self.logit_bias) if return_loss else None
+        return ModelOutput(logits_per_text.T, logits_per_text, image, text, loss)

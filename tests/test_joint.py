@@ -360,3 +360,49 @@ def test_a_model_with_a_lora_wrapped_text_tower_is_not_saved_as_a_plain_one(imag
     model.text_model = get_peft_model(model.text_model, LoraConfig(r=2, target_modules=["q_proj"])).base_model.model
     with pytest.raises(ValueError, match=r"cannot save: encoder.layers.0.self_attn.q_proj is a peft.tuners.lora"):
         model.save_pretrained(tmp_path)
+
+
+def test_sigmoid_loss_equals_transformers_and_splits_into_device_blocks(image_text_dir):
+    from siglip2_encoder.loss import sigmoid_loss, sigmoid_loss_block
+
+    theirs, ours = reference(image_text_dir), SigLIP2Model.from_pretrained(image_text_dir)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = theirs(input_ids=IDS, **reference_inputs(image_text_dir, x), return_loss=True).loss
+        got = ours(IDS, x, return_loss=True)
+    torch.testing.assert_close(got.loss, want, atol=1e-4, rtol=1e-5)
+    # Two "devices" of 4 pairs each: own blocks plus the other's texts as negatives sum to the whole batch's loss.
+    generator = torch.Generator().manual_seed(6)
+    image, text = (torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=-1) for _ in range(2))
+    scale, bias = torch.tensor([2.3]), torch.tensor([-10.0])
+    halves = [(image[:4], text[:4]), (image[4:], text[4:])]
+    blocks = sum(
+        sigmoid_loss_block(i, t, scale, bias, matches_on_diagonal=(a == b))
+        for a, (i, _) in enumerate(halves)
+        for b, (_, t) in enumerate(halves)
+    )
+    torch.testing.assert_close(blocks / 8, sigmoid_loss(image, text, scale, bias), atol=1e-5, rtol=1e-6)
+    with pytest.raises(ValueError, match=re.escape("must be square, got (4, 3)")):
+        sigmoid_loss_block(image[:4], text[:3], scale, bias, matches_on_diagonal=True)
+
+
+def test_a_few_sigmoid_loss_steps_with_lora_on_both_towers_lower_the_loss(image_text_dir):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = SigLIP2Model.from_pretrained(image_text_dir).train()
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*encoder\.layers\.\d+\.self_attn\.(q|v)_proj"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    ids = IDS[:1].repeat(4, 1)
+    ids[:, 0] = torch.arange(4)  # four different texts
+    optimizer = torch.optim.AdamW(trainable, lr=3e-2)
+    losses = []
+    for _ in range(25):
+        loss = model(input_ids=ids, pixel_values=x, return_loss=True).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
