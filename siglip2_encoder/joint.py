@@ -165,8 +165,13 @@ class SigLIP2Model(nn.Module):
         """(B, D) text features (not normalised), as transformers' ``get_text_features(...).pooler_output``."""
         return self.text_model(input_ids, attention_mask).pooler_output
 
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """(B_images, B_texts) logits of already computed features (normalised here)."""
+        """(B_images, B_texts) logits of image and text features (normalised here; already normalised ones stay
+        the same): ``cos * exp(logit_scale) + logit_bias``, the one place they are computed."""
         image, text = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
         return image @ text.T.to(image.dtype) * self.logit_scale.exp() + self.logit_bias
 
@@ -220,8 +225,7 @@ class SigLIP2Model(nn.Module):
         processor = processor or ImageProcessor(self.vision_model.processor_config)
         inputs = processor(images).to(self.vision_model.device, self.vision_model.dtype)
         with torch.inference_mode():
-            image = F.normalize(self.get_image_features(**inputs).float(), dim=-1)
-            logits = image @ labels.embeddings.to(image.device).T * self.logit_scale.float().exp() + self.logit_bias
+            logits = self.logits(self.get_image_features(**inputs).float(), labels.embeddings.to(self.device))
         results = []
         for scores in torch.sigmoid(logits).tolist():
             ranked = sorted(zip(scores, labels.labels), key=lambda pair: -pair[0])[:top_k]
@@ -240,7 +244,7 @@ class SigLIP2Model(nn.Module):
         """Logits of every image against every text; with ``return_loss``, the sigmoid loss of the batch, where
         image i and text i are the matching pairs (fine-tuning: LoRA on either tower works through peft)."""
         image = F.normalize(self.get_image_features(pixel_values, spatial_shapes, pixel_attention_mask), dim=-1)
-        text = F.normalize(self.get_text_features(input_ids, attention_mask), dim=-1)
-        logits_per_text = text @ image.T.to(text.dtype) * self.logit_scale.exp() + self.logit_bias
-        loss = sigmoid_loss(image, text.to(image.dtype), self.logit_scale, self.logit_bias) if return_loss else None
-        return ModelOutput(logits_per_text.T, logits_per_text, image, text, loss)
+        text = F.normalize(self.get_text_features(input_ids, attention_mask), dim=-1).to(image.dtype)
+        logits_per_image = self.logits(image, text)
+        loss = sigmoid_loss(image, text, self.logit_scale, self.logit_bias) if return_loss else None
+        return ModelOutput(logits_per_image, logits_per_image.T, image, text, loss)
