@@ -1,9 +1,10 @@
 """``siglip2-encoder``: feature extraction and inspection from the command line.
 
-Commands: ``extract`` (folders of images -> safetensors shards + manifest), ``classify`` (zero-shot labels of
-images with an image-text checkpoint), ``search`` (images of an extracted folder that match texts), ``info``
-(architecture, size, cost), ``pca`` (the first three principal components of the patch features as a picture),
-``similarity`` (nearest images by pooled features in an extracted folder).
+Commands: ``extract`` (folders of images -> safetensors shards + manifest), ``embed-text`` (texts -> the same
+layout), ``classify`` (zero-shot labels of images with an image-text checkpoint), ``search`` (texts or images
+against an ``extract`` / ``embed-text`` folder, exact or through a FAISS index), ``index`` (build that index),
+``info`` (architecture, size, cost), ``pca`` (the first three principal components of the patch features as a
+picture), ``similarity`` (nearest images by pooled features in an extracted folder).
 
 Exit status: 0 success; 1 fatal error (model not loadable, output exists or is being written, disk full, ...);
 2 bad command line (an option's value, a missing --file-list, a device this machine lacks); 3 some inputs failed
@@ -19,7 +20,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -27,7 +30,16 @@ from tqdm import tqdm
 
 from .config import EncoderConfig, ProcessorConfig
 from .convert import read_config, read_processor_config
-from .extract import DTYPES, ExtractSettings, discover_inputs, extract_features, read_file_list
+from .extract import (
+    DTYPES,
+    ExtractSettings,
+    TextEmbedSettings,
+    discover_inputs,
+    embed_texts,
+    extract_features,
+    read_file_list,
+)
+from .faiss_index import FaissIndex
 from .files import write_atomic
 from .flops import encoder_flops, num_parameters
 from .hub import CheckpointError, CheckpointSource, HubUnreachableError
@@ -37,7 +49,8 @@ from .model import SigLIP2Encoder
 from .presets import get_preset, list_presets
 from .processor import ImageProcessor
 from .retrieval import top_k
-from .store import ExtractedFeatures
+from .store import TEXT_INPUTS, ExtractedFeatures
+from .text import SigLIP2TextEncoder
 from .tokenizer import TextTokenizer
 
 __all__ = ["main"]
@@ -47,6 +60,7 @@ logger = logging.getLogger("siglip2_encoder")
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 DEFAULT_MODEL = "google/siglip2-so400m-patch14-384"
 RANDOM_BANNER = "RANDOM WEIGHTS (%s): the architecture runs, but the features are meaningless"
+T = TypeVar("T")
 
 
 class FatalError(Exception):
@@ -81,21 +95,33 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def from_checkpoint(load: Callable[[], T], model: str) -> T:
+    """``load()``, a checkpoint's loading, with its failures as one-line fatal errors."""
+    try:
+        return load()
+    except HubUnreachableError as err:
+        raise FatalError(
+            f"cannot fetch {err.repo_id} from the Hugging Face Hub ({err.reason}); pass a local folder with --model, "
+            f"or {offline_hint(model)}"
+        ) from None
+    except (CheckpointError, OSError) as err:  # OSError: transformers' AutoTokenizer on a folder without one
+        raise FatalError(str(err).splitlines()[0]) from None
+
+
 def load_model(model: str, random_weights: str | None) -> tuple[SigLIP2Encoder, ImageProcessor]:
     """The encoder and processor named on the command line; random weights are seeded, so runs agree."""
     if random_weights:
         logger.warning(RANDOM_BANNER, random_weights)
         torch.manual_seed(0)
         return SigLIP2Encoder.from_preset(random_weights), ImageProcessor.from_preset(random_weights)
-    try:
-        return SigLIP2Encoder.from_pretrained(model), ImageProcessor.from_pretrained(model)
-    except HubUnreachableError as err:
-        raise FatalError(
-            f"cannot fetch {err.repo_id} from the Hugging Face Hub ({err.reason}); pass a local folder with --model, "
-            f"or {offline_hint(model)}"
-        ) from None
-    except CheckpointError as err:
-        raise FatalError(str(err)) from None
+    return from_checkpoint(
+        lambda: (SigLIP2Encoder.from_pretrained(model), ImageProcessor.from_pretrained(model)), model
+    )
+
+
+def load_tokenizer(model: str, no_lowercase: bool) -> TextTokenizer:
+    lowercase = False if no_lowercase else None
+    return from_checkpoint(lambda: TextTokenizer.from_pretrained(model, lowercase=lowercase), model)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -389,15 +415,8 @@ def cmd_classify(args: argparse.Namespace) -> int:
     paths = discover_inputs(args.inputs)
     if not paths:
         raise UsageError("no input images: give files, folders or glob patterns")
-    try:
-        model = SigLIP2Model.from_pretrained(args.model)
-        tokenizer = TextTokenizer.from_pretrained(args.model, lowercase=False if args.no_lowercase else None)
-    except HubUnreachableError as err:
-        raise FatalError(
-            f"cannot fetch {err.repo_id} from the Hugging Face Hub ({err.reason}); pass a local folder with --model"
-        ) from None
-    except (CheckpointError, OSError) as err:
-        raise FatalError(str(err).splitlines()[0]) from None
+    model = from_checkpoint(lambda: SigLIP2Model.from_pretrained(args.model), args.model)
+    tokenizer = load_tokenizer(args.model, args.no_lowercase)
     try:
         label_set = model.encode_labels(labels, tokenizer, args.template or [DEFAULT_TEMPLATE])
     except ValueError as err:
@@ -431,29 +450,113 @@ def cmd_classify(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------ search
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+def _open_pooled(folder: str) -> ExtractedFeatures:
+    """An ``extract`` / ``embed-text`` folder given with --features, which must hold pooled features."""
     try:
-        store = ExtractedFeatures.open(args.features)
+        store = ExtractedFeatures.open(folder)
     except ValueError as err:
         raise UsageError(f"--features: {err}") from None
-    settings = store.settings
-    if not settings.get("pooled"):
-        raise FatalError(f"{args.features} holds no pooled features; extract without --no-pooled")
-    if settings.get("random_weights"):
-        raise FatalError(f"{args.features} was extracted with random weights, which have no text tower or tokenizer")
-    try:
-        model = SigLIP2Model.from_pretrained(settings["model"])
-        tokenizer = TextTokenizer.from_pretrained(settings["model"], lowercase=False if args.no_lowercase else None)
-    except (CheckpointError, OSError) as err:
-        raise FatalError(f"the model of {args.features} ({settings['model']}): {str(err).splitlines()[0]}") from None
-    tokens = tokenizer(args.queries)
+    if store.inputs != TEXT_INPUTS and not store.settings.get("pooled"):
+        raise FatalError(f"{folder} holds no pooled features; extract without --no-pooled")
+    if not store.ok:
+        raise FatalError(f"{folder} holds no successfully extracted {store.inputs}")
+    return store
+
+
+def _query_images(args: argparse.Namespace, store: ExtractedFeatures) -> torch.Tensor:
+    """(Q, D) pooled features of the --image files, by the folder's model and patch budget."""
+    name, settings = store.settings["model"], store.settings
+    model, processor = load_model(name, name if settings.get("random_weights") else None)
+    images = []
+    for path in args.image:
+        try:
+            images.append(load_image(path))
+        except ImageLoadError as err:
+            raise UsageError(f"--image: {err}") from None
+    kwargs = {"max_num_patches": settings["max_num_patches"]} if settings.get("max_num_patches") else {}
     with torch.inference_mode():
-        queries = model.get_text_features(tokens.input_ids, tokens.attention_mask)
-    paths = [row["path"] for rows, _, _ in store.iter_shards("pooled") for row in rows]
-    scores, indices = top_k(queries, (tensor for _, tensor, _ in store.iter_shards("pooled")), args.top_k)
-    for query, row_scores, row_indices in zip(args.queries, scores.tolist(), indices.tolist()):
+        return model(**processor(images, **kwargs), return_last=False).pooler_output
+
+
+def _query_texts(args: argparse.Namespace, store: ExtractedFeatures) -> torch.Tensor:
+    """(Q, D) text features of the query texts, by the folder's model."""
+    name = store.settings["model"]
+    if store.settings.get("random_weights"):
+        raise FatalError(f"{args.features} was extracted with random weights, which have no text tower or tokenizer")
+    tower = from_checkpoint(lambda: SigLIP2TextEncoder.from_pretrained(name), name)
+    tokens = load_tokenizer(name, args.no_lowercase)(args.queries)
+    with torch.inference_mode():
+        return tower(tokens.input_ids, tokens.attention_mask).pooler_output
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if bool(args.queries) == bool(args.image):
+        raise UsageError("give query texts, or query images with --image (one kind per search)")
+    store = _open_pooled(args.features)
+    index = None
+    if args.faiss:
+        try:
+            index = FaissIndex.load(store)
+        except (ValueError, ImportError) as err:
+            raise FatalError(str(err)) from None
+    queries = _query_images(args, store) if args.image else _query_texts(args, store)
+    names = [store.name(row) for rows, _, _ in store.iter_shards("pooled") for row in rows]
+    if index is not None:
+        scores, indices = index.search(queries, args.top_k)
+    else:
+        scores, indices = top_k(queries, (tensor for _, tensor, _ in store.iter_shards("pooled")), args.top_k)
+    for query, row_scores, row_indices in zip(args.image or args.queries, scores.tolist(), indices.tolist()):
         print(query)
-        print("\n".join(f"  {score:.4f}  {paths[i]}" for score, i in zip(row_scores, row_indices)))
+        print("\n".join(f"  {score:.4f}  {names[i]}" for score, i in zip(row_scores, row_indices) if i >= 0))
+    return EXIT_OK
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    store = _open_pooled(args.features)
+    try:
+        index = FaissIndex.build(store, args.factory, nprobe=args.nprobe)
+        index.save(store)
+    except ImportError as err:
+        raise FatalError(str(err)) from None
+    except ValueError as err:
+        raise UsageError(f"--factory / --nprobe: {err}") from None
+    nprobe = f", nprobe {index.nprobe}" if index.nprobe else ""
+    logger.info("indexed %d vectors of %s as %s%s", index.index.ntotal, args.features, index.factory, nprobe)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------------ embed-text
+
+
+def cmd_embed_text(args: argparse.Namespace) -> int:
+    _check_output_folder(args.output)
+    _check_file_list(args.file_list, what="one text per line")
+    device = _device(args.device)
+    texts = list(args.texts) + (read_file_list(args.file_list) if args.file_list else [])
+    if not texts:
+        raise UsageError("no texts: give them as arguments or with --file-list (one text per line)")
+    tower = from_checkpoint(lambda: SigLIP2TextEncoder.from_pretrained(args.model), args.model)
+    tokenizer = load_tokenizer(args.model, args.no_lowercase)
+    settings = TextEmbedSettings(
+        model=args.model,
+        lowercase=tokenizer.lowercase,
+        save_dtype=args.save_dtype,
+        dtype=args.dtype,
+        device=device,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+    )
+    summary = embed_texts(
+        texts,
+        args.output,
+        tower,
+        tokenizer,
+        settings,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=None if not args.quiet else False,
+    )
+    logger.info("%s", summary)
     return EXIT_OK
 
 
@@ -521,12 +624,47 @@ def _classify_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _search_command(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("search", help="images of an extracted folder that best match texts")
-    p.add_argument("queries", nargs="+", help="texts to search for")
-    p.add_argument("--features", required=True, help="folder written by `extract` with an image-text checkpoint")
+    p = commands.add_parser("search", help="best matches of texts or images in an extract / embed-text folder")
+    p.add_argument("queries", nargs="*", help="texts to search for")
+    p.add_argument("--image", nargs="+", metavar="FILE", help="search for these images instead of texts")
+    p.add_argument("--features", required=True, help="folder written by `extract` or `embed-text`")
     p.add_argument("-k", "--top-k", type=positive_int, default=10)
+    p.add_argument("--faiss", action="store_true", help="use the folder's FAISS index (see `index`); default exact")
     p.add_argument("--no-lowercase", action="store_true", help="keep the queries' case (SigLIP 2 lowercases)")
     p.set_defaults(run=cmd_search)
+
+
+def _index_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("index", help="build a FAISS index beside an extract / embed-text folder's features")
+    p.add_argument("--features", required=True, help="folder written by `extract` or `embed-text`")
+    p.add_argument(
+        "--factory",
+        default="auto",
+        help="FAISS index description, e.g. Flat, IVF4096,Flat, HNSW32 (default auto: exact under 50k vectors, "
+        "else IVF with about 4 sqrt(N) lists)",
+    )
+    p.add_argument("--nprobe", type=positive_int, help="lists searched per query, IVF indexes (default lists/16)")
+    p.set_defaults(run=cmd_index)
+
+
+def _embed_text_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("embed-text", help="text embeddings of many texts, in extract's layout")
+    p.add_argument("texts", nargs="*", help="texts")
+    p.add_argument("--file-list", metavar="TXT", help="a text file with one text per line")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--no-lowercase", action="store_true", help="keep texts' case (SigLIP 2 texts are lowercased by default)"
+    )
+    p.add_argument("--save-dtype", choices=sorted(DTYPES), default="fp32", help="storage precision (default fp32)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision (default fp32)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--shard-size", type=positive_int, default=65536, help="texts per output shard (default 65536)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run in the output folder")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(run=cmd_embed_text)
 
 
 def _info_command(commands: argparse._SubParsersAction) -> None:
@@ -561,8 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only warnings and errors")
     commands = parser.add_subparsers(dest="command", required=True)
     _extract_command(commands)
+    _embed_text_command(commands)
     _classify_command(commands)
     _search_command(commands)
+    _index_command(commands)
     _info_command(commands)
     _pca_command(commands)
     _similarity_command(commands)
@@ -585,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FATAL
     except OSError as err:  # a full disk, a folder turned read-only: committed shards stay whole
         where = f" ({err.filename})" if err.filename else ""
-        rerun = "; committed shards are kept: fix it and rerun with --resume" if args.command == "extract" else ""
+        resumable = args.command in ("extract", "embed-text")
+        rerun = "; committed shards are kept: fix it and rerun with --resume" if resumable else ""
         logger.error("error: %s%s%s", err.strerror or err, where, rerun)
         return EXIT_FATAL
     except KeyboardInterrupt:

@@ -48,6 +48,8 @@ __all__ = [
     "read_model_checkpoint",
     "read_processor_config",
     "read_state_dict",
+    "read_text_checkpoint",
+    "read_text_config",
     "text_config_from_hf",
     "text_config_to_hf",
     "to_timm_state_dict",
@@ -60,6 +62,7 @@ logger = logging.getLogger(__name__)
 # model_type -> whether the vision tower is NaFlex.
 IMAGE_TEXT_TYPES = {"siglip": False, "siglip2": True}
 VISION_TYPES = {"siglip_vision_model": False, "siglip2_vision_model": True}
+TEXT_TYPES = ("siglip_text_model", "siglip2_text_model")  # text-only checkpoints (SiglipTextModel, ...)
 # image_processor_type -> whether it is NaFlex preprocessing; transformers 4 named its torchvision ones "...Fast".
 PROCESSOR_TYPES = {
     "SiglipImageProcessor": False,
@@ -76,6 +79,7 @@ TEXT_PREFIX = "text_model."
 # Weights of an image-text checkpoint that are not the vision tower; skipped by name, never silently.
 _NON_VISION_PREFIXES = ("text_model.", "logit_scale", "logit_bias")
 # Non-persistent buffers that older transformers versions wrote into checkpoints.
+_NON_TEXT_PREFIXES = ("vision_model.", "logit_scale", "logit_bias")
 _IGNORED_BUFFERS = ("embeddings.position_ids",)
 WEIGHT_FILES = (
     "model.safetensors",
@@ -111,6 +115,11 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> EncoderConfig:
     elif model_type in VISION_TYPES:
         vision = hf_config
         naflex = VISION_TYPES[model_type]
+    elif model_type in TEXT_TYPES:
+        raise CheckpointError(
+            f"config.json has model_type={model_type!r}: a text-only checkpoint, without a vision tower; give a "
+            f"vision-only or image-text checkpoint, or embed texts with it (SigLIP2TextEncoder, `embed-text`)"
+        )
     else:
         raise CheckpointError(
             f"config.json has model_type={model_type!r}; expected one of "
@@ -142,15 +151,18 @@ def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
 
 
 def text_config_from_hf(hf_config: Mapping[str, Any]) -> TextConfig:
-    """The text tower's config from an image-text ``config.json`` (its ``text_config``; transformers' defaults for
-    missing fields, which are :class:`TextConfig`'s own)."""
+    """The text tower's config from an image-text ``config.json`` (its ``text_config``) or a text-only one;
+    transformers' defaults for missing fields, which are :class:`TextConfig`'s own."""
     model_type = hf_config.get("model_type")
-    if model_type not in IMAGE_TEXT_TYPES:
+    if model_type in TEXT_TYPES:
+        text = hf_config
+    elif model_type in IMAGE_TEXT_TYPES:
+        text = hf_config.get("text_config") or {}
+    else:
         raise CheckpointError(
-            f"config.json has model_type={model_type!r}, which has no text tower; an image-text checkpoint has one of "
-            f"{sorted(IMAGE_TEXT_TYPES)} (load a vision-only checkpoint with SigLIP2Encoder.from_pretrained)"
+            f"config.json has model_type={model_type!r}, which has no text tower; give an image-text checkpoint "
+            f"({' or '.join(sorted(IMAGE_TEXT_TYPES))}; a vision-only one loads with SigLIP2Encoder.from_pretrained)"
         )
-    text = hf_config.get("text_config") or {}
     kwargs = {f.name: text[f.name] for f in fields(TextConfig) if text.get(f.name) is not None}
     if "attention_dropout" in kwargs:
         kwargs["attention_dropout"] = float(kwargs["attention_dropout"])
@@ -248,6 +260,14 @@ def _vision_key(key: str) -> str | None:
     if key.startswith(_NON_VISION_PREFIXES):
         return None
     key = key.removeprefix(VISION_PREFIX)
+    return None if key in _IGNORED_BUFFERS else key
+
+
+def _text_key(key: str) -> str | None:
+    """The text tower's name for a checkpoint key (image-text or text-only), or None for the other weights."""
+    if key.startswith(_NON_TEXT_PREFIXES):
+        return None
+    key = key.removeprefix(TEXT_PREFIX)
     return None if key in _IGNORED_BUFFERS else key
 
 
@@ -477,18 +497,31 @@ def read_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = Non
     return Checkpoint(config, read_state_dict(source, _vision_key, dtype), read_processor_config(source, config))
 
 
-def read_model_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = None) -> ModelCheckpoint:
-    """Read a transformers ``siglip`` / ``siglip2`` image-text checkpoint: both towers, ``logit_scale`` and
-    ``logit_bias``."""
+def read_text_config(source: CheckpointSource) -> TextConfig:
+    """The text tower's config from the source's ``config.json`` (image-text or text-only)."""
     hf_config = source.read_json("config.json")
     if hf_config is None:
         raise source.missing("config.json; is it a transformers SigLIP checkpoint?")
     try:
-        text = text_config_from_hf(hf_config)
+        return text_config_from_hf(hf_config)
     except CheckpointError as err:
         raise CheckpointError(f"{source}: {err}") from None
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"config.json of {source} is not a valid SigLIP text config: {err}") from None
+
+
+def read_text_checkpoint(
+    source: CheckpointSource, *, dtype: torch.dtype | None = None
+) -> tuple[TextConfig, dict[str, torch.Tensor]]:
+    """The text tower of an image-text or text-only checkpoint: its config and weights (the tower's names), reading
+    only the shards that hold them."""
+    return read_text_config(source), read_state_dict(source, _text_key, dtype)
+
+
+def read_model_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = None) -> ModelCheckpoint:
+    """Read a transformers ``siglip`` / ``siglip2`` image-text checkpoint: both towers, ``logit_scale`` and
+    ``logit_bias``."""
+    text = read_text_config(source)
     vision = read_config(source)
     state = read_state_dict(source, _model_key, dtype)
     return ModelCheckpoint(vision, text, state, read_processor_config(source, vision))

@@ -1,4 +1,6 @@
-"""Feature extraction over many image files: resumable, crash-safe, never stopped by one bad file.
+"""Feature extraction over many image files: resumable, crash-safe, never stopped by one bad file; and text
+embeddings of a list of texts into the same layout (:func:`embed_texts`), so both sides of a retrieval set come from
+one tool.
 
 Inputs are split into blocks of ``shard_size``; each block becomes one committed shard (see :mod:`.store`). Images
 are decoded and preprocessed in worker processes while the model runs. A file that cannot be used is recorded in
@@ -36,6 +38,7 @@ from .processor import ImageProcessor, ProcessedImage
 from .store import (
     LOCK_FILE,
     RUN_FILE,
+    TEXT_INPUTS,
     ShardWriter,
     close_inherited_locks,
     committed_rows,
@@ -43,8 +46,17 @@ from .store import (
     sole_writer,
     write_manifest,
 )
+from .text import SigLIP2TextEncoder
+from .tokenizer import TextTokenizer
 
-__all__ = ["ExtractSettings", "ExtractSummary", "discover_inputs", "extract_features"]
+__all__ = [
+    "ExtractSettings",
+    "ExtractSummary",
+    "TextEmbedSettings",
+    "discover_inputs",
+    "embed_texts",
+    "extract_features",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +173,28 @@ class ExtractSettings:
         return (["pooled"] if self.pooled else []) + [name for name, _ in self.token_features()]
 
 
+@dataclass(frozen=True)
+class TextEmbedSettings:
+    """Everything that determines text embeddings (``embed-text``); a resumed run must use the same."""
+
+    model: str  # Hub id or local folder of an image-text (or text-only) checkpoint
+    lowercase: bool  # as the tokenizer applied it (SigLIP 2: True by default)
+    inputs: str = TEXT_INPUTS  # marks the folder as texts for its readers
+    save_dtype: str = "fp32"
+    dtype: str = "fp32"
+    device: str = "cpu"
+    batch_size: int = 256
+    shard_size: int = 65536  # texts per shard
+
+    def __post_init__(self) -> None:
+        check_positive_ints(self, "batch_size", "shard_size")
+        for name in ("save_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if self.inputs != TEXT_INPUTS:
+            raise ValueError(f"inputs must be {TEXT_INPUTS!r}, got {self.inputs!r}")
+
+
 @dataclass
 class ExtractSummary:
     done: int = 0  # extracted in this run
@@ -169,9 +203,10 @@ class ExtractSummary:
     failed_before: int = 0  # recorded as failed by the earlier run a resumed run continues
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    unit: str = "images"
 
     @property
-    def images_per_second(self) -> float:
+    def per_second(self) -> float:
         return (self.done + self.failed) / self.seconds if self.seconds > 0 else 0.0
 
     @property
@@ -183,7 +218,7 @@ class ExtractSummary:
         before = f" (+{self.failed_before} in the earlier run)" if self.failed_before else ""
         return (
             f"done {self.done}, skipped {self.skipped}, failed {self.failed}{before}, {self.seconds:.1f} s, "
-            f"{self.images_per_second:.2f} images/s"
+            f"{self.per_second:.2f} {self.unit}/s"
         )
 
 
@@ -298,7 +333,9 @@ def _batch_plan(num_items: int, shard_size: int, batch_size: int) -> list[list[i
     return batches
 
 
-def _prepare_output(folder: Path, settings: ExtractSettings, *, resume: bool, overwrite: bool) -> list[dict]:
+def _prepare_output(
+    folder: Path, settings: ExtractSettings | TextEmbedSettings, *, resume: bool, overwrite: bool
+) -> list[dict]:
     """Check the (locked) output folder and start or continue its run; returns the rows already committed.
 
     A folder holding only temporary files of an interrupted write (a kill before ``run.json`` was renamed into
@@ -432,3 +469,60 @@ def _encode(
     for row, grid in zip((r for r in rows if r["status"] == "ok"), out.grids):
         row["grid"] = list(grid)
     return per_image
+
+
+def embed_texts(
+    texts: Sequence[str],
+    output: str | os.PathLike,
+    model: SigLIP2TextEncoder,
+    tokenizer: TextTokenizer,
+    settings: TextEmbedSettings,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ExtractSummary:
+    """Text embeddings (the text tower's pooled output, as ``get_text_features``) of ``texts`` into ``output``:
+    the layout of :func:`extract_features`, one ``pooled`` (n, D) per shard, rows ``{"text": ..., "status": "ok",
+    "shard": ..., "row": ...}`` in input order (repeated texts keep their own rows).
+
+    ``resume`` continues after the committed rows, which must be the first texts of ``texts``, in order.
+    """
+    if tokenizer.lowercase != settings.lowercase:
+        raise ValueError(f"the tokenizer lowercases={tokenizer.lowercase}, the settings say {settings.lowercase}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {i} is a {type(text).__name__}; texts must be strings")
+    folder = Path(output)
+    with sole_writer(folder):
+        done_rows = _prepare_output(folder, settings, resume=resume, overwrite=overwrite)
+        for i, row in enumerate(done_rows):
+            if i >= len(texts) or row.get("text") != texts[i]:
+                given = repr(texts[i]) if i < len(texts) else "nothing"
+                raise ValueError(
+                    f"--resume with other texts than the first run: its text {i} is {row.get('text')!r}, now {given}; "
+                    f"give the same texts in the same order (more may follow)"
+                )
+        pending = texts[len(done_rows) :]
+        summary = ExtractSummary(skipped=len(done_rows), unit="texts")
+        started = time.monotonic()
+        model = model.to(device=settings.device, dtype=DTYPES[settings.dtype]).eval()
+        writer = ShardWriter(folder, DTYPES[settings.save_dtype])
+        show = sys.stderr.isatty() if progress is None else progress
+        with tqdm(total=len(pending), unit="text", disable=not show, dynamic_ncols=True) as bar:
+            for start in range(0, len(pending), settings.shard_size):
+                block = pending[start : start + settings.shard_size]
+                features = []
+                for b in range(0, len(block), settings.batch_size):
+                    tokens = tokenizer(block[b : b + settings.batch_size])
+                    mask = None if tokens.attention_mask is None else tokens.attention_mask.to(settings.device)
+                    with torch.inference_mode():
+                        features += model(tokens.input_ids.to(settings.device), mask).pooler_output.unbind()
+                    bar.update(len(tokens.input_ids))
+                rows = [{"text": text, "status": "ok", "error": None, "shard": None, "row": None} for text in block]
+                writer.write(rows, [{"pooled": f} for f in features])
+                done_rows += rows
+                summary.done += len(block)
+        write_manifest(folder, done_rows)
+        summary.seconds = time.monotonic() - started
+        return summary

@@ -1,4 +1,4 @@
-"""LoRA on the tower through peft, in one call.
+"""LoRA on the tower (or both towers of the image-text model) through peft, in one call.
 
 The adapters are ordinary peft LoRA adapters on modules named as in transformers' ``SiglipVisionModel``
 (``encoder.layers.N.self_attn.q_proj`` ...), so an adapter trained on transformers' tower loads into this one and
@@ -12,11 +12,13 @@ implementation and do nothing in the other.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from .joint import SigLIP2Model
 from .model import SigLIP2Encoder
 
 __all__ = ["LORA_MODULES", "EncoderLoRAConfig", "add_lora", "trainable_parameters"]
@@ -76,17 +78,17 @@ class EncoderLoRAConfig:
             )
         return indices
 
-    def target_modules(self, num_layers: int) -> list[str]:
-        """Full module names, e.g. ``encoder.layers.26.self_attn.q_proj``: they match nothing in the head."""
-        return [f"encoder.layers.{i}.{LORA_MODULES[m]}" for i in self.layer_indices(num_layers) for m in self.modules]
+    def target_modules(self, num_layers: int, prefix: str = "") -> list[str]:
+        """Full module names, e.g. ``encoder.layers.26.self_attn.q_proj``: they match nothing in the head.
+        ``prefix`` names the tower in a joint model (``"text_model."``)."""
+        layers = self.layer_indices(num_layers)
+        return [f"{prefix}encoder.layers.{i}.{LORA_MODULES[m]}" for i in layers for m in self.modules]
 
-    def to_peft(self, num_layers: int) -> LoraConfig:
+    def to_peft(self, tower_layers: Mapping[str, int]) -> LoraConfig:
+        """peft's config for towers given as module prefix -> number of encoder layers (``{"": 27}``: one tower)."""
+        targets = [t for prefix, n in tower_layers.items() for t in self.target_modules(n, prefix)]
         return LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=self.target_modules(num_layers),
-            bias="none",
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets, bias="none"
         )
 
 
@@ -96,39 +98,63 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
+TOWERS = {"vision": "vision_model.", "text": "text_model."}  # SigLIP2Model's towers -> their module prefixes
+
+
+def _tower_layers(model: nn.Module, towers: Sequence[str] | None) -> dict[str, int]:
+    """Module prefix -> encoder layers, for each tower the adapter goes into."""
+    if isinstance(model, SigLIP2Encoder):
+        if towers is not None:
+            raise ValueError(f"towers={towers!r} applies to a SigLIP2Model; a SigLIP2Encoder is one tower")
+        return {"": model.num_layers}
+    if not isinstance(model, SigLIP2Model):
+        raise TypeError(
+            f"add_lora takes a SigLIP2Encoder, a SigLIP2Model or a PeftModel around one, got {type(model).__name__}"
+        )
+    towers = tuple(TOWERS) if towers is None else tuple(towers)
+    if not towers or any(t not in TOWERS for t in towers) or len(set(towers)) != len(towers):
+        raise ValueError(f"towers must be distinct names out of {list(TOWERS)}, got {list(towers)}")
+    return {TOWERS[t]: len(getattr(model, TOWERS[t][:-1]).encoder.layers) for t in towers}
+
+
 def add_lora(
-    model: SigLIP2Encoder | PeftModel, config: EncoderLoRAConfig | None = None, adapter_name: str = "default"
+    model: SigLIP2Encoder | SigLIP2Model | PeftModel,
+    config: EncoderLoRAConfig | None = None,
+    adapter_name: str = "default",
+    *,
+    towers: Sequence[str] | None = None,
 ) -> PeftModel:
-    """Add a LoRA adapter to the tower and freeze everything else.
+    """Add a LoRA adapter to the tower (or to the towers of an image-text model) and freeze everything else.
 
     Args:
-        model: a :class:`~siglip2_encoder.SigLIP2Encoder`, or a PeftModel around one to add another named adapter.
-        config: ranks, modules and layers (default: rank 16 on q, k, v, out of every layer).
+        model: a :class:`~siglip2_encoder.SigLIP2Encoder` or :class:`~siglip2_encoder.SigLIP2Model`, or a PeftModel
+            around one to add another named adapter.
+        config: ranks, modules and layers (default: rank 16 on q, k, v, out of every layer); ``encoder_layers``
+            counts in each tower.
         adapter_name: the adapter's name (several can live side by side; ``set_adapter`` picks the active one).
+        towers: for a SigLIP2Model, ``"vision"``, ``"text"`` or both (the default); the temperature and bias stay
+            frozen, as everything but the adapters.
 
     Returns:
-        The peft model; call it like the encoder. ``save_pretrained`` writes peft's standard adapter format.
+        The peft model; call it like the model. ``save_pretrained`` writes peft's standard adapter format, whose
+        module names are transformers' (``text_model.encoder.layers.N...``), so it loads into their model too.
     """
     config = config or EncoderLoRAConfig()
+    layers = _tower_layers(model.get_base_model() if isinstance(model, PeftModel) else model, towers)
     if isinstance(model, PeftModel):
-        base = model.get_base_model()
-        if not isinstance(base, SigLIP2Encoder):
-            raise TypeError(f"add_lora needs a SigLIP2Encoder inside the PeftModel, got {type(base).__name__}")
         if adapter_name in model.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} exists already; choose another adapter_name")
-        model.add_adapter(adapter_name, config.to_peft(base.num_layers))
+        model.add_adapter(adapter_name, config.to_peft(layers))
         peft_model = model
-    elif isinstance(model, SigLIP2Encoder):
-        peft_model = get_peft_model(model, config.to_peft(model.num_layers), adapter_name=adapter_name)
     else:
-        raise TypeError(f"add_lora takes a SigLIP2Encoder or a PeftModel around one, got {type(model).__name__}")
+        peft_model = get_peft_model(model, config.to_peft(layers), adapter_name=adapter_name)
     trainable, total = trainable_parameters(peft_model)
     logger.info(
-        "LoRA %r: r=%d on %s of %d layers; trainable %d of %d parameters (%.2f%%)",
+        "LoRA %r: r=%d on %s of %s layers; trainable %d of %d parameters (%.2f%%)",
         adapter_name,
         config.r,
         "/".join(config.modules),
-        len(config.layer_indices(peft_model.get_base_model().num_layers)),
+        " + ".join(str(len(config.layer_indices(n))) for n in layers.values()),
         trainable,
         total,
         100 * trainable / total,

@@ -11,15 +11,22 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["top_k"]
+__all__ = ["CHUNK", "top_k"]
 
 
-def top_k(queries: torch.Tensor, bank: Iterable[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` bank vectors most similar to each query.
+CHUNK = 65536  # bank rows scored at once when the bank is one tensor: (Q, 65536) fp32 scores, 256 KiB per query
+
+
+def top_k(
+    queries: torch.Tensor, bank: torch.Tensor | Iterable[torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` bank vectors most similar to each query (exact search; for an approximate index over a folder see
+    :class:`~siglip2_encoder.faiss_index.FaissIndex`).
 
     Args:
-        queries: (Q, D).
-        bank: chunks (n_i, D), in order; a vector's index is its row in their concatenation.
+        queries: (Q, D), e.g. ``get_text_features`` of the query texts (normalised here).
+        bank: (N, D) vectors in memory (scored :data:`CHUNK` rows at a time), or chunks (n_i, D) in order, such as
+            the shards of an ``extract`` folder; a vector's index is its row in their concatenation.
         k: how many per query (fewer if the bank is smaller).
 
     Returns:
@@ -28,6 +35,8 @@ def top_k(queries: torch.Tensor, bank: Iterable[torch.Tensor], k: int) -> tuple[
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got k={k!r}")
     queries = F.normalize(queries.float(), dim=-1)
+    if isinstance(bank, torch.Tensor):
+        bank = bank.split(CHUNK)
     scores = queries.new_empty(len(queries), 0)
     indices = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)
     offset = 0

@@ -13,6 +13,9 @@ temporary file first, flushed to disk before the rename, and the folder after it
 write_atomic`). A crash or power loss therefore leaves only whole, committed shards, plus at most one uncommitted
 ``.safetensors`` and temporary files, which a resumed run deletes and redoes.
 
+A folder of text embeddings (``embed-text``) has the same layout, ``"inputs": "texts"`` in ``run.json`` and rows
+with ``text`` where image rows have ``path``.
+
 Each shard holds ``pooled`` (n, D) for the n images that succeeded, and for token features (``last_hidden_state``,
 ``hidden_state_<layer>``) the tokens of all n images packed as (sum of h*w, D), with ``token_offsets`` (n + 1,)
 marking where each image's tokens start.
@@ -38,6 +41,7 @@ from .files import write_atomic
 __all__ = [
     "ExtractedFeatures",
     "ShardWriter",
+    "TEXT_INPUTS",
     "close_inherited_locks",
     "committed_rows",
     "has_output",
@@ -46,6 +50,7 @@ __all__ = [
 ]
 
 RUN_FILE = "run.json"
+TEXT_INPUTS = "texts"  # run.json's "inputs" of a folder of text embeddings (``embed-text``); absent: images
 MANIFEST = "manifest.jsonl"
 SHARD_GLOB = "shard-*.jsonl"
 LOCK_FILE = ".lock"
@@ -181,6 +186,15 @@ class ExtractedFeatures:
         return cls(folder, json.loads((folder / RUN_FILE).read_text()), rows)
 
     @property
+    def inputs(self) -> str:
+        """ "images" (a folder written by ``extract``) or "texts" (``embed-text``)."""
+        return self.settings.get("inputs", "images")
+
+    def name(self, row: dict[str, Any]) -> str:
+        """What a row stands for: its image's path, or its text."""
+        return row["text"] if self.inputs == TEXT_INPUTS else row["path"]
+
+    @property
     def ok(self) -> list[dict[str, Any]]:
         return [row for row in self.rows if row["status"] == "ok"]
 
@@ -204,11 +218,21 @@ class ExtractedFeatures:
                 offsets = f.get_tensor("token_offsets") if "token_offsets" in f.keys() else None
                 yield rows, f.get_tensor(name), offsets
 
+    def dimension(self, name: str = "pooled") -> int:
+        """The width D of feature ``name``."""
+        for row in self.ok:
+            with safe_open(self.folder / row["shard"], framework="pt") as f:
+                if name not in f.keys():
+                    raise KeyError(f"feature {name!r} was not extracted; available: {sorted(f.keys())}")
+                return f.get_slice(name).get_shape()[-1]
+        raise ValueError(f"{self.folder} holds no features")
+
     def pooled(self) -> tuple[list[str], torch.Tensor]:
-        """Paths of the successful inputs and their pooled features (n, D), in input order."""
+        """Paths (texts, for text embeddings) of the successful inputs and their pooled features (n, D), in input
+        order."""
         paths, parts = [], []
         for rows, tensor, _ in self.iter_shards("pooled"):
-            paths += [row["path"] for row in rows]
+            paths += [self.name(row) for row in rows]
             parts.append(tensor)
         return paths, torch.cat(parts) if parts else torch.empty(0)
 

@@ -12,6 +12,7 @@ so the pad token there is part of the model. Tokenize with ``padding="max_length
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 
 from .attention import key_padding_attention, select_attention_backend
 from .config import TextConfig
+from .convert import check_state_dict, read_text_checkpoint
+from .hub import CheckpointSource
 from .layers import Encoder
 from .packing import Packing
 
@@ -81,6 +84,31 @@ class SigLIP2TextEncoder(nn.Module):
         self.final_layer_norm.reset_parameters()
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> SigLIP2TextEncoder:
+        """Load the text tower alone, strictly, in eval(): from an image-text ``siglip`` / ``siglip2`` checkpoint
+        (only the shards holding text weights are read) or a text-only ``siglip_text_model`` /
+        ``siglip2_text_model`` one; Hub id or folder, as :meth:`SigLIP2Encoder.from_pretrained`."""
+        source = CheckpointSource(
+            name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
+        config, state_dict = read_text_checkpoint(source, dtype=dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        check_state_dict(model.state_dict(), state_dict, str(source), what="text tower")
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.to(device=device).eval() if device is not None else model.eval()
 
     @property
     def dtype(self) -> torch.dtype:

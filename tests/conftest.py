@@ -11,7 +11,9 @@ from transformers import (
     Siglip2ImageProcessor,
     Siglip2VisionConfig,
     Siglip2VisionModel,
+    SiglipConfig,
     SiglipImageProcessor,
+    SiglipModel,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
@@ -21,6 +23,9 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_atten
 FIXED = dict(TINY, image_size=36, patch_size=8)
 NAFLEX = dict(TINY, num_patches=16, patch_size=8)
 NAFLEX_BUDGET = 24
+# Image-text checkpoints: a text tower and a vision tower of the same width.
+TEXT = dict(TINY, vocab_size=50, max_position_embeddings=16)
+VISION = dict(TINY, num_hidden_layers=2, patch_size=8)
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -71,4 +76,29 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny_model")
     torch.manual_seed(0)
     SigLIP2Encoder.from_preset("siglip2-base-patch16-naflex", **TINY).save_pretrained(folder)
+    return folder
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer trained offline on the words the tests use."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = ["This is a photo of a cat.", "a dog", "a red car", "an apple tree", "A PHOTO OF A BIRD", "sketch of"]
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def zero_shot_dir(tmp_path_factory) -> Path:
+    """A SiglipModel checkpoint with its tokenizer and image processor: what transformers' pipeline loads."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("zero_shot")
+    text = TEXT | dict(max_position_embeddings=64)  # the pipeline pads to 64, as SigLIP was trained
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=VISION | dict(image_size=32)))
+    perturb(model, seed=7).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder

@@ -5,10 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import perturb
+from conftest import TEXT, VISION, perturb
 from transformers import (
     AutoModel,
     Siglip2Config,
@@ -27,9 +26,6 @@ from siglip2_encoder.joint import SigLIP2Model
 from siglip2_encoder.processor import patchify
 from siglip2_encoder.text import SigLIP2TextEncoder
 
-TEXT = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
-TEXT = TEXT | dict(max_position_embeddings=16)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
 IDS = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
 MASK = torch.ones(3, 16, dtype=torch.long)
 MASK[1, 10:] = 0
@@ -170,33 +166,6 @@ def test_peft_adapters_on_the_text_tower_move_to_transformers(tmp_path):
     assert not torch.allclose(got, plain, atol=1e-3), "the adapter must change the output"
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer trained offline on the words the tests use."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = ["This is a photo of a cat.", "a dog", "a red car", "an apple tree", "A PHOTO OF A BIRD", "sketch of"]
-    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "</s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>")
-
-
-@pytest.fixture(scope="module")
-def zero_shot_dir(tmp_path_factory) -> Path:
-    """A SiglipModel checkpoint with its tokenizer and image processor: what transformers' pipeline loads."""
-    from transformers import SiglipImageProcessor
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("zero_shot")
-    text = TEXT | dict(max_position_embeddings=64)  # the pipeline pads to 64, as SigLIP was trained
-    model = SiglipModel(SiglipConfig(text_config=text, vision_config=VISION | dict(image_size=32)))
-    perturb(model, seed=7).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
-
-
 def test_classify_equals_transformers_zero_shot_pipeline(zero_shot_dir):
     from PIL import Image
     from transformers import pipeline
@@ -306,53 +275,6 @@ def test_classify_command_prints_writes_jsonl_and_records_bad_files(zero_shot_di
     assert "which has no text tower" in caplog.text
 
 
-def test_chunked_top_k_equals_a_search_over_the_whole_bank():
-    from siglip2_encoder.retrieval import top_k
-
-    generator = torch.Generator().manual_seed(3)
-    bank, queries = torch.randn(1000, 16, generator=generator), torch.randn(5, 16, generator=generator)
-    want = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(bank, dim=-1).T
-    want_scores, want_indices = want.topk(7, dim=1)
-    scores, indices = top_k(queries, bank.split(64), 7)
-    assert torch.equal(indices, want_indices)
-    torch.testing.assert_close(scores, want_scores, atol=1e-6, rtol=0)
-    assert top_k(queries, [bank[:3]], 10)[1].shape == (5, 3)  # a smaller bank gives what it has
-    with pytest.raises(ValueError, match=re.escape("k must be a positive int, got k=0")):
-        top_k(queries, [bank], 0)
-
-
-def test_search_command_ranks_extracted_images_by_text(zero_shot_dir, tmp_path, capsys):
-    from PIL import Image
-
-    from siglip2_encoder.cli import EXIT_OK, main
-    from siglip2_encoder.tokenizer import TextTokenizer
-
-    paths = []
-    for i in range(6):
-        path = tmp_path / "images" / f"img{i}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.new("RGB", (32, 32), (40 * i, 255 - 40 * i, 90)).save(path)
-        paths.append(str(path))
-    out = tmp_path / "features"
-    assert main(["-q", "extract", *paths, "-o", str(out), "--model", str(zero_shot_dir), "--workers", "0"]) == EXIT_OK
-    capsys.readouterr()
-    assert main(["search", "a cat", "red car", "--features", str(out), "-k", "3"]) == EXIT_OK
-    printed = capsys.readouterr().out.splitlines()
-
-    model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
-    with torch.no_grad():
-        # 32 x 32 is the native size: preprocessing is only (x / 255 - 0.5) / 0.5
-        pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p))).permute(2, 0, 1) for p in paths])
-        images = torch.nn.functional.normalize(model.get_image_features(pixels.float() / 127.5 - 1), dim=-1)
-        tokens = tokenizer(["a cat", "red car"])
-        texts = torch.nn.functional.normalize(model.get_text_features(tokens.input_ids, tokens.attention_mask), dim=-1)
-    best = (texts @ images.T).topk(3, dim=1)
-    want = []
-    for query, scores, indices in zip(["a cat", "red car"], best.values.tolist(), best.indices.tolist()):
-        want += [query] + [f"  {s:.4f}  {paths[i]}" for s, i in zip(scores, indices)]
-    assert printed == want
-
-
 def test_a_model_with_a_lora_wrapped_text_tower_is_not_saved_as_a_plain_one(image_text_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -386,12 +308,44 @@ def test_sigmoid_loss_equals_transformers_and_splits_into_device_blocks(image_te
         sigmoid_loss_block(image[:4], text[:3], scale, bias, matches_on_diagonal=True)
 
 
+def test_lora_on_the_joint_model_goes_into_the_chosen_towers_and_moves_to_transformers(image_text_dir, tmp_path):
+    from peft import PeftModel
+
+    from siglip2_encoder.lora import EncoderLoRAConfig, add_lora
+
+    config = EncoderLoRAConfig(r=2, modules=("q_proj", "fc2"), encoder_layers=1)
+    ours = add_lora(SigLIP2Model.from_pretrained(image_text_dir), config, towers=["text"])
+    adapted = sorted({n.split(".lora_")[0] for n, p in ours.named_parameters() if p.requires_grad})
+    assert adapted == [f"base_model.model.text_model.encoder.layers.2.{m}" for m in ("mlp.fc2", "self_attn.q_proj")]
+    both = add_lora(SigLIP2Model.from_pretrained(image_text_dir), config)
+    assert {n.split(".")[2] for n, p in both.named_parameters() if p.requires_grad} == {"vision_model", "text_model"}
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    ours.save_pretrained(tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(reference(image_text_dir), tmp_path / "adapter").eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(input_ids=IDS, attention_mask=MASK, **reference_inputs(image_text_dir, x)).logits_per_image
+        got = ours.eval()(IDS, x, MASK).logits_per_image
+        plain = SigLIP2Model.from_pretrained(image_text_dir)(IDS, x, MASK).logits_per_image
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert not torch.allclose(got, plain, atol=1e-3), "the adapter must change the logits"
+    message = "towers must be distinct names out of ['vision', 'text'], got ['image']"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        add_lora(SigLIP2Model.from_pretrained(image_text_dir), config, towers=["image"])
+    message = "towers=['text'] applies to a SigLIP2Model; a SigLIP2Encoder is one tower"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        add_lora(SigLIP2Encoder.from_pretrained(image_text_dir), config, towers=["text"])
+
+
 def test_a_few_sigmoid_loss_steps_with_lora_on_both_towers_lower_the_loss(image_text_dir):
-    from peft import LoraConfig, get_peft_model
+    from siglip2_encoder.lora import EncoderLoRAConfig, add_lora
 
     torch.manual_seed(0)
     model = SigLIP2Model.from_pretrained(image_text_dir).train()
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=r".*encoder\.layers\.\d+\.self_attn\.(q|v)_proj"))
+    model = add_lora(model, EncoderLoRAConfig(r=4, alpha=8.0, modules=("q_proj", "v_proj")))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))

@@ -185,5 +185,7 @@ def test_bad_layer_selection_is_refused_with_its_exact_message(encoder_layers, m
 def test_layer_selection_and_model_type():
     assert EncoderLoRAConfig(encoder_layers=(0, -1)).layer_indices(3) == [0, 2]
     assert EncoderLoRAConfig(encoder_layers=2).layer_indices(3) == [1, 2]
-    with pytest.raises(TypeError, match="add_lora takes a SigLIP2Encoder or a PeftModel around one, got Linear"):
+    with pytest.raises(
+        TypeError, match="add_lora takes a SigLIP2Encoder, a SigLIP2Model or a PeftModel around one, got Linear"
+    ):
         add_lora(torch.nn.Linear(2, 2))
