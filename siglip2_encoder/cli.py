@@ -486,7 +486,7 @@ def _query_texts(args: argparse.Namespace, store: ExtractedFeatures) -> torch.Te
     tower = from_checkpoint(lambda: SigLIP2TextEncoder.from_pretrained(name), name)
     tokens = load_tokenizer(name, args.no_lowercase)(args.queries)
     with torch.inference_mode():
-        return tower(tokens.input_ids, tokens.attention_mask).pooler_output
+        return tower(tokens.input_ids, tokens.attention_mask, return_last=False).pooler_output
 
 
 def cmd_search(args: argparse.Namespace) -> int:

@@ -517,7 +517,9 @@ def embed_texts(
                     tokens = tokenizer(block[b : b + settings.batch_size])
                     mask = None if tokens.attention_mask is None else tokens.attention_mask.to(settings.device)
                     with torch.inference_mode():
-                        features += model(tokens.input_ids.to(settings.device), mask).pooler_output.unbind()
+                        features += model(
+                            tokens.input_ids.to(settings.device), mask, return_last=False
+                        ).pooler_output.unbind()
                     bar.update(len(tokens.input_ids))
                 rows = [{"text": text, "status": "ok", "error": None, "shard": None, "row": None} for text in block]
                 writer.write(rows, [{"pooled": f} for f in features])

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 INDEX_RECORD = "index.json"
 EXACT_BELOW = 50_000  # vectors: under this, exact search is fast enough that "auto" builds a flat (exact) index
-TRAIN_PER_LIST = 64  # training vectors per inverted list (faiss asks for at least 39)
+TRAIN_PER_LIST = 40  # training vectors per inverted list (faiss asks for at least 39)
 
 
 def _faiss():

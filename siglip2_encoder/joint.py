@@ -163,7 +163,7 @@ class SigLIP2Model(nn.Module):
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D) text features (not normalised), as transformers' ``get_text_features(...).pooler_output``."""
-        return self.text_model(input_ids, attention_mask).pooler_output
+        return self.text_model(input_ids, attention_mask, return_last=False).pooler_output
 
     @property
     def device(self) -> torch.device:

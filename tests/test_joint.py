@@ -30,6 +30,7 @@ IDS = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
 MASK = torch.ones(3, 16, dtype=torch.long)
 MASK[1, 10:] = 0
 MASK[2, 4:] = 0
+MASK[0, 15] = 0  # the pooled position itself a padding key, with 15 real tokens
 
 
 @pytest.fixture(scope="module", params=["siglip", "siglip2"])
@@ -75,6 +76,22 @@ def test_text_tower_equals_transformers(generation, mask, fast):
         want, got = theirs(input_ids=IDS, attention_mask=mask), ours(IDS, mask)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-5, rtol=0)
+    with torch.no_grad():  # pooled only: with a mask, just the real tokens and the last position run
+        pooled_only = ours(IDS, mask, return_last=False)
+    assert pooled_only.last_hidden_state is None
+    torch.testing.assert_close(pooled_only.pooler_output, want.pooler_output, atol=1e-5, rtol=0)
+
+
+def test_pooled_only_text_features_equal_the_full_run_for_every_mask_shape():
+    torch.manual_seed(0)
+    tower = perturb(SigLIP2TextEncoder(TextConfig(**TEXT)), seed=3).eval()
+    mask = torch.tensor([[1] * 16, [1] * 3 + [0] * 13, [0] * 16, [1, 0] * 8])  # full, short, none real, holes
+    ids = IDS[:1].repeat(4, 1)
+    for rows in ([0, 1, 3], [0, 1, 2, 3]):  # compacted; with a text of no real token, the full run
+        with torch.no_grad():
+            full = tower(ids[rows], mask[rows]).pooler_output
+            pooled = tower(ids[rows], mask[rows], return_last=False).pooler_output
+        torch.testing.assert_close(pooled, full, atol=1e-5, rtol=0)
 
 
 def test_image_text_logits_and_features_equal_transformers(image_text_dir):
