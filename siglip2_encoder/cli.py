@@ -3,8 +3,9 @@
 Commands: ``extract`` (folders of images -> safetensors shards + manifest), ``embed-text`` (texts -> the same
 layout), ``classify`` (zero-shot labels of images with an image-text checkpoint), ``search`` (texts or images
 against an ``extract`` / ``embed-text`` folder, exact or through a FAISS index), ``index`` (build that index),
-``info`` (architecture, size, cost), ``pca`` (the first three principal components of the patch features as a
-picture), ``similarity`` (nearest images by pooled features in an extracted folder).
+``export-npy`` (index-ready files for autofaiss / clip-retrieval), ``info`` (architecture, size, cost), ``pca``
+(the first three principal components of the patch features as a picture), ``similarity`` (nearest images by
+pooled features in an extracted folder).
 
 Exit status: 0 success; 1 fatal error (model not loadable, output exists or is being written, disk full, ...);
 2 bad command line (an option's value, a missing --file-list, a device this machine lacks); 3 some inputs failed
@@ -44,6 +45,7 @@ from .files import write_atomic
 from .flops import encoder_flops, num_parameters
 from .hub import CheckpointError, CheckpointSource, HubUnreachableError
 from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from .index_ready import NPY_DTYPES, export_index_ready
 from .joint import DEFAULT_TEMPLATE, SigLIP2Model
 from .model import SigLIP2Encoder
 from .presets import get_preset, list_presets
@@ -525,6 +527,18 @@ def cmd_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export_npy(args: argparse.Namespace) -> int:
+    store = _open_pooled(args.features)
+    _check_output_folder(args.output)
+    try:
+        export_index_ready(
+            store, args.output, dtype=args.save_dtype, rows_per_file=args.rows_per_file, overwrite=args.overwrite
+        )
+    except ImportError as err:
+        raise FatalError(str(err)) from None
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------------ embed-text
 
 
@@ -647,6 +661,18 @@ def _index_command(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_index)
 
 
+def _export_npy_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "export-npy", help="index-ready files (clip-retrieval's img_emb/*.npy + metadata/*.parquet) of a folder"
+    )
+    p.add_argument("--features", required=True, help="folder written by `extract` or `embed-text`")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--save-dtype", choices=sorted(NPY_DTYPES), default="fp16", help="storage precision (default fp16)")
+    p.add_argument("--rows-per-file", type=positive_int, default=250_000, help="vectors per file (default 250000)")
+    p.add_argument("--overwrite", action="store_true", help="replace the .npy and .parquet files of an earlier export")
+    p.set_defaults(run=cmd_export_npy)
+
+
 def _embed_text_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("embed-text", help="text embeddings of many texts, in extract's layout")
     p.add_argument("texts", nargs="*", help="texts")
@@ -703,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     _classify_command(commands)
     _search_command(commands)
     _index_command(commands)
+    _export_npy_command(commands)
     _info_command(commands)
     _pca_command(commands)
     _similarity_command(commands)

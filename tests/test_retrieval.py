@@ -258,3 +258,66 @@ def test_a_faiss_index_older_than_its_features_is_refused(zero_shot_dir, tmp_pat
     assert main(["-q", "index", "--features", str(out)]) == EXIT_OK
     assert main(["search", "a cat", "--features", str(out), "-k", "5", "--faiss"]) == EXIT_OK
     assert len(capsys.readouterr().out.splitlines()) == 6  # the query and all 5 images
+
+
+# ---------------------------------------------------------------------------------------------- index-ready files
+
+
+def test_export_npy_is_read_by_autofaiss_reader_in_row_order(tmp_path, caplog):
+    from embedding_reader import EmbeddingReader
+
+    vectors = clustered_folder(tmp_path / "f", 2500)
+    out = tmp_path / "npy"
+    assert main(["-q", "export-npy", "--features", str(tmp_path / "f"), "-o", str(out), "--rows-per-file", "1000"]) == 0
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == [f"img_emb_{i}.npy" for i in range(3)]
+    assert sorted(p.name for p in (out / "metadata").iterdir()) == [f"metadata_{i}.parquet" for i in range(3)]
+    reader = EmbeddingReader(
+        str(out / "img_emb"),
+        file_format="parquet_npy",
+        meta_columns=["image_path"],
+        metadata_folder=str(out / "metadata"),
+    )
+    assert (reader.count, reader.dimension) == (2500, 32)
+    got, names = [], []
+    for embeddings, meta in reader(batch_size=700, show_progress=False):  # in file order, as autofaiss reads
+        got.append(embeddings)
+        names += meta["image_path"].tolist()
+    got = np.concatenate(got)
+    assert names == [f"v{i}" for i in range(2500)]
+    assert np.load(out / "img_emb" / "img_emb_0.npy").dtype == np.float16  # clip-retrieval's storage
+    np.testing.assert_allclose(got, F.normalize(vectors, dim=-1).numpy(), atol=1e-3)
+
+    assert main(["-q", "export-npy", "--features", str(tmp_path / "f"), "-o", str(out)]) == EXIT_FATAL  # not replaced
+    assert f"{out} already holds files; pass --overwrite to replace them, or another -o folder" in caplog.text
+    args = ["-q", "export-npy", "--features", str(tmp_path / "f"), "-o", str(out), "--overwrite", "--save-dtype"]
+    assert main([*args, "fp32"]) == EXIT_OK
+    assert [p.name for p in (out / "img_emb").iterdir()] == ["img_emb_0.npy"]  # 2500 rows fit one default file
+    np.testing.assert_allclose(np.load(out / "img_emb" / "img_emb_0.npy"), F.normalize(vectors, dim=-1), atol=1e-6)
+
+
+def test_export_npy_of_texts_writes_text_emb_and_captions(zero_shot_dir, tmp_path, caplog):
+    import pyarrow.parquet as pq
+
+    texts = tmp_path / "texts"
+    assert main(["-q", "embed-text", *TEXTS, "-o", str(texts), "--model", str(zero_shot_dir)]) == EXIT_OK
+    assert main(["-q", "export-npy", "--features", str(texts), "-o", str(tmp_path / "out")]) == EXIT_OK
+    assert pq.read_table(tmp_path / "out" / "metadata" / "metadata_0.parquet").column("caption").to_pylist() == TEXTS
+    want, _ = transformers_features(zero_shot_dir, texts=TEXTS)
+    got = np.load(tmp_path / "out" / "text_emb" / "text_emb_0.npy")
+    np.testing.assert_allclose(got.astype(np.float32), want.numpy(), atol=1e-3)  # fp16 storage
+
+    paths = write_images(tmp_path / "images", 1)
+    tokens_only = [
+        "-q",
+        "extract",
+        *paths,
+        "-o",
+        str(tmp_path / "tok"),
+        "--model",
+        str(zero_shot_dir),
+        "--workers",
+        "0",
+    ]
+    assert main([*tokens_only, "--no-pooled", "--tokens"]) == EXIT_OK
+    assert main(["export-npy", "--features", str(tmp_path / "tok"), "-o", str(tmp_path / "o2")]) == EXIT_FATAL
+    assert f"{tmp_path / 'tok'} holds no pooled features; extract without --no-pooled" in caplog.text
