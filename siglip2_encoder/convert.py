@@ -63,13 +63,27 @@ logger = logging.getLogger(__name__)
 IMAGE_TEXT_TYPES = {"siglip": False, "siglip2": True}
 VISION_TYPES = {"siglip_vision_model": False, "siglip2_vision_model": True}
 TEXT_TYPES = ("siglip_text_model", "siglip2_text_model")  # text-only checkpoints (SiglipTextModel, ...)
+# VLMs that hold a SigLIP / SigLIP 2 vision tower under ``vision_tower`` (its architecture in ``vision_config``).
+VLM_TYPES = ("paligemma", "gemma3", "llava")
+# Where that tower's weights live in the key layouts transformers writes: 4.x before and after its ``model.``
+# refactor, 5.x in memory and as saved. Longest first: the first prefix a key starts with names it; the language
+# model's and the projector's keys start with none and are not read.
+VLM_TOWER_PREFIXES = (
+    "model.vision_tower.vision_model.",
+    "vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.",
+)
 # image_processor_type -> whether it is NaFlex preprocessing; transformers 4 named its torchvision ones "...Fast".
 PROCESSOR_TYPES = {
     "SiglipImageProcessor": False,
     "SiglipImageProcessorFast": False,
     "Siglip2ImageProcessor": True,
     "Siglip2ImageProcessorFast": True,
+    "Gemma3ImageProcessor": False,  # SigLIP's resize and normalisation, bilinear, plus an optional pan-and-scan
+    "Gemma3ImageProcessorFast": False,
 }
+_DEFAULT_RESAMPLE = {"Gemma3ImageProcessor": 2, "Gemma3ImageProcessorFast": 2}  # else: SigLIP 2 bilinear, 1 bicubic
 # EncoderConfig field -> transformers' name, where they differ.
 _HF_FIELD_NAMES = {"use_head": "vision_use_head"}
 _PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers stores them
@@ -115,6 +129,14 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> EncoderConfig:
     elif model_type in VISION_TYPES:
         vision = hf_config
         naflex = VISION_TYPES[model_type]
+    elif model_type in VLM_TYPES:
+        vision = hf_config.get("vision_config") or {}
+        if vision.get("model_type") not in VISION_TYPES:
+            raise CheckpointError(
+                f"config.json is a {model_type!r} checkpoint whose vision tower is {vision.get('model_type')!r}, not a "
+                f"SigLIP tower ({' or '.join(VISION_TYPES)}); load it with the library of its own tower"
+            )
+        naflex = VISION_TYPES[vision["model_type"]]
     elif model_type in TEXT_TYPES:
         raise CheckpointError(
             f"config.json has model_type={model_type!r}: a text-only checkpoint, without a vision tower; give a "
@@ -123,7 +145,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> EncoderConfig:
     else:
         raise CheckpointError(
             f"config.json has model_type={model_type!r}; expected one of "
-            f"{sorted([*IMAGE_TEXT_TYPES, *VISION_TYPES])} (a SigLIP or SigLIP 2 checkpoint)"
+            f"{sorted([*IMAGE_TEXT_TYPES, *VISION_TYPES, *VLM_TYPES])} (a SigLIP or SigLIP 2 checkpoint, or a VLM with "
+            f"a SigLIP tower)"
         )
     kwargs: dict[str, Any] = {}
     for field in fields(EncoderConfig):
@@ -191,7 +214,12 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig) -> Pro
             f"the image processor is {kind!r} but the tower is {'NaFlex' if tower.naflex else 'fixed-resolution'}; "
             f"the checkpoint's config.json and processor settings do not belong together"
         )
-    resample = hf.get("resample", 2 if tower.naflex else 3)  # transformers' defaults: SigLIP 2 bilinear, 1 bicubic
+    if hf.get("do_pan_and_scan"):
+        raise CheckpointError(
+            f"the image processor {kind!r} crops pan-and-scan views (do_pan_and_scan=true), which this library does "
+            f"not reproduce; set it false in the processor file to get the single resized view"
+        )
+    resample = hf.get("resample", _DEFAULT_RESAMPLE.get(kind, 2 if tower.naflex else 3))
     if resample not in _PIL_RESAMPLE:
         raise CheckpointError(f"the image processor has resample={resample!r}; supported: {_PIL_RESAMPLE} (PIL codes)")
     names = ("image_mean", "image_std", "rescale_factor", "do_resize", "do_rescale", "do_normalize")
@@ -261,6 +289,15 @@ def _vision_key(key: str) -> str | None:
         return None
     key = key.removeprefix(VISION_PREFIX)
     return None if key in _IGNORED_BUFFERS else key
+
+
+def _vlm_tower_key(key: str) -> str | None:
+    """A VLM checkpoint's key as the tower names it, or None for the language model's and projector's weights."""
+    for prefix in VLM_TOWER_PREFIXES:
+        if key.startswith(prefix):
+            key = key.removeprefix(prefix)
+            return None if key in _IGNORED_BUFFERS else key
+    return None
 
 
 def _text_key(key: str) -> str | None:
@@ -492,9 +529,11 @@ def _read_tensors(files: list[Path], select: KeyMap) -> Iterator[tuple[str, torc
 
 
 def read_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = None) -> Checkpoint:
-    """Read a transformers SigLIP / SigLIP 2 checkpoint's vision tower (``dtype=None`` keeps the stored dtype)."""
+    """Read a transformers SigLIP / SigLIP 2 checkpoint's vision tower, or the SigLIP tower of a VLM checkpoint
+    (:data:`VLM_TYPES`: only the shards holding it are read); ``dtype=None`` keeps the stored dtype."""
     config = read_config(source)
-    return Checkpoint(config, read_state_dict(source, _vision_key, dtype), read_processor_config(source, config))
+    select = _vlm_tower_key if source.read_json("config.json").get("model_type") in VLM_TYPES else _vision_key
+    return Checkpoint(config, read_state_dict(source, select, dtype), read_processor_config(source, config))
 
 
 def read_text_config(source: CheckpointSource) -> TextConfig:
