@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,17 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=generator) * 0.05)
     return model.eval()
+
+
+def keep_only_shards_of(folder: Path, prefix: str) -> None:
+    """Delete the shards of a sharded checkpoint that hold no weight whose name starts with ``prefix``: a loader
+    that still works never read them."""
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    needed = {file for key, file in weight_map.items() if key.startswith(prefix)}
+    others = set(weight_map.values()) - needed
+    assert others, f"the test needs shards without {prefix} weights"
+    for shard in others:
+        (folder / shard).unlink()
 
 
 def random_images(seed: int, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
