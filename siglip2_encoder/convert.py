@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,6 +34,7 @@ from .hub import CheckpointError, CheckpointSource
 
 __all__ = [
     "Checkpoint",
+    "build_loaded",
     "ModelCheckpoint",
     "check_state_dict",
     "config_from_hf",
@@ -427,6 +428,25 @@ def check_state_dict(
             f"the weights in {source} do not match the {what} its config describes "
             f"({'; '.join(p for p in parts if p)}). Is this a SigLIP / SigLIP 2 checkpoint, and is config.json its own?"
         )
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def build_loaded(
+    build: Callable[[], ModuleT],
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    what: str,
+    device: str | torch.device | None = None,
+) -> ModuleT:
+    """``build()`` on the meta device, checked strictly against ``state_dict`` and given its tensors (no random
+    initialisation, no copy), moved to ``device``, in eval(): the last step of every ``from_pretrained``."""
+    with torch.device("meta"):
+        model = build()
+    check_state_dict(model.state_dict(), state_dict, source, what=what)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device).eval() if device is not None else model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EncoderConfig, ProcessorConfig, TextConfig
-from .convert import check_state_dict, foreign_modules, read_model_checkpoint, write_model_checkpoint
+from .convert import build_loaded, foreign_modules, read_model_checkpoint, write_model_checkpoint
 from .hub import CheckpointSource
 from .images import ImageInput
 from .inputs import Grids
@@ -127,11 +127,13 @@ class SigLIP2Model(nn.Module):
             name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
         stored = read_model_checkpoint(source, dtype=dtype)
-        with torch.device("meta"):
-            model = cls(stored.vision_config, stored.text_config, stored.processor_config)
-        check_state_dict(model.state_dict(), stored.state_dict, str(source), what="image-text model")
-        model.load_state_dict(stored.state_dict, strict=True, assign=True)
-        return model.to(device=device).eval() if device is not None else model.eval()
+        return build_loaded(
+            lambda: cls(stored.vision_config, stored.text_config, stored.processor_config),
+            stored.state_dict,
+            str(source),
+            "image-text model",
+            device,
+        )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write a folder that transformers' ``SiglipModel`` (fixed-resolution) / ``Siglip2Model`` (NaFlex) and

@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import attention_backend_names, select_attention_backend
 from .config import EncoderConfig, ProcessorConfig
-from .convert import check_state_dict, foreign_modules, read_checkpoint, write_checkpoint
+from .convert import build_loaded, foreign_modules, read_checkpoint, write_checkpoint
 from .embeddings import FixedResolutionEmbeddings, NaFlexEmbeddings
 from .head import MultiheadAttentionPoolingHead
 from .hub import CheckpointSource
@@ -128,11 +128,9 @@ class SigLIP2Encoder(nn.Module):
             name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
         stored = read_checkpoint(source, dtype=dtype)
-        with torch.device("meta"):
-            model = cls(stored.config, stored.processor_config)
-        check_state_dict(model.state_dict(), stored.state_dict, str(source))
-        model.load_state_dict(stored.state_dict, strict=True, assign=True)
-        return model.to(device=device).eval() if device is not None else model.eval()
+        return build_loaded(
+            lambda: cls(stored.config, stored.processor_config), stored.state_dict, str(source), "tower", device
+        )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write config.json, model.safetensors and preprocessor_config.json that transformers'

@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import key_padding_attention, select_attention_backend
 from .config import TextConfig
-from .convert import check_state_dict, read_text_checkpoint
+from .convert import build_loaded, read_text_checkpoint
 from .hub import CheckpointSource
 from .layers import Encoder
 from .packing import Packing
@@ -104,11 +104,7 @@ class SigLIP2TextEncoder(nn.Module):
             name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
         config, state_dict = read_text_checkpoint(source, dtype=dtype)
-        with torch.device("meta"):
-            model = cls(config)
-        check_state_dict(model.state_dict(), state_dict, str(source), what="text tower")
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        return model.to(device=device).eval() if device is not None else model.eval()
+        return build_loaded(lambda: cls(config), state_dict, str(source), "text tower", device)
 
     @property
     def dtype(self) -> torch.dtype:
