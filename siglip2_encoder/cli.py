@@ -502,7 +502,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         except (ValueError, ImportError) as err:
             raise FatalError(str(err)) from None
     queries = _query_images(args, store) if args.image else _query_texts(args, store)
-    names = [store.name(row) for rows, _, _ in store.iter_shards("pooled") for row in rows]
+    names = [store.name(row) for rows in store.shard_rows().values() for row in rows]
     if index is not None:
         scores, indices = index.search(queries, args.top_k)
     else:

@@ -284,12 +284,20 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
 KeyMap = Callable[[str], "str | None"]  # a checkpoint key -> our name for it, or None to skip it
 
 
-def _vision_key(key: str) -> str | None:
-    """The tower's name for a checkpoint key, or None for a weight that is known not to belong to it."""
-    if key.startswith(_NON_VISION_PREFIXES):
-        return None
-    key = key.removeprefix(VISION_PREFIX)
-    return None if key in _IGNORED_BUFFERS else key
+def _tower_keys(prefix: str, others: tuple[str, ...]) -> KeyMap:
+    """Names one tower's keys of a SigLIP checkpoint, with or without its ``prefix``; keys starting with ``others``
+    (the other tower, ``logit_scale``, ``logit_bias``) are known not to belong to it and are skipped by name."""
+
+    def select(key: str) -> str | None:
+        if key.startswith(others):
+            return None
+        key = key.removeprefix(prefix)
+        return None if key in _IGNORED_BUFFERS else key
+
+    return select
+
+
+_vision_key = _tower_keys(VISION_PREFIX, _NON_VISION_PREFIXES)
 
 
 def _vlm_tower_key(key: str) -> str | None:
@@ -301,12 +309,7 @@ def _vlm_tower_key(key: str) -> str | None:
     return None
 
 
-def _text_key(key: str) -> str | None:
-    """The text tower's name for a checkpoint key (image-text or text-only), or None for the other weights."""
-    if key.startswith(_NON_TEXT_PREFIXES):
-        return None
-    key = key.removeprefix(TEXT_PREFIX)
-    return None if key in _IGNORED_BUFFERS else key
+_text_key = _tower_keys(TEXT_PREFIX, _NON_TEXT_PREFIXES)
 
 
 def _model_key(key: str) -> str | None:

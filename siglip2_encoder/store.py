@@ -206,12 +206,16 @@ class ExtractedFeatures:
                 return row
         raise KeyError(f"{path} is not in {self.folder}")
 
-    def iter_shards(self, name: str) -> Iterator[tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor | None]]:
-        """(rows, tensor, token_offsets) per shard for feature ``name``."""
+    def shard_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """Shard file -> its successful rows, in the order :meth:`iter_shards` reads them (no feature file opened)."""
         by_shard: dict[str, list[dict[str, Any]]] = {}
         for row in self.ok:
             by_shard.setdefault(row["shard"], []).append(row)
-        for shard, rows in by_shard.items():
+        return by_shard
+
+    def iter_shards(self, name: str) -> Iterator[tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor | None]]:
+        """(rows, tensor, token_offsets) per shard for feature ``name``."""
+        for shard, rows in self.shard_rows().items():
             with safe_open(self.folder / shard, framework="pt") as f:
                 if name not in f.keys():
                     raise KeyError(f"feature {name!r} was not extracted; available: {sorted(f.keys())}")
