@@ -25,6 +25,7 @@ from .onednn import prepack_for_cpu
 from .output import EncoderOutput
 from .presets import PRESETS, Preset, get_preset, list_presets
 from .processor import ImageProcessor, ProcessedImage, ProcessedImages, naflex_size
+from .recipes import RECIPES, Recipe, get_recipe, list_recipes
 from .store import ExtractedFeatures
 from .text import SigLIP2TextEncoder, TextOutput
 from .tokenizer import TextTokenizer, TokenizedTexts
@@ -47,6 +48,8 @@ __all__ = [
     "ProcessedImage",
     "ProcessedImages",
     "ProcessorConfig",
+    "RECIPES",
+    "Recipe",
     "SigLIP2Encoder",
     "SigLIP2Model",
     "SigLIP2TextEncoder",
@@ -59,7 +62,9 @@ __all__ = [
     "convert_hf_state_dict",
     "convert_timm_state_dict",
     "get_preset",
+    "get_recipe",
     "list_presets",
+    "list_recipes",
     "load_image",
     "naflex_size",
     "prepack_for_cpu",

@@ -21,6 +21,7 @@ from typing import Any
 __all__ = [
     "EncoderConfig",
     "NAFLEX_NUM_PATCHES",
+    "POSITION_LOOKUPS",
     "ProcessorConfig",
     "RESAMPLE_FILTERS",
     "SUPPORTED_ACTIVATIONS",
@@ -34,6 +35,10 @@ SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 # transformers' Siglip2VisionConfig default: a 16x16 learned position grid.
 NAFLEX_NUM_PATCHES = 256
 RESAMPLE_FILTERS = ("bilinear", "bicubic")
+# How a fixed-resolution tower finds position embeddings for a grid other than its native one: "interpolate" resizes
+# the table bicubically (SigLIP, transformers' interpolate_pos_encoding); "buckets" looks each patch's fractional
+# coordinate up in the table (NaViT's scheme, Idefics3's and SmolVLM's towers).
+POSITION_LOOKUPS = ("interpolate", "buckets")
 
 
 def check_positive_ints(config: Any, *names: str) -> None:
@@ -94,10 +99,20 @@ class EncoderConfig(TransformerConfig):
     image_size: int | None = 224  # fixed-resolution: native side length in pixels; None for NaFlex
     num_patches: int | None = None  # NaFlex: entries of the square learned position grid (256 = 16x16)
     use_head: bool = True  # whether the attention-pooling (MAP) head exists
+    position_lookup: str = "interpolate"  # fixed-resolution grids other than the native one: one of POSITION_LOOKUPS
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_ints(self, "num_channels", "patch_size")
+        if self.position_lookup not in POSITION_LOOKUPS:
+            raise ValueError(
+                f"position_lookup must be one of {POSITION_LOOKUPS}, got position_lookup={self.position_lookup!r}"
+            )
+        if self.position_lookup != "interpolate" and self.num_patches is not None:
+            raise ValueError(
+                f"position_lookup={self.position_lookup!r} is for fixed-resolution towers; NaFlex towers resize their "
+                f"grid bilinearly (leave position_lookup='interpolate')"
+            )
         if (self.image_size is None) == (self.num_patches is None):
             raise ValueError(
                 "set exactly one of image_size (fixed-resolution checkpoints) and num_patches (NaFlex checkpoints), "

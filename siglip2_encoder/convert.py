@@ -62,32 +62,81 @@ logger = logging.getLogger(__name__)
 
 # model_type -> whether the vision tower is NaFlex.
 IMAGE_TEXT_TYPES = {"siglip": False, "siglip2": True}
-VISION_TYPES = {"siglip_vision_model": False, "siglip2_vision_model": True}
+VISION_TYPES = {
+    "siglip_vision_model": False,
+    "siglip2_vision_model": True,
+    "idefics3_vision": False,  # Idefics3VisionTransformer: SigLIP without the head, bucketed positions
+    "smolvlm_vision": False,  # SmolVLMVisionTransformer: the same tower
+}
 TEXT_TYPES = ("siglip_text_model", "siglip2_text_model")  # text-only checkpoints (SiglipTextModel, ...)
-# VLMs that hold a SigLIP / SigLIP 2 vision tower under ``vision_tower`` (its architecture in ``vision_config``).
-VLM_TYPES = ("paligemma", "gemma3", "llava")
-# Where that tower's weights live in the key layouts transformers writes: 4.x before and after its ``model.``
-# refactor, 5.x in memory and as saved. Longest first: the first prefix a key starts with names it; the language
-# model's and the projector's keys start with none and are not read.
-VLM_TOWER_PREFIXES = (
+# Vision types whose architecture differs from SigLIP's in ways their config.json does not say: the fields fixed here.
+# Their other defaults differ from SiglipVisionConfig's too, so their configs are read through transformers.
+_FAMILY_FIELDS: dict[str, dict[str, Any]] = {
+    "idefics3_vision": {"use_head": False, "position_lookup": "buckets"},
+    "smolvlm_vision": {"use_head": False, "position_lookup": "buckets"},
+}
+_SIGLIP_TOWER_PREFIXES = (  # 4.x before and after its ``model.`` refactor, 5.x in memory and as saved
     "model.vision_tower.vision_model.",
     "vision_tower.vision_model.",
     "model.vision_tower.",
     "vision_tower.",
 )
-# image_processor_type -> whether it is NaFlex preprocessing; transformers 4 named its torchvision ones "...Fast".
-PROCESSOR_TYPES = {
-    "SiglipImageProcessor": False,
-    "SiglipImageProcessorFast": False,
-    "Siglip2ImageProcessor": True,
-    "Siglip2ImageProcessorFast": True,
-    "Gemma3ImageProcessor": False,  # SigLIP's resize and normalisation, bilinear, plus an optional pan-and-scan
-    "Gemma3ImageProcessorFast": False,
+# VLMs that hold a SigLIP-architecture vision tower (its architecture in ``vision_config``) -> where that tower's
+# weights live in the key layouts transformers writes. Longest first: the first prefix a key starts with names it; the
+# language model's and the projector's keys start with none and are not read.
+VLM_TYPES: dict[str, tuple[str, ...]] = {
+    "paligemma": _SIGLIP_TOWER_PREFIXES,
+    "gemma3": _SIGLIP_TOWER_PREFIXES,
+    "llava": _SIGLIP_TOWER_PREFIXES,
+    "llava_next": _SIGLIP_TOWER_PREFIXES,
+    "llava_onevision": _SIGLIP_TOWER_PREFIXES,
+    "lfm2_vl": _SIGLIP_TOWER_PREFIXES,
+    "idefics3": ("model.vision_model.",),
+    "smolvlm": ("model.vision_model.",),
 }
-_DEFAULT_RESAMPLE = {"Gemma3ImageProcessor": 2, "Gemma3ImageProcessorFast": 2}  # else: SigLIP 2 bilinear, 1 bicubic
+
+
+@dataclass(frozen=True)
+class _ProcessorKind:
+    """What this library reproduces of one transformers image processor."""
+
+    naflex: bool
+    resample: int  # PIL code when the file names none (transformers' default for the class)
+    # What the processor does beyond one SigLIP view (tiles, aspect-preserving resizes), which is not reproduced: this
+    # library preprocesses the single view named here, exactly, and says so in a warning when loading.
+    beyond: str = ""
+
+
+_IDEFICS3_VIEWS = (
+    "splits each image into tiles after an aspect-preserving LANCZOS resize; here each image is resized (bicubic) to "
+    "one tile of max_image_size pixels, and images already of that size are preprocessed exactly as its tiles"
+)
+_ANYRES_VIEWS = (
+    "adds anyres tiles (image_grid_pinpoints) to the base view; here the base view only: the image resized to the "
+    "tower's native square"
+)
+# image_processor_type -> what is reproduced of it; transformers 4 named its torchvision processors "...Fast".
+PROCESSOR_TYPES: dict[str, _ProcessorKind] = {}
+for _name, _kind in {
+    "SiglipImageProcessor": _ProcessorKind(False, 3),
+    "Siglip2ImageProcessor": _ProcessorKind(True, 2),
+    "Gemma3ImageProcessor": _ProcessorKind(False, 2),  # SigLIP's, bilinear, plus an optional pan-and-scan
+    "Idefics3ImageProcessor": _ProcessorKind(False, 1, _IDEFICS3_VIEWS),
+    "SmolVLMImageProcessor": _ProcessorKind(False, 1, _IDEFICS3_VIEWS),
+    "LlavaNextImageProcessor": _ProcessorKind(False, 3, _ANYRES_VIEWS),
+    "LlavaOnevisionImageProcessor": _ProcessorKind(False, 3, _ANYRES_VIEWS),
+    "Lfm2VlImageProcessor": _ProcessorKind(
+        True,
+        2,
+        "resizes each image between min_image_tokens and max_image_tokens by its own rule and adds tiles; here one "
+        "NaFlex view within max_image_tokens x downsample_factor**2 patches, resized by SigLIP 2's rule",
+    ),
+}.items():
+    PROCESSOR_TYPES[_name] = PROCESSOR_TYPES[_name + "Fast"] = _kind
 # EncoderConfig field -> transformers' name, where they differ.
 _HF_FIELD_NAMES = {"use_head": "vision_use_head"}
 _PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers stores them
+_LANCZOS = 1
 
 VISION_PREFIX = "vision_model."
 TEXT_PREFIX = "text_model."
@@ -118,41 +167,65 @@ def _square(value: Any, name: str) -> Any:
     return value
 
 
-def config_from_hf(hf_config: Mapping[str, Any]) -> EncoderConfig:
-    """The vision tower's config from a transformers ``config.json`` (image-text or vision-only).
+def _resolved_vision_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The vision tower's fields of a VLM or non-SigLIP vision config as transformers resolves them (each family's
+    config class fills in its own defaults, which differ from SiglipVisionConfig's)."""
+    from transformers import AutoConfig  # only for these families: plain SigLIP configs load without transformers
 
-    Fields missing from the file take transformers' defaults, which are :class:`EncoderConfig`'s own.
-    """
+    settings = {k: v for k, v in hf_config.items() if k != "model_type"}
+    try:
+        resolved = AutoConfig.for_model(hf_config["model_type"], **settings)
+    except Exception as err:  # transformers' own validation: say which file it was
+        raise CheckpointError(
+            f"config.json ({hf_config['model_type']!r}) is not a config transformers accepts: {err}"
+        ) from None
+    return (resolved.vision_config if hf_config["model_type"] in VLM_TYPES else resolved).to_dict()
+
+
+def _vision_fields(hf_config: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """(vision model_type, its fields) of a transformers config.json with a SigLIP-architecture vision tower."""
     model_type = hf_config.get("model_type")
     if model_type in IMAGE_TEXT_TYPES:
-        vision = hf_config.get("vision_config") or {}
-        naflex = IMAGE_TEXT_TYPES[model_type]
-    elif model_type in VISION_TYPES:
-        vision = hf_config
-        naflex = VISION_TYPES[model_type]
-    elif model_type in VLM_TYPES:
-        vision = hf_config.get("vision_config") or {}
+        return ("siglip2" if IMAGE_TEXT_TYPES[model_type] else "siglip") + "_vision_model", hf_config.get(
+            "vision_config"
+        ) or {}
+    if model_type in VISION_TYPES and model_type not in _FAMILY_FIELDS:
+        return model_type, hf_config
+    if model_type in VISION_TYPES or model_type in VLM_TYPES:
+        vision = _resolved_vision_config(hf_config)
         if vision.get("model_type") not in VISION_TYPES:
             raise CheckpointError(
-                f"config.json is a {model_type!r} checkpoint whose vision tower is {vision.get('model_type')!r}, not a "
-                f"SigLIP tower ({' or '.join(VISION_TYPES)}); load it with the library of its own tower"
+                f"config.json is a {model_type!r} checkpoint whose vision tower is {vision.get('model_type')!r}, "
+                f"not a SigLIP-architecture tower (one of {', '.join(VISION_TYPES)}); load it with the library of its "
+                f"own tower"
             )
-        naflex = VISION_TYPES[vision["model_type"]]
-    elif model_type in TEXT_TYPES:
+        return vision["model_type"], vision
+    if model_type in TEXT_TYPES:
         raise CheckpointError(
             f"config.json has model_type={model_type!r}: a text-only checkpoint, without a vision tower; give a "
             f"vision-only or image-text checkpoint, or embed texts with it (SigLIP2TextEncoder, `embed-text`)"
         )
-    else:
-        raise CheckpointError(
-            f"config.json has model_type={model_type!r}; expected one of "
-            f"{sorted([*IMAGE_TEXT_TYPES, *VISION_TYPES, *VLM_TYPES])} (a SigLIP or SigLIP 2 checkpoint, or a VLM with "
-            f"a SigLIP tower)"
-        )
-    kwargs: dict[str, Any] = {}
+    raise CheckpointError(
+        f"config.json has model_type={model_type!r}; expected one of "
+        f"{sorted([*IMAGE_TEXT_TYPES, *VISION_TYPES, *VLM_TYPES])} (a SigLIP or SigLIP 2 checkpoint, or a VLM with "
+        f"a SigLIP tower)"
+    )
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> EncoderConfig:
+    """The vision tower's config from a transformers ``config.json``: image-text, vision-only, or a VLM's
+    (:data:`VLM_TYPES`) whose vision tower has SigLIP's architecture.
+
+    Fields missing from the file take transformers' defaults: for SigLIP's own types, :class:`EncoderConfig`'s; for
+    the other families, their config classes' (read through transformers).
+    """
+    vision_type, vision = _vision_fields(hf_config)
+    naflex = VISION_TYPES[vision_type]
+    fixed = _FAMILY_FIELDS.get(vision_type, {})
+    kwargs: dict[str, Any] = dict(fixed)
     for field in fields(EncoderConfig):
         key = _HF_FIELD_NAMES.get(field.name, field.name)
-        if field.name not in ("image_size", "num_patches") and vision.get(key) is not None:
+        if field.name not in ("image_size", "num_patches", *fixed) and vision.get(key) is not None:
             kwargs[field.name] = vision[key]
     kwargs["patch_size"] = _square(kwargs.get("patch_size", EncoderConfig.patch_size), "patch_size")
     if "attention_dropout" in kwargs:
@@ -163,13 +236,24 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> EncoderConfig:
 
 
 def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
-    """A vision-only transformers ``config.json`` (``SiglipVisionModel`` or ``Siglip2VisionModel``)."""
-    out: dict[str, Any] = {
-        "architectures": ["Siglip2VisionModel" if config.naflex else "SiglipVisionModel"],
-        "model_type": "siglip2_vision_model" if config.naflex else "siglip_vision_model",
-    }
+    """A vision-only transformers ``config.json``: ``SiglipVisionModel`` or ``Siglip2VisionModel``, or for a tower
+    with bucketed positions (from Idefics3 / SmolVLM) ``Idefics3VisionTransformer``."""
+    if config.position_lookup == "buckets":
+        if config.use_head:
+            raise ValueError(
+                "a tower with position_lookup='buckets' and a head has no transformers class to save it as "
+                "(Idefics3VisionTransformer has no head); set use_head=False"
+            )
+        out: dict[str, Any] = {"architectures": ["Idefics3VisionTransformer"], "model_type": "idefics3_vision"}
+        skipped = ("use_head", "position_lookup")
+    else:
+        out = {
+            "architectures": ["Siglip2VisionModel" if config.naflex else "SiglipVisionModel"],
+            "model_type": "siglip2_vision_model" if config.naflex else "siglip_vision_model",
+        }
+        skipped = ("position_lookup",)
     for name, value in config.to_dict().items():
-        if value is not None:
+        if value is not None and name not in skipped:
             out[_HF_FIELD_NAMES.get(name, name)] = value
     return out
 
@@ -200,47 +284,53 @@ def text_config_to_hf(config: TextConfig, siglip2: bool) -> dict[str, Any]:
 
 
 def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig) -> ProcessorConfig:
-    """From transformers' image processor settings (``SiglipImageProcessor`` / ``Siglip2ImageProcessor``).
+    """From transformers' image processor settings (SigLIP's and SigLIP 2's, and the VLM processors of
+    :data:`PROCESSOR_TYPES`: their single view, with a warning naming what else they do).
 
     The tower decides the kind of preprocessing (a NaFlex tower needs NaFlex patches); ``image_processor_type``, when
     the file names one, must agree with it. Missing fields take transformers' defaults.
     """
-    kind = hf.get("image_processor_type")
-    if kind is not None and kind not in PROCESSOR_TYPES:
+    name = hf.get("image_processor_type")
+    if name is not None and name not in PROCESSOR_TYPES:
         raise CheckpointError(
-            f"the image processor is {kind!r}; expected one of {sorted(PROCESSOR_TYPES)} (a SigLIP processor)"
+            f"the image processor is {name!r}; expected one of {sorted(PROCESSOR_TYPES)} (a SigLIP processor, or a "
+            f"VLM's whose single view this library reproduces)"
         )
-    if kind is not None and PROCESSOR_TYPES[kind] != tower.naflex:
+    kind = PROCESSOR_TYPES[name] if name is not None else _ProcessorKind(tower.naflex, 2 if tower.naflex else 3)
+    if kind.naflex != tower.naflex:
         raise CheckpointError(
-            f"the image processor is {kind!r} but the tower is {'NaFlex' if tower.naflex else 'fixed-resolution'}; "
+            f"the image processor is {name!r} but the tower is {'NaFlex' if tower.naflex else 'fixed-resolution'}; "
             f"the checkpoint's config.json and processor settings do not belong together"
         )
     if hf.get("do_pan_and_scan"):
         raise CheckpointError(
-            f"the image processor {kind!r} crops pan-and-scan views (do_pan_and_scan=true), which this library does "
+            f"the image processor {name!r} crops pan-and-scan views (do_pan_and_scan=true), which this library does "
             f"not reproduce; set it false in the processor file to get the single resized view"
         )
-    resample = hf.get("resample", _DEFAULT_RESAMPLE.get(kind, 2 if tower.naflex else 3))
+    resample = hf.get("resample", kind.resample)
+    if kind.beyond:
+        logger.warning("the image processor %s %s", name, kind.beyond)
+        if resample == _LANCZOS:
+            resample = 3
     if resample not in _PIL_RESAMPLE:
         raise CheckpointError(f"the image processor has resample={resample!r}; supported: {_PIL_RESAMPLE} (PIL codes)")
     names = ("image_mean", "image_std", "rescale_factor", "do_resize", "do_rescale", "do_normalize")
     common = {name: hf[name] for name in names if hf.get(name) is not None}
     try:
         if tower.naflex:
-            patch = hf.get("patch_size", tower.patch_size)
+            patch = hf.get("patch_size", hf.get("encoder_patch_size", tower.patch_size))
             if patch != tower.patch_size:
                 raise CheckpointError(
                     f"the image processor cuts {patch}-pixel patches but the tower's patch_size is {tower.patch_size}"
                 )
             budget = hf.get("max_num_patches", NAFLEX_NUM_PATCHES)
+            if "max_image_tokens" in hf:  # LFM2-VL: its whole-image view's budget, in tokens after its 2x2 unshuffle
+                budget = hf["max_image_tokens"] * hf.get("downsample_factor", 2) ** 2
             return ProcessorConfig(
                 image_size=None, max_num_patches=budget, patch_size=patch, resample=_PIL_RESAMPLE[resample], **common
             )
-        size = hf.get("size", {"height": 224, "width": 224})
-        if not isinstance(size, Mapping) or not {"height", "width"} <= set(size):
-            raise CheckpointError(f"the image processor's size must give height and width, got size={size!r}")
         return ProcessorConfig(
-            image_size=(size["height"], size["width"]),
+            image_size=_view_size(hf, kind, tower),
             patch_size=tower.patch_size,
             resample=_PIL_RESAMPLE[resample],
             **common,
@@ -249,6 +339,20 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig) -> Pro
         raise
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"invalid image processor settings: {err}") from None
+
+
+def _view_size(hf: Mapping[str, Any], kind: _ProcessorKind, tower: EncoderConfig) -> tuple[int, int]:
+    """(height, width) of the fixed-resolution view: ``size``; for Idefics3's processors, one tile
+    (``max_image_size``); for anyres ones without height and width (LLaVA-NeXT's shortest edge), the tower's square."""
+    tile = hf.get("max_image_size")
+    if kind.beyond and isinstance(tile, Mapping) and "longest_edge" in tile:
+        return (tile["longest_edge"], tile["longest_edge"])
+    size = hf.get("size", {"height": 224, "width": 224})
+    if isinstance(size, Mapping) and {"height", "width"} <= set(size):
+        return (size["height"], size["width"])
+    if kind.beyond:
+        return (tower.image_size, tower.image_size)
+    raise CheckpointError(f"the image processor's size must give height and width, got size={size!r}")
 
 
 def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
@@ -300,13 +404,17 @@ def _tower_keys(prefix: str, others: tuple[str, ...]) -> KeyMap:
 _vision_key = _tower_keys(VISION_PREFIX, _NON_VISION_PREFIXES)
 
 
-def _vlm_tower_key(key: str) -> str | None:
-    """A VLM checkpoint's key as the tower names it, or None for the language model's and projector's weights."""
-    for prefix in VLM_TOWER_PREFIXES:
-        if key.startswith(prefix):
-            key = key.removeprefix(prefix)
-            return None if key in _IGNORED_BUFFERS else key
-    return None
+def _vlm_tower_keys(prefixes: tuple[str, ...]) -> KeyMap:
+    """Names a VLM checkpoint's keys as the tower does; None for the language model's and projector's weights."""
+
+    def select(key: str) -> str | None:
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key.removeprefix(prefix)
+                return None if key in _IGNORED_BUFFERS else key
+        return None
+
+    return select
 
 
 _text_key = _tower_keys(TEXT_PREFIX, _NON_TEXT_PREFIXES)
@@ -555,7 +663,8 @@ def read_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = Non
     """Read a transformers SigLIP / SigLIP 2 checkpoint's vision tower, or the SigLIP tower of a VLM checkpoint
     (:data:`VLM_TYPES`: only the shards holding it are read); ``dtype=None`` keeps the stored dtype."""
     config = read_config(source)
-    select = _vlm_tower_key if source.read_json("config.json").get("model_type") in VLM_TYPES else _vision_key
+    prefixes = VLM_TYPES.get(source.read_json("config.json").get("model_type"))
+    select = _vlm_tower_keys(prefixes) if prefixes else _vision_key
     return Checkpoint(config, read_state_dict(source, select, dtype), read_processor_config(source, config))
 
 
@@ -630,7 +739,7 @@ def write_checkpoint(
     """Write config.json, model.safetensors and preprocessor_config.json, each atomically.
 
     Keys get transformers' ``vision_model.`` prefix, the layout of Google's Hub checkpoints, which every transformers
-    version loads.
+    version loads; a tower with bucketed positions is written as ``Idefics3VisionTransformer`` saves itself, unprefixed.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -638,7 +747,8 @@ def write_checkpoint(
     hf_config = config_to_hf(config)
     if len(dtypes) == 1:
         hf_config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
-    state = {VISION_PREFIX + k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    prefix = "" if config.position_lookup == "buckets" else VISION_PREFIX
+    state = {prefix + k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     write_atomic(folder / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     write_atomic(folder / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
     processor = processor_config_to_hf(processor_config)

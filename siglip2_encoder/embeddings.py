@@ -1,8 +1,9 @@
 """Patch and position embeddings for both tower families.
 
 * :class:`FixedResolutionEmbeddings`: conv patch embedding over (B, C, H, W) images; the learned position table is
-  used as is at the native grid and resized bicubically otherwise, exactly as transformers'
-  ``interpolate_pos_encoding=True`` does.
+  used as is at the native grid and otherwise resized bicubically, exactly as transformers'
+  ``interpolate_pos_encoding=True`` does, or (``position_lookup="buckets"``, Idefics3 / SmolVLM towers) read at each
+  patch's fractional coordinate, exactly as ``Idefics3VisionEmbeddings`` does.
 * :class:`NaFlexEmbeddings`: linear patch embedding over packed patchified pixels (T, p * p * C), the learned square
   grid resized per image to its (h, w) with bilinear + antialias, as transformers' ``Siglip2VisionEmbeddings`` does.
 
@@ -23,6 +24,17 @@ from torch import nn
 from .config import EncoderConfig
 
 __all__ = ["FixedResolutionEmbeddings", "NaFlexEmbeddings"]
+
+
+def _antialiased_bilinear(size: int, source: int, device: torch.device) -> torch.Tensor:
+    """(size, source) float32 weights of a bilinear resize from ``source`` to ``size`` samples with antialiasing
+    (``align_corners=False``): a triangle filter, widened by the scale when shrinking, each row normalised."""
+    scale = source / size
+    support = max(scale, 1.0)
+    centers = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) * scale - 0.5
+    offsets = torch.arange(source, device=device, dtype=torch.float32)[None, :] - centers[:, None]
+    weights = (1 - offsets.abs() / support).clamp(min=0)
+    return weights / weights.sum(1, keepdim=True)
 
 
 def _grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
@@ -72,14 +84,30 @@ class FixedResolutionEmbeddings(_Embeddings):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__(config)
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+        self.position_lookup = config.position_lookup
 
     def positions(self, h: int, w: int) -> torch.Tensor:
-        """The table as is at the native grid; bicubic otherwise, as transformers' ``interpolate_pos_encoding``."""
+        """The table as is at the native grid; otherwise bicubic, as transformers' ``interpolate_pos_encoding``, or
+        bucketed (``position_lookup="buckets"``)."""
         table = self.table()
         if (h, w) == (self.grid, self.grid):
             return table.flatten(0, 1)
+        if self.position_lookup == "buckets":
+            return table.flatten(0, 1)[self._bucket_ids(h, w, table.device)]
         grid = table.permute(2, 0, 1)[None]  # (1, D, g, g)
         return _grid_to_tokens(F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False))
+
+    def _bucket_ids(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(h * w,) table rows: patch (i, j) of an (h, w) grid reads the table cell holding its fractional coordinate
+        (i / h, j / w). The float32 steps, clamp and boundaries are Idefics3's, so ties fall in the same bucket."""
+        boundaries = torch.arange(1 / self.grid, 1.0, 1 / self.grid, device=device)
+
+        def buckets(n: int) -> torch.Tensor:
+            step = 1.0 / torch.tensor(n, dtype=torch.int64, device=device)  # float32, as its per-image counts
+            coords = torch.clamp(torch.arange(n, device=device, dtype=torch.float32) * step, max=1.0 - 1e-6)
+            return torch.bucketize(coords, boundaries, right=True)
+
+        return (buckets(h)[:, None] * self.grid + buckets(w)[None, :]).flatten()
 
     def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, H//p * W//p, D); ``positions`` (N, D) or (B, N, D) replaces the tower's own."""
@@ -96,15 +124,17 @@ class NaFlexEmbeddings(_Embeddings):
         self.patch_embedding = nn.Linear(config.num_channels * config.patch_size**2, config.hidden_size)
 
     def positions(self, h: int, w: int) -> torch.Tensor:
-        """Bilinear with antialiasing, as transformers' ``Siglip2VisionEmbeddings``."""
+        """Bilinear with antialiasing, as transformers' ``Siglip2VisionEmbeddings``, in float32.
+
+        The resize is written out as one weight matrix per axis rather than ``F.interpolate(antialias=True)``, whose
+        kernels have given wrong values for 1-wide outputs (a 40x1 grid): the contiguous one in PyTorch 2.14, the
+        channels-last one in earlier releases.
+        """
         table = self.table()
-        # contiguous(): PyTorch's channels-last antialiased kernel is wrong for 1-wide outputs (e.g. a 5x1 grid).
-        grid = table.permute(2, 0, 1)[None].contiguous()  # (1, D, g, g)
-        # Antialiased resizing has no half-precision CPU kernel; transformers upcasts there too.
-        if grid.device.type == "cpu":
-            grid = grid.float()
-        resized = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        return _grid_to_tokens(resized).to(table.dtype)
+        rows = _antialiased_bilinear(h, self.grid, table.device)  # (h, g)
+        columns = _antialiased_bilinear(w, self.grid, table.device)  # (w, g)
+        resized = (rows @ table.float().flatten(1)).view(h, self.grid, -1)  # (h, g, D)
+        return torch.einsum("wj,hjd->hwd", columns, resized).flatten(0, 1).to(table.dtype)
 
     def forward(
         self, patches: torch.Tensor, grids: Sequence[tuple[int, int]], positions: torch.Tensor | None = None

@@ -29,6 +29,7 @@ from .layers import Encoder
 from .output import EncoderOutput, Layer, tokens_to_map
 from .packing import Packing
 from .presets import get_preset
+from .recipes import Recipe, get_recipe
 from .processor import patchify
 
 __all__ = ["SigLIP2Encoder"]
@@ -361,6 +362,23 @@ class SigLIP2Encoder(nn.Module):
             spatial_shapes=torch.tensor(packing.grids, dtype=torch.long, device=x.device).reshape(-1, 2),
             attention_mask=packing.mask(),
         )
+
+    def features(
+        self,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
+        spatial_shapes: Grids | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        *,
+        recipe: str | Recipe,
+    ) -> torch.Tensor:
+        """The (B, N, D) tokens a VLM's projector receives from this tower, by the VLM's recipe
+        (:mod:`~siglip2_encoder.recipes`: ``"llava"``, ``"paligemma"``, ``"idefics3"``, ...), computing no more
+        layers than it needs. Inputs as in :meth:`forward`; padding tokens are zero."""
+        layer = get_recipe(recipe).layer
+        output = self(
+            pixel_values, spatial_shapes, pixel_attention_mask, layers=[layer], return_last=False, return_pooled=False
+        )
+        return output.tokens(layer)
 
     def forward_features(self, pixel_values: torch.Tensor | Sequence[torch.Tensor], **inputs) -> torch.Tensor:
         """timm's ``forward_features``: the final (B, N, D) tokens after the post-layernorm (``inputs`` as in

@@ -14,11 +14,26 @@ from transformers import (
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessor,
+    Lfm2VlConfig,
+    Lfm2VlForConditionalGeneration,
+    Lfm2VlImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     SiglipImageProcessor,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
+    SmolVLMImageProcessor,
 )
 
 from siglip2_encoder import CheckpointError, ImageProcessor, SigLIP2Encoder
@@ -26,64 +41,156 @@ from siglip2_encoder import CheckpointError, ImageProcessor, SigLIP2Encoder
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
 LM = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
 LM = LM | dict(head_dim=8, vocab_size=300)
+SIGLIP = TOWER | dict(image_size=32, model_type="siglip_vision_model")
+PINPOINTS = [[32, 32], [32, 64]]
 
 
 def build(family: str) -> tuple[torch.nn.Module, object]:
     """A tiny random VLM of the family, with the image processor it ships with."""
     torch.manual_seed(0)
+    square = {"height": 32, "width": 32}
     if family == "paligemma":  # PaliGemma's tower has no pooling head
-        config = PaliGemmaConfig(
-            vision_config=TOWER | dict(image_size=32, vision_use_head=False), text_config=LM, projection_dim=16
-        )
-        return PaliGemmaForConditionalGeneration(config), SiglipImageProcessor(size={"height": 32, "width": 32})
+        config = PaliGemmaConfig(vision_config=SIGLIP | dict(vision_use_head=False), text_config=LM, projection_dim=16)
+        return PaliGemmaForConditionalGeneration(config), SiglipImageProcessor(size=square)
     if family == "gemma3":
-        config = Gemma3Config(vision_config=TOWER | dict(image_size=32), text_config=LM, mm_tokens_per_image=4)
-        return Gemma3ForConditionalGeneration(config), Gemma3ImageProcessor(size={"height": 32, "width": 32})
-    vision = TOWER | dict(image_size=32, model_type="siglip_vision_model")
-    config = LlavaConfig(vision_config=vision, text_config=LM | dict(model_type="llama"))
-    return LlavaForConditionalGeneration(config), SiglipImageProcessor(size={"height": 32, "width": 32})
+        config = Gemma3Config(vision_config=SIGLIP, text_config=LM, mm_tokens_per_image=4)
+        return Gemma3ForConditionalGeneration(config), Gemma3ImageProcessor(size=square)
+    if family == "llava":
+        config = LlavaConfig(vision_config=SIGLIP, text_config=LM | dict(model_type="llama"))
+        return LlavaForConditionalGeneration(config), SiglipImageProcessor(size=square)
+    if family == "llava_next":  # its processor's size is a shortest edge: the base view is the tower's square
+        config = LlavaNextConfig(vision_config=SIGLIP, text_config=LM | dict(model_type="llama"))
+        config.image_grid_pinpoints = PINPOINTS
+        return LlavaNextForConditionalGeneration(config), LlavaNextImageProcessor(image_grid_pinpoints=PINPOINTS)
+    if family == "llava_onevision":  # OneVision's towers have no head
+        vision = SIGLIP | dict(vision_use_head=False)
+        config = LlavaOnevisionConfig(vision_config=vision, text_config=LM | dict(model_type="qwen2"))
+        config.image_grid_pinpoints = PINPOINTS
+        return LlavaOnevisionForConditionalGeneration(config), LlavaOnevisionImageProcessor(size=square)
+    if family == "lfm2_vl":  # a NaFlex SigLIP 2 tower
+        vision = TOWER | dict(num_patches=16, model_type="siglip2_vision_model", vision_use_head=False)
+        text = dict(LM, vocab_size=500)
+        del text["head_dim"]
+        config = Lfm2VlConfig(vision_config=vision, text_config=text, projector_hidden_size=16)
+        return Lfm2VlForConditionalGeneration(config), Lfm2VlImageProcessor(encoder_patch_size=8, max_image_tokens=6)
+    vision = TOWER | dict(image_size=32)  # Idefics3 / SmolVLM: their own tower class, without a head
+    if family == "idefics3":
+        config = Idefics3Config(vision_config=vision, text_config=LM | dict(model_type="llama"), scale_factor=2)
+        processor = Idefics3ImageProcessor(max_image_size={"longest_edge": 32}, size={"longest_edge": 64})
+        return Idefics3ForConditionalGeneration(config), processor
+    config = SmolVLMConfig(vision_config=vision, text_config=LM | dict(model_type="llama"), scale_factor=2)
+    processor = SmolVLMImageProcessor(max_image_size={"longest_edge": 32}, size={"longest_edge": 64})
+    return SmolVLMForConditionalGeneration(config), processor
 
 
-# The tower's key prefix in each layout: 5.x saves, the Hub's 4.x checkpoints, 4.52+ saves (after the `model.`
-# refactor), 5.x module names.
+def vision_tower(vlm: torch.nn.Module) -> torch.nn.Module:
+    return vlm.model.vision_model if hasattr(vlm.model, "vision_model") else vlm.model.vision_tower
+
+
+def naflex_inputs(seed: int) -> dict[str, torch.Tensor]:
+    """Two images with grids 4x4 and 2x5, patchified and padded to 16 patches of 8 x 8 x 3."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(2, 16, 192, generator=generator)
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    pixels[1, 10:] = 0
+    return dict(pixel_values=pixels, spatial_shapes=torch.tensor([[4, 4], [2, 5]]), pixel_attention_mask=mask)
+
+
+SIGLIP_FAMILIES = ["paligemma", "gemma3", "llava", "llava_next", "llava_onevision", "lfm2_vl"]
+# The tower's key prefix in each layout: 5.x saves (most families), the Hub's 4.x checkpoints, 4.52+ saves (after
+# the `model.` refactor), 5.x module names (and LFM2-VL's 5.x saves).
 LAYOUTS = {
     "transformers 5": "vision_tower.",
     "transformers 4": "vision_tower.vision_model.",
     "transformers 4.52": "model.vision_tower.vision_model.",
     "module names": "model.vision_tower.",
 }
+# The VLM processor's single view: (size or patch budget, filter).
+VIEWS = {
+    "paligemma": ((32, 32), "bicubic"),
+    "gemma3": ((32, 32), "bilinear"),
+    "llava": ((32, 32), "bicubic"),
+    "llava_next": ((32, 32), "bicubic"),
+    "llava_onevision": ((32, 32), "bicubic"),
+    "lfm2_vl": (24, "bilinear"),
+    "idefics3": ((32, 32), "bicubic"),
+    "smolvlm": ((32, 32), "bicubic"),
+}
 
 
 def relayout(folder: Path, prefix: str) -> None:
-    """Rewrite a transformers 5 save (``vision_tower.*``) with the tower under ``prefix``, the projector and language
-    model untouched."""
+    """Rewrite a save with the tower under ``prefix``, the projector and language model untouched."""
     state = load_file(folder / "model.safetensors")
-    renamed = {re.sub(r"^vision_tower\.", prefix, k): v for k, v in state.items()}
-    assert renamed != state
+    pattern = r"^(model\.)?vision_tower\.(vision_model\.)?"
+    renamed = {re.sub(pattern, prefix, k): v for k, v in state.items()}
+    assert sum(k.startswith(prefix) for k in renamed) == sum(re.match(pattern, k) is not None for k in state) > 0
     save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def check_processor(folder: Path, family: str) -> None:
+    processor = ImageProcessor.from_pretrained(folder)
+    size, resample = VIEWS[family]
+    assert (processor.config.max_num_patches if family == "lfm2_vl" else processor.config.image_size) == size
+    assert processor.config.resample == resample
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("family", ["paligemma", "gemma3", "llava"])
+@pytest.mark.parametrize("family", SIGLIP_FAMILIES)
 def test_vlm_tower_equals_the_vlms_own_vision_tower(family, layout, tmp_path):
     vlm, image_processor = build(family)
     vlm = perturb(vlm, seed=5).eval()
     vlm.save_pretrained(tmp_path)
     image_processor.save_pretrained(tmp_path)
-    if LAYOUTS[layout] != "vision_tower.":
-        relayout(tmp_path, LAYOUTS[layout])
+    relayout(tmp_path, LAYOUTS[layout])
     ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    assert ours.config.use_head == (family != "paligemma")
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert ours.config.use_head == (family in ("gemma3", "llava", "llava_next"))
+    if family == "lfm2_vl":
+        x = naflex_inputs(1)
+    else:
+        x = dict(pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     with torch.no_grad():
-        want = vlm.model.vision_tower(pixel_values=x)
-        got = ours(x)
-    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=0)
-    if family != "paligemma":
+        want = vision_tower(vlm)(**x)
+        got = ours(**x)
+    mask = x.get("pixel_attention_mask", torch.ones(2, 1)).bool()[..., None]
+    torch.testing.assert_close(got.last_hidden_state * mask, want.last_hidden_state * mask, atol=1e-4, rtol=0)
+    if ours.config.use_head:
         torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
-    processor = ImageProcessor.from_pretrained(tmp_path)
-    assert processor.config.image_size == (32, 32)
-    assert processor.config.resample == ("bilinear" if family == "gemma3" else "bicubic")
+    check_processor(tmp_path, family)
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_idefics3_tower_equals_its_own_including_padded_images(family, tmp_path):
+    """Idefics3's tower reads positions at each patch's fractional coordinate for grids smaller than its native one
+    (images padded in the batch): ours does too, on each image's real patches."""
+    vlm, image_processor = build(family)
+    vlm = perturb(vlm, seed=6).eval()
+    vlm.save_pretrained(tmp_path)
+    image_processor.save_pretrained(tmp_path)
+    ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert (ours.config.use_head, ours.config.position_lookup) == (False, "buckets")
+    generator = torch.Generator().manual_seed(2)
+    full = torch.randn(2, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(full).last_hidden_state, vision_tower(vlm)(full).last_hidden_state, atol=1e-4, rtol=0
+        )
+        for h, w in [(3, 2), (1, 4), (3, 3), (2, 1)]:  # grids within the 4x4 native one, padded as Idefics3 pads
+            mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+            mask[0, :h, :w] = True
+            want = vision_tower(vlm)(full[:1], patch_attention_mask=mask).last_hidden_state[0, mask[0].flatten()]
+            got = ours([full[0, :, : 8 * h, : 8 * w]]).last_hidden_state[0, : h * w]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    check_processor(tmp_path, family)
+    # Saved alone it is transformers' Idefics3VisionTransformer, and comes back with its bucketed positions.
+    ours.save_pretrained(tmp_path / "tower")
+    from transformers import AutoModel
+
+    theirs = AutoModel.from_pretrained(tmp_path / "tower").eval()
+    again = SigLIP2Encoder.from_pretrained(tmp_path / "tower")
+    assert again.config == ours.config
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(full).last_hidden_state, ours(full).last_hidden_state, atol=1e-5, rtol=0)
 
 
 def test_only_the_shards_holding_the_tower_are_read(tmp_path):
@@ -92,7 +199,7 @@ def test_only_the_shards_holding_the_tower_are_read(tmp_path):
     keep_only_shards_of(tmp_path, "vision_tower.")
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        want = vlm.eval().model.vision_tower(pixel_values=x).last_hidden_state
+        want = vision_tower(vlm.eval())(pixel_values=x).last_hidden_state
         got = SigLIP2Encoder.from_pretrained(tmp_path)(x).last_hidden_state
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
@@ -100,8 +207,9 @@ def test_only_the_shards_holding_the_tower_are_read(tmp_path):
 def test_a_vlm_with_another_tower_or_pan_and_scan_is_refused(tmp_path):
     LlavaConfig(text_config=LM | dict(model_type="llama")).save_pretrained(tmp_path / "clip")  # a CLIP tower
     message = (
-        "config.json is a 'llava' checkpoint whose vision tower is 'clip_vision_model', not a SigLIP tower "
-        "(siglip_vision_model or siglip2_vision_model); load it with the library of its own tower"
+        "config.json is a 'llava' checkpoint whose vision tower is 'clip_vision_model', not a SigLIP-architecture "
+        "tower (one of siglip_vision_model, siglip2_vision_model, idefics3_vision, smolvlm_vision); load it with the "
+        "library of its own tower"
     )
     with pytest.raises(CheckpointError, match=re.escape(message)):
         SigLIP2Encoder.from_pretrained(tmp_path / "clip")
@@ -110,3 +218,27 @@ def test_a_vlm_with_another_tower_or_pan_and_scan_is_refused(tmp_path):
     Gemma3ImageProcessor(size={"height": 32, "width": 32}, do_pan_and_scan=True).save_pretrained(tmp_path / "gemma3")
     with pytest.raises(CheckpointError, match=re.escape("crops pan-and-scan views (do_pan_and_scan=true)")):
         ImageProcessor.from_pretrained(tmp_path / "gemma3")
+
+
+@pytest.mark.parametrize(
+    ("family", "dropped"),
+    [
+        ("llava_next", "the learned image_newline token and anyres tiling (image_grid_pinpoints)"),
+        (
+            "llava_onevision",
+            "the learned image_newline token, anyres tiling (image_grid_pinpoints) and the bilinear pooling of video "
+            "frames",
+        ),
+        ("paligemma", "a different architecture"),
+    ],
+)
+def test_import_llava_refuses_what_it_would_drop(family, dropped, tmp_path):
+    from siglip2_encoder.integrations.llava_export import import_llava
+
+    build(family)[0].save_pretrained(tmp_path)
+    message = (
+        f"{tmp_path} is a {family!r} checkpoint, not 'llava': importing it would drop {dropped}. Load its vision tower "
+        f"alone with SigLIP2Encoder.from_pretrained({str(tmp_path)!r})"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        import_llava(tmp_path)

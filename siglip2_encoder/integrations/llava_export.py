@@ -126,8 +126,28 @@ def export_llava(
         tokenizer.save_pretrained(folder)
 
 
+# What the LLaVA variants add to LLaVA's vision path, which VisionLanguageModel does not represent; transformers would
+# load their folders into LlavaForConditionalGeneration dropping it, with only a logged warning.
+_NOT_REPRESENTED = {
+    "llava_next": "the learned image_newline token and anyres tiling (image_grid_pinpoints)",
+    "llava_onevision": "the learned image_newline token, anyres tiling (image_grid_pinpoints) and the bilinear "
+    "pooling of video frames",
+    "llava_next_video": "the learned image_newline token, anyres tiling and the pooling of video frames",
+}
+
+
 def import_llava(directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """Load a transformers LLaVA checkpoint with a SigLIP vision tower into a :class:`VisionLanguageModel`."""
+    """Load a transformers LLaVA checkpoint (``model_type="llava"``) with a SigLIP vision tower into a
+    :class:`VisionLanguageModel`. LLaVA-NeXT / OneVision folders are refused (their image_newline and tiling have
+    no place here); ``SigLIP2Encoder.from_pretrained`` loads their towers."""
+    config_file = Path(directory) / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if model_type != "llava":
+        what = _NOT_REPRESENTED.get(model_type, "a different architecture")
+        raise ValueError(
+            f"{directory} is a {model_type!r} checkpoint, not 'llava': importing it would drop {what}. Load its "
+            f"vision tower alone with SigLIP2Encoder.from_pretrained({str(directory)!r})"
+        )
     llava = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype or torch.float32)
     config = llava.config
     if config.vision_config.model_type != "siglip_vision_model":
