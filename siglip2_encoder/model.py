@@ -29,8 +29,8 @@ from .layers import Encoder
 from .output import EncoderOutput, Layer, tokens_to_map
 from .packing import Packing
 from .presets import get_preset
-from .recipes import Recipe, get_recipe
 from .processor import patchify
+from .recipes import Recipe, get_recipe
 
 __all__ = ["SigLIP2Encoder"]
 
