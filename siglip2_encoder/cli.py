@@ -3,7 +3,8 @@
 Commands: ``extract`` (folders of images -> safetensors shards + manifest), ``embed-text`` (texts -> the same
 layout), ``classify`` (zero-shot labels of images with an image-text checkpoint), ``search`` (texts or images
 against an ``extract`` / ``embed-text`` folder, exact or through a FAISS index), ``index`` (build that index),
-``export-npy`` (index-ready files for autofaiss / clip-retrieval), ``info`` (architecture, size, cost), ``pca``
+``export-npy`` (index-ready files for autofaiss / clip-retrieval), ``convert`` (a tower between transformers', timm's
+and big_vision's formats), ``info`` (architecture, size, cost), ``pca``
 (the first three principal components of the patch features as a picture), ``similarity`` (nearest images by
 pooled features in an extracted folder).
 
@@ -539,6 +540,62 @@ def cmd_export_npy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ------------------------------------------------------------------------------------------------------ convert
+
+CONVERT_SOURCES = ("auto", "hf", "timm", "big_vision")
+
+
+def _source_format(source: str, declared: str) -> str:
+    """The format of ``convert``'s SOURCE: as declared, or from what it is (an ``.npz`` file is big_vision's, a
+    folder whose config.json names an ``architecture`` is timm's, ``hf-hub:`` is timm's Hub scheme)."""
+    if declared != "auto":
+        return declared
+    path = Path(source)
+    if path.is_file() and path.suffix == ".npz":
+        return "big_vision"
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            return "timm" if "architecture" in json.loads(config.read_text()) else "hf"
+        except (ValueError, OSError):
+            return "hf"  # the transformers reader names what is wrong with it
+    return "timm" if source.startswith("hf-hub:") else "hf"
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    source = _source_format(args.source, args.source_format)
+    if args.image_size is not None and source != "big_vision":
+        raise UsageError(f"--image-size is for big_vision .npz sources; {args.source} is read as {source}")
+    _check_output_folder(args.destination)
+    destination = Path(args.destination)
+    if destination.is_dir() and any(destination.iterdir()) and not args.overwrite:
+        raise UsageError(f"{args.destination} exists and is not empty; pass --overwrite to write into it")
+    if source == "hf":
+        tower = from_checkpoint(lambda: SigLIP2Encoder.from_pretrained(args.source), args.source)
+    elif source == "big_vision":
+        tower = from_checkpoint(
+            lambda: SigLIP2Encoder.from_big_vision(args.source, image_size=args.image_size), args.source
+        )
+    else:
+        from .integrations.timm_models import load_timm
+
+        try:
+            tower = load_timm(args.source)
+        except (RuntimeError, FileNotFoundError, ValueError, TypeError) as err:
+            raise FatalError(f"cannot load {args.source} as a timm SigLIP model: {err}") from None
+    try:
+        if args.to == "hf":
+            tower.save_pretrained(destination)
+        else:
+            from .integrations.timm_models import save_timm
+
+            save_timm(tower, destination)
+    except ValueError as err:
+        raise FatalError(f"--to {args.to}: {err}") from None
+    logger.info("wrote %s as %s (from %s, read as %s)", args.destination, args.to, args.source, source)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------------ embed-text
 
 
@@ -693,6 +750,25 @@ def _embed_text_command(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_embed_text)
 
 
+def _convert_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "convert", help="a vision tower from one format to another (transformers, timm, big_vision)"
+    )
+    p.add_argument("source", help="Hub id or folder (transformers or timm), hf-hub:ID (timm), or a big_vision .npz")
+    p.add_argument("destination", help="output folder")
+    p.add_argument(
+        "--to", choices=("hf", "timm"), required=True, help="hf: transformers' SiglipVisionModel layout; timm"
+    )
+    p.add_argument(
+        "--from", dest="source_format", choices=CONVERT_SOURCES, default="auto", help="SOURCE's format (default auto)"
+    )
+    p.add_argument(
+        "--image-size", type=positive_int, help="big_vision: native size, where not grid x patch (So400m/14-384)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty destination folder")
+    p.set_defaults(run=cmd_convert)
+
+
 def _info_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("info", help="architecture, parameters, tokens and GFLOPs per image, preprocessing")
     p.add_argument("model", nargs="?", help="Hub id, local folder, or preset name")
@@ -730,6 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     _search_command(commands)
     _index_command(commands)
     _export_npy_command(commands)
+    _convert_command(commands)
     _info_command(commands)
     _pca_command(commands)
     _similarity_command(commands)

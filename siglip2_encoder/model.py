@@ -20,7 +20,13 @@ from torch import nn
 
 from .attention import attention_backend_names, select_attention_backend
 from .config import EncoderConfig, ProcessorConfig
-from .convert import build_loaded, foreign_modules, read_checkpoint, write_checkpoint
+from .convert import (
+    build_loaded,
+    foreign_modules,
+    read_big_vision,
+    read_checkpoint,
+    write_checkpoint,
+)
 from .embeddings import FixedResolutionEmbeddings, NaFlexEmbeddings
 from .head import MultiheadAttentionPoolingHead
 from .hub import CheckpointSource
@@ -132,6 +138,25 @@ class SigLIP2Encoder(nn.Module):
         return build_loaded(
             lambda: cls(stored.config, stored.processor_config), stored.state_dict, str(source), "tower", device
         )
+
+    @classmethod
+    def from_big_vision(
+        cls,
+        path: str | os.PathLike,
+        *,
+        image_size: int | None = None,
+        processor_config: ProcessorConfig | None = None,
+        device: str | torch.device | None = None,
+    ) -> SigLIP2Encoder:
+        """Load the image tower of a big_vision ``.npz`` (Google's original SigLIP / SigLIP 2 release format), strictly.
+
+        The architecture is read from the weights' shapes (:func:`~siglip2_encoder.convert.config_from_big_vision`);
+        give ``image_size`` where the native size is not grid x patch (So400m/14 at 384). ``processor_config``
+        defaults to big_vision's SigLIP preprocessing for the tower (resize, values to [-1, 1]).
+        """
+        stored = read_big_vision(path, image_size=image_size)
+        processor = processor_config or stored.processor_config
+        return build_loaded(lambda: cls(stored.config, processor), stored.state_dict, str(path), "tower", device)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write config.json, model.safetensors and preprocessor_config.json that transformers'

@@ -41,6 +41,7 @@ class Recipe:
         image_size: the view the VLM feeds a fixed-resolution tower, where every checkpoint of the family uses one;
             None = the checkpoint's own preprocessing.
         depth: linear layers in the VLM's projector (1 = one linear layer, 2 = linear, GELU, linear).
+        bias: whether those linear layers have biases (Idefics3's and SmolVLM's have none).
         source: where the choice is made in the VLM's code.
     """
 
@@ -50,6 +51,7 @@ class Recipe:
     factor: int | None = None
     image_size: int | None = None
     depth: int = 2
+    bias: bool = True
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -73,7 +75,7 @@ class Recipe:
         """The projector config of this recipe's shape: its layer, reduction and depth (``changes`` override)."""
         common = dict(in_features=in_features, out_features=out_features, layers=(self.layer,), depth=self.depth)
         if self.reduction == "pixel_shuffle":
-            return PixelShuffleConfig(**common | dict(factor=self.factor) | changes)
+            return PixelShuffleConfig(**common | dict(factor=self.factor, bias=self.bias) | changes)
         if self.reduction == "avg_pool":
             return PoolConfig(**common | dict(factor=self.factor, mode="avg") | changes)
         if self.depth == 1:
@@ -108,6 +110,7 @@ RECIPES: dict[str, Recipe] = {
             "pixel_shuffle",
             2,
             depth=1,
+            bias=False,
             source="Idefics3: last_hidden_state, pixel shuffle by scale_factor (2)",
         ),
         Recipe(
@@ -116,6 +119,7 @@ RECIPES: dict[str, Recipe] = {
             "pixel_shuffle",
             2,
             depth=1,
+            bias=False,
             source="SmolVLM: last_hidden_state, pixel shuffle by scale_factor (transformers' default 2; 3 or 4 in "
             "some checkpoints: set factor)",
         ),

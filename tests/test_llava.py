@@ -56,6 +56,7 @@ def make_vlm(lm_cls=LlamaForCausalLM, lm_config_cls=LlamaConfig, projector="mlp"
         "mlp2layers": MLPConfig(in_features=32, out_features=48, layers=(-2, 1)),
         "linear": LinearConfig(in_features=32, out_features=48, layers=(-1,)),
         "pixel_shuffle": PixelShuffleConfig(in_features=32, out_features=48),
+        "idefics3": PixelShuffleConfig(in_features=32, out_features=48, layers=(None,), depth=1, bias=False),
     }
     model = VisionLanguageModel(tower, build_projector(configs[projector]), lm, image_token_id)
     processor = VLMProcessor(tokenizer, ImageProcessor(tower.processor_config), model.projector, patch_size=8)

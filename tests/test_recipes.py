@@ -106,7 +106,11 @@ def test_features_run_only_the_layers_a_recipe_needs():
         ("llava", MLPConfig(in_features=32, out_features=48, layers=(-2,), depth=2), 16),
         ("paligemma", LinearConfig(in_features=32, out_features=48, layers=(None,)), 16),
         ("gemma3", PoolConfig(in_features=32, out_features=48, layers=(None,), factor=4, mode="avg", depth=1), 1),
-        ("idefics3", PixelShuffleConfig(in_features=32, out_features=48, layers=(None,), factor=2, depth=1), 4),
+        (
+            "idefics3",
+            PixelShuffleConfig(in_features=32, out_features=48, layers=(None,), factor=2, depth=1, bias=False),
+            4,
+        ),
         ("lfm2_vl", PixelShuffleConfig(in_features=32, out_features=48, layers=(None,), factor=2, depth=2), 4),
     ],
 )

@@ -10,18 +10,17 @@ from siglip2_encoder import EncoderConfig, SigLIP2Encoder, convert_timm_state_di
 
 
 def timm_siglip(**kwargs) -> torch.nn.Module:
+    kwargs = {"num_classes": 0, "act_layer": "gelu_tanh"} | kwargs
     torch.manual_seed(0)
     model = timm.create_model(
         "vit_base_patch16_siglip_224",
         pretrained=False,
-        num_classes=0,
         embed_dim=32,
         depth=3,
         num_heads=4,
         mlp_ratio=2.0,
         img_size=32,
         patch_size=8,
-        act_layer="gelu_tanh",
         **kwargs,
     )
     with torch.no_grad():

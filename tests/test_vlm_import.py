@@ -242,3 +242,23 @@ def test_import_llava_refuses_what_it_would_drop(family, dropped, tmp_path):
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         import_llava(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["paligemma", "gemma3", "llava_onevision", "lfm2_vl", "smolvlm"])
+def test_the_stored_dtype_is_kept_and_equals_the_vlms_tower_in_it(family, tmp_path):
+    vlm, _ = build(family)
+    perturb(vlm, seed=8).to(torch.bfloat16).save_pretrained(tmp_path)
+    ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert ours.dtype == torch.bfloat16
+    theirs = vision_tower(type(vlm).from_pretrained(tmp_path, dtype=torch.bfloat16).eval())
+    if family == "lfm2_vl":
+        x = naflex_inputs(9)
+        x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
+    else:
+        x = dict(pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16))
+    mask = x.get("pixel_attention_mask", torch.ones(2, 1)).bool()[..., None]
+    with torch.no_grad():
+        got, want = ours(**x).last_hidden_state, theirs(**x).last_hidden_state
+    assert got.dtype == want.dtype == torch.bfloat16
+    # Both in bf16: the kernels' rounding differs, the weights do not (fp32 parity is the test above).
+    torch.testing.assert_close((got * mask).float(), (want * mask).float(), atol=5e-2, rtol=0)

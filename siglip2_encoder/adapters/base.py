@@ -209,9 +209,9 @@ def load_projector(directory: str | os.PathLike, *, device: str | torch.device |
     return projector
 
 
-def mlp(in_features: int, hidden: int, out_features: int, depth: int) -> nn.Sequential:
+def mlp(in_features: int, hidden: int, out_features: int, depth: int, bias: bool = True) -> nn.Sequential:
     """depth 1: one linear layer; depth n: n linear layers with GELU between (LLaVA-1.5's ``mlp2x_gelu`` is
-    depth 2 with hidden = out_features)."""
+    depth 2 with hidden = out_features); ``bias=False``: linear layers without bias."""
     if depth < 1:
         raise ValueError(f"depth must be at least 1, got depth={depth}")
     widths = [in_features] + [hidden] * (depth - 1) + [out_features]
@@ -219,5 +219,5 @@ def mlp(in_features: int, hidden: int, out_features: int, depth: int) -> nn.Sequ
     for i in range(depth):
         if i:
             layers.append(nn.GELU())
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        layers.append(nn.Linear(widths[i], widths[i + 1], bias=bias))
     return nn.Sequential(*layers)

@@ -34,6 +34,7 @@ class PixelShuffleConfig(ProjectorConfig):
     factor: int = 2  # s: each output token merges an s x s block
     depth: int = 1  # 1: a linear layer (Idefics3, nanoVLM); more: an MLP
     hidden_features: int | None = None  # MLP hidden width; None = out_features
+    bias: bool = True  # False: Idefics3's / SmolVLM's modality projection, a linear layer without bias
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -53,7 +54,8 @@ class PixelShuffleProjector(Projector):
     def __init__(self, config: PixelShuffleConfig) -> None:
         super().__init__(config)
         wide = config.input_width * config.factor**2
-        self.proj = mlp(wide, config.hidden_features or config.out_features, config.out_features, config.depth)
+        hidden = config.hidden_features or config.out_features
+        self.proj = mlp(wide, hidden, config.out_features, config.depth, bias=config.bias)
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         s = self.config.factor

@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 
 import torch
-from huggingface_hub import save_torch_state_dict
 from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerBase
@@ -34,10 +33,9 @@ from ..convert import (
     config_to_hf,
     convert_hf_state_dict,
     processor_config_from_hf,
-    processor_config_to_hf,
 )
-from ..files import write_atomic
 from ..model import SigLIP2Encoder
+from .hf_export import language_model_weights, write_export
 from .llava import VisionLanguageModel
 
 __all__ = ["export_llava", "import_llava"]
@@ -107,23 +105,8 @@ def export_llava(
     for name, (weight, bias) in (("linear_1", linear_1), ("linear_2", linear_2)):
         state[f"model.multi_modal_projector.{name}.weight"] = weight
         state[f"model.multi_modal_projector.{name}.bias"] = bias
-    prefix = f"{lm.base_model_prefix}."
-    for key, value in lm.state_dict().items():
-        if key.startswith(prefix):
-            state[f"model.language_model.{key[len(prefix) :]}"] = value
-        elif key == "lm_head.weight":
-            if not config.tie_word_embeddings:
-                state[key] = value
-        else:
-            raise ValueError(f"unexpected language model weight {key!r}: only '<{prefix}...>' and lm_head are mapped")
-    folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(folder)
-    save_torch_state_dict({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder)
-    processor = processor_config_to_hf(tower.processor_config)
-    write_atomic(folder / "preprocessor_config.json", (json.dumps(processor, indent=2) + "\n").encode())
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    state |= language_model_weights(lm, "model.language_model.", config.tie_word_embeddings)
+    write_export(directory, config, state, tower.processor_config, tokenizer)
 
 
 # What the LLaVA variants add to LLaVA's vision path, which VisionLanguageModel does not represent; transformers would
