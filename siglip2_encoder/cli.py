@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .config import EncoderConfig, ProcessorConfig
 from .convert import read_config, read_processor_config
+from .distributed import Ranks
 from .extract import (
     DTYPES,
     ExtractSettings,
@@ -228,7 +229,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
     )
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
-    logger.info("%d inputs -> %s (%s)", len(paths), args.output, ", ".join(settings.feature_names))
+    ranks = Ranks.from_env()  # under torchrun: this process's share of the inputs
+    where = f" (rank {ranks.rank} of {ranks.world})" if ranks.distributed else ""
+    logger.info("%d inputs -> %s (%s)%s", len(paths), args.output, ", ".join(settings.feature_names), where)
     summary = extract_features(
         paths,
         args.output,
@@ -239,6 +242,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         num_workers=workers,
         progress=None if not args.quiet else False,
+        ranks=ranks,
     )
     for path, reason in summary.failures[:20]:
         logger.warning("failed: %s", reason if path in reason else f"{path}: {reason}")
@@ -248,8 +252,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
         logger.warning("%d inputs failed in the earlier run; see %s/manifest.jsonl", summary.failed_before, args.output)
     if settings.random_weights:
         logger.warning(RANDOM_BANNER, settings.model)
-    logger.info("%s", summary)
-    return EXIT_PARTIAL if summary.failed_total else EXIT_OK
+    logger.info("%s%s", summary, where)
+    # Under torchrun a rank's non-zero exit stops the others: only rank 0 (after the last barrier, with the whole
+    # folder's failures counted) reports them.
+    return EXIT_PARTIAL if summary.failed_total and ranks.main else EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------------ info

@@ -20,9 +20,10 @@ import sys
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,9 @@ import torch
 from tqdm import tqdm
 
 from .config import check_positive_ints
+from .distributed import Ranks
 from .files import write_atomic
-from .images import DEFAULT_MAX_PIXELS, image_extensions, load_image
+from .images import DEFAULT_MAX_PIXELS, image_extensions, load_image, load_image_bytes
 from .model import SigLIP2Encoder
 from .processor import ImageProcessor, ProcessedImage
 from .store import (
@@ -43,6 +45,8 @@ from .store import (
     close_inherited_locks,
     committed_rows,
     has_output,
+    next_shard_index,
+    read_rows,
     sole_writer,
     write_manifest,
 )
@@ -201,6 +205,7 @@ class ExtractSummary:
     skipped: int = 0  # already in the output (resume)
     failed: int = 0  # recorded as failed in this run
     failed_before: int = 0  # recorded as failed by the earlier run a resumed run continues
+    failed_elsewhere: int = 0  # rank 0 of a distributed run: recorded as failed by the other ranks
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
     unit: str = "images"
@@ -211,11 +216,13 @@ class ExtractSummary:
 
     @property
     def failed_total(self) -> int:
-        """Inputs of the whole output folder that failed: this run's and the earlier run's it resumed."""
-        return self.failed + self.failed_before
+        """Inputs of the whole output folder that failed: this run's, the earlier run's it resumed, and (rank 0 of
+        a distributed run) the other ranks'."""
+        return self.failed + self.failed_before + self.failed_elsewhere
 
     def __str__(self) -> str:
         before = f" (+{self.failed_before} in the earlier run)" if self.failed_before else ""
+        before += f" (+{self.failed_elsewhere} on other ranks)" if self.failed_elsewhere else ""
         return (
             f"done {self.done}, skipped {self.skipped}, failed {self.failed}{before}, {self.seconds:.1f} s, "
             f"{self.per_second:.2f} {self.unit}/s"
@@ -224,26 +231,34 @@ class ExtractSummary:
 
 @dataclass(frozen=True)
 class _Decode:
-    """Decodes and preprocesses one file by index; any failure becomes its reason (a string)."""
+    """Decodes and preprocesses one image: a file by its index in ``paths``, or a task ``(name, encoded bytes)``
+    (a tar member, sent to the worker); any failure becomes its reason (a string)."""
 
     paths: Sequence[str]
     processor: ImageProcessor
     settings: ExtractSettings
 
-    def __call__(self, index: int) -> ProcessedImage | str:
+    def name(self, task: int | tuple[str, bytes]) -> str:
+        return task[0] if isinstance(task, tuple) else self.paths[task]
+
+    def __call__(self, task: int | tuple[str, bytes] | str) -> ProcessedImage | str:
+        if isinstance(task, str):  # an input known to have failed before decoding (a tar sample without image)
+            return task
+        options = dict(exif_transpose=self.settings.exif_transpose, max_pixels=self.settings.max_pixels)
         try:
-            pixels = load_image(
-                self.paths[index], exif_transpose=self.settings.exif_transpose, max_pixels=self.settings.max_pixels
-            )
+            if isinstance(task, tuple):
+                pixels = load_image_bytes(task[1], task[0], **options)
+            else:
+                pixels = load_image(self.paths[task], **options)
             return self.processor.process_one(pixels, max_num_patches=self.settings.max_num_patches)
         except (ValueError, TypeError, OSError) as err:  # load_image / process_one report bad inputs so
             return str(err)
-        except Exception as err:  # anything else one file provokes is still that file's failure
-            return f"{self.paths[index]}: {type(err).__name__}: {err}"
+        except Exception as err:  # anything else one image provokes is still that image's failure
+            return f"{self.name(task)}: {type(err).__name__}: {err}"
 
 
 # The worker's decoder, installed once per worker process (not sent with every task).
-_worker_decode: Callable[[int], ProcessedImage | str] | None = None
+_worker_decode: Callable[[int | tuple[str, bytes]], ProcessedImage | str] | None = None
 
 
 def _start_worker(decode: _Decode) -> None:
@@ -261,8 +276,8 @@ def _start_worker(decode: _Decode) -> None:
     threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
-def _decode_in_worker(index: int) -> ProcessedImage | str:
-    return _worker_decode(index)
+def _decode_in_worker(task: int | tuple[str, bytes]) -> ProcessedImage | str:
+    return _worker_decode(task)
 
 
 WORKER_DIED = (
@@ -288,33 +303,38 @@ class _Decoder:
             workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_worker, initargs=(self.decode,)
         )
 
-    def _alone(self, index: int) -> ProcessedImage | str:
+    def _alone(self, task: int | tuple[str, bytes]) -> ProcessedImage | str:
         with self._pool(1) as pool:
             try:
-                return pool.submit(_decode_in_worker, index).result()
+                return pool.submit(_decode_in_worker, task).result()
             except BrokenProcessPool:
-                return f"{self.decode.paths[index]}: {WORKER_DIED}"
+                return f"{self.decode.name(task)}: {WORKER_DIED}"
 
-    def __call__(self, indices: Sequence[int]) -> Iterator[ProcessedImage | str]:
-        """The results for ``indices``, in their order."""
+    def __call__(self, tasks: Iterable[int | tuple[str, bytes]]) -> Iterator[ProcessedImage | str]:
+        """The results for ``tasks`` (read lazily: a tar stream is never held whole), in their order."""
         if self.num_workers == 0:
-            yield from map(self.decode, indices)
+            yield from map(self.decode, tasks)
             return
-        todo = deque(indices)
-        pending: deque[tuple[int, Future]] = deque()
+        source = iter(tasks)
+        todo: deque = deque()
+        pending: deque[tuple[int | tuple[str, bytes], Future]] = deque()
         pool = self._pool(self.num_workers)
         try:
-            while todo or pending:
+            while True:
+                while len(todo) + len(pending) < self.ahead and (task := next(source, _END)) is not _END:
+                    todo.append(task)
+                if not (todo or pending):
+                    return
                 try:
-                    while todo and len(pending) < self.ahead:
+                    while todo:
                         pending.append((todo[0], pool.submit(_decode_in_worker, todo[0])))
                         todo.popleft()
                     result = pending[0][1].result()
                 except BrokenProcessPool:  # from result(), or from submit() once the pool noticed a death
                     pool.shutdown(cancel_futures=True)
-                    for index, future in pending:
+                    for task, future in pending:
                         finished = future.done() and not future.cancelled() and future.exception() is None
-                        yield future.result() if finished else self._alone(index)
+                        yield future.result() if finished else self._alone(task)
                     pending.clear()
                     pool = self._pool(self.num_workers)
                     continue
@@ -324,13 +344,7 @@ class _Decoder:
             pool.shutdown(cancel_futures=True)
 
 
-def _batch_plan(num_items: int, shard_size: int, batch_size: int) -> list[list[int]]:
-    """Index batches that never straddle a shard, so a resumed run batches every shard as an uninterrupted one."""
-    batches = []
-    for start in range(0, num_items, shard_size):
-        stop = min(start + shard_size, num_items)
-        batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
-    return batches
+_END = object()  # the end of a task stream
 
 
 def _prepare_output(
@@ -363,10 +377,10 @@ def _prepare_output(
     return []
 
 
-def _new_row(path: str, item: ProcessedImage | str) -> dict[str, Any]:
+def _outcome(item: ProcessedImage | str) -> dict[str, Any]:
+    """A manifest row's fields for one decoded input (shard, row and grid are filled in when it is written)."""
     failed = isinstance(item, str)
     return {
-        "path": path,
         "status": "failed" if failed else "ok",
         "error": item if failed else None,
         "shard": None,
@@ -374,6 +388,99 @@ def _new_row(path: str, item: ProcessedImage | str) -> dict[str, Any]:
         "original_size": None if failed else list(item.original_size),
         "grid": None,
     }
+
+
+Task = int | tuple[str, bytes] | str  # a file's index, a tar member (name, bytes), or an input's failure reason
+
+
+@dataclass
+class _Run:
+    """One rank's share of an extraction: the folder is checked and locked (by rank 0), its committed rows read."""
+
+    folder: Path
+    ranks: Ranks
+    done_rows: list[dict[str, Any]]
+    first: int  # the number of the first shard this run writes
+
+
+@contextmanager
+def _start_run(
+    output: str | os.PathLike, settings: ExtractSettings, ranks: Ranks, *, resume: bool, overwrite: bool
+) -> Iterator[_Run]:
+    """Rank 0 locks and checks the folder (settings, leftovers) while the others wait; then every rank reads the
+    committed rows. The lock is held until the block ends."""
+    ranks.start()
+    folder = Path(output)
+    with sole_writer(folder) if ranks.main else nullcontext():
+        if ranks.main:
+            done_rows = _prepare_output(folder, settings, resume=resume, overwrite=overwrite)
+        ranks.barrier()  # rank 0 has checked the settings and removed a crashed run's leftovers
+        if not ranks.main:
+            done_rows = read_rows(folder)
+        yield _Run(folder, ranks, done_rows, next_shard_index(folder))
+
+
+def _run_stream(
+    run: _Run,
+    inputs: Iterable[tuple[dict[str, Any], Task]],
+    shards: Iterator[int],
+    total: int | None,
+    model: SigLIP2Encoder,
+    processor: ImageProcessor,
+    settings: ExtractSettings,
+    decode: _Decode,
+    num_workers: int,
+    progress: bool | None,
+    summary: ExtractSummary,
+) -> None:
+    """Decode ``inputs`` (each a row's first fields and its decoding task), encode them batch by batch and commit
+    every ``shard_size`` of them as the next shard number from ``shards``."""
+    started = time.monotonic()
+    # Half precision keeps the patch and position embeddings in fp32 (and the pixels fed to them).
+    device = run.ranks.device(settings.device)
+    model = model.to(device=device).set_precision(DTYPES[settings.dtype]).eval()
+    writer = ShardWriter(run.folder, DTYPES[settings.save_dtype])
+    stubs: deque[dict[str, Any]] = deque()  # the rows of the tasks the decoder has taken, in order
+
+    def tasks() -> Iterator[Task]:
+        for stub, task in inputs:
+            stubs.append(stub)
+            yield task
+
+    decoded = _Decoder(decode, num_workers, ahead=2 * settings.batch_size)(tasks())
+    show = (sys.stderr.isatty() if progress is None else progress) and run.ranks.main
+    rows: list[dict[str, Any]] = []
+    features: list[dict[str, torch.Tensor]] = []
+    with tqdm(total=total, unit="img", disable=not show, dynamic_ncols=True) as bar:
+        while True:
+            items = [item for _, item in zip(range(min(settings.batch_size, settings.shard_size - len(rows))), decoded)]
+            batch_rows = [stubs.popleft() | _outcome(item) for item in items]
+            good = [item for item in items if not isinstance(item, str)]
+            if good:
+                features += _encode(model, processor, good, settings, batch_rows, device)
+            summary.failures += [(row["path"], row["error"]) for row in batch_rows if row["error"]]
+            summary.done += len(good)
+            summary.failed += len(items) - len(good)
+            rows += batch_rows
+            bar.update(len(items))
+            bar.set_postfix(failed=summary.failed, refresh=False)
+            if rows and (len(rows) == settings.shard_size or not items):
+                writer.write(rows, features, next(shards))
+                rows, features = [], []
+            if not items:
+                break
+    summary.seconds = time.monotonic() - started
+
+
+def _finish_run(run: _Run, summary: ExtractSummary, position: Callable[[dict[str, Any]], Any]) -> None:
+    """After every rank's last commit, rank 0 writes the manifest (rows sorted by ``position``: input order) and
+    counts the other ranks' failures."""
+    run.ranks.barrier()
+    if run.ranks.main:
+        rows = read_rows(run.folder)
+        write_manifest(run.folder, sorted(rows, key=position))
+        failed = sum(r["status"] == "failed" for r in rows)
+        summary.failed_elsewhere = failed - summary.failed - summary.failed_before
 
 
 def extract_features(
@@ -387,6 +494,7 @@ def extract_features(
     overwrite: bool = False,
     num_workers: int = 0,
     progress: bool | None = None,
+    ranks: Ranks | None = None,
 ) -> ExtractSummary:
     """Extract features of ``paths`` into the folder ``output`` (layout in :mod:`siglip2_encoder.store`).
 
@@ -399,50 +507,32 @@ def extract_features(
         num_workers: worker processes decoding images while the model runs (0 = in this process, where a file that
             crashes its decoder ends the run).
         progress: show a progress bar; None = only when stderr is a terminal.
+        ranks: the processes of a distributed job (``Ranks.from_env()`` under torchrun), all called with the same
+            arguments: the inputs still to do are cut into blocks of ``shard_size``, block j going to rank
+            j % world, written as shard ``first + j`` by whichever rank has it; rank 0 checks the folder first and
+            writes the merged manifest last. The folder is the one a single process would write, shard for shard.
 
     Raises:
         ValueError: the folder is being written by another run, holds output (without ``resume`` or
-            ``overwrite``), or holds a run with other settings.
+            ``overwrite``), or holds a run with other settings; the ranks were given different inputs.
     """
-    folder = Path(output)
-    with sole_writer(folder):
-        done_rows = _prepare_output(folder, settings, resume=resume, overwrite=overwrite)
-        done = {row["path"] for row in done_rows}
+    ranks = ranks or Ranks()
+    with _start_run(output, settings, ranks, resume=resume, overwrite=overwrite) as run:
+        ranks.check_same(list(paths), "inputs")
+        done = {row["path"] for row in run.done_rows}
         pending = [p for p in paths if p not in done]
+        size = settings.shard_size
+        mine = [j for j in range(-(-len(pending) // size)) if ranks.owns(j)]
+        inputs = (({"path": pending[i]}, i) for j in mine for i in range(j * size, min((j + 1) * size, len(pending))))
         summary = ExtractSummary(
-            skipped=len(paths) - len(pending), failed_before=sum(r["status"] == "failed" for r in done_rows)
+            skipped=len(paths) - len(pending), failed_before=sum(r["status"] == "failed" for r in run.done_rows)
         )
-        started = time.monotonic()
-
-        # Half precision keeps the patch and position embeddings in fp32 (and the pixels fed to them).
-        model = model.to(device=settings.device).set_precision(DTYPES[settings.dtype]).eval()
-        writer = ShardWriter(folder, DTYPES[settings.save_dtype])
-        decoded = _Decoder(_Decode(pending, processor, settings), num_workers, ahead=2 * settings.batch_size)(
-            range(len(pending))
-        )
-        show = sys.stderr.isatty() if progress is None else progress
-        rows: list[dict[str, Any]] = []
-        features: list[dict[str, torch.Tensor]] = []
-        with tqdm(total=len(pending), unit="img", disable=not show, dynamic_ncols=True) as bar:
-            for batch in _batch_plan(len(pending), settings.shard_size, settings.batch_size):
-                items = [next(decoded) for _ in batch]
-                batch_rows = [_new_row(pending[i], item) for i, item in zip(batch, items)]
-                good = [item for item in items if not isinstance(item, str)]
-                if good:
-                    features += _encode(model, processor, good, settings, batch_rows)
-                summary.failures += [(row["path"], row["error"]) for row in batch_rows if row["error"]]
-                summary.done += len(good)
-                summary.failed += len(batch) - len(good)
-                rows += batch_rows
-                bar.update(len(batch))
-                bar.set_postfix(failed=summary.failed, refresh=False)
-                if (batch[-1] + 1) % settings.shard_size == 0 or batch[-1] + 1 == len(pending):
-                    writer.write(rows, features)
-                    done_rows += rows
-                    rows, features = [], []
+        total = sum(min(size, len(pending) - j * size) for j in mine)
+        decode = _Decode(pending, processor, settings)
+        shards = (run.first + j for j in mine)
+        _run_stream(run, inputs, shards, total, model, processor, settings, decode, num_workers, progress, summary)
         order = {p: i for i, p in enumerate(paths)}
-        write_manifest(folder, sorted(done_rows, key=lambda r: order.get(r["path"], len(order))))
-        summary.seconds = time.monotonic() - started
+        _finish_run(run, summary, lambda row: order.get(row["path"], len(order)))
         return summary
 
 
@@ -452,9 +542,10 @@ def _encode(
     items: list[ProcessedImage],
     settings: ExtractSettings,
     rows: list[dict[str, Any]],
+    device: str,
 ) -> list[dict[str, torch.Tensor]]:
     """Run one batch; returns each image's features and fills in the ok rows' grids."""
-    inputs = processor.collate(items).to(settings.device, model.dtype)
+    inputs = processor.collate(items).to(device, model.dtype)
     with torch.inference_mode():
         out = model(
             **inputs, layers=settings.layers, return_last=settings.last_hidden_state, return_pooled=settings.pooled

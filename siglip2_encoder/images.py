@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -25,6 +26,7 @@ __all__ = [
     "composite_on_white",
     "image_to_tensor",
     "load_image",
+    "load_image_bytes",
     "pil_to_array",
 ]
 
@@ -56,12 +58,12 @@ class ImageLoadError(ValueError):
     """A file that is not a usable image; the message names the file and the reason."""
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
-    """Open and decode, with our pixel limit in place of Pillow's global one."""
+def _open(source: Path | io.BytesIO, max_pixels: int, path: str | Path) -> Image.Image:
+    """Open and decode ``source``, with our pixel limit in place of Pillow's global one; ``path`` names it in errors."""
     with _pil_limit_lock:
         saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
-            image = Image.open(path)
+            image = Image.open(source)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
     if image.width * image.height > max_pixels:
@@ -183,14 +185,30 @@ def load_image(
     path = Path(path)
     try:
         info = path.stat()
-        kind = stat.S_IFMT(info.st_mode)
-        if kind != stat.S_IFREG:
-            raise ImageLoadError(f"{path}: is {_NOT_REGULAR.get(kind, 'not a regular file')}, not an image file")
-        if info.st_size == 0:
-            raise ImageLoadError(f"{path}: the file is empty (0 bytes)")
+    except OSError as err:  # missing, permission denied
+        raise ImageLoadError(f"{path}: cannot read the image: {err.strerror or err}") from None
+    kind = stat.S_IFMT(info.st_mode)
+    if kind != stat.S_IFREG:
+        raise ImageLoadError(f"{path}: is {_NOT_REGULAR.get(kind, 'not a regular file')}, not an image file")
+    if info.st_size == 0:
+        raise ImageLoadError(f"{path}: the file is empty (0 bytes)")
+    return _decode(path, path, exif_transpose, max_pixels)
+
+
+def load_image_bytes(
+    data: bytes, name: str, *, exif_transpose: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """:func:`load_image` for an encoded image in memory (a tar member, say); ``name`` names it in errors."""
+    if not data:
+        raise ImageLoadError(f"{name}: the image is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name, exif_transpose, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, path: str | Path, exif_transpose: bool, max_pixels: int) -> np.ndarray:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _open(path, max_pixels)
+            image = _open(source, max_pixels, path)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:

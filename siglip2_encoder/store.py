@@ -45,6 +45,8 @@ __all__ = [
     "close_inherited_locks",
     "committed_rows",
     "has_output",
+    "next_shard_index",
+    "read_rows",
     "sole_writer",
     "write_manifest",
 ]
@@ -105,11 +107,17 @@ def _jsonl(rows: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
-def committed_rows(folder: Path) -> list[dict[str, Any]]:
-    """Rows of every committed shard, in shard order; removes uncommitted leftovers of a crashed run."""
+def read_rows(folder: Path) -> list[dict[str, Any]]:
+    """Rows of every committed shard, in shard order (nothing is changed)."""
     rows = []
     for record in sorted(folder.glob(SHARD_GLOB)):
         rows.extend(json.loads(line) for line in record.read_text().splitlines() if line)
+    return rows
+
+
+def committed_rows(folder: Path) -> list[dict[str, Any]]:
+    """Rows of every committed shard, in shard order; removes uncommitted leftovers of a crashed run."""
+    rows = read_rows(folder)
     committed = {r["shard"] for r in rows if r["shard"]}
     for leftover in [*folder.glob("shard-*.safetensors"), *folder.glob(".*.tmp")]:
         if _temporary(leftover) or leftover.name not in committed:
@@ -123,17 +131,20 @@ class ShardWriter:
     def __init__(self, folder: Path, dtype: torch.dtype) -> None:
         self.folder = folder
         self.dtype = dtype
-        self.next_index = len(list(folder.glob(SHARD_GLOB)))
+        self.next_index = next_shard_index(folder)
 
-    def write(self, rows: list[dict[str, Any]], features: list[dict[str, torch.Tensor]]) -> None:
-        """Commit one shard.
+    def write(
+        self, rows: list[dict[str, Any]], features: list[dict[str, torch.Tensor]], index: int | None = None
+    ) -> None:
+        """Commit one shard: number ``index`` (the ranks of a distributed run number their blocks), or the next.
 
         Args:
             rows: manifest rows for every input of the block, in input order; rows with ``status == "ok"`` get their
                 ``shard`` and ``row`` filled in here, in the order of ``features``.
             features: for each successful input, name -> tensor: ``pooled`` (D,) and token features (h * w, D).
         """
-        name = f"shard-{self.next_index:05d}"
+        index = self.next_index if index is None else index
+        name = f"shard-{index:05d}"
         ok = [row for row in rows if row["status"] == "ok"]
         if len(ok) != len(features):
             raise ValueError(f"{len(ok)} successful rows but {len(features)} feature sets")
@@ -154,7 +165,12 @@ class ShardWriter:
             except SafetensorError as err:  # safetensors reports a full disk or a failed write this way
                 raise OSError(f"cannot write {target}: {err}") from None
         write_atomic(self.folder / f"{name}.jsonl", _jsonl(rows))  # the commit
-        self.next_index += 1
+        self.next_index = max(self.next_index, index + 1)
+
+
+def next_shard_index(folder: Path) -> int:
+    """One past the highest committed shard number: ranks commit out of order, so counting would reuse a name."""
+    return max((int(p.name[len("shard-") : -len(".jsonl")]) + 1 for p in folder.glob(SHARD_GLOB)), default=0)
 
 
 def write_manifest(folder: Path, rows: list[dict[str, Any]]) -> None:
@@ -180,9 +196,10 @@ class ExtractedFeatures:
         folder = Path(folder)
         if not (folder / RUN_FILE).is_file():
             raise ValueError(f"{folder} is not an extraction folder (no {RUN_FILE}); run `siglip2-encoder extract`")
-        rows = []
-        for record in sorted(folder.glob(SHARD_GLOB)):
-            rows.extend(json.loads(line) for line in record.read_text().splitlines() if line)
+        rows = read_rows(folder)
+        if (folder / MANIFEST).is_file():  # input order, which a resumed distributed run's shard order is not
+            order = {line: i for i, line in enumerate((folder / MANIFEST).read_text().splitlines())}
+            rows.sort(key=lambda row: order.get(json.dumps(row), len(order)))
         return cls(folder, json.loads((folder / RUN_FILE).read_text()), rows)
 
     @property

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import (
     Siglip2ImageProcessor,
     Siglip2VisionConfig,
@@ -114,3 +115,14 @@ def zero_shot_dir(tmp_path_factory) -> Path:
     tiny_tokenizer().save_pretrained(folder)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(60, 80), (90, 30), (48, 48), (20, 100), (75, 50), (33, 66)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        paths.append(str(folder / f"img{i}.png"))
+    return paths

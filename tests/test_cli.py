@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from corpus import make_corpus
@@ -25,17 +24,6 @@ CLI = [sys.executable, "-m", "siglip2_encoder.cli"]
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> list[str]:
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i, (h, w) in enumerate([(60, 80), (90, 30), (48, 48), (20, 100), (75, 50), (33, 66)]):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-        paths.append(str(folder / f"img{i}.png"))
-    return paths
 
 
 def test_bad_files_are_reported_and_good_ones_written(tmp_path, tiny_checkpoint):
@@ -90,8 +78,8 @@ from siglip2_encoder import cli, store
 point = os.environ["KILL_AT"]
 commit, write_atomic = store.ShardWriter.write, store.write_atomic
 
-def write(self, rows, features):
-    commit(self, rows, features)
+def write(self, rows, features, index=None):
+    commit(self, rows, features, index)
     if point == "after-commit":
         os.kill(os.getpid(), signal.SIGKILL)
 
