@@ -39,7 +39,9 @@ from .extract import (
     TextEmbedSettings,
     discover_inputs,
     embed_texts,
+    expand_tar_specs,
     extract_features,
+    extract_tar_features,
     read_file_list,
 )
 from .faiss_index import FaissIndex
@@ -193,9 +195,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
     _check_output_folder(args.output)
     _check_file_list(args.file_list)
     device = _device(args.device)
-    paths = discover_inputs(args.inputs, args.file_list)
-    if not paths:
-        raise UsageError("no input images: give files, folders, glob patterns or --file-list")
+    if args.tar and (args.inputs or args.file_list):
+        raise UsageError("--tar reads tar shards: give either --tar or image files / folders / --file-list, not both")
+    if args.tar:
+        try:
+            urls = expand_tar_specs(args.tar)
+        except (ValueError, ImportError) as err:
+            raise UsageError(f"--tar {' '.join(args.tar)}: {err}") from None
+        paths = []
+    else:
+        paths = discover_inputs(args.inputs, args.file_list)
+        if not paths:
+            raise UsageError("no input images: give files, folders, glob patterns, --file-list or --tar")
     model, processor = load_model(args.model, args.random_weights)
     name = args.random_weights or args.model
     if args.max_num_patches is not None and not processor.config.naflex:
@@ -231,9 +242,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
     ranks = Ranks.from_env()  # under torchrun: this process's share of the inputs
     where = f" (rank {ranks.rank} of {ranks.world})" if ranks.distributed else ""
-    logger.info("%d inputs -> %s (%s)%s", len(paths), args.output, ", ".join(settings.feature_names), where)
-    summary = extract_features(
-        paths,
+    count = f"{len(urls)} tar shards" if args.tar else f"{len(paths)} inputs"
+    logger.info("%s -> %s (%s)%s", count, args.output, ", ".join(settings.feature_names), where)
+    summary = (extract_tar_features if args.tar else extract_features)(
+        urls if args.tar else paths,
         args.output,
         model,
         processor,
@@ -253,9 +265,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if settings.random_weights:
         logger.warning(RANDOM_BANNER, settings.model)
     logger.info("%s%s", summary, where)
-    # Under torchrun a rank's non-zero exit stops the others: only rank 0 (after the last barrier, with the whole
-    # folder's failures counted) reports them.
-    return EXIT_PARTIAL if summary.failed_total and ranks.main else EXIT_OK
+    if ranks.distributed:
+        # torchrun turns any non-zero exit into its own failure report (and one rank's into the others' end): rank 0
+        # names the whole folder's failures here, and every rank exits 0.
+        if ranks.main and summary.failed_total:
+            logger.warning("%d inputs failed; they are listed in %s/manifest.jsonl", summary.failed_total, args.output)
+        return EXIT_OK
+    return EXIT_PARTIAL if summary.failed_total else EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------------ info
@@ -644,6 +660,14 @@ def _extract_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("extract", help="extract features of many images into safetensors shards")
     p.add_argument("inputs", nargs="*", help="image files, folders (recursive) or glob patterns")
     p.add_argument("--file-list", metavar="TXT", help="a text file with one image path per line")
+    p.add_argument(
+        "--tar",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="WebDataset tar shards instead of files: a path, a brace pattern ('shards-{000..099}.tar'), 'pipe:CMD' "
+        "or a URL; repeatable. Each sample's key is its id in the manifest",
+    )
     p.add_argument("-o", "--output", required=True, help="output folder")
     _add_model_options(p)
     p.add_argument("--no-pooled", action="store_true", help="do not save the pooled (attention-pool) features")

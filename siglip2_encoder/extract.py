@@ -11,6 +11,7 @@ system's out-of-memory killer). One run writes a folder at a time.
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import multiprocessing
@@ -59,7 +60,9 @@ __all__ = [
     "TextEmbedSettings",
     "discover_inputs",
     "embed_texts",
+    "expand_tar_specs",
     "extract_features",
+    "extract_tar_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -533,6 +536,95 @@ def extract_features(
         _run_stream(run, inputs, shards, total, model, processor, settings, decode, num_workers, progress, summary)
         order = {p: i for i, p in enumerate(paths)}
         _finish_run(run, summary, lambda row: order.get(row["path"], len(order)))
+        return summary
+
+
+def expand_tar_specs(specs: Sequence[str]) -> list[str]:
+    """Tar shard specs -> shard URLs, in order: local paths, brace patterns (``shards-{000..099}.tar``), ``pipe:``
+    commands and URLs that webdataset opens (``file://``, fsspec's schemes), expanded by webdataset."""
+    try:
+        from webdataset.shardlists import expand_urls
+    except ImportError:
+        raise ImportError("tar shard input needs webdataset: pip install 'siglip2-encoder[webdataset]'") from None
+    return [url for spec in specs for url in expand_urls(spec)]
+
+
+def _tar_inputs(
+    urls: Sequence[str], done: set[tuple[str, str]], extensions: frozenset[str]
+) -> Iterator[tuple[dict[str, Any], Task]]:
+    """(row fields, task) for every sample of the tar shards ``urls`` not in ``done`` ((tar, key) pairs), read by
+    webdataset in order. A sample without an image member, or a shard that cannot be read (from where it breaks),
+    becomes a failure."""
+    import webdataset as wds
+
+    for url in urls:
+        broken: list[BaseException] = []
+        samples = wds.WebDataset(  # the handler keeps the error and goes on with the next shard
+            url,
+            shardshuffle=False,
+            nodesplitter=None,
+            workersplitter=None,
+            empty_check=False,
+            handler=lambda err, broken=broken: broken.append(err) or True,
+        )
+        for member, sample in enumerate(samples):
+            key = sample["__key__"]
+            if (url, key) in done:
+                continue
+            stub = {"path": key, "tar": url, "member": member}
+            images = [name for name in sample if "." + name.rsplit(".", 1)[-1].lower() in extensions]
+            if images:
+                yield stub, (f"{url}:{key}.{images[0]}", sample[images[0]])
+            else:
+                others = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing"
+                yield stub, f"{url}:{key}: the sample has no image member (it has {others})"
+        if broken and (url, url) not in done:
+            yield {"path": url, "tar": url, "member": None}, f"{url}: cannot read the tar shard: {broken[0]}"
+
+
+def extract_tar_features(
+    specs: Sequence[str],
+    output: str | os.PathLike,
+    model: SigLIP2Encoder,
+    processor: ImageProcessor,
+    settings: ExtractSettings,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    num_workers: int = 0,
+    progress: bool | None = None,
+    ranks: Ranks | None = None,
+) -> ExtractSummary:
+    """:func:`extract_features` for WebDataset tar shards (streamed by the ``webdataset`` package, never unpacked).
+
+    Each sample's first image member (by extension) is extracted; its row has the sample's key as ``path``, the
+    shard URL as ``tar`` and its position in the shard as ``member``. A corrupt image, a sample without an image and
+    a shard that breaks off are recorded as failures; the rest is extracted. Under torchrun shard URL i goes to
+    rank i % world; ``resume`` skips the (tar, key) pairs already committed, with any number of ranks.
+
+    Args:
+        specs: shard specs (see :func:`expand_tar_specs`).
+    """
+    ranks = ranks or Ranks()
+    urls = expand_tar_specs(specs)
+    with _start_run(output, settings, ranks, resume=resume, overwrite=overwrite) as run:
+        ranks.check_same(urls, "tar shards")
+        done = {(row.get("tar"), row["path"]) for row in run.done_rows}
+        mine = [url for i, url in enumerate(urls) if ranks.owns(i)]
+        inputs = _tar_inputs(mine, done, image_extensions())
+        summary = ExtractSummary(
+            skipped=len(run.done_rows), failed_before=sum(r["status"] == "failed" for r in run.done_rows)
+        )
+        shards = (run.first + k * ranks.world + ranks.rank for k in itertools.count())
+        decode = _Decode([], processor, settings)
+        _run_stream(run, inputs, shards, None, model, processor, settings, decode, num_workers, progress, summary)
+        order = {url: i for i, url in enumerate(urls)}
+
+        def position(row: dict[str, Any]) -> tuple[int, float]:
+            member = row.get("member")
+            return order.get(row.get("tar"), len(order)), member if member is not None else float("inf")
+
+        _finish_run(run, summary, position)
         return summary
 
 
