@@ -214,7 +214,7 @@ def test_fatal_errors_are_one_line_with_a_way_out(tmp_path, photos, monkeypatch,
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["nothing-*.png"], "no input images: give files, folders, glob patterns or --file-list"),
+        (["nothing-*.png"], "no input images: give files, folders, glob patterns, --file-list or --tar"),
         (
             ["{photo}", "--random-weights", "base-patch16-224", "--max-num-patches", "64"],
             "--max-num-patches applies to NaFlex checkpoints; siglip2-base-patch16-224 has a fixed resolution",
