@@ -2,6 +2,7 @@
 
     python examples/train_vlm.py                      # offline: random-init tower and Llama, under a minute on 2 cores
     python examples/train_vlm.py --tower google/siglip2-base-patch16-224 --lm Qwen/Qwen2.5-0.5B   # with Hub access
+    torchrun --nproc-per-node 2 examples/train_vlm.py  # data-parallel (DDP): each rank takes its share of a batch
 
 The script draws images of coloured shapes, builds a word-level tokenizer for its own vocabulary (no download),
 trains the projector and the language model (stage 2; the tower stays frozen) on captions and questions about
@@ -25,8 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from siglip2_encoder import ImageProcessor, SigLIP2Encoder
 from siglip2_encoder.adapters import MLPConfig, build_projector
+from siglip2_encoder.distributed import Ranks
 from siglip2_encoder.integrations.llava import STAGE_2, VisionLanguageModel, VLMProcessor, add_image_token, apply_stage
 from siglip2_encoder.integrations.llava_export import export_llava
+from siglip2_encoder.integrations.parallel import ddp_vlm
 
 logger = logging.getLogger("train_vlm")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
@@ -157,14 +160,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         *(f"{counts[k][0]:,}" for k in ("projector", "language_model", "vision_tower")),
     )
 
+    # Under torchrun (or accelerate launch) every rank builds the same model and draws the same batches, takes its
+    # share of each, and DDP averages the gradients; one process is the same code with a world of one.
+    ranks = Ranks.from_env()
+    ranks.start()
+    trained = ddp_vlm(model) if ranks.distributed else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     rng, started, losses = np.random.default_rng(2), time.monotonic(), []
     for step in range(1, args.steps + 1):
         model.train()
-        chunk = [train[i] for i in rng.choice(len(train), args.batch_size, replace=False)]
+        chunk = [train[i] for i in rng.choice(len(train), args.batch_size, replace=False)][ranks.rank :: ranks.world]
         batch = processor([p for _, p, _ in chunk], [[im] for im, _, _ in chunk], [a for _, _, a in chunk])
-        loss = model(**batch).loss
+        loss = trained(**batch).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -173,8 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if step % max(1, args.steps // 10) == 0 or step == 1:
             logger.info("step %4d  loss %.3f  (%.0f s)", step, np.mean(losses[-20:]), time.monotonic() - started)
 
-    replies = answer(model, processor, test)
     results: dict[str, float] = {"first_loss": losses[0], "final_loss": float(np.mean(losses[-20:]))}
+    if not ranks.main:  # the ranks hold the same weights: rank 0 evaluates and exports
+        return results
+    replies = answer(model, processor, test)
     for (prompt, _), chance in zip(QUESTIONS.items(), (1 / len(COLOURS), 1 / len(SHAPES), 1 / (len(COLOURS) * 3))):
         pairs = [(reply, a) for reply, (_, p, a) in zip(replies, test) if p == prompt]
         accuracy = float(np.mean([reply == a for reply, a in pairs]))

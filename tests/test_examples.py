@@ -32,6 +32,21 @@ def test_train_vlm_example_learns_and_exports():
 
 
 @pytest.mark.slow
+def test_train_vlm_example_runs_under_torchrun_unchanged():
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_vlm.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    command += ["--steps", "30", "--train-images", "24", "--test-images", "6", "--batch-size", "12"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LlavaForConditionalGeneration answers the same" in result.stderr
+
+
+@pytest.mark.slow
 def test_finetune_retrieval_example_raises_held_out_recall_and_reloads(tmp_path):
     import finetune_retrieval
 

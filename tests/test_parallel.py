@@ -1,0 +1,102 @@
+"""One DDP step and one FSDP2 step of the VLM (tiny random tower and Llama, 2 processes, gloo on CPU, launched by
+the test) give the parameters of one single-process step on the combined batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from siglip2_encoder.integrations.parallel import unused_parameters
+
+TESTS = Path(__file__).resolve().parent
+
+STEP = """
+import sys, copy, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from test_llava import images, make_vlm
+from siglip2_encoder.integrations.llava import TrainingStage, apply_stage
+from siglip2_encoder.integrations.parallel import ddp_vlm, full_state_dict, fully_shard_vlm
+
+wrapper, tower, checkpointing = sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+
+
+def build():
+    model, processor, _ = make_vlm(seed=0)
+    torch.manual_seed(1)  # LoRA's random init, the same on every rank
+    apply_stage(model, TrainingStage(projector=True, language_model="full", vision_tower=tower))
+    model.tower.gradient_checkpointing = checkpointing
+    return model.train(), processor
+
+
+def step(model, batch):
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(**batch).loss.backward()
+    optimizer.step()
+
+
+# Four samples with equal label counts: the mean of the ranks' mean losses is the combined batch's mean loss.
+prompts = ["what colour is <image> the shape", "<image> describe image", "what is <image> it", "<image> the shape"]
+targets = ["a red circle", "a blue square", "a green circle", "a red square"]
+model, processor = build()
+everything = processor(prompts, [images(1, 2 * i) for i in range(4)], targets)
+reference = copy.deepcopy(model)
+step(reference, everything)
+want = {k: v.detach() for k, v in reference.state_dict().items()}
+
+model, processor = build()
+mine = slice(2 * rank, 2 * rank + 2)
+batch = processor(prompts[mine], [images(1, 2 * i) for i in range(4)][mine], targets[mine])
+parallel = ddp_vlm(model) if wrapper == "ddp" else fully_shard_vlm(model)
+step(parallel, batch)
+got = full_state_dict(model) if wrapper == "fsdp" else model.state_dict()  # FSDP2: gathered on rank 0
+if rank == 0:
+    before = build()[0].state_dict()
+    changed = 0
+    for name, value in want.items():
+        torch.testing.assert_close(got[name].float(), value.float(), atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+        changed += not torch.equal(value, before[name])
+    print(f"PARAMETERS EQUAL, {changed} tensors changed by the step")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "tower", "checkpointing"),
+    [("ddp", "full", False), ("fsdp", "full", True), ("fsdp", "lora", False), ("ddp", "lora", True)],
+)
+def test_a_parallel_step_equals_the_single_process_step(wrapper, tower, checkpointing, tmp_path):
+    script = tmp_path / "step.py"
+    script.write_text(STEP)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [*command, str(TESTS), wrapper, tower, str(int(checkpointing))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    changed = int(result.stdout.split("PARAMETERS EQUAL, ")[1].split()[0])
+    assert changed > 5  # the step moved the projector, the LM and the tower (or its adapters)
+
+
+def test_unused_parameters_are_those_past_the_projectors_layer():
+    sys.path.insert(0, str(TESTS))
+    from test_llava import make_vlm
+
+    model, _, _ = make_vlm()  # 3 layers, projector on hidden state -2
+    names = unused_parameters(model)
+    assert names and all(
+        n.startswith(("vision_tower.encoder.layers.2.", "vision_tower.post_layernorm.", "vision_tower.head."))
+        for n in names
+    )
+    assert any(".head." in n for n in names) and any("layers.2." in n for n in names)
+    model.vision_tower.requires_grad_(False)
+    assert unused_parameters(model) == []
