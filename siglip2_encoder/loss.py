@@ -7,15 +7,17 @@ otherwise), divided by the number of images.
 :func:`sigmoid_loss_block` computes one (images x texts) block. A batch on one device is one block with its matches
 on the diagonal (:func:`sigmoid_loss`); across devices, each device adds its own block and then, for every other
 device's texts in turn, a block of negatives only (the paper's device-by-device scheme: no all-gather of the full
-similarity matrix). The sums are the same either way.
+similarity matrix). The sums are the same either way: :func:`ring_sigmoid_loss` is that scheme on the ranks of a
+torch.distributed job, texts passed to the next rank W - 1 times, gradients passed back the other way.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["sigmoid_loss", "sigmoid_loss_block"]
+__all__ = ["ring_sigmoid_loss", "sigmoid_loss", "sigmoid_loss_block"]
 
 
 def sigmoid_loss_block(
@@ -53,3 +55,48 @@ def sigmoid_loss(
     as transformers' ``SiglipModel(..., return_loss=True)``."""
     block = sigmoid_loss_block(image_embeds, text_embeds, logit_scale, logit_bias, matches_on_diagonal=True)
     return block / image_embeds.shape[0]
+
+
+def _exchange(tensor: torch.Tensor, to: int, source: int) -> torch.Tensor:
+    received = torch.empty_like(tensor)
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), to), dist.P2POp(dist.irecv, received, source)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received
+
+
+class _PassOn(torch.autograd.Function):
+    """Send to the next rank, receive from the previous one; gradients travel back the opposite way."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return _exchange(tensor, (rank + 1) % world, (rank - 1) % world)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return _exchange(grad, (rank - 1) % world, (rank + 1) % world)
+
+
+def ring_sigmoid_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+) -> torch.Tensor:
+    """The sigmoid loss of the combined batch of every rank's matching pairs, computed device by device.
+
+    Each rank scores its images against its own texts (matches on the diagonal), then against every other rank's
+    texts as they come round the ring (negatives only); no rank holds more than two rank-batches of texts, and no
+    full similarity matrix exists anywhere. Every rank must hold the same number of pairs.
+
+    Returns:
+        This rank's share of the combined loss, times the number of ranks: the ranks' values average to the
+        combined batch's loss, and DDP's averaging of gradients then gives exactly the combined batch's gradients
+        (tested against :func:`sigmoid_loss` on the whole batch, values and gradients).
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    total = sigmoid_loss_block(image_embeds, text_embeds, logit_scale, logit_bias, matches_on_diagonal=True)
+    texts = text_embeds
+    for _ in range(world - 1):
+        texts = _PassOn.apply(texts)
+        total = total + sigmoid_loss_block(image_embeds, texts, logit_scale, logit_bias, matches_on_diagonal=False)
+    return total / image_embeds.shape[0]  # = world * total / (world * batch)

@@ -100,3 +100,49 @@ def test_unused_parameters_are_those_past_the_projectors_layer():
     assert any(".head." in n for n in names) and any("layers.2." in n for n in names)
     model.vision_tower.requires_grad_(False)
     assert unused_parameters(model) == []
+
+
+RING = """
+import sys, torch, torch.distributed as dist
+import torch.nn.functional as F
+from siglip2_encoder.loss import ring_sigmoid_loss, sigmoid_loss
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+g = torch.Generator().manual_seed(0)
+images = F.normalize(torch.randn(4 * world, 8, generator=g), dim=-1)
+texts = F.normalize(images + 0.5 * torch.randn(4 * world, 8, generator=g), dim=-1)
+scale, bias = torch.tensor([2.3], requires_grad=True), torch.tensor([-4.0], requires_grad=True)
+
+whole = (images.clone().requires_grad_(), texts.clone().requires_grad_())
+want = sigmoid_loss(*whole, scale, bias)
+want.backward()
+want_scale, want_bias = scale.grad.clone(), bias.grad.clone()
+scale.grad = bias.grad = None
+
+mine = slice(4 * rank, 4 * rank + 4)
+local = (images[mine].clone().requires_grad_(), texts[mine].clone().requires_grad_())
+loss = ring_sigmoid_loss(*local, scale, bias)
+loss.backward()
+mean = loss.detach().clone()
+dist.all_reduce(mean)
+torch.testing.assert_close(mean / world, want.detach(), atol=1e-6, rtol=0)
+for ours, theirs in zip(local, whole):  # DDP would average: our gradients are world x the combined ones
+    torch.testing.assert_close(ours.grad / world, theirs.grad[mine], atol=1e-6, rtol=0)
+for grad, reference in ((scale.grad, want_scale), (bias.grad, want_bias)):
+    dist.all_reduce(grad)
+    torch.testing.assert_close(grad / world, reference, atol=1e-5, rtol=0)
+print("RING EQUAL")
+"""
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_the_ring_sigmoid_loss_equals_the_combined_batchs_loss_and_gradients(ranks, tmp_path):
+    script = tmp_path / "ring.py"
+    script.write_text(RING)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(script)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("RING EQUAL") == ranks
