@@ -62,6 +62,21 @@ if rank == 0:
         torch.testing.assert_close(got[name].float(), value.float(), atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
         changed += not torch.equal(value, before[name])
     print(f"PARAMETERS EQUAL, {changed} tensors changed by the step")
+
+if wrapper == "fsdp":  # a sharded checkpoint (torch.distributed.checkpoint) resumes into a fresh sharded model
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    folder = sys.argv[5]
+    dcp.save(get_model_state_dict(model), checkpoint_id=folder)
+    resumed = fully_shard_vlm(build()[0])
+    state = get_model_state_dict(resumed)
+    dcp.load(state, checkpoint_id=folder)
+    set_model_state_dict(resumed, state)
+    again = full_state_dict(resumed)
+    if rank == 0:
+        assert again.keys() == got.keys() and all(torch.equal(again[k], got[k]) for k in got)
+        print("RESUMED EQUAL")
 dist.destroy_process_group()
 """
 
@@ -76,7 +91,7 @@ def test_a_parallel_step_equals_the_single_process_step(wrapper, tower, checkpoi
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [*command, str(TESTS), wrapper, tower, str(int(checkpointing))],
+        [*command, str(TESTS), wrapper, tower, str(int(checkpointing)), str(tmp_path / "checkpoint")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -85,6 +100,7 @@ def test_a_parallel_step_equals_the_single_process_step(wrapper, tower, checkpoi
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     changed = int(result.stdout.split("PARAMETERS EQUAL, ")[1].split()[0])
     assert changed > 5  # the step moved the projector, the LM and the tower (or its adapters)
+    assert ("RESUMED EQUAL" in result.stdout) == (wrapper == "fsdp")
 
 
 def test_unused_parameters_are_those_past_the_projectors_layer():
