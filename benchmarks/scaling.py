@@ -1,15 +1,16 @@
 """Scaling of `extract` with the number of processes (torchrun), and the cost of the final merge.
 
-    python benchmarks/scaling.py                         # 1 and 2 processes (the 2-core VM)
-    python benchmarks/scaling.py --procs 1 2 4 8 --device cuda   # on a bigger machine
+    python benchmarks/scaling.py                                   # 1 and 2 processes (the 2-core VM)
+    python benchmarks/scaling.py --procs 1 2 4 8 --device cuda     # on a bigger machine
 
 Every run extracts the same generated images with the same random-weight tower (siglip2-base-patch16-224, pooled
 features) into a fresh folder. With P processes each gets cores / P threads (OMP_NUM_THREADS), as torchrun would,
 so 1 process uses all cores and P processes share them. Throughput counts images over the wall time of the whole
 command (model loading and process start included) and over the extraction itself (the slowest rank's, from its
-summary line); "vs 1 process" is the rate over the 1-process rate: on one machine whose cores the processes share it
-is the whole gain (linear would be 1.00x here), on P devices linear would be P x. The merge benchmark times what rank 0 does after the last block: read every shard's rows, sort them
-into input order, write manifest.jsonl, for 1M rows in 1,000 shards.
+summary line). "vs 1 process" is the rate over the 1-process rate: where the processes share one machine's cores
+that is the whole gain (linear would be 1.00x); on P devices linear would be P x. The merge benchmark times what
+rank 0 does after the last block: read every shard's rows, sort them into input order, write manifest.jsonl, for
+1M rows in 1,000 shards.
 """
 
 from __future__ import annotations
