@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ranks.start()
     trained = ddp_vlm(model) if ranks.distributed else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    warmup = max(0.1, 2 / args.steps)  # OneCycleLR needs a warm-up of 2+ steps
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=warmup)
     rng, started, losses = np.random.default_rng(2), time.monotonic(), []
     for step in range(1, args.steps + 1):
         model.train()

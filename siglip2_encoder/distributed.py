@@ -60,10 +60,11 @@ class Ranks:
             return f"cuda:{self.local_rank}"
         return device
 
-    def start(self) -> None:
-        """Join the job's gloo process group (once per process); nothing for one process."""
+    def start(self, backend: str = "gloo") -> None:
+        """Join the job's process group (once per process; gloo for extraction's meeting points, "nccl" for
+        training on GPUs); nothing for one process."""
         if self.distributed and not dist.is_initialized():
-            dist.init_process_group("gloo", rank=self.rank, world_size=self.world, timeout=BARRIER_TIMEOUT)
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world, timeout=BARRIER_TIMEOUT)
 
     def barrier(self) -> None:
         if self.distributed:
