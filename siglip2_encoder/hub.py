@@ -116,8 +116,49 @@ class CheckpointSource:
             raise CheckpointError(f"{filename} of {self} must hold a JSON object, got a {type(value).__name__}")
         return value
 
+    def snapshot(self) -> Path:
+        """A local folder holding every file of the checkpoint: the folder itself, or the repo's snapshot in the
+        cache (downloaded if missing and allowed), for formats spread over several files and subfolders."""
+        if self.is_local:
+            return self.path
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        if not self.offline:
+            self._check_reachable()
+        try:
+            return Path(
+                snapshot_download(
+                    self.repo_id,
+                    revision=self.revision,
+                    cache_dir=self.cache_dir,
+                    token=self.token,
+                    local_files_only=self.offline,
+                )
+            )
+        except LocalEntryNotFoundError as err:
+            raise HubUnreachableError(self.repo_id, str(err).splitlines()[0]) from None
+        except Exception as err:  # a missing, gated or private repo, a bad revision: say which
+            raise self._access_error(err) from None
+
+    def _check_reachable(self) -> None:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or ""
+        try:
+            # huggingface_hub retries unreachable hosts for ~20 s; an unresolvable one fails here at once instead.
+            socket.getaddrinfo(host, 443)
+        except OSError as err:
+            raise HubUnreachableError(self.repo_id, f"cannot resolve {host}: {err}") from None
+
+    def _access_error(self, err: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"cannot access {self.repo_id!r} (revision {self.revision or 'main'}) on the Hub: "
+            f"{str(err).splitlines()[0]}. Check the id and revision; for gated or private repos log in or pass token="
+        )
+
     def _download(self, filename: str) -> Path | None:
-        from huggingface_hub import constants, hf_hub_download
+        from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (
             EntryNotFoundError,
             GatedRepoError,
@@ -126,12 +167,7 @@ class CheckpointSource:
             RevisionNotFoundError,
         )
 
-        host = urlparse(constants.ENDPOINT).hostname or ""
-        try:
-            # huggingface_hub retries unreachable hosts for ~20 s; an unresolvable one fails here at once instead.
-            socket.getaddrinfo(host, 443)
-        except OSError as err:
-            raise HubUnreachableError(self.repo_id, f"cannot resolve {host}: {err}") from None
+        self._check_reachable()
         try:
             return Path(
                 hf_hub_download(
@@ -143,8 +179,4 @@ class CheckpointSource:
         except EntryNotFoundError:
             return None
         except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
-            raise CheckpointError(
-                f"cannot access {self.repo_id!r} (revision {self.revision or 'main'}) on the Hub: "
-                f"{str(err).splitlines()[0]}. Check the id and revision; for gated or private repos log in or pass "
-                f"token="
-            ) from None
+            raise self._access_error(err) from None

@@ -26,6 +26,7 @@ from .inputs import Grids
 from .loss import sigmoid_loss
 from .model import SigLIP2Encoder
 from .processor import ImageProcessor
+from .publish import HubMixin, ModelCardInfo, hub_id
 from .text import SigLIP2TextEncoder
 from .tokenizer import TextTokenizer
 
@@ -82,7 +83,7 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # the sigmoid loss, with return_loss=True (image i matches text i)
 
 
-class SigLIP2Model(nn.Module):
+class SigLIP2Model(HubMixin, nn.Module):
     """The SigLIP / SigLIP 2 image-text model.
 
     Args:
@@ -107,6 +108,7 @@ class SigLIP2Model(nn.Module):
         # The SigLIP paper's initialisation: temperature 10 (log 10), bias -10.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
+        self.name_or_path: str | None = None  # the checkpoint it was loaded from (a model card's base)
 
     @classmethod
     def from_pretrained(
@@ -127,12 +129,41 @@ class SigLIP2Model(nn.Module):
             name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
         stored = read_model_checkpoint(source, dtype=dtype)
-        return build_loaded(
+        model = build_loaded(
             lambda: cls(stored.vision_config, stored.text_config, stored.processor_config),
             stored.state_dict,
             str(source),
             "image-text model",
             device,
+        )
+        model.name_or_path = str(name_or_path)
+        return model
+
+    @property
+    def base_checkpoint(self) -> str | None:
+        return self.name_or_path
+
+    def model_card_info(self) -> ModelCardInfo:
+        """What :meth:`push_to_hub`'s model card says of this image-text model."""
+        v, t = self.vision_model.config, self.text_model.config
+        return ModelCardInfo(
+            title=f"SigLIP image-text model ({v.num_hidden_layers} vision, {t.num_hidden_layers} text layers)",
+            summary="A SigLIP / SigLIP 2 image-text model saved by siglip2-encoder, in transformers' format: "
+            "zero-shot classification and image-text retrieval.",
+            details=[
+                ("base checkpoint", self.name_or_path or "none (random initialisation)"),
+                (
+                    "vision tower",
+                    f"width {v.hidden_size}, patch {v.patch_size}, {'NaFlex' if v.naflex else v.image_size}",
+                ),
+                ("text tower", f"width {t.hidden_size}, vocabulary {t.vocab_size}, {t.max_position_embeddings} tokens"),
+            ],
+            snippet='from siglip2_encoder import SigLIP2Model\n\nmodel = SigLIP2Model.from_pretrained("{repo_id}")\n',
+            transformers_snippet=(
+                'from transformers import AutoModel\n\nmodel = AutoModel.from_pretrained("{repo_id}")\n'
+            ),
+            base_model=hub_id(self.name_or_path),
+            tags=("siglip", "zero-shot-image-classification"),
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

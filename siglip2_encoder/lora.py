@@ -12,6 +12,7 @@ implementation and do nothing in the other.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,8 +21,9 @@ from torch import nn
 
 from .joint import SigLIP2Model
 from .model import SigLIP2Encoder
+from .publish import HubMixin, ModelCardInfo, hub_id
 
-__all__ = ["LORA_MODULES", "EncoderLoRAConfig", "add_lora", "trainable_parameters"]
+__all__ = ["LORA_MODULES", "EncoderLoRAConfig", "LoRAAdapter", "add_lora", "trainable_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,3 +162,43 @@ def add_lora(
         100 * trainable / total,
     )
     return peft_model
+
+
+class LoRAAdapter(HubMixin):
+    """A LoRA-wrapped tower (from :func:`add_lora`) as a publishable adapter: peft's own files
+    (``adapter_config.json``, ``adapter_model.safetensors``), with a card naming the base and the LoRA settings."""
+
+    def __init__(self, tower: PeftModel) -> None:
+        if not isinstance(tower, PeftModel) or not isinstance(tower.get_base_model(), SigLIP2Encoder):
+            raise TypeError(f"expected a tower wrapped by add_lora (a peft PeftModel), got {type(tower).__name__}")
+        self.tower = tower
+
+    @property
+    def base_checkpoint(self) -> str | None:
+        return self.tower.get_base_model().name_or_path
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        self.tower.save_pretrained(folder)
+
+    def model_card_info(self) -> ModelCardInfo:
+        config = self.tower.peft_config[self.tower.active_adapter]
+        base = self.base_checkpoint
+        shown = base or "BASE_CHECKPOINT"  # the card says to replace it when the base was not a checkpoint
+        targets = sorted(config.target_modules) if not isinstance(config.target_modules, str) else config.target_modules
+        transformers_class = "Siglip2VisionModel" if self.tower.get_base_model().config.naflex else "SiglipVisionModel"
+        return ModelCardInfo(
+            title=f"LoRA adapter (r={config.r}) for a SigLIP vision tower",
+            summary="A LoRA adapter for a SigLIP / SigLIP 2 vision tower, trained with siglip2-encoder and saved by "
+            "peft; its module names are transformers', so it loads on transformers' tower too.",
+            details=[
+                ("base checkpoint", base or "not a saved checkpoint: replace BASE_CHECKPOINT in the code below"),
+                ("LoRA", f"r={config.r}, lora_alpha={config.lora_alpha}, lora_dropout={config.lora_dropout}"),
+                ("target modules", f"{len(targets)} modules" if len(targets) > 6 else str(targets)),
+            ],
+            snippet="from peft import PeftModel\nfrom siglip2_encoder import SigLIP2Encoder\n\n"
+            f'tower = PeftModel.from_pretrained(SigLIP2Encoder.from_pretrained("{shown}"), "{{repo_id}}")\n',
+            transformers_snippet=f"from peft import PeftModel\nfrom transformers import {transformers_class}\n\n"
+            f'model = PeftModel.from_pretrained({transformers_class}.from_pretrained("{shown}"), "{{repo_id}}")\n',
+            base_model=hub_id(base),
+            tags=("siglip", "lora", "peft"),
+        )

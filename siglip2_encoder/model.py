@@ -36,6 +36,7 @@ from .output import EncoderOutput, Layer, tokens_to_map
 from .packing import Packing
 from .presets import get_preset
 from .processor import patchify
+from .publish import HubMixin, ModelCardInfo, hub_id
 from .recipes import Recipe, get_recipe
 
 __all__ = ["SigLIP2Encoder"]
@@ -51,7 +52,7 @@ class _Request:
     depth: int  # layers to run
 
 
-class SigLIP2Encoder(nn.Module):
+class SigLIP2Encoder(HubMixin, nn.Module):
     """The SigLIP / SigLIP 2 vision tower.
 
     Build it from a checkpoint with :meth:`from_pretrained`, from a named architecture with random weights with
@@ -92,6 +93,7 @@ class SigLIP2Encoder(nn.Module):
         # Use the in-place inference path of each layer when autograd records nothing (see layers.py); set False to
         # run the reference path everywhere (the tests compare the two).
         self.fast_inference = True
+        self.name_or_path: str | None = None  # the checkpoint it was loaded from (a model card's base)
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------- construction
@@ -135,9 +137,11 @@ class SigLIP2Encoder(nn.Module):
             name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
         stored = read_checkpoint(source, dtype=dtype)
-        return build_loaded(
+        model = build_loaded(
             lambda: cls(stored.config, stored.processor_config), stored.state_dict, str(source), "tower", device
         )
+        model.name_or_path = str(name_or_path)
+        return model
 
     @classmethod
     def from_big_vision(
@@ -157,6 +161,35 @@ class SigLIP2Encoder(nn.Module):
         stored = read_big_vision(path, image_size=image_size)
         processor = processor_config or stored.processor_config
         return build_loaded(lambda: cls(stored.config, processor), stored.state_dict, str(path), "tower", device)
+
+    @property
+    def base_checkpoint(self) -> str | None:
+        return self.name_or_path
+
+    def model_card_info(self) -> ModelCardInfo:
+        """What :meth:`push_to_hub`'s model card says of this tower."""
+        c = self.config
+        size = f"NaFlex, {c.num_patches} position entries" if c.naflex else f"{c.image_size} px"
+        transformers_class = (
+            "AutoModel" if c.position_lookup == "buckets" else "Siglip2VisionModel" if c.naflex else "SiglipVisionModel"
+        )
+        return ModelCardInfo(
+            title=f"SigLIP vision tower ({c.num_hidden_layers} layers, width {c.hidden_size}, patch {c.patch_size})",
+            summary="A SigLIP / SigLIP 2 vision tower saved by siglip2-encoder, in transformers' format.",
+            details=[
+                ("base checkpoint", self.name_or_path or "none (random initialisation)"),
+                ("architecture", f"{size}, {c.hidden_act}, {'with' if c.use_head else 'without'} attention-pool head"),
+                ("preprocessing", str(self.processor_config)),
+            ],
+            snippet=(
+                'from siglip2_encoder import ImageProcessor, SigLIP2Encoder\n\ntower = SigLIP2Encoder.from_pretrained("'
+                '{repo_id}")\nprocessor = ImageProcessor.from_pretrained("{repo_id}")\n'
+            ),
+            transformers_snippet=f"from transformers import {transformers_class}\n\n"
+            f'model = {transformers_class}.from_pretrained("{{repo_id}}")\n',
+            base_model=hub_id(self.name_or_path),
+            tags=("siglip", "vision", "feature-extraction"),
+        )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write config.json, model.safetensors and preprocessor_config.json that transformers'

@@ -16,7 +16,9 @@ from torch import nn
 
 from ..config import check_positive_ints
 from ..files import write_atomic
+from ..hub import CheckpointSource
 from ..output import EncoderOutput
+from ..publish import HubMixin, ModelCardInfo
 
 __all__ = [
     "PROJECTORS",
@@ -130,7 +132,7 @@ class ProjectorConfig:
         return {"kind": self.kind, **asdict(self)}
 
 
-class Projector(nn.Module):
+class Projector(HubMixin, nn.Module):
     """Base class: vision tokens with grids in, LLM-width tokens with exact per-image counts out."""
 
     config_class: ClassVar[type[ProjectorConfig]] = ProjectorConfig
@@ -165,6 +167,18 @@ class Projector(nn.Module):
             raise RuntimeError(f"{type(self).__name__} emitted {out.token_counts} tokens, promised {expected}")
         return out
 
+    def model_card_info(self) -> ModelCardInfo:
+        """What :meth:`push_to_hub`'s model card says of this projector."""
+        c = self.config
+        return ModelCardInfo(
+            title=f"{type(self).__name__}: {c.input_width} -> {c.out_features} channels",
+            summary="A vision-to-language projector for SigLIP towers, saved by siglip2-encoder.",
+            details=[("kind", c.kind), ("tower layers read", str(c.layers))]
+            + [(k, str(v)) for k, v in c.to_dict().items() if k not in ("kind", "layers")],
+            snippet='from siglip2_encoder.adapters import load_projector\n\nprojector = load_projector("{repo_id}")\n',
+            tags=("siglip", "projector"),
+        )
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``projector_config.json`` and ``projector.safetensors``; :func:`load_projector` reads them."""
         folder = Path(directory)
@@ -190,9 +204,21 @@ def build_projector(config: ProjectorConfig) -> Projector:
     return PROJECTORS[config.kind](config)
 
 
-def load_projector(directory: str | os.PathLike, *, device: str | torch.device | None = None) -> Projector:
-    """Load a projector saved with :meth:`Projector.save_pretrained` (strict: weights must match exactly)."""
-    folder = Path(directory)
+def load_projector(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+) -> Projector:
+    """Load a projector saved with :meth:`Projector.save_pretrained` from a folder or a Hub repo (its cache first;
+    strict: weights must match exactly)."""
+    source = CheckpointSource(
+        name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+    )
+    folder = source.snapshot()
     if not (folder / CONFIG_FILE).is_file():
         raise ValueError(f"{folder} has no {CONFIG_FILE}; was it written by Projector.save_pretrained?")
     raw = json.loads((folder / CONFIG_FILE).read_text())

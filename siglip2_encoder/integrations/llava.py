@@ -29,10 +29,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from ..adapters import MLPConfig, Projector, ProjectorConfig, build_projector, load_projector
 from ..files import write_atomic
+from ..hub import CheckpointSource
 from ..images import ImageInput
 from ..lora import EncoderLoRAConfig, add_lora, trainable_parameters
 from ..model import SigLIP2Encoder
 from ..processor import ImageProcessor
+from ..publish import HubMixin, ModelCardInfo, hub_id
 
 __all__ = [
     "IGNORE_INDEX",
@@ -179,7 +181,7 @@ class VLMProcessor:
         return batch
 
 
-class VisionLanguageModel(nn.Module):
+class VisionLanguageModel(HubMixin, nn.Module):
     """vision tower -> projector -> language model, composed in plain code.
 
     Args:
@@ -366,10 +368,47 @@ class VisionLanguageModel(nn.Module):
             folder / CONFIG_FILE, (json.dumps({"image_token_id": self.image_token_id}, indent=2) + "\n").encode()
         )
 
+    @property
+    def base_checkpoint(self) -> str | None:
+        """The language model's checkpoint: a VLM carries its LM's license."""
+        return getattr(self.language_model, "name_or_path", None) or None
+
+    def model_card_info(self) -> ModelCardInfo:
+        """What :meth:`push_to_hub`'s model card says of this VLM (its own format; ``export_llava`` for
+        transformers')."""
+        projector = self.projector.config
+        return ModelCardInfo(
+            title=f"LLaVA-style VLM: SigLIP tower + {projector.kind} projector + {type(self.language_model).__name__}",
+            summary="A vision-language model built with siglip2-encoder: a SigLIP vision tower, a projector and a "
+            "causal language model, saved in this library's format (vision_tower/, projector/, language_model/).",
+            details=[
+                ("vision tower", self.tower.name_or_path or "none (random initialisation)"),
+                ("projector", f"{projector.kind}, tower layers {projector.layers}"),
+                ("language model", self.base_checkpoint or "none (random initialisation)"),
+                ("image token id", str(self.image_token_id)),
+            ],
+            snippet="from siglip2_encoder.integrations.llava import VisionLanguageModel\n\n"
+            'model = VisionLanguageModel.from_pretrained("{repo_id}")\n',
+            base_model=hub_id(self.base_checkpoint),
+            tags=("siglip", "image-text-to-text", "llava"),
+        )
+
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> VisionLanguageModel:
-        """Load a folder written by :meth:`save_pretrained`."""
-        folder = Path(directory)
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+    ) -> VisionLanguageModel:
+        """Load a folder written by :meth:`save_pretrained`, or a Hub repo of one (its cache first)."""
+        source = CheckpointSource(
+            name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        folder = source.snapshot()
         if not (folder / CONFIG_FILE).is_file():
             raise ValueError(f"{folder} has no {CONFIG_FILE}; was it written by VisionLanguageModel.save_pretrained?")
         config = json.loads((folder / CONFIG_FILE).read_text())

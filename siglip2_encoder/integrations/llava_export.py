@@ -34,11 +34,13 @@ from ..convert import (
     convert_hf_state_dict,
     processor_config_from_hf,
 )
+from ..hub import CheckpointSource
 from ..model import SigLIP2Encoder
+from ..publish import HubMixin, ModelCardInfo
 from .hf_export import language_model_weights, write_export
 from .llava import VisionLanguageModel
 
-__all__ = ["export_llava", "import_llava"]
+__all__ = ["LlavaExport", "export_llava", "import_llava"]
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
@@ -119,10 +121,50 @@ _NOT_REPRESENTED = {
 }
 
 
-def import_llava(directory: str | os.PathLike, *, dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """Load a transformers LLaVA checkpoint (``model_type="llava"``) with a SigLIP vision tower into a
-    :class:`VisionLanguageModel`. LLaVA-NeXT / OneVision folders are refused (their image_newline and tiling have
-    no place here); ``SigLIP2Encoder.from_pretrained`` loads their towers."""
+class LlavaExport(HubMixin):
+    """A :class:`VisionLanguageModel` in transformers' LLaVA format, to publish: ``LlavaExport(model,
+    tokenizer).push_to_hub(repo_id)`` uploads what :func:`export_llava` writes, with a model card."""
+
+    def __init__(self, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        _check_exportable(model)
+        self.model, self.tokenizer = model, tokenizer
+
+    @property
+    def base_checkpoint(self) -> str | None:
+        return self.model.base_checkpoint
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        export_llava(self.model, folder, self.tokenizer)
+
+    def model_card_info(self) -> ModelCardInfo:
+        own = self.model.model_card_info()
+        return ModelCardInfo(
+            title=own.title.replace("LLaVA-style VLM", "LLaVA (transformers' format)"),
+            summary="A LLaVA vision-language model built with siglip2-encoder and exported to transformers' "
+            "LlavaForConditionalGeneration format: it loads without this library.",
+            details=own.details,
+            snippet="from siglip2_encoder.integrations.llava_export import import_llava\n\n"
+            'model = import_llava("{repo_id}")\n',
+            transformers_snippet="from transformers import LlavaForConditionalGeneration\n\n"
+            'model = LlavaForConditionalGeneration.from_pretrained("{repo_id}")\n',
+            base_model=own.base_model,
+            tags=own.tags,
+        )
+
+
+def import_llava(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> VisionLanguageModel:
+    """Load a transformers LLaVA checkpoint (``model_type="llava"``; a folder or a Hub repo) with a SigLIP vision
+    tower into a :class:`VisionLanguageModel`. LLaVA-NeXT / OneVision checkpoints are refused (their image_newline
+    and tiling have no place here); ``SigLIP2Encoder.from_pretrained`` loads their towers."""
+    source = CheckpointSource(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
+    directory = source.snapshot() if not source.is_local else name_or_path
     config_file = Path(directory) / "config.json"
     model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
     if model_type != "llava":
