@@ -40,6 +40,7 @@ from .extract import (
     discover_inputs,
     embed_texts,
     expand_tar_specs,
+    expand_videos,
     extract_features,
     extract_tar_features,
     read_file_list,
@@ -195,6 +196,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     _check_output_folder(args.output)
     _check_file_list(args.file_list)
     device = _device(args.device)
+    if args.fps is not None and not args.fps > 0:
+        raise UsageError(f"--fps {args.fps}: must be > 0")
+    videos = args.fps is not None or args.num_frames is not None
+    if args.tar and videos:
+        raise UsageError("--fps / --num-frames take frames of video files; tar shards (--tar) hold images")
     if args.tar and (args.inputs or args.file_list):
         raise UsageError("--tar reads tar shards: give either --tar or image files / folders / --file-list, not both")
     if args.tar:
@@ -204,7 +210,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             raise UsageError(f"--tar {' '.join(args.tar)}: {err}") from None
         paths = []
     else:
-        paths = discover_inputs(args.inputs, args.file_list)
+        paths = discover_inputs(args.inputs, args.file_list, videos=videos)
         if not paths:
             raise UsageError("no input images: give files, folders, glob patterns, --file-list or --tar")
     model, processor = load_model(args.model, args.random_weights)
@@ -238,7 +244,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         exif_transpose=not args.no_exif,
         max_pixels=args.max_pixels,
+        video_fps=args.fps,
+        video_frames=args.num_frames,
     )
+    if videos:
+        paths = expand_videos(paths, settings)
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
     ranks = Ranks.from_env()  # under torchrun: this process's share of the inputs
     where = f" (rank {ranks.rank} of {ranks.world})" if ranks.distributed else ""
@@ -668,6 +678,9 @@ def _extract_command(commands: argparse._SubParsersAction) -> None:
         help="WebDataset tar shards instead of files: a path, a brace pattern ('shards-{000..099}.tar'), 'pipe:CMD' "
         "or a URL; repeatable. Each sample's key is its id in the manifest",
     )
+    frames = p.add_mutually_exclusive_group()
+    frames.add_argument("--fps", type=float, help="take video files too: a frame every 1/FPS seconds")
+    frames.add_argument("--num-frames", type=positive_int, help="take video files too: N frames, evenly spaced")
     p.add_argument("-o", "--output", required=True, help="output folder")
     _add_model_options(p)
     p.add_argument("--no-pooled", action="store_true", help="do not save the pooled (attention-pool) features")

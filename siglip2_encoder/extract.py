@@ -53,6 +53,7 @@ from .store import (
 )
 from .text import SigLIP2TextEncoder
 from .tokenizer import TextTokenizer
+from .video import VIDEO_EXTENSIONS, VideoFrame, expand_video, read_frame
 
 __all__ = [
     "ExtractSettings",
@@ -61,6 +62,7 @@ __all__ = [
     "discover_inputs",
     "embed_texts",
     "expand_tar_specs",
+    "expand_videos",
     "extract_features",
     "extract_tar_features",
 ]
@@ -111,15 +113,17 @@ def read_file_list(file_list: str | os.PathLike) -> list[str]:
     return [line.removesuffix("\r") for line in lines if line.removesuffix("\r")]
 
 
-def discover_inputs(specs: Sequence[str], file_list: str | os.PathLike | None = None) -> list[str]:
+def discover_inputs(
+    specs: Sequence[str], file_list: str | os.PathLike | None = None, *, videos: bool = False
+) -> list[str]:
     """Expand image files, folders, glob patterns and a text file of paths (:func:`read_file_list`) into one list, in
     the order given, without duplicates.
 
     Folders are searched recursively (symlinked folders too), in sorted order, for files whose extension the
-    installed Pillow can open; what is skipped is logged with counts and reasons. A path that does not exist is
-    kept, so that the run records it as failed instead of dropping it unseen.
+    installed Pillow can open (and, with ``videos``, video files); what is skipped is logged with counts and reasons.
+    A path that does not exist is kept, so that the run records it as failed instead of dropping it unseen.
     """
-    extensions = image_extensions()
+    extensions = image_extensions() | (VIDEO_EXTENSIONS if videos else frozenset())
     skipped: defaultdict[str, list[str]] = defaultdict(list)
     found: list[str] = []
     for spec in specs:
@@ -158,9 +162,20 @@ class ExtractSettings:
     shard_size: int = 1024  # inputs per shard
     exif_transpose: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
+    video_fps: float | None = None  # videos: frames taken every 1 / video_fps seconds
+    video_frames: int | None = None  # videos: this many frames, evenly spaced
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "batch_size", "shard_size", "max_pixels")
+        if self.video_fps is not None and self.video_frames is not None:
+            raise ValueError(
+                f"give at most one of video_fps and video_frames, got video_fps={self.video_fps}, "
+                f"video_frames={self.video_frames}"
+            )
+        if self.video_fps is not None and not self.video_fps > 0:
+            raise ValueError(f"video_fps must be > 0, got video_fps={self.video_fps!r}")
+        if self.video_frames is not None:
+            check_positive_ints(self, "video_frames")
         if self.max_num_patches is not None:
             check_positive_ints(self, "max_num_patches")
         for name in ("save_dtype", "dtype"):
@@ -237,22 +252,25 @@ class _Decode:
     """Decodes and preprocesses one image: a file by its index in ``paths``, or a task ``(name, encoded bytes)``
     (a tar member, sent to the worker); any failure becomes its reason (a string)."""
 
-    paths: Sequence[str]
+    paths: Sequence[str | VideoFrame]
     processor: ImageProcessor
     settings: ExtractSettings
 
     def name(self, task: int | tuple[str, bytes]) -> str:
-        return task[0] if isinstance(task, tuple) else self.paths[task]
+        return task[0] if isinstance(task, tuple) else str(self.paths[task])
 
     def __call__(self, task: int | tuple[str, bytes] | str) -> ProcessedImage | str:
         if isinstance(task, str):  # an input known to have failed before decoding (a tar sample without image)
             return task
         options = dict(exif_transpose=self.settings.exif_transpose, max_pixels=self.settings.max_pixels)
         try:
-            if isinstance(task, tuple):
-                pixels = load_image_bytes(task[1], task[0], **options)
+            source = task if isinstance(task, tuple) else self.paths[task]
+            if isinstance(source, tuple):
+                pixels = load_image_bytes(source[1], source[0], **options)
+            elif isinstance(source, VideoFrame):
+                pixels = read_frame(source)
             else:
-                pixels = load_image(self.paths[task], **options)
+                pixels = load_image(source, **options)
             return self.processor.process_one(pixels, max_num_patches=self.settings.max_num_patches)
         except (ValueError, TypeError, OSError) as err:  # load_image / process_one report bad inputs so
             return str(err)
@@ -486,8 +504,30 @@ def _finish_run(run: _Run, summary: ExtractSummary, position: Callable[[dict[str
         summary.failed_elsewhere = failed - summary.failed - summary.failed_before
 
 
+def _stub(source: str | VideoFrame) -> dict[str, Any]:
+    """A row's first fields: the input's id, and for a video frame its video and time."""
+    if isinstance(source, VideoFrame):
+        return {"path": str(source), "video": source.path, "time": source.time}
+    return {"path": source}
+
+
+def expand_videos(paths: Sequence[str], settings: ExtractSettings) -> list[str | VideoFrame]:
+    """``paths`` with every video file (by extension, :data:`~siglip2_encoder.video.VIDEO_EXTENSIONS`) replaced by
+    the frames ``settings.video_fps`` / ``video_frames`` take from it (a video that cannot be opened becomes one
+    failed input); unchanged when neither is set."""
+    if settings.video_fps is None and settings.video_frames is None:
+        return list(paths)
+    out: list[str | VideoFrame] = []
+    for path in paths:
+        if Path(path).suffix.lower() in VIDEO_EXTENSIONS:
+            out += expand_video(path, fps=settings.video_fps, num_frames=settings.video_frames)
+        else:
+            out.append(path)
+    return out
+
+
 def extract_features(
-    paths: Sequence[str],
+    paths: Sequence[str | VideoFrame],
     output: str | os.PathLike,
     model: SigLIP2Encoder,
     processor: ImageProcessor,
@@ -502,7 +542,8 @@ def extract_features(
     """Extract features of ``paths`` into the folder ``output`` (layout in :mod:`siglip2_encoder.store`).
 
     Args:
-        paths: image files, in the order their rows take in the manifest.
+        paths: image files (and video frames, see :func:`expand_videos`), in the order their rows take in the
+            manifest.
         model, processor: the encoder (moved to ``settings.device`` / ``settings.dtype`` here) and its processor.
         settings: what to extract and how.
         resume: continue an interrupted run in ``output``: committed shards are kept, nothing done is redone.
@@ -520,13 +561,14 @@ def extract_features(
             ``overwrite``), or holds a run with other settings; the ranks were given different inputs.
     """
     ranks = ranks or Ranks()
+    names = [str(p) for p in paths]
     with _start_run(output, settings, ranks, resume=resume, overwrite=overwrite) as run:
-        ranks.check_same(list(paths), "inputs")
+        ranks.check_same(names, "inputs")
         done = {row["path"] for row in run.done_rows}
-        pending = [p for p in paths if p not in done]
+        pending = [p for p, name in zip(paths, names) if name not in done]
         size = settings.shard_size
         mine = [j for j in range(-(-len(pending) // size)) if ranks.owns(j)]
-        inputs = (({"path": pending[i]}, i) for j in mine for i in range(j * size, min((j + 1) * size, len(pending))))
+        inputs = ((_stub(pending[i]), i) for j in mine for i in range(j * size, min((j + 1) * size, len(pending))))
         summary = ExtractSummary(
             skipped=len(paths) - len(pending), failed_before=sum(r["status"] == "failed" for r in run.done_rows)
         )
@@ -534,7 +576,7 @@ def extract_features(
         decode = _Decode(pending, processor, settings)
         shards = (run.first + j for j in mine)
         _run_stream(run, inputs, shards, total, model, processor, settings, decode, num_workers, progress, summary)
-        order = {p: i for i, p in enumerate(paths)}
+        order = {name: i for i, name in enumerate(names)}
         _finish_run(run, summary, lambda row: order.get(row["path"], len(order)))
         return summary
 
