@@ -55,6 +55,7 @@ from .joint import DEFAULT_TEMPLATE, SigLIP2Model
 from .model import SigLIP2Encoder
 from .presets import get_preset, list_presets
 from .processor import ImageProcessor
+from .quantize import QUANTIZATIONS
 from .retrieval import top_k
 from .store import TEXT_INPUTS, ExtractedFeatures
 from .text import SigLIP2TextEncoder
@@ -246,6 +247,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         video_fps=args.fps,
         video_frames=args.num_frames,
+        quantize=args.quantize,
     )
     if videos:
         paths = expand_videos(paths, settings)
@@ -695,6 +697,9 @@ def _extract_command(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--save-dtype", choices=sorted(DTYPES), default="fp32", help="storage precision (default fp32)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision (default fp32)")
+    p.add_argument(
+        "--quantize", choices=sorted(QUANTIZATIONS), help="torchao int8 encoder layers (int8: weights and activations)"
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument(

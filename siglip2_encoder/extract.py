@@ -38,6 +38,7 @@ from .files import write_atomic
 from .images import DEFAULT_MAX_PIXELS, image_extensions, load_image, load_image_bytes
 from .model import SigLIP2Encoder
 from .processor import ImageProcessor, ProcessedImage
+from .quantize import QUANTIZATIONS, quantize
 from .store import (
     LOCK_FILE,
     RUN_FILE,
@@ -164,6 +165,7 @@ class ExtractSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     video_fps: float | None = None  # videos: frames taken every 1 / video_fps seconds
     video_frames: int | None = None  # videos: this many frames, evenly spaced
+    quantize: str | None = None  # torchao quantization of the encoder layers (one of QUANTIZATIONS); fp32 compute
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "batch_size", "shard_size", "max_pixels")
@@ -176,6 +178,11 @@ class ExtractSettings:
             raise ValueError(f"video_fps must be > 0, got video_fps={self.video_fps!r}")
         if self.video_frames is not None:
             check_positive_ints(self, "video_frames")
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZATIONS:
+                raise ValueError(f"quantize must be one of {sorted(QUANTIZATIONS)}, got quantize={self.quantize!r}")
+            if self.dtype != "fp32":
+                raise ValueError(f"quantize runs the rest of the tower in fp32; got dtype={self.dtype!r} with it")
         if self.max_num_patches is not None:
             check_positive_ints(self, "max_num_patches")
         for name in ("save_dtype", "dtype"):
@@ -460,6 +467,8 @@ def _run_stream(
     # Half precision keeps the patch and position embeddings in fp32 (and the pixels fed to them).
     device = run.ranks.device(settings.device)
     model = model.to(device=device).set_precision(DTYPES[settings.dtype]).eval()
+    if settings.quantize is not None:
+        model = quantize(model, settings.quantize)
     writer = ShardWriter(run.folder, DTYPES[settings.save_dtype])
     stubs: deque[dict[str, Any]] = deque()  # the rows of the tasks the decoder has taken, in order
 

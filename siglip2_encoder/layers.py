@@ -187,6 +187,9 @@ class EncoderLayer(nn.Module):
                 return False
             if module is not self and type(module) not in (Attention, MLP, nn.Linear, nn.LayerNorm):
                 return False
+            # torchao quantizes a Linear in place: same module type, its weight a quantized tensor subclass.
+            if any(type(p) is not nn.Parameter for p in module.parameters(recurse=False)):
+                return False
         return True
 
 

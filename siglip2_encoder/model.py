@@ -202,6 +202,12 @@ class SigLIP2Encoder(HubMixin, nn.Module):
                 f"first (merge_and_unload()) or save them with the PeftModel's save_pretrained; a prepack_for_cpu() "
                 f"copy cannot be saved: save the tower it was made from"
             )
+        quantized = [name for name, p in self.named_parameters() if type(p) is not nn.Parameter]
+        if quantized:
+            raise ValueError(
+                f"cannot save: {len(quantized)} weights are quantized (e.g. {quantized[0]}); a quantize() copy is for "
+                f"inference: save the tower it was made from"
+            )
         write_checkpoint(save_directory, self.config, self.state_dict(), self.processor_config)
 
     def foreign_modules(self) -> list[tuple[str, str]]:
