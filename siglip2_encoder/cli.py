@@ -798,6 +798,41 @@ def _embed_text_command(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_embed_text)
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    output = args.output if args.output in ("pooled", "tokens") else None
+    if output is None:
+        try:
+            output = int(args.output)
+        except ValueError:
+            raise UsageError(
+                f"--output {args.output}: give pooled, tokens or a hidden-state index such as -2"
+            ) from None
+    model, _ = load_model(args.model, args.random_weights)
+    if isinstance(output, int):
+        try:
+            model.layer_index(output)
+        except ValueError as err:
+            raise UsageError(f"--output {output}: {err}") from None
+    from .onnx_export import export_onnx
+
+    try:
+        export_onnx(model, args.destination, output=output)
+    except ImportError as err:
+        raise FatalError(f"{err}; pip install 'siglip2-encoder[onnx]'") from None
+    except ValueError as err:
+        raise UsageError(f"--output {args.output}: {err}") from None
+    logger.info("wrote %s (%s of %s)", args.destination, output, args.random_weights or args.model)
+    return EXIT_OK
+
+
+def _export_onnx_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("export-onnx", help="the vision tower as an ONNX model (dynamic batch and grid)")
+    p.add_argument("destination", help="the .onnx file to write")
+    _add_model_options(p)
+    p.add_argument("--output", default="pooled", help="pooled (default), tokens, or a hidden-state index such as -2")
+    p.set_defaults(run=cmd_export_onnx)
+
+
 def _convert_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "convert", help="a vision tower from one format to another (transformers, timm, big_vision)"
@@ -855,6 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
     _index_command(commands)
     _export_npy_command(commands)
     _convert_command(commands)
+    _export_onnx_command(commands)
     _info_command(commands)
     _pca_command(commands)
     _similarity_command(commands)

@@ -1,0 +1,160 @@
+"""ONNX export of the vision tower: one dense graph with dynamic batch and dynamic grids, checked by onnxruntime.
+
+:class:`ExportGraph` runs the tower's own layers on a padded batch without packing or per-image Python: NaFlex
+position grids are resized inside the graph (each image's bilinear, antialiased weights built from its
+``spatial_shapes`` as tensors, the same weights :mod:`~siglip2_encoder.embeddings` uses), fixed-resolution tables
+are resized bicubically to the input's grid (exactly the table at the native size). Padding tokens are masked in
+attention and in the pooling head, so a padded image gives what it gives alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import SigLIP2Encoder
+
+__all__ = ["ExportGraph", "export_onnx"]
+
+
+def _bilinear_weights(sizes: torch.Tensor, index: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, L, grid) antialiased bilinear weights: output sample ``index`` (B, L) of a resize from ``grid`` samples
+    to ``sizes`` (B, 1) samples (align_corners=False; the filter widened by the scale when shrinking)."""
+    scale = grid / sizes.float()  # (B, 1)
+    support = scale.clamp(min=1.0)
+    centres = (index.float() + 0.5) * scale - 0.5  # (B, L)
+    source = torch.arange(grid, device=index.device, dtype=torch.float32)
+    weights = (1 - (source - centres[..., None]).abs() / support[..., None]).clamp(min=0)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+class ExportGraph(nn.Module):
+    """The tower as one exportable graph.
+
+    Args:
+        tower: the encoder (its weights are used, not copied).
+        output: "pooled" (B, D), "tokens" (B, N, D) after the post-layernorm, or an int hidden-state index.
+    """
+
+    def __init__(self, tower: SigLIP2Encoder, output: str | int = "pooled") -> None:
+        super().__init__()
+        if output == "pooled" and tower.head is None:
+            raise ValueError("this tower has no attention-pooling head; export output='tokens' or a layer")
+        if not (output in ("pooled", "tokens") or isinstance(output, int) and not isinstance(output, bool)):
+            raise ValueError(f"output must be 'pooled', 'tokens' or a hidden-state index, got output={output!r}")
+        if tower.config.position_lookup != "interpolate":
+            raise ValueError("towers with bucketed positions (Idefics3's) are not exported; their lookup is not built")
+        self.tower, self.output = tower, output
+        self.depth = tower.config.num_hidden_layers if not isinstance(output, int) else tower.layer_index(output)
+
+    def _positions(self, spatial_shapes: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, L, D) NaFlex positions for each image's grid, for L tokens (padding slots: any finite value)."""
+        table = self.tower.embeddings.table().float()  # (g, g, D)
+        grid = table.shape[0]
+        heights, widths = spatial_shapes[:, :1], spatial_shapes[:, 1:]  # (B, 1) each
+        # Padding slots take the last real token's position: finite values, never attended to.
+        index = torch.minimum(torch.arange(length, device=spatial_shapes.device)[None], heights * widths - 1)
+        rows = _bilinear_weights(heights, index // widths, grid)  # (B, L, g)
+        columns = _bilinear_weights(widths, index % widths, grid)
+        both = (rows[..., :, None] * columns[..., None, :]).flatten(2)  # (B, L, g * g)
+        return (both @ table.flatten(0, 1)).to(table.dtype)
+
+    def _attend(self, batch: int, length: int, mask: torch.Tensor | None):
+        heads, head_dim = self.tower.config.num_attention_heads, self.tower.config.head_dim
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+            q, k, v = (t.view(batch, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, L, hd)
+            return out.transpose(1, 2).reshape(batch * length, heads * head_dim)
+
+        return attend
+
+    def _pool(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention-pooling head on (B, L, D) tokens."""
+        head = self.tower.head
+        batch, length, width = x.shape
+        heads = head.attention.num_heads
+        w_q, w_kv = head.attention.in_proj_weight.split([width, 2 * width])
+        b_q, b_kv = head.attention.in_proj_bias.split([width, 2 * width])
+        q = F.linear(head.probe[0], w_q, b_q).view(1, heads, 1, width // heads).expand(batch, -1, -1, -1)
+        k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+        pooled = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(batch, width)
+        pooled = head.attention.out_proj(pooled)
+        return pooled + head.mlp(head.layernorm(pooled))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        spatial_shapes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fixed-resolution: ``pixel_values`` (B, C, H, W). NaFlex: (B, L, p * p * C) patches with
+        ``spatial_shapes`` (B, 2) and ``pixel_attention_mask`` (B, L)."""
+        tower, embeddings = self.tower, self.tower.embeddings
+        if tower.config.naflex:
+            x = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+            x = x + self._positions(spatial_shapes, pixel_values.shape[1]).to(x.dtype)
+            valid = pixel_attention_mask.bool()
+            mask = valid[:, None, None, :]  # (B, 1, 1, L): padding keys are not attended
+        else:
+            x = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))  # (B, D, h, w)
+            table = embeddings.table().permute(2, 0, 1)[None]  # (1, D, g, g)
+            positions = F.interpolate(table, size=x.shape[-2:], mode="bicubic", align_corners=False)
+            x = (x + positions).flatten(2).transpose(1, 2)
+            mask = valid = None
+        batch, length, width = x.shape
+        attend = self._attend(batch, length, mask)
+        x = x.reshape(batch * length, width)
+        for layer in tower.encoder.layers[: self.depth]:
+            x = layer(x, attend)
+        x = x.view(batch, length, width)
+        if isinstance(self.output, int):
+            return x if valid is None else x * valid[..., None]
+        x = tower.post_layernorm(x)
+        if self.output == "tokens":
+            return x if valid is None else x * valid[..., None]
+        return self._pool(x, mask)
+
+
+def export_onnx(
+    tower: SigLIP2Encoder, path: str | os.PathLike, *, output: str | int = "pooled", opset: int = 18
+) -> None:
+    """Write ``tower`` as an ONNX model at ``path`` (torch.onnx's exporter), dynamic in batch and grid: inputs
+    ``pixel_values`` (B, C, H, W), or for NaFlex ``pixel_values`` (B, L, p*p*C), ``spatial_shapes`` (B, 2) int64 and
+    ``pixel_attention_mask`` (B, L) int64; output ``features`` as :class:`ExportGraph` ``output`` says."""
+    graph = ExportGraph(tower, output).eval()
+    try:
+        import onnxscript  # noqa: F401  torch.onnx's exporter needs it
+    except ImportError:
+        raise ImportError("ONNX export needs onnx and onnxscript") from None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    p, channels = tower.config.patch_size, tower.config.num_channels
+    if tower.config.naflex:
+        length = torch.export.Dim("length", min=1, max=65536)
+        example = (
+            torch.zeros(2, 6, p * p * channels),
+            torch.tensor([[2, 3], [1, 4]]),
+            torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+        )
+        names = ["pixel_values", "spatial_shapes", "pixel_attention_mask"]
+        shapes = ({0: batch, 1: length}, {0: batch}, {0: batch, 1: length})
+    else:
+        side = tower.config.image_size
+        example = (torch.zeros(2, channels, side, side),)
+        names = ["pixel_values"]
+        height, width = torch.export.Dim("height", min=p, max=8192), torch.export.Dim("width", min=p, max=8192)
+        shapes = ({0: batch, 2: height, 3: width},)
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            example,
+            str(path),
+            input_names=names,
+            output_names=["features"],
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            dynamo=True,
+        )

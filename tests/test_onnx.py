@@ -1,0 +1,83 @@
+"""ONNX export of the tower, run by onnxruntime: dynamic batch and grids (a grid the export never saw included),
+NaFlex position grids resized inside the graph, outputs as forward chooses them; equal to our PyTorch outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from siglip2_encoder import SigLIP2Encoder
+from siglip2_encoder.cli import EXIT_OK, EXIT_USAGE, main
+from siglip2_encoder.onnx_export import ExportGraph, export_onnx
+from siglip2_encoder.processor import patchify
+
+TINY = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, patch_size=8)
+
+
+def run(path, **inputs) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+
+
+@pytest.fixture(scope="module")
+def fixed():
+    torch.manual_seed(0)
+    return SigLIP2Encoder.from_preset("siglip2-base-patch16-224", image_size=32, **TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def naflex():
+    torch.manual_seed(0)
+    return SigLIP2Encoder.from_preset("siglip2-base-patch16-naflex", num_patches=16, **TINY).eval()
+
+
+@pytest.mark.parametrize("output", ["pooled", "tokens", -2])
+def test_fixed_resolution_export_equals_pytorch_on_any_batch_and_grid(fixed, output, tmp_path):
+    export_onnx(fixed, tmp_path / "tower.onnx", output=output)
+    for shape in [(1, 3, 32, 32), (3, 3, 32, 32), (2, 3, 48, 24)]:  # the last grid, 6x3, the export never saw
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]))
+        with torch.no_grad():
+            out = fixed(x, layers=[output] if isinstance(output, int) else [])
+        want = {"pooled": out.pooler_output, "tokens": out.last_hidden_state}.get(output, out.hidden_states.get(output))
+        np.testing.assert_allclose(run(tmp_path / "tower.onnx", pixel_values=x), want.numpy(), atol=1e-4, rtol=0)
+
+
+def naflex_batch(images, patch):
+    """transformers-style padded NaFlex input for ``images`` (C, H, W)."""
+    patches = [patchify(image[None], patch)[0] for image in images]
+    length = max(len(p) for p in patches)
+    pixels = torch.zeros(len(images), length, patches[0].shape[1])
+    mask = torch.zeros(len(images), length, dtype=torch.long)
+    for b, p in enumerate(patches):
+        pixels[b, : len(p)], mask[b, : len(p)] = p, 1
+    grids = torch.tensor([[im.shape[1] // patch, im.shape[2] // patch] for im in images])
+    return pixels, grids, mask
+
+
+def test_naflex_export_resizes_each_images_grid_in_the_graph(naflex, tmp_path):
+    export_onnx(naflex, tmp_path / "naflex.onnx")
+    generator = torch.Generator().manual_seed(3)
+    for sizes in [[(32, 32)], [(32, 32), (16, 40), (56, 8)], [(8, 8), (24, 72)]]:  # 1x1 and 3x9: never seen
+        images = [torch.rand(3, h, w, generator=generator) for h, w in sizes]
+        pixels, grids, mask = naflex_batch(images, 8)
+        with torch.no_grad():
+            want = naflex(images).pooler_output
+        got = run(tmp_path / "naflex.onnx", pixel_values=pixels, spatial_shapes=grids, pixel_attention_mask=mask)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+
+
+def test_export_onnx_command_and_its_refusals(tmp_path, caplog):
+    path = tmp_path / "cli.onnx"
+    assert main(["export-onnx", str(path), "--random-weights", "siglip2-base-patch16-224", "--output", "-2"]) == EXIT_OK
+    # The exporter keeps the weights beside the graph (external data): onnxruntime reads both.
+    got = run(path, pixel_values=torch.rand(1, 3, 224, 224))
+    assert got.shape == (1, 196, 768)
+    assert (
+        main(["export-onnx", str(path), "--random-weights", "siglip2-base-patch16-224", "--output", "x"]) == EXIT_USAGE
+    )
+    assert caplog.messages[-1] == "error: --output x: give pooled, tokens or a hidden-state index such as -2"
+    headless = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", use_head=False, **TINY)
+    with pytest.raises(ValueError, match="this tower has no attention-pooling head; export output='tokens' or a layer"):
+        ExportGraph(headless)
