@@ -799,6 +799,18 @@ def _embed_text_command(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
+    if args.text:
+        if args.random_weights:
+            raise UsageError("--text exports a checkpoint's text tower: give --model, not --random-weights")
+        from .onnx_export import export_text_onnx
+
+        tower = from_checkpoint(lambda: SigLIP2TextEncoder.from_pretrained(args.model), args.model)
+        try:
+            export_text_onnx(tower, args.destination)
+        except ImportError as err:
+            raise FatalError(f"{err}; pip install 'siglip2-encoder[onnx]'") from None
+        logger.info("wrote %s (the text tower of %s)", args.destination, args.model)
+        return EXIT_OK
     output = args.output if args.output in ("pooled", "tokens") else None
     if output is None:
         try:
@@ -830,6 +842,7 @@ def _export_onnx_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("destination", help="the .onnx file to write")
     _add_model_options(p)
     p.add_argument("--output", default="pooled", help="pooled (default), tokens, or a hidden-state index such as -2")
+    p.add_argument("--text", action="store_true", help="export the checkpoint's text tower (pooled text features)")
     p.set_defaults(run=cmd_export_onnx)
 
 

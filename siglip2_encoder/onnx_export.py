@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import key_padding_attention
 from .model import SigLIP2Encoder
+from .text import SigLIP2TextEncoder
 
-__all__ = ["ExportGraph", "export_onnx"]
+__all__ = ["ExportGraph", "TextExportGraph", "export_onnx", "export_text_onnx"]
 
 
 def _bilinear_weights(sizes: torch.Tensor, index: torch.Tensor, grid: int) -> torch.Tensor:
@@ -62,16 +64,6 @@ class ExportGraph(nn.Module):
         both = (rows[..., :, None] * columns[..., None, :]).flatten(2)  # (B, L, g * g)
         return (both @ table.flatten(0, 1)).to(table.dtype)
 
-    def _attend(self, batch: int, length: int, mask: torch.Tensor | None):
-        heads, head_dim = self.tower.config.num_attention_heads, self.tower.config.head_dim
-
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-            q, k, v = (t.view(batch, length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, L, hd)
-            return out.transpose(1, 2).reshape(batch * length, heads * head_dim)
-
-        return attend
-
     def _pool(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The attention-pooling head on (B, L, D) tokens."""
         head = self.tower.head
@@ -98,7 +90,7 @@ class ExportGraph(nn.Module):
             x = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
             x = x + self._positions(spatial_shapes, pixel_values.shape[1]).to(x.dtype)
             valid = pixel_attention_mask.bool()
-            mask = valid[:, None, None, :]  # (B, 1, 1, L): padding keys are not attended
+            mask = valid[:, None, None, :]  # (B, 1, 1, L): padding keys are not attended, also when pooling
         else:
             x = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))  # (B, D, h, w)
             table = embeddings.table().permute(2, 0, 1)[None]  # (1, D, g, g)
@@ -106,7 +98,8 @@ class ExportGraph(nn.Module):
             x = (x + positions).flatten(2).transpose(1, 2)
             mask = valid = None
         batch, length, width = x.shape
-        attend = self._attend(batch, length, mask)
+        keep = valid if valid is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        attend = key_padding_attention(keep)
         x = x.reshape(batch * length, width)
         for layer in tower.encoder.layers[: self.depth]:
             x = layer(x, attend)
@@ -125,11 +118,8 @@ def export_onnx(
     """Write ``tower`` as an ONNX model at ``path`` (torch.onnx's exporter), dynamic in batch and grid: inputs
     ``pixel_values`` (B, C, H, W), or for NaFlex ``pixel_values`` (B, L, p*p*C), ``spatial_shapes`` (B, 2) int64 and
     ``pixel_attention_mask`` (B, L) int64; output ``features`` as :class:`ExportGraph` ``output`` says."""
+    _check_exporter()
     graph = ExportGraph(tower, output).eval()
-    try:
-        import onnxscript  # noqa: F401  torch.onnx's exporter needs it
-    except ImportError:
-        raise ImportError("ONNX export needs onnx and onnxscript") from None
     batch = torch.export.Dim("batch", min=1, max=4096)
     p, channels = tower.config.patch_size, tower.config.num_channels
     if tower.config.naflex:
@@ -158,3 +148,48 @@ def export_onnx(
             opset_version=opset,
             dynamo=True,
         )
+
+
+class TextExportGraph(nn.Module):
+    """The text tower as one exportable graph: (B, L) ``input_ids`` and ``attention_mask`` -> (B, P) pooled features
+    (the last position through the head, as :class:`~siglip2_encoder.SigLIP2TextEncoder`)."""
+
+    def __init__(self, tower: SigLIP2TextEncoder) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tower = self.tower
+        x = tower.embeddings(input_ids)  # (B, L, D)
+        batch, length, width = x.shape
+        x = tower.encoder(x.reshape(batch * length, width), key_padding_attention(attention_mask.bool()), fast=False)
+        return tower.head(tower.final_layer_norm(x).view(batch, length, width)[:, -1])
+
+
+def export_text_onnx(tower: SigLIP2TextEncoder, path: str | os.PathLike, *, opset: int = 18) -> None:
+    """Write the text tower as an ONNX model at ``path``, dynamic in batch and text length (up to
+    ``max_position_embeddings``): inputs ``input_ids`` and ``attention_mask`` (B, L) int64, output ``features``
+    (B, P)."""
+    _check_exporter()
+    graph = TextExportGraph(tower).eval()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    length = torch.export.Dim("length", min=2, max=tower.config.max_position_embeddings)
+    example = (torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            example,
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["features"],
+            dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}),
+            opset_version=opset,
+            dynamo=True,
+        )
+
+
+def _check_exporter() -> None:
+    try:
+        import onnxscript  # noqa: F401  torch.onnx's exporter needs it
+    except ImportError:
+        raise ImportError("ONNX export needs onnx and onnxscript") from None

@@ -78,6 +78,35 @@ def test_export_onnx_command_and_its_refusals(tmp_path, caplog):
         main(["export-onnx", str(path), "--random-weights", "siglip2-base-patch16-224", "--output", "x"]) == EXIT_USAGE
     )
     assert caplog.messages[-1] == "error: --output x: give pooled, tokens or a hidden-state index such as -2"
+    text = ["export-onnx", str(tmp_path / "t.onnx"), "--random-weights", "siglip2-base-patch16-224", "--text"]
+    assert main(text) == EXIT_USAGE
+    assert caplog.messages[-1] == "error: --text exports a checkpoint's text tower: give --model, not --random-weights"
     headless = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", use_head=False, **TINY)
     with pytest.raises(ValueError, match="this tower has no attention-pooling head; export output='tokens' or a layer"):
         ExportGraph(headless)
+
+
+def test_text_tower_export_equals_pytorch_on_any_batch_and_length(tmp_path, zero_shot_dir):
+    from siglip2_encoder import SigLIP2TextEncoder, TextConfig
+    from siglip2_encoder.onnx_export import export_text_onnx
+
+    torch.manual_seed(0)
+    fields = {k: v for k, v in TINY.items() if k != "patch_size"}
+    tower = SigLIP2TextEncoder(TextConfig(**fields, vocab_size=50, max_position_embeddings=16)).eval()
+    export_text_onnx(tower, tmp_path / "text.onnx")
+    generator = torch.Generator().manual_seed(4)
+    for batch, length in [(1, 16), (3, 16), (2, 5)]:
+        ids = torch.randint(0, 50, (batch, length), generator=generator)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[-1, length // 2 :] = 0  # the last text is padded (SigLIP 2 texts carry a mask)
+        with torch.no_grad():
+            want = tower(ids, mask).pooler_output
+        got = run(tmp_path / "text.onnx", input_ids=ids, attention_mask=mask)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+    # The command exports an image-text checkpoint's text tower.
+    assert main(["export-onnx", str(tmp_path / "cli.onnx"), "--model", str(zero_shot_dir), "--text"]) == EXIT_OK
+    checkpoint = SigLIP2TextEncoder.from_pretrained(zero_shot_dir)
+    ids, mask = torch.randint(0, 50, (2, 64), generator=generator), torch.ones(2, 64, dtype=torch.long)
+    with torch.no_grad():
+        want = checkpoint(ids, mask).pooler_output
+    np.testing.assert_allclose(run(tmp_path / "cli.onnx", input_ids=ids, attention_mask=mask), want.numpy(), atol=1e-4)
