@@ -269,3 +269,20 @@ def test_build_from_names_and_configs(tmp_path):
     assert model.language_model.get_input_embeddings().num_embeddings == len(tokenizer)
     batch = processor(["<image> describe image"], [images(1)], ["a red circle"])
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_a_video_is_its_frames_reduced_by_the_projector_in_order():
+    model, processor, _ = make_vlm(projector="pixel_shuffle")  # 4x4 grids shuffled by 2: 4 tokens a frame
+    frames = images(3, seed=9)
+    still = images(1, seed=10)
+    video = processor(["what happens in <video> then <image> it"], [still], ["a red circle"], videos=[[frames]])
+    as_images = processor(["what happens in <image><image><image> then <image> it"], [frames + still], ["a red circle"])
+    assert (video["input_ids"] == model.image_token_id).sum() == 4 * 4
+    assert torch.equal(video["input_ids"], as_images["input_ids"])
+    assert torch.equal(video["pixel_values"], as_images["pixel_values"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**video).logits, model(**as_images).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"sample 0 has 1 <video> placeholder\(s\) but 0 video\(s\)"):
+        processor(["describe <video>"], [[]])
+    with pytest.raises(ValueError, match="sample 0 has a video without frames"):
+        processor(["describe <video>"], [[]], videos=[[[]]])

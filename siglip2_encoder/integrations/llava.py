@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,8 @@ class VLMProcessor:
         image_processor: the encoder's :class:`~siglip2_encoder.ImageProcessor`.
         projector: decides how many tokens each image becomes.
         patch_size: the encoder's patch size (fixed-resolution grids are H // p x W // p).
-        image_token: the placeholder string in prompts.
+        image_token: the placeholder string of an image in prompts.
+        video_token: the placeholder string of a clip (plain text: it becomes its frames' image placeholders).
     """
 
     def __init__(
@@ -95,9 +97,10 @@ class VLMProcessor:
         projector: Projector,
         patch_size: int,
         image_token: str = "<image>",
+        video_token: str = "<video>",
     ) -> None:
         self.tokenizer, self.image_processor, self.projector = tokenizer, image_processor, projector
-        self.patch_size, self.image_token = patch_size, image_token
+        self.patch_size, self.image_token, self.video_token = patch_size, image_token, video_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {image_token!r} token; call add_image_token(tokenizer, lm) first")
@@ -113,34 +116,65 @@ class VLMProcessor:
         images: Sequence[Sequence[ImageInput]] | None = None,
         targets: Sequence[str] | None = None,
         *,
+        videos: Sequence[Sequence[Sequence[ImageInput]]] | None = None,
         padding_side: Literal["left", "right"] = "right",
         max_num_patches: int | None = None,
     ) -> dict[str, Any]:
         """Args:
-            prompts: one text per sample; each ``<image>`` in it stands for the sample's next image.
+            prompts: one text per sample; each ``<image>`` in it stands for the sample's next image, each
+                ``<video>`` for its next clip.
             images: per sample, its images in placeholder order (an empty list for text-only samples).
             targets: per sample, the text to learn (labels); None for generation batches.
+            videos: per sample, its clips in ``<video>`` order, each a sequence of frames (e.g. from
+                :func:`~siglip2_encoder.video.read_frame`): a clip becomes its frames' tokens one frame after the
+                other, each frame reduced by the projector as an image is (pooled or shuffled), as LLaVA-Video does.
             padding_side: "right" for training, "left" for batched generation.
             max_num_patches: NaFlex patch budget for this batch.
 
         Returns:
             ``input_ids``, ``attention_mask`` (B, T), ``labels`` (B, T) when targets are given, and the image
-            inputs (``pixel_values`` and, for NaFlex, ``spatial_shapes``, ``pixel_attention_mask``) when any.
+            inputs (``pixel_values`` and, for NaFlex, ``spatial_shapes``, ``pixel_attention_mask``) when any:
+            images and frames in the order their placeholders appear.
         """
         images = images if images is not None else [[] for _ in prompts]
-        if len(images) != len(prompts) or (targets is not None and len(targets) != len(prompts)):
+        videos = videos if videos is not None else [[] for _ in prompts]
+        if (
+            len(images) != len(prompts)
+            or len(videos) != len(prompts)
+            or (targets is not None and len(targets) != len(prompts))
+        ):
             raise ValueError(
-                f"got {len(prompts)} prompts, {len(images)} image lists and "
+                f"got {len(prompts)} prompts, {len(images)} image lists, {len(videos)} video lists and "
                 f"{'no' if targets is None else len(targets)} targets; give one of each per sample"
             )
-        for b, (prompt, sample_images) in enumerate(zip(prompts, images)):
-            count = prompt.count(self.image_token)
-            if count != len(sample_images):
-                raise ValueError(
-                    f"sample {b} has {count} {self.image_token} placeholder(s) but {len(sample_images)} image(s); "
-                    f"put one placeholder in the prompt per image"
-                )
-        flat = [image for sample in images for image in sample]
+        split = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
+        pieces = [split.split(prompt) for prompt in prompts]  # text, placeholder, text, ...
+        flat: list[ImageInput] = []
+        frames_per_placeholder: list[list[int]] = []  # per sample: how many images each placeholder stands for
+        for b, (parts, sample_images, sample_videos) in enumerate(zip(pieces, images, videos)):
+            placeholders = parts[1::2]
+            for token, given, what in (
+                (self.image_token, sample_images, "image"),
+                (self.video_token, sample_videos, "video"),
+            ):
+                count = placeholders.count(token)
+                if count != len(given):
+                    raise ValueError(
+                        f"sample {b} has {count} {token} placeholder(s) but {len(given)} {what}(s); "
+                        f"put one placeholder in the prompt per {what}"
+                    )
+            next_image, next_video, sizes = iter(sample_images), iter(sample_videos), []
+            for token in placeholders:
+                if token == self.image_token:
+                    flat.append(next(next_image))
+                    sizes.append(1)
+                else:
+                    clip = list(next(next_video))
+                    if not clip:
+                        raise ValueError(f"sample {b} has a video without frames; give each clip at least one")
+                    flat += clip
+                    sizes.append(len(clip))
+            frames_per_placeholder.append(sizes)
         batch: dict[str, Any] = {}
         counts: list[int] = []
         if flat:
@@ -152,12 +186,12 @@ class VLMProcessor:
 
         tok = self.tokenizer
         sequences, label_sequences, next_image = [], [], 0
-        for b, prompt in enumerate(prompts):
+        for b, (parts, sizes) in enumerate(zip(pieces, frames_per_placeholder)):
             ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            for i, segment in enumerate(prompt.split(self.image_token)):
-                if i:
-                    ids += [self.image_token_id] * counts[next_image]
-                    next_image += 1
+            for i, segment in enumerate(parts[0::2]):
+                if i:  # the placeholder before this text: its images' (or frames') tokens
+                    ids += [self.image_token_id] * sum(counts[next_image : next_image + sizes[i - 1]])
+                    next_image += sizes[i - 1]
                 ids += self._text_ids(segment)
             labels = [IGNORE_INDEX] * len(ids)
             if targets is not None:
