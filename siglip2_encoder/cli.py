@@ -846,6 +846,33 @@ def _export_onnx_command(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_export_onnx)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .integrations.serve import Service, create_app
+    except ImportError as err:
+        raise FatalError(f"serve needs FastAPI and uvicorn ({err}): pip install 'siglip2-encoder[serve]'") from None
+    if args.features is not None:
+        _open_pooled(args.features)  # a folder to search must hold pooled features: checked before loading
+    service = from_checkpoint(lambda: Service.load(args.model, args.features), args.model)
+    app = create_app(service, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=not args.no_batching)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return EXIT_OK
+
+
+def _serve_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("serve", help="an HTTP service: image / text embeddings, zero-shot scores, search")
+    p.add_argument("model", help="Hub id or local folder (image-text for text, zero-shot and search)")
+    p.add_argument("--features", help="an extract folder to search (GET /search)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--max-batch", type=positive_int, default=32, help="images per forward pass at most (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more (default 5 ms)")
+    p.add_argument("--no-batching", action="store_true", help="one image per forward pass")
+    p.set_defaults(run=cmd_serve)
+
+
 def _convert_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "convert", help="a vision tower from one format to another (transformers, timm, big_vision)"
@@ -904,6 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
     _export_npy_command(commands)
     _convert_command(commands)
     _export_onnx_command(commands)
+    _serve_command(commands)
     _info_command(commands)
     _pca_command(commands)
     _similarity_command(commands)
