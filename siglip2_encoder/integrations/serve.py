@@ -5,8 +5,9 @@ search over an extracted folder, with requests that arrive together batched into
 
 Endpoints: ``GET /health`` (the process answers), ``GET /ready`` (the model is loaded), ``POST /embed/image`` (the
 image's bytes as the body), ``POST /embed/text`` (``{"texts": [...]}``), ``POST /classify?labels=cat&labels=dog``
-(image bytes), ``GET /search?q=a+red+car&k=5``. The server fetches no URLs: images come in the request. A body that
-is no image is a 400 naming why, never a 500.
+(image bytes), ``GET /search?q=a+red+car&k=5``, and ``GET /``: a search page (a text box, a grid of the nearest
+images, each served by ``GET /image?path=...`` for the folder's own rows only). The server fetches no URLs: images
+come in the request. A body that is no image is a 400 naming why, never a 500.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel
 
 from ..images import ImageLoadError, load_image_bytes
@@ -127,6 +129,41 @@ class Service:
         return self._bank
 
 
+SEARCH_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>siglip2-encoder search</title>
+<style>
+body { font-family: sans-serif; margin: 2rem; }
+#grid { display: grid; grid-template-columns: repeat(auto-fill, 180px); gap: 12px; margin-top: 1rem; }
+figure { margin: 0; } img { width: 180px; height: 180px; object-fit: cover; background: #eee; }
+figcaption { font-size: 12px; overflow-wrap: anywhere; }
+</style></head>
+<body>
+<h1>Search images by text</h1>
+<form id="form"><input id="query" name="q" size="40" placeholder="a photo of a red car" autofocus>
+<input id="k" name="k" type="number" value="8" min="1" max="100"> <button id="go" type="submit">Search</button></form>
+<p id="status"></p><div id="grid"></div>
+<script>
+document.getElementById("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const q = document.getElementById("query").value, k = document.getElementById("k").value;
+  const status = document.getElementById("status"), grid = document.getElementById("grid");
+  status.textContent = "searching...";
+  const response = await fetch(`/search?q=${encodeURIComponent(q)}&k=${k}`);
+  const body = await response.json();
+  if (!response.ok) { status.textContent = body.detail; return; }
+  grid.replaceChildren(...body.results.map((r) => {
+    const figure = document.createElement("figure"), img = document.createElement("img");
+    img.src = `/image?path=${encodeURIComponent(r.path)}`; img.alt = r.path;
+    const caption = document.createElement("figcaption");
+    caption.textContent = `${r.score.toFixed(3)}  ${r.path}`;
+    figure.append(img, caption); figure.className = "result"; return figure;
+  }));
+  status.textContent = `${body.results.length} results for "${q}"`;
+});
+</script></body></html>
+"""
+
+
 class Texts(BaseModel):
     texts: list[str]
 
@@ -179,6 +216,17 @@ def create_app(service: Service, *, max_batch: int = 32, max_wait_ms: float = 5.
             raise HTTPException(400, f"{service.name} is a vision-only checkpoint: zero-shot needs its text tower")
         scores = await asyncio.to_thread(service.model.classify, image, labels, tokenizer=service.tokenizer)
         return {"scores": scores[0]}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return SEARCH_PAGE
+
+    @app.get("/image")
+    async def image(path: str) -> FileResponse:
+        names, _ = service.bank()
+        if path not in set(names):  # only the folder's own images: never an arbitrary file of the server
+            raise HTTPException(404, "not an image of the searched folder")
+        return FileResponse(path)
 
     @app.get("/search")
     async def search(q: str, k: Annotated[int, Query(ge=1, le=1000)] = 5) -> dict[str, Any]:
