@@ -801,7 +801,7 @@ def _embed_text_command(commands: argparse._SubParsersAction) -> None:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     if args.text:
         if args.random_weights:
-            raise UsageError("--text exports a checkpoint's text tower: give --model, not --random-weights")
+            raise UsageError("--text exports a checkpoint's text tower: give a checkpoint, not --random-weights")
         from .onnx_export import export_text_onnx
 
         tower = from_checkpoint(lambda: SigLIP2TextEncoder.from_pretrained(args.model), args.model)
@@ -819,7 +819,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--output {args.output}: give pooled, tokens or a hidden-state index such as -2"
             ) from None
-    model, _ = load_model(args.model, args.random_weights)
+    model, _ = load_model(args.model, _preset_name(args.model) if args.random_weights else None)
     if isinstance(output, int):
         try:
             model.layer_index(output)
@@ -833,14 +833,15 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
         raise FatalError(f"{err}; pip install 'siglip2-encoder[onnx]'") from None
     except ValueError as err:
         raise UsageError(f"--output {args.output}: {err}") from None
-    logger.info("wrote %s (%s of %s)", args.destination, output, args.random_weights or args.model)
+    logger.info("wrote %s (%s of %s)", args.destination, output, args.model)
     return EXIT_OK
 
 
 def _export_onnx_command(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("export-onnx", help="the vision tower as an ONNX model (dynamic batch and grid)")
-    p.add_argument("destination", help="the .onnx file to write")
-    _add_model_options(p)
+    p = commands.add_parser("export-onnx", help="the vision (or text) tower as an ONNX model, dynamic batch and grid")
+    p.add_argument("model", help="Hub id or local folder (a preset name with --random-weights)")
+    p.add_argument("destination", help="the .onnx file to write (its weights go beside it, in DESTINATION.data)")
+    p.add_argument("--random-weights", action="store_true", help="MODEL is a preset: its architecture, random weights")
     p.add_argument("--output", default="pooled", help="pooled (default), tokens, or a hidden-state index such as -2")
     p.add_argument("--text", action="store_true", help="export the checkpoint's text tower (pooled text features)")
     p.set_defaults(run=cmd_export_onnx)
