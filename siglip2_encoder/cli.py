@@ -192,11 +192,9 @@ def _check_file_list(file_list: str | None, option: str = "--file-list", what: s
 # ------------------------------------------------------------------------------------------------------ extract
 
 
-def cmd_extract(args: argparse.Namespace) -> int:
-    # Everything is checked before anything is written: options, inputs, the model.
-    _check_output_folder(args.output)
-    _check_file_list(args.file_list)
-    device = _device(args.device)
+def _extract_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(tar shard URLs, files) that ``extract`` reads: one of the two is empty; videos are expanded later, once the
+    settings say how."""
     if args.fps is not None and not args.fps > 0:
         raise UsageError(f"--fps {args.fps}: must be > 0")
     videos = args.fps is not None or args.num_frames is not None
@@ -206,14 +204,22 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise UsageError("--tar reads tar shards: give either --tar or image files / folders / --file-list, not both")
     if args.tar:
         try:
-            urls = expand_tar_specs(args.tar)
+            return expand_tar_specs(args.tar), []
         except (ValueError, ImportError) as err:
             raise UsageError(f"--tar {' '.join(args.tar)}: {err}") from None
-        paths = []
-    else:
-        paths = discover_inputs(args.inputs, args.file_list, videos=videos)
-        if not paths:
-            raise UsageError("no input images: give files, folders, glob patterns, --file-list or --tar")
+    paths = discover_inputs(args.inputs, args.file_list, videos=videos)
+    if not paths:
+        raise UsageError("no input images: give files, folders, glob patterns, --file-list or --tar")
+    return [], paths
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    # Everything is checked before anything is written: options, inputs, the model.
+    _check_output_folder(args.output)
+    _check_file_list(args.file_list)
+    device = _device(args.device)
+    urls, paths = _extract_inputs(args)
+    videos = args.fps is not None or args.num_frames is not None
     model, processor = load_model(args.model, args.random_weights)
     name = args.random_weights or args.model
     if args.max_num_patches is not None and not processor.config.naflex:

@@ -110,6 +110,36 @@ class VLMProcessor:
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
+    def _visuals(
+        self,
+        pieces: list[list[str]],
+        images: Sequence[Sequence[ImageInput]],
+        videos: Sequence[Sequence[Sequence[ImageInput]]],
+    ) -> tuple[list[ImageInput], list[list[int]]]:
+        """Every image and frame in placeholder order, and per sample how many of them each placeholder stands for
+        (1 for an image, its frames for a clip); counts are checked against the placeholders."""
+        flat: list[ImageInput] = []
+        frames_per_placeholder: list[list[int]] = []
+        for b, (parts, sample_images, sample_videos) in enumerate(zip(pieces, images, videos)):
+            placeholders = parts[1::2]
+            expected = ((self.image_token, sample_images, "image"), (self.video_token, sample_videos, "video"))
+            for token, given, what in expected:
+                count = placeholders.count(token)
+                if count != len(given):
+                    raise ValueError(
+                        f"sample {b} has {count} {token} placeholder(s) but {len(given)} {what}(s); "
+                        f"put one placeholder in the prompt per {what}"
+                    )
+            next_image, next_video, sizes = iter(sample_images), iter(sample_videos), []
+            for token in placeholders:
+                clip = [next(next_image)] if token == self.image_token else list(next(next_video))
+                if not clip:
+                    raise ValueError(f"sample {b} has a video without frames; give each clip at least one")
+                flat += clip
+                sizes.append(len(clip))
+            frames_per_placeholder.append(sizes)
+        return flat, frames_per_placeholder
+
     def __call__(
         self,
         prompts: Sequence[str],
@@ -149,32 +179,7 @@ class VLMProcessor:
             )
         split = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
         pieces = [split.split(prompt) for prompt in prompts]  # text, placeholder, text, ...
-        flat: list[ImageInput] = []
-        frames_per_placeholder: list[list[int]] = []  # per sample: how many images each placeholder stands for
-        for b, (parts, sample_images, sample_videos) in enumerate(zip(pieces, images, videos)):
-            placeholders = parts[1::2]
-            for token, given, what in (
-                (self.image_token, sample_images, "image"),
-                (self.video_token, sample_videos, "video"),
-            ):
-                count = placeholders.count(token)
-                if count != len(given):
-                    raise ValueError(
-                        f"sample {b} has {count} {token} placeholder(s) but {len(given)} {what}(s); "
-                        f"put one placeholder in the prompt per {what}"
-                    )
-            next_image, next_video, sizes = iter(sample_images), iter(sample_videos), []
-            for token in placeholders:
-                if token == self.image_token:
-                    flat.append(next(next_image))
-                    sizes.append(1)
-                else:
-                    clip = list(next(next_video))
-                    if not clip:
-                        raise ValueError(f"sample {b} has a video without frames; give each clip at least one")
-                    flat += clip
-                    sizes.append(len(clip))
-            frames_per_placeholder.append(sizes)
+        flat, frames_per_placeholder = self._visuals(pieces, images, videos)
         batch: dict[str, Any] = {}
         counts: list[int] = []
         if flat:
