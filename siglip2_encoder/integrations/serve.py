@@ -226,6 +226,8 @@ def create_app(service: Service, *, max_batch: int = 32, max_wait_ms: float = 5.
         names, _ = service.bank()
         if path not in set(names):  # only the folder's own images: never an arbitrary file of the server
             raise HTTPException(404, "not an image of the searched folder")
+        if not os.path.isfile(path):  # a tar sample's key, a video frame or a moved file: nothing to send
+            raise HTTPException(404, f"{path} is not a file on this server (a tar sample, a video frame, or moved)")
         return FileResponse(path)
 
     @app.get("/search")
