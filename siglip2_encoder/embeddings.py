@@ -23,18 +23,20 @@ from torch import nn
 
 from .config import EncoderConfig
 
-__all__ = ["FixedResolutionEmbeddings", "NaFlexEmbeddings"]
+__all__ = ["FixedResolutionEmbeddings", "NaFlexEmbeddings", "antialiased_bilinear_weights"]
 
 
-def _antialiased_bilinear(size: int, source: int, device: torch.device) -> torch.Tensor:
-    """(size, source) float32 weights of a bilinear resize from ``source`` to ``size`` samples with antialiasing
-    (``align_corners=False``): a triangle filter, widened by the scale when shrinking, each row normalised."""
-    scale = source / size
-    support = max(scale, 1.0)
-    centers = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) * scale - 0.5
-    offsets = torch.arange(source, device=device, dtype=torch.float32)[None, :] - centers[:, None]
-    weights = (1 - offsets.abs() / support).clamp(min=0)
-    return weights / weights.sum(1, keepdim=True)
+def antialiased_bilinear_weights(sizes: torch.Tensor, index: torch.Tensor, source: int) -> torch.Tensor:
+    """(..., source) float32 weights of output sample ``index`` in a bilinear resize with antialiasing
+    (``align_corners=False``) from ``source`` samples to ``sizes`` samples (``sizes`` broadcasts against ``index``):
+    a triangle filter, widened by the scale when shrinking, each row normalised. The tower and its ONNX graph both
+    resize NaFlex grids with these weights."""
+    scale = source / sizes.float()
+    support = scale.clamp(min=1.0)
+    centres = (index.float() + 0.5) * scale - 0.5
+    offsets = torch.arange(source, device=index.device, dtype=torch.float32) - centres[..., None]
+    weights = (1 - offsets.abs() / support[..., None]).clamp(min=0)
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def _grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
@@ -131,8 +133,11 @@ class NaFlexEmbeddings(_Embeddings):
         channels-last one in earlier releases.
         """
         table = self.table()
-        rows = _antialiased_bilinear(h, self.grid, table.device)  # (h, g)
-        columns = _antialiased_bilinear(w, self.grid, table.device)  # (w, g)
+        device = table.device
+        rows, columns = (  # (h, g), (w, g)
+            antialiased_bilinear_weights(torch.tensor(n, device=device), torch.arange(n, device=device), self.grid)
+            for n in (h, w)
+        )
         resized = (rows @ table.float().flatten(1)).view(h, self.grid, -1)  # (h, g, D)
         return torch.einsum("wj,hjd->hwd", columns, resized).flatten(0, 1).to(table.dtype)
 

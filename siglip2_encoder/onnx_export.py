@@ -16,21 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import key_padding_attention
+from .embeddings import antialiased_bilinear_weights
 from .model import SigLIP2Encoder
 from .text import SigLIP2TextEncoder
 
 __all__ = ["ExportGraph", "TextExportGraph", "export_onnx", "export_text_onnx"]
-
-
-def _bilinear_weights(sizes: torch.Tensor, index: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, L, grid) antialiased bilinear weights: output sample ``index`` (B, L) of a resize from ``grid`` samples
-    to ``sizes`` (B, 1) samples (align_corners=False; the filter widened by the scale when shrinking)."""
-    scale = grid / sizes.float()  # (B, 1)
-    support = scale.clamp(min=1.0)
-    centres = (index.float() + 0.5) * scale - 0.5  # (B, L)
-    source = torch.arange(grid, device=index.device, dtype=torch.float32)
-    weights = (1 - (source - centres[..., None]).abs() / support[..., None]).clamp(min=0)
-    return weights / weights.sum(-1, keepdim=True)
 
 
 class ExportGraph(nn.Module):
@@ -59,8 +49,8 @@ class ExportGraph(nn.Module):
         heights, widths = spatial_shapes[:, :1], spatial_shapes[:, 1:]  # (B, 1) each
         # Padding slots take the last real token's position: finite values, never attended to.
         index = torch.minimum(torch.arange(length, device=spatial_shapes.device)[None], heights * widths - 1)
-        rows = _bilinear_weights(heights, index // widths, grid)  # (B, L, g)
-        columns = _bilinear_weights(widths, index % widths, grid)
+        rows = antialiased_bilinear_weights(heights, index // widths, grid)  # (B, L, g)
+        columns = antialiased_bilinear_weights(widths, index % widths, grid)
         both = (rows[..., :, None] * columns[..., None, :]).flatten(2)  # (B, L, g * g)
         return (both @ table.flatten(0, 1)).to(table.dtype)
 

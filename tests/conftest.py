@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +128,25 @@ def photos(tmp_path_factory) -> list[str]:
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
         paths.append(str(folder / f"img{i}.png"))
     return paths
+
+
+def hub_cache(cache: Path, repo: str, files: dict[str, bytes], missing: tuple[str, ...] = ()) -> None:
+    """huggingface_hub's cache layout: blobs by hash, a snapshot of symlinks (names may hold subfolders), refs/main,
+    and .no_exist markers."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    revision = "1" * 40
+    snapshot = root / "snapshots" / revision
+    (root / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(revision)
+    for name in missing:
+        marker = root / ".no_exist" / revision / name
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()

@@ -4,7 +4,6 @@ huggingface_hub, and the Hub-id loading of what the cards name."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from conftest import hub_cache
 from huggingface_hub import ModelCard
 from test_llava import make_vlm
 
@@ -111,21 +111,9 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_folder(monkeypatch, fixed_
     assert 'SigLIP2Encoder.from_pretrained("me/tiny")' in calls["card"]
 
 
-def hub_cache(cache: Path, repo: str, folder: Path) -> None:
-    """A folder (with its subfolders) in huggingface_hub's cache layout, as a download would leave it."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    revision = "2" * 40
-    snapshot = root / "snapshots" / revision
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = file.read_bytes()
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(data)
-        link = snapshot / file.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(revision)
+def folder_files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by its relative path, as a download would cache them."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_projectors_and_vlms_load_by_hub_id_from_the_cache_offline(tmp_path):
@@ -133,8 +121,8 @@ def test_projectors_and_vlms_load_by_hub_id_from_the_cache_offline(tmp_path):
     projector.save_pretrained(tmp_path / "projector")
     vlm, _, tokenizer = make_vlm()
     vlm.save_pretrained(tmp_path / "vlm", tokenizer)
-    hub_cache(tmp_path / "cache", "me/projector", tmp_path / "projector")
-    hub_cache(tmp_path / "cache", "me/vlm", tmp_path / "vlm")
+    hub_cache(tmp_path / "cache", "me/projector", folder_files(tmp_path / "projector"))
+    hub_cache(tmp_path / "cache", "me/vlm", folder_files(tmp_path / "vlm"))
     options = {"cache_dir": tmp_path / "cache", "local_files_only": True}
     again = load_projector("me/projector", **options)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), projector.state_dict().values()))

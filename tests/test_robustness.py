@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, hub_cache
 from corpus import make_corpus
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -37,25 +36,6 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ the Hub cache
-
-
-def hub_cache(cache: Path, repo: str, files: dict[str, bytes], missing: tuple[str, ...] = ()) -> None:
-    """huggingface_hub's cache layout: blobs by hash, a snapshot of symlinks, refs/main, and .no_exist markers."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    revision = "1" * 40
-    snapshot = root / "snapshots" / revision
-    (root / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    for name, data in files.items():
-        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
-    (root / "refs").mkdir()
-    (root / "refs" / "main").write_text(revision)
-    for name in missing:
-        marker = root / ".no_exist" / revision / name
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
 
 
 def sharded(folder: Path) -> dict[str, bytes]:

@@ -27,6 +27,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel
 
+from ..convert import IMAGE_TEXT_TYPES
 from ..images import ImageLoadError, load_image_bytes
 from ..joint import SigLIP2Model
 from ..model import SigLIP2Encoder
@@ -95,7 +96,7 @@ class Service:
         from ..hub import CheckpointSource
 
         config = CheckpointSource(model).read_json("config.json") or {}
-        if config.get("model_type") in ("siglip", "siglip2"):
+        if config.get("model_type") in IMAGE_TEXT_TYPES:
             loaded: SigLIP2Model | SigLIP2Encoder = SigLIP2Model.from_pretrained(model)
             tokenizer = TextTokenizer.from_pretrained(model)
         else:
