@@ -2,12 +2,18 @@
 
     python examples/finetune_retrieval.py                  # random weights, a small model, CPU, ~2 min
     python examples/finetune_retrieval.py --model google/siglip2-base-patch16-224    # a real checkpoint
+    torchrun --nproc-per-node 2 examples/finetune_retrieval.py   # data-parallel: the batch split over the ranks
 
 Steps: draw images of coloured shapes on random backgrounds, each captioned "a <colour> <shape>"; measure retrieval
 on held-out pairs (image-to-text recall@1 over the distinct captions, text-to-image recall@5); add LoRA to both
-towers (``add_lora(model, towers=...)``) and train it with the pairwise sigmoid loss (``return_loss=True``); measure
-again; merge the adapters, save the model (a folder transformers' SiglipModel loads) and check the reloaded model
-retrieves exactly the same.
+towers (``add_lora(model, towers=...)``) and train it with the pairwise sigmoid loss; measure again; merge the
+adapters, save the model (a folder transformers' SiglipModel loads) and check the reloaded model retrieves exactly
+the same.
+
+Under torchrun every rank draws the same batch and encodes its share of the pairs (DDP); the loss is
+``ring_sigmoid_loss``: each rank's images against its own texts, then against the other ranks' texts passed round
+the ring, so every image still meets every text of the combined batch, and the steps are those of one process on
+the whole batch. One process runs the same code with a world of one (where the ring loss is the plain sigmoid loss).
 
 With random weights (the default: no download here) the towers start from noise, so "before" is near chance and
 the adapters learn the domain from scratch; the point is that the loss, the adapters and the saving work end to
@@ -25,9 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel
 
 from siglip2_encoder import EncoderConfig, ImageProcessor, SigLIP2Model, TextConfig, TextTokenizer
+from siglip2_encoder.distributed import Ranks
 from siglip2_encoder.lora import EncoderLoRAConfig, add_lora
+from siglip2_encoder.loss import ring_sigmoid_loss
 from siglip2_encoder.retrieval import top_k
 
 logger = logging.getLogger("finetune_retrieval")
@@ -58,8 +67,8 @@ def draw_pairs(count: int, size: int, seed: int) -> tuple[list[np.ndarray], list
     return images, captions
 
 
-def word_tokenizer(folder: Path):
-    """A word-level tokenizer over the captions' words, saved into ``folder`` (a real checkpoint has its own)."""
+def word_tokenizer() -> TextTokenizer:
+    """A word-level tokenizer over the captions' words (a real checkpoint has its own)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -67,18 +76,17 @@ def word_tokenizer(folder: Path):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(CAPTIONS, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "</s>"]))
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>")
-    wrapped.save_pretrained(folder)
-    return TextTokenizer.from_pretrained(folder)
+    return TextTokenizer(wrapped)
 
 
-def build(args: argparse.Namespace, out: Path) -> tuple[SigLIP2Model, TextTokenizer, ImageProcessor]:
+def build(args: argparse.Namespace) -> tuple[SigLIP2Model, TextTokenizer, ImageProcessor]:
     if args.model:
         model = SigLIP2Model.from_pretrained(args.model)
         return model, TextTokenizer.from_pretrained(args.model), ImageProcessor(model.vision_model.processor_config)
     torch.manual_seed(0)
     width = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
     vision = EncoderConfig(image_size=args.size, patch_size=8, **width)
-    tokenizer = word_tokenizer(out / "tokenizer")
+    tokenizer = word_tokenizer()
     model = SigLIP2Model(vision, TextConfig(vocab_size=len(tokenizer.tokenizer), **width))
     logger.warning(
         "RANDOM weights (width 128, 4 layers per tower, %dpx): pass --model for a real checkpoint", args.size
@@ -108,29 +116,36 @@ def recall(model, tokenizer, processor, images, captions) -> dict[str, float]:
     return {"image_to_text_r1": float(image_to_text), "text_to_image_r5": float(text_to_image)}
 
 
-def train(model, tokenizer, processor, images, captions, steps: int, batch: int, lr: float) -> list[float]:
+def train(model, tokenizer, processor, images, captions, steps: int, batch: int, lr: float, ranks: Ranks):
     """AdamW on what is trainable (the adapters), the sigmoid loss on random batches of distinct captions: two
-    images with one caption in a batch would be told they do not match each other's text."""
+    images with one caption in a batch would be told they do not match each other's text. Returns the losses of
+    the combined batches."""
+    batch = min(batch, len(set(captions)))
+    if batch % ranks.world:  # the ring loss needs as many pairs on every rank
+        raise ValueError(
+            f"--batch-size {batch} does not split evenly over {ranks.world} ranks; make it a multiple of {ranks.world}"
+        )
+    trained = DistributedDataParallel(model) if ranks.distributed else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng, losses = np.random.default_rng(1), []
     by_caption = {c: [i for i, x in enumerate(captions) if x == c] for c in set(captions)}
     model.train()
     for step in range(steps):
-        chosen = rng.choice(sorted(by_caption), size=min(batch, len(by_caption)), replace=False)
-        index = [int(rng.choice(by_caption[c])) for c in chosen]
+        chosen = rng.choice(sorted(by_caption), size=batch, replace=False)
+        index = ranks.share([int(rng.choice(by_caption[c])) for c in chosen])
         tokens = tokenizer([captions[i] for i in index])
-        loss = model(
+        outputs = trained(
             input_ids=tokens.input_ids,
             pixel_values=processor([images[i] for i in index]).pixel_values,
             attention_mask=tokens.attention_mask,
-            return_loss=True,
-        ).loss
+        )
+        loss = ring_sigmoid_loss(outputs.image_embeds, outputs.text_embeds, model.logit_scale, model.logit_bias)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(ranks.mean(loss))
         if (step + 1) % 25 == 0:
-            logger.info("  step %d: loss %.3f", step + 1, np.mean(losses[-25:]))
+            logger.info("  step %d: loss %.4f", step + 1, np.mean(losses[-25:]))
     return losses
 
 
@@ -141,16 +156,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--test-pairs", type=int, default=120)
     parser.add_argument("--size", type=int, default=32, help="image side for the random-weight model")
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=12, help="pairs per step (at most one per caption)")
+    parser.add_argument(
+        "--batch-size", type=int, default=12, help="pairs per step, all ranks together (at most one per caption)"
+    )
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--towers", nargs="+", default=["vision", "text"], choices=["vision", "text"])
     parser.add_argument("--out", help="folder for the fine-tuned model (default: a new temporary folder)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ranks = Ranks.from_env()
+    logging.basicConfig(level=logging.INFO if ranks.main else logging.WARNING, format="%(message)s")
+    ranks.start()
 
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="finetune_retrieval_"))
-    model, tokenizer, processor = build(args, out)
+    model, tokenizer, processor = build(args)
     size = processor.config.image_size[0] if processor.config.image_size else args.size
     train_images, train_captions = draw_pairs(args.train_pairs, size, seed=0)
     test_images, test_captions = draw_pairs(args.test_pairs, size, seed=1)
@@ -160,10 +178,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info("before: %s (chance: %.3f / %.3f)", before, 1 / len(CAPTIONS), 5 / len(CAPTIONS))
     config = EncoderLoRAConfig(r=args.rank, alpha=2.0 * args.rank, modules=("q_proj", "v_proj", "fc1", "fc2"))
     lora = add_lora(model, config, towers=args.towers)
-    losses = train(lora, tokenizer, processor, train_images, train_captions, args.steps, args.batch_size, args.lr)
+    losses = train(
+        lora, tokenizer, processor, train_images, train_captions, args.steps, args.batch_size, args.lr, ranks
+    )
+    results = {"first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:]))}
+    if not ranks.main:  # the ranks hold the same weights: rank 0 evaluates and saves
+        return results
     after = recall(lora, tokenizer, processor, test_images, test_captions)
     logger.info("after:  %s", after)
 
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="finetune_retrieval_"))
     merged = lora.merge_and_unload()
     merged.save_pretrained(out / "model")
     tokenizer.tokenizer.save_pretrained(out / "model")
@@ -175,8 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return {
         **{f"before_{k}": v for k, v in before.items()},
         **{f"after_{k}": v for k, v in after.items()},
-        "first_loss": float(np.mean(losses[:10])),
-        "last_loss": float(np.mean(losses[-10:])),
+        **results,
     }
 
 

@@ -2,10 +2,15 @@
 
     python examples/lora_classification.py                       # random base weights, small preset, CPU, ~1 min
     python examples/lora_classification.py --model google/siglip2-base-patch16-224   # a real checkpoint
+    torchrun --nproc-per-node 2 examples/lora_classification.py   # data-parallel (DDP): each batch split over ranks
 
 Steps: draw a few hundred images of 4 texture classes (random colours, periods, phases; a random shape on top);
 train a linear probe on the frozen tower ("before"); add LoRA to the last layers and train it with a fresh head
 ("after"); save the adapter and head, load them into a fresh tower, and check the predictions are identical.
+
+Under torchrun every rank draws the same batches and takes its share of each; each rank's loss is its share of the
+combined batch's summed loss, so DDP's averaged gradients are the combined batch's and the steps are those of one
+process (whatever the split of a short last batch). Rank 0 evaluates and saves.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from siglip2_encoder import ImageProcessor, SigLIP2Encoder
+from siglip2_encoder.distributed import Ranks
 from siglip2_encoder.lora import EncoderLoRAConfig, add_lora
 
 logger = logging.getLogger("lora_classification")
@@ -61,8 +68,16 @@ def draw_dataset(per_class: int, size: int, seed: int) -> tuple[list[np.ndarray]
     return images, torch.tensor(labels)
 
 
-def features_fn(model: nn.Module, processor: ImageProcessor, images: list[np.ndarray]) -> torch.Tensor:
-    return model(**processor(images)).pooler_output
+class Classifier(nn.Module):
+    """The tower's pooled features through a head, as one module: DDP wraps (and synchronises) both."""
+
+    def __init__(self, tower: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.tower, self.head = tower, head
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """(B, classes) logits of the processed images ``inputs``."""
+        return self.head(self.tower(**inputs).pooler_output)
 
 
 def accuracy(model: nn.Module, head: nn.Module, processor: ImageProcessor, images, labels, batch: int = 64) -> float:
@@ -71,8 +86,9 @@ def accuracy(model: nn.Module, head: nn.Module, processor: ImageProcessor, image
 
 def predict(model: nn.Module, head: nn.Module, processor: ImageProcessor, images, batch: int = 64) -> torch.Tensor:
     model.eval()
+    classifier = Classifier(model, head)
     with torch.inference_mode():
-        logits = [head(features_fn(model, processor, images[i : i + batch])) for i in range(0, len(images), batch)]
+        logits = [classifier(**processor(images[i : i + batch])) for i in range(0, len(images), batch)]
     return torch.cat(logits).argmax(-1)
 
 
@@ -84,28 +100,37 @@ def train(
     labels,
     epochs: int,
     lr_head: float,
+    ranks: Ranks,
     lr_tower: float = 0.0,
-) -> None:
+) -> list[float]:
     """AdamW on the head and on whatever the tower has trainable (LoRA), with separate learning rates: the
-    adapters move the features the head reads, so they step more carefully."""
+    adapters move the features the head reads, so they step more carefully. Returns each epoch's mean loss."""
     groups = [{"params": list(head.parameters()), "lr": lr_head}]
     tower = [p for p in model.parameters() if p.requires_grad]
     if tower:
         groups.append({"params": tower, "lr": lr_tower})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(0)
+    classifier = Classifier(model, head)
+    trained = DistributedDataParallel(classifier) if ranks.distributed else classifier
+    generator, losses = torch.Generator().manual_seed(0), []
     for epoch in range(epochs):
-        model.train()
-        order, total = torch.randperm(len(images), generator=generator), 0.0
+        classifier.train()
+        order, total, seen = torch.randperm(len(images), generator=generator).tolist(), 0.0, 0
         for start in range(0, len(images), 32):
-            index = order[start : start + 32]
-            logits = head(features_fn(model, processor, [images[i] for i in index]))
-            loss = nn.functional.cross_entropy(logits, labels[index])
+            batch = order[start : start + 32]
+            if len(batch) < ranks.world:  # a short last batch some rank would get nothing of
+                continue
+            index = ranks.share(batch)
+            logits = trained(**processor([images[i] for i in index]))
+            # This rank's share of the combined batch's mean loss, times the number of ranks (DDP averages).
+            loss = nn.functional.cross_entropy(logits, labels[index], reduction="sum") * ranks.world / len(batch)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(index)
-        logger.info("  epoch %d: loss %.3f", epoch + 1, total / len(images))
+            total, seen = total + ranks.mean(loss) * len(batch), seen + len(batch)
+        losses.append(total / seen)
+        logger.info("  epoch %d: loss %.4f", epoch + 1, losses[-1])
+    return losses
 
 
 def new_head(width: int) -> nn.Module:
@@ -136,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr-head", type=float, default=3e-3, help="learning rate of the linear heads")
     parser.add_argument("--out", help="folder for the adapter and head (default: a new temporary folder)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ranks = Ranks.from_env()
+    logging.basicConfig(level=logging.INFO if ranks.main else logging.WARNING, format="%(message)s")
+    ranks.start()
 
     images, labels = draw_dataset(args.per_class, 96, seed=0)
     test = np.arange(len(images)) % 4 == 0
@@ -149,13 +176,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     probe = new_head(width)
     model.freeze()
     logger.info("before: a linear probe on the frozen tower")
-    train(model, probe, processor, train_x, train_y, args.epochs, args.lr_head)
-    before = accuracy(model, probe, processor, test_x, test_y)
-    logger.info("before: test accuracy %.3f (chance %.3f)", before, 1 / len(CLASSES))
-
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lora_classification_"))
-    if not args.model:  # random weights: keep the base to reload it; a real checkpoint is reloaded by name
-        model.save_pretrained(out / "base")
+    train(model, probe, processor, train_x, train_y, args.epochs, args.lr_head, ranks)
+    if ranks.main:
+        before = accuracy(model, probe, processor, test_x, test_y)
+        logger.info("before: test accuracy %.3f (chance %.3f)", before, 1 / len(CLASSES))
+        out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lora_classification_"))
+        if not args.model:  # random weights: keep the base to reload it; a real checkpoint is reloaded by name
+            model.save_pretrained(out / "base")
     lora = add_lora(
         model,
         EncoderLoRAConfig(
@@ -167,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     head = new_head(width)
     logger.info("after: LoRA on the last %d layers + a linear head", args.lora_layers)
-    train(lora, head, processor, train_x, train_y, args.epochs, args.lr_head, args.lr)
+    losses = train(lora, head, processor, train_x, train_y, args.epochs, args.lr_head, ranks, args.lr)
+    if not ranks.main:  # the ranks hold the same weights: rank 0 evaluates and saves
+        return {"final_loss": losses[-1]}
     after = accuracy(lora, head, processor, test_x, test_y)
     logger.info("after: test accuracy %.3f", after)
 
@@ -178,7 +207,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger.info("adapter and head saved in %s; reloaded: %s predictions", out, "identical" if same else "DIFFERENT")
     if not same:
         raise SystemExit("reloaded predictions differ")
-    return {"before": before, "after": after, "chance": 1 / len(CLASSES), "identical_after_reload": float(same)}
+    return {
+        "before": before,
+        "after": after,
+        "chance": 1 / len(CLASSES),
+        "identical_after_reload": float(same),
+        "final_loss": losses[-1],
+    }
 
 
 def _reload(base_model: str | Path, out: Path, width: int) -> tuple[nn.Module, nn.Module]:

@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--lr", type=float, default=2e-3)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ranks = Ranks.from_env()
+    logging.basicConfig(level=logging.INFO if ranks.main else logging.WARNING, format="%(message)s")
 
     model, processor, tokenizer = build(args)
     train, test = dataset(args.train_images, seed=0), dataset(args.test_images, seed=1)
@@ -162,7 +163,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Under torchrun (or accelerate launch) every rank builds the same model and draws the same batches, takes its
     # share of each, and DDP averages the gradients; one process is the same code with a world of one.
-    ranks = Ranks.from_env()
     ranks.start()
     trained = ddp_vlm(model) if ranks.distributed else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rng, started, losses = np.random.default_rng(2), time.monotonic(), []
     for step in range(1, args.steps + 1):
         model.train()
-        chunk = [train[i] for i in rng.choice(len(train), args.batch_size, replace=False)][ranks.rank :: ranks.world]
+        chunk = ranks.share([train[i] for i in rng.choice(len(train), args.batch_size, replace=False)])
         batch = processor([p for _, p, _ in chunk], [[im] for im, _, _ in chunk], [a for _, _, a in chunk])
         loss = trained(**batch).loss
         optimizer.zero_grad()

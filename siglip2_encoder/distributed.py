@@ -4,6 +4,8 @@
 (no torchrun) is ``Ranks()``. Extraction needs no collective maths, only two meeting points (after rank 0 has checked
 the output folder, and before it writes the merged manifest) and a check that every rank sees the same inputs, so
 its process group is gloo's, on the CPU, whatever the device: it works on CPU-only machines and beside NCCL.
+Data-parallel training takes each rank's share of a batch every rank drew alike (:meth:`Ranks.share`) and logs
+the combined batch's loss (:meth:`Ranks.mean`); the examples run under torchrun this way, unchanged.
 """
 
 from __future__ import annotations
@@ -69,6 +71,28 @@ class Ranks:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def share(self, items: list, what: str = "batch") -> list:
+        """This rank's part of a batch every rank drew alike: items ``rank, rank + world, ...``.
+
+        Raises ValueError when the batch has fewer items than there are ranks (a rank would get none: a forward
+        pass on nothing), naming the batch size and the number of ranks."""
+        if len(items) < self.world:
+            raise ValueError(
+                f"a {what} of {len(items)} cannot be shared by {self.world} ranks (each needs at least one item); "
+                f"make it at least {self.world} or launch fewer processes"
+            )
+        return items[self.rank :: self.world]
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over the ranks (itself for one process): e.g. a loss to log, as the combined batch's.
+        A collective: every rank must call it."""
+        value = value.detach().float().reshape(())
+        if self.distributed:
+            value = value.clone()
+            dist.all_reduce(value)
+            value = value / self.world
+        return float(value)
 
     def check_same(self, items: list[str], what: str) -> None:
         """Raise ValueError on every rank unless all ranks hold the same ``items`` (compared by digest)."""

@@ -142,3 +142,23 @@ def test_ranks_given_different_inputs_are_refused(many, tiny_checkpoint, tmp_pat
     result = run(options(many, tiny_checkpoint, tmp_path / "out"), nproc=2, script=script)
     assert result.returncode != 0
     assert "the ranks see different inputs (rank 0: 14, rank 1: 1)" in result.stderr
+
+
+def test_a_batch_is_shared_round_robin_and_one_process_keeps_it_all():
+    from siglip2_encoder.distributed import Ranks
+
+    batch = list(range(7))
+    assert [Ranks(rank, 3).share(batch) for rank in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert Ranks().share(batch) == batch
+    assert Ranks().mean(torch.tensor([2.5], requires_grad=True)) == 2.5
+
+
+def test_a_batch_smaller_than_the_ranks_is_refused():
+    from siglip2_encoder.distributed import Ranks
+
+    with pytest.raises(ValueError) as error:
+        Ranks(0, 4).share([1, 2, 3], "batch of pairs")
+    assert str(error.value) == (
+        "a batch of pairs of 3 cannot be shared by 4 ranks (each needs at least one item); make it at least 4 or "
+        "launch fewer processes"
+    )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
 
 
 @pytest.mark.slow
@@ -31,19 +35,50 @@ def test_train_vlm_example_learns_and_exports():
     assert results["llava_export_same"] == 1.0
 
 
-@pytest.mark.slow
-def test_train_vlm_example_runs_under_torchrun_unchanged():
-    import os
-    import subprocess
-
-    script = Path(__file__).resolve().parents[1] / "examples" / "train_vlm.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
-    command += ["--steps", "30", "--train-images", "24", "--test-images", "6", "--batch-size", "12"]
+def run_example(script: str, args: list[str], ranks: int = 1) -> str:
+    """Run ``examples/<script>`` in a new process (under torchrun with ``ranks`` > 1); its log."""
+    path = EXAMPLES / script
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
     result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        [sys.executable, *launcher, str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "LlavaForConditionalGeneration answers the same" in result.stderr
+    return result.stderr
+
+
+def logged_losses(log: str) -> list[float]:
+    return [float(value) for value in re.findall(r"loss (\d+\.\d+)", log)]
+
+
+@pytest.mark.slow
+def test_train_vlm_example_runs_under_torchrun_unchanged():
+    log = run_example(
+        "train_vlm.py", ["--steps", "30", "--train-images", "24", "--test-images", "6", "--batch-size", "12"], ranks=2
+    )
+    assert "LlavaForConditionalGeneration answers the same" in log
+
+
+@pytest.mark.slow
+def test_lora_classification_example_under_torchrun_takes_the_single_process_steps():
+    # 48 training images in batches of 32: 3 ranks hold 11/11/10 and then 6/5/5 of them.
+    args = ["--per-class", "16", "--epochs", "2", "--size", "32", "--lora-layers", "2"]
+    alone, shared = run_example("lora_classification.py", args), run_example("lora_classification.py", args, ranks=3)
+    assert len(logged_losses(alone)) == 4 and "reloaded: identical predictions" in shared
+    assert logged_losses(shared) == pytest.approx(logged_losses(alone), abs=2e-4)  # logged with 4 decimals
+
+
+@pytest.mark.slow
+def test_finetune_retrieval_example_under_torchrun_takes_the_single_process_steps():
+    # Two ranks of 6 pairs each, the ring loss: every image still meets all 12 texts.
+    args = ["--train-pairs", "60", "--test-pairs", "24", "--steps", "50"]
+    alone, shared = run_example("finetune_retrieval.py", args), run_example("finetune_retrieval.py", args, ranks=2)
+    assert len(logged_losses(alone)) == 2 and "reloaded: the same recall" in shared
+    assert logged_losses(shared) == pytest.approx(logged_losses(alone), abs=2e-4)
+    assert logged_losses(shared)[-1] < logged_losses(shared)[0]
 
 
 @pytest.mark.slow
@@ -58,3 +93,13 @@ def test_finetune_retrieval_example_raises_held_out_recall_and_reloads(tmp_path)
     assert metrics["after_text_to_image_r5"] > metrics["before_text_to_image_r5"] + 0.3, metrics
     assert metrics["last_loss"] < metrics["first_loss"]
     assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_finetune_retrieval_refuses_a_batch_the_ranks_cannot_share_evenly():
+    import finetune_retrieval
+
+    from siglip2_encoder.distributed import Ranks
+
+    with pytest.raises(ValueError) as error:
+        finetune_retrieval.train(None, None, None, [], finetune_retrieval.CAPTIONS, 1, 12, 1e-3, Ranks(0, 5))
+    assert str(error.value) == "--batch-size 12 does not split evenly over 5 ranks; make it a multiple of 5"
