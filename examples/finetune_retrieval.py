@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ranks = Ranks.from_env()
     logging.basicConfig(level=logging.INFO if ranks.main else logging.WARNING, format="%(message)s")
     ranks.start()
+    if ranks.distributed:
+        logger.info("data-parallel (DDP) over %d ranks", ranks.world)
 
     model, tokenizer, processor = build(args)
     size = processor.config.image_size[0] if processor.config.image_size else args.size

@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ranks = Ranks.from_env()
     logging.basicConfig(level=logging.INFO if ranks.main else logging.WARNING, format="%(message)s")
     ranks.start()
+    if ranks.distributed:
+        logger.info("data-parallel (DDP) over %d ranks", ranks.world)
 
     images, labels = draw_dataset(args.per_class, 96, seed=0)
     test = np.arange(len(images)) % 4 == 0

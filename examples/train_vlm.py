@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # Under torchrun (or accelerate launch) every rank builds the same model and draws the same batches, takes its
     # share of each, and DDP averages the gradients; one process is the same code with a world of one.
     ranks.start()
+    if ranks.distributed:
+        logger.info("data-parallel (DDP) over %d ranks", ranks.world)
     trained = ddp_vlm(model) if ranks.distributed else model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     warmup = max(0.1, 2 / args.steps)  # OneCycleLR needs a warm-up of 2+ steps

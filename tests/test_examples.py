@@ -35,12 +35,21 @@ def test_train_vlm_example_learns_and_exports():
     assert results["llava_export_same"] == 1.0
 
 
-def run_example(script: str, args: list[str], ranks: int = 1) -> str:
-    """Run ``examples/<script>`` in a new process (under torchrun with ``ranks`` > 1); its log."""
-    path = EXAMPLES / script
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
+LAUNCHERS = {  # how each launcher starts N processes of a script on this machine
+    "torchrun": lambda n: ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"],
+    # accelerate's --multi_gpu starts torchrun's processes, on a CPU-only machine too (its --cpu mode needs mpirun).
+    "accelerate": lambda n: (
+        ["-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}"]
+        + ["--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+    ),
+}
+
+
+def run_example(script: str, args: list[str], ranks: int = 1, launcher: str = "torchrun") -> str:
+    """Run ``examples/<script>`` in a new process (started by ``launcher`` with ``ranks`` > 1); its log."""
+    start = LAUNCHERS[launcher](ranks) if ranks > 1 else []
     result = subprocess.run(
-        [sys.executable, *launcher, str(path), *args],
+        [sys.executable, *start, str(EXAMPLES / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -55,20 +64,25 @@ def logged_losses(log: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_train_vlm_example_runs_under_torchrun_unchanged():
-    log = run_example(
-        "train_vlm.py", ["--steps", "30", "--train-images", "24", "--test-images", "6", "--batch-size", "12"], ranks=2
-    )
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_train_vlm_example_runs_under_a_launcher_unchanged(launcher):
+    args = ["--steps", "30", "--train-images", "24", "--test-images", "6", "--batch-size", "12"]
+    log = run_example("train_vlm.py", args, 2, launcher)
+    assert "data-parallel (DDP) over 2 ranks" in log
     assert "LlavaForConditionalGeneration answers the same" in log
 
 
 @pytest.mark.slow
-def test_lora_classification_example_under_torchrun_takes_the_single_process_steps():
+def test_lora_classification_example_under_torchrun_and_accelerate_takes_the_single_process_steps():
     # 48 training images in batches of 32: 3 ranks hold 11/11/10 and then 6/5/5 of them.
     args = ["--per-class", "16", "--epochs", "2", "--size", "32", "--lora-layers", "2"]
-    alone, shared = run_example("lora_classification.py", args), run_example("lora_classification.py", args, ranks=3)
-    assert len(logged_losses(alone)) == 4 and "reloaded: identical predictions" in shared
-    assert logged_losses(shared) == pytest.approx(logged_losses(alone), abs=2e-4)  # logged with 4 decimals
+    alone = logged_losses(run_example("lora_classification.py", args))
+    assert len(alone) == 4
+    for launcher, ranks in (("torchrun", 3), ("accelerate", 2)):
+        log = run_example("lora_classification.py", args, ranks, launcher)
+        assert f"data-parallel (DDP) over {ranks} ranks" in log
+        assert "reloaded: identical predictions" in log
+        assert logged_losses(log) == pytest.approx(alone, abs=2e-4), launcher  # logged with 4 decimals
 
 
 @pytest.mark.slow
@@ -77,6 +91,7 @@ def test_finetune_retrieval_example_under_torchrun_takes_the_single_process_step
     args = ["--train-pairs", "60", "--test-pairs", "24", "--steps", "50"]
     alone, shared = run_example("finetune_retrieval.py", args), run_example("finetune_retrieval.py", args, ranks=2)
     assert len(logged_losses(alone)) == 2 and "reloaded: the same recall" in shared
+    assert "data-parallel (DDP) over 2 ranks" in shared
     assert logged_losses(shared) == pytest.approx(logged_losses(alone), abs=2e-4)
     assert logged_losses(shared)[-1] < logged_losses(shared)[0]
 
