@@ -175,14 +175,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model.train()
         chunk = ranks.share([train[i] for i in rng.choice(len(train), args.batch_size, replace=False)])
         batch = processor([p for _, p, _ in chunk], [[im] for im, _, _ in chunk], [a for _, _, a in chunk])
-        loss = trained(**batch).loss
+        # The LM's loss is a sum over label tokens divided by num_items_in_batch: the combined batch's count of
+        # predicted tokens (labels shift by one), times the ranks since DDP averages, makes each step that of one
+        # process on the whole batch, whatever the answers' lengths on each rank.
+        predicted = ranks.sum((batch["labels"][:, 1:] != -100).sum())
+        loss = trained(**batch, num_items_in_batch=predicted).loss * ranks.world
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
+        losses.append(ranks.mean(loss))
         if step % max(1, args.steps // 10) == 0 or step == 1:
-            logger.info("step %4d  loss %.3f  (%.0f s)", step, np.mean(losses[-20:]), time.monotonic() - started)
+            logger.info("step %4d  loss %.4f  (%.0f s)", step, np.mean(losses[-20:]), time.monotonic() - started)
 
     results: dict[str, float] = {"first_loss": losses[0], "final_loss": float(np.mean(losses[-20:]))}
     if not ranks.main:  # the ranks hold the same weights: rank 0 evaluates and exports

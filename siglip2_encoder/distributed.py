@@ -5,7 +5,7 @@
 the output folder, and before it writes the merged manifest) and a check that every rank sees the same inputs, so
 its process group is gloo's, on the CPU, whatever the device: it works on CPU-only machines and beside NCCL.
 Data-parallel training takes each rank's share of a batch every rank drew alike (:meth:`Ranks.share`) and logs
-the combined batch's loss (:meth:`Ranks.mean`); the examples run under torchrun this way, unchanged.
+the combined batch's loss (:meth:`Ranks.mean`, :meth:`Ranks.sum`); the examples run under torchrun this way, unchanged.
 """
 
 from __future__ import annotations
@@ -84,15 +84,18 @@ class Ranks:
             )
         return items[self.rank :: self.world]
 
-    def mean(self, value: torch.Tensor) -> float:
-        """The mean of a scalar over the ranks (itself for one process): e.g. a loss to log, as the combined batch's.
+    def sum(self, value: torch.Tensor) -> float:
+        """The sum of a scalar over the ranks (itself for one process): e.g. the label tokens of the combined batch.
         A collective: every rank must call it."""
         value = value.detach().float().reshape(())
         if self.distributed:
             value = value.clone()
             dist.all_reduce(value)
-            value = value / self.world
         return float(value)
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over the ranks: e.g. a loss to log, as the combined batch's. A collective."""
+        return self.sum(value) / self.world
 
     def check_same(self, items: list[str], what: str) -> None:
         """Raise ValueError on every rank unless all ranks hold the same ``items`` (compared by digest)."""

@@ -150,7 +150,7 @@ def test_a_batch_is_shared_round_robin_and_one_process_keeps_it_all():
     batch = list(range(7))
     assert [Ranks(rank, 3).share(batch) for rank in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
     assert Ranks().share(batch) == batch
-    assert Ranks().mean(torch.tensor([2.5], requires_grad=True)) == 2.5
+    assert Ranks().mean(torch.tensor([2.5], requires_grad=True)) == Ranks().sum(torch.tensor(2.5)) == 2.5
 
 
 def test_a_batch_smaller_than_the_ranks_is_refused():
