@@ -10,7 +10,9 @@ are and which parameters a forward pass never reaches.
   so those weights, when trainable, get no gradient.
 
 Both give, per step, the parameters a single process gets on the combined batch when every rank's loss is the mean
-over the same number of label tokens (tested on CPU with gloo, with full tower training and LoRA). Checkpoints:
+over the same number of label tokens (tested on CPU with gloo, with full tower training and LoRA); with unequal
+counts, pass the LM ``num_items_in_batch`` (the combined batch's predicted tokens) and scale the loss by the number of
+ranks, as ``examples/train_vlm.py`` does. Checkpoints:
 ``torch.distributed.checkpoint`` (sharded, resumable on another number of ranks) or :func:`full_state_dict`
 (gathered on rank 0, which saves it).
 """
