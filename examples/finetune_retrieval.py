@@ -1,6 +1,6 @@
 """Sigmoid-loss fine-tuning of the image-text model with LoRA, on captioned shapes the script draws itself.
 
-    python examples/finetune_retrieval.py                  # random weights, a small model, CPU, ~2 min
+    python examples/finetune_retrieval.py                  # random weights, a small model, CPU, ~10 s
     python examples/finetune_retrieval.py --model google/siglip2-base-patch16-224    # a real checkpoint
     torchrun --nproc-per-node 2 examples/finetune_retrieval.py   # data-parallel: the batch split over the ranks
 
