@@ -211,6 +211,12 @@ def _vision_fields(hf_config: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]
             f"config.json has model_type={model_type!r}: a text-only checkpoint, without a vision tower; give a "
             f"vision-only or image-text checkpoint, or embed texts with it (SigLIP2TextEncoder, `embed-text`)"
         )
+    if model_type is None and "architecture" in hf_config:  # timm's pretrained config names its model this way
+        raise CheckpointError(
+            f"config.json is timm's (architecture={hf_config['architecture']!r}), not transformers'; load it with "
+            f"siglip2_encoder.integrations.timm_models.load_timm, or convert it once: "
+            f"`siglip2-encoder convert SRC DST --to hf`"
+        )
     raise CheckpointError(
         f"config.json has model_type={model_type!r}; expected one of "
         f"{sorted([*IMAGE_TEXT_TYPES, *VISION_TYPES, *VLM_TYPES])} (a SigLIP or SigLIP 2 checkpoint, or a VLM with "
@@ -744,11 +750,22 @@ class Checkpoint:
     processor_config: ProcessorConfig
 
 
+def _missing_config(source: CheckpointSource) -> CheckpointError:
+    """The error for a source without ``config.json``, naming open_clip's layout when it is that."""
+    if source.get("open_clip_config.json") is not None:
+        return CheckpointError(
+            f"{source} is an open_clip checkpoint (open_clip_config.json, no config.json); build it with "
+            f"open_clip.create_model_and_transforms and take its image tower with "
+            f"siglip2_encoder.integrations.timm_models.from_open_clip(model)"
+        )
+    return source.missing("config.json; is it a transformers SigLIP checkpoint?")
+
+
 def read_config(source: CheckpointSource) -> EncoderConfig:
     """The tower's config from the source's ``config.json``."""
     hf_config = source.read_json("config.json")
     if hf_config is None:
-        raise source.missing("config.json; is it a transformers SigLIP checkpoint?")
+        raise _missing_config(source)
     try:
         return config_from_hf(hf_config)
     except CheckpointError:
@@ -834,7 +851,7 @@ def read_text_config(source: CheckpointSource) -> TextConfig:
     """The text tower's config from the source's ``config.json`` (image-text or text-only)."""
     hf_config = source.read_json("config.json")
     if hf_config is None:
-        raise source.missing("config.json; is it a transformers SigLIP checkpoint?")
+        raise _missing_config(source)
     try:
         return text_config_from_hf(hf_config)
     except CheckpointError as err:

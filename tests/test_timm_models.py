@@ -143,3 +143,35 @@ def test_every_timm_siglip_variant_converts_with_its_own_activation(name):
             torch.testing.assert_close(got.pooler_output, reference.forward_head(tokens), atol=1e-5, rtol=0)
         else:
             torch.testing.assert_close(got.last_hidden_state.mean(1), reference.forward_head(tokens), atol=1e-5, rtol=0)
+
+
+def test_from_pretrained_names_the_loader_for_timm_and_open_clip_folders(tmp_path):
+    from siglip2_encoder.hub import CheckpointError
+
+    tower = SigLIP2Encoder.from_preset(
+        "siglip2-base-patch16-224",
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        image_size=32,
+    )
+    save_timm(tower, tmp_path / "timm")
+    architecture = to_timm(tower).default_cfg["architecture"]
+    with pytest.raises(CheckpointError) as error:
+        SigLIP2Encoder.from_pretrained(tmp_path / "timm")
+    assert str(error.value) == (
+        f"config.json is timm's (architecture={architecture!r}), not transformers'; load it with "
+        f"siglip2_encoder.integrations.timm_models.load_timm, or convert it once: "
+        f"`siglip2-encoder convert SRC DST --to hf`"
+    )
+    folder = tmp_path / "open_clip"
+    folder.mkdir()  # the layout of open_clip's Hub repos (e.g. timm/ViT-B-16-SigLIP2)
+    (folder / "open_clip_config.json").write_text('{"model_cfg": {"embed_dim": 768}}')
+    with pytest.raises(CheckpointError) as error:
+        SigLIP2Encoder.from_pretrained(folder)
+    assert str(error.value) == (
+        f"{folder} is an open_clip checkpoint (open_clip_config.json, no config.json); build it with "
+        f"open_clip.create_model_and_transforms and take its image tower with "
+        f"siglip2_encoder.integrations.timm_models.from_open_clip(model)"
+    )
