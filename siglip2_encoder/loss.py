@@ -65,6 +65,20 @@ def _exchange(tensor: torch.Tensor, to: int, source: int) -> torch.Tensor:
     return received
 
 
+def _check_same_shape(text_embeds: torch.Tensor) -> None:
+    """Raise ValueError on every rank unless all ranks hold texts of one shape: the ring's receive buffers take the
+    shape of the rank's own texts (gloo aborts on a mismatch; other backends may not notice)."""
+    shape = torch.tensor(text_embeds.shape, device=text_embeds.device)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(other, shapes[0]) for other in shapes):
+        found = ", ".join(f"rank {r}: {tuple(other.tolist())}" for r, other in enumerate(shapes))
+        raise ValueError(
+            f"ring_sigmoid_loss needs the same number of pairs (and width) on every rank, got {found}; give every "
+            f"rank an equal share of the batch"
+        )
+
+
 class _PassOn(torch.autograd.Function):
     """Send to the next rank, receive from the previous one; gradients travel back the opposite way."""
 
@@ -86,7 +100,7 @@ def ring_sigmoid_loss(
 
     Each rank scores its images against its own texts (matches on the diagonal), then against every other rank's
     texts as they come round the ring (negatives only); no rank holds more than two rank-batches of texts, and no
-    full similarity matrix exists anywhere. Every rank must hold the same number of pairs.
+    full similarity matrix exists anywhere. Every rank must hold the same number of pairs (else ValueError).
 
     Returns:
         This rank's share of the combined loss, times the number of ranks: the ranks' values average to the
@@ -94,6 +108,8 @@ def ring_sigmoid_loss(
         (tested against :func:`sigmoid_loss` on the whole batch, values and gradients).
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        _check_same_shape(text_embeds)
     total = sigmoid_loss_block(image_embeds, text_embeds, logit_scale, logit_bias, matches_on_diagonal=True)
     texts = text_embeds
     for _ in range(world - 1):

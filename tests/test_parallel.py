@@ -164,7 +164,17 @@ for ours, theirs in zip(local, whole):  # DDP would average: our gradients are w
 for grad, reference in ((scale.grad, want_scale), (bias.grad, want_bias)):
     dist.all_reduce(grad)
     torch.testing.assert_close(grad / world, reference, atol=1e-5, rtol=0)
-print("RING EQUAL")
+
+uneven = local[0][: 4 - (rank == 0)], local[1][: 4 - (rank == 0)]  # rank 0 holds 3 pairs, the others 4
+try:
+    ring_sigmoid_loss(*uneven, scale, bias)
+except ValueError as err:
+    shapes = ", ".join(f"rank {r}: ({4 - (r == 0)}, 8)" for r in range(world))
+    assert str(err) == (
+        f"ring_sigmoid_loss needs the same number of pairs (and width) on every rank, got {shapes}; give every "
+        f"rank an equal share of the batch"
+    ), str(err)
+    print("RING EQUAL")
 """
 
 
