@@ -4,9 +4,10 @@ Commands: ``extract`` (folders of images -> safetensors shards + manifest), ``em
 layout), ``classify`` (zero-shot labels of images with an image-text checkpoint), ``search`` (texts or images
 against an ``extract`` / ``embed-text`` folder, exact or through a FAISS index), ``index`` (build that index),
 ``export-npy`` (index-ready files for autofaiss / clip-retrieval), ``convert`` (a tower between transformers', timm's
-and big_vision's formats), ``info`` (architecture, size, cost), ``pca``
-(the first three principal components of the patch features as a picture), ``similarity`` (nearest images by
-pooled features in an extracted folder).
+and big_vision's formats), ``export-onnx`` (the vision or text tower as an ONNX graph), ``serve`` (an HTTP server
+for embeddings, zero-shot labels and search), ``info`` (architecture, size, cost), ``pca`` (the first three
+principal components of the patch features as a picture), ``similarity`` (nearest images by pooled features in an
+extracted folder).
 
 Exit status: 0 success; 1 fatal error (model not loadable, output exists or is being written, disk full, ...);
 2 bad command line (an option's value, a missing --file-list, a device this machine lacks); 3 some inputs failed
