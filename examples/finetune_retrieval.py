@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     test_images, test_captions = draw_pairs(args.test_pairs, size, seed=1)
     logger.info("%d training and %d held-out pairs, %d captions", len(train_images), len(test_images), len(CAPTIONS))
 
-    before = recall(model, tokenizer, processor, test_images, test_captions)
+    # Only rank 0 reports: the other ranks skip the evaluations (their log shows warnings only).
+    before = recall(model, tokenizer, processor, test_images, test_captions) if ranks.main else {}
     logger.info("before: %s (chance: %.3f / %.3f)", before, 1 / len(CAPTIONS), 5 / len(CAPTIONS))
     config = EncoderLoRAConfig(r=args.rank, alpha=2.0 * args.rank, modules=("q_proj", "v_proj", "fc1", "fc2"))
     lora = add_lora(model, config, towers=args.towers)

@@ -27,7 +27,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from siglip2_encoder import ImageProcessor, SigLIP2Encoder
 from siglip2_encoder.adapters import MLPConfig, build_projector
 from siglip2_encoder.distributed import Ranks
-from siglip2_encoder.integrations.llava import STAGE_2, VisionLanguageModel, VLMProcessor, add_image_token, apply_stage
+from siglip2_encoder.integrations.llava import (
+    IGNORE_INDEX,
+    STAGE_2,
+    VisionLanguageModel,
+    VLMProcessor,
+    add_image_token,
+    apply_stage,
+)
 from siglip2_encoder.integrations.llava_export import export_llava
 from siglip2_encoder.integrations.parallel import ddp_vlm
 
@@ -178,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # The LM's loss is a sum over label tokens divided by num_items_in_batch: the combined batch's count of
         # predicted tokens (labels shift by one), times the ranks since DDP averages, makes each step that of one
         # process on the whole batch, whatever the answers' lengths on each rank.
-        predicted = ranks.sum((batch["labels"][:, 1:] != -100).sum())
+        predicted = ranks.sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss = trained(**batch, num_items_in_batch=predicted).loss * ranks.world
         optimizer.zero_grad()
         loss.backward()

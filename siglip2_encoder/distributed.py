@@ -10,6 +10,7 @@ the combined batch's loss (:meth:`Ranks.mean`, :meth:`Ranks.sum`); the examples 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ __all__ = ["Ranks"]
 
 # The ranks wait for each other at the end of an extraction: a rank may finish its blocks hours before the slowest.
 BARRIER_TIMEOUT = timedelta(days=7)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,8 @@ class Ranks:
         training on GPUs); nothing for one process."""
         if self.distributed and not dist.is_initialized():
             dist.init_process_group(backend, rank=self.rank, world_size=self.world, timeout=BARRIER_TIMEOUT)
+            # Left to the interpreter's shutdown, gloo's threads can abort the process after its work is done.
+            atexit.register(_leave)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -87,9 +95,8 @@ class Ranks:
     def sum(self, value: torch.Tensor) -> float:
         """The sum of a scalar over the ranks (itself for one process): e.g. the label tokens of the combined batch.
         A collective: every rank must call it."""
-        value = value.detach().float().reshape(())
+        value = value.detach().float().reshape(()).clone()  # all_reduce works in place: not on the caller's tensor
         if self.distributed:
-            value = value.clone()
             dist.all_reduce(value)
         return float(value)
 

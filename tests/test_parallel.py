@@ -175,6 +175,7 @@ except ValueError as err:
         f"rank an equal share of the batch"
     ), str(err)
     print("RING EQUAL")
+dist.destroy_process_group()
 """
 
 

@@ -9,7 +9,7 @@ import open_clip
 import pytest
 import timm
 import torch
-from conftest import perturb
+from conftest import FIXED, perturb
 from test_big_vision import timm_naflex
 from test_timm import timm_siglip
 
@@ -148,14 +148,7 @@ def test_every_timm_siglip_variant_converts_with_its_own_activation(name):
 def test_from_pretrained_names_the_loader_for_timm_and_open_clip_folders(tmp_path):
     from siglip2_encoder.hub import CheckpointError
 
-    tower = SigLIP2Encoder.from_preset(
-        "siglip2-base-patch16-224",
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_hidden_layers=1,
-        image_size=32,
-    )
+    tower = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", **FIXED)
     save_timm(tower, tmp_path / "timm")
     architecture = to_timm(tower).default_cfg["architecture"]
     with pytest.raises(CheckpointError) as error:
