@@ -290,8 +290,14 @@ def text_config_from_hf(hf_config: Mapping[str, Any]) -> TextConfig:
 
 
 def text_config_to_hf(config: TextConfig, siglip2: bool) -> dict[str, Any]:
-    """transformers' ``text_config`` of an image-text ``config.json``."""
-    out = {"model_type": "siglip2_text_model" if siglip2 else "siglip_text_model"}
+    """transformers' ``text_config`` of an image-text ``config.json``. The special token ids are the tokenizer's,
+    which the tower does not know (nor use): written as null, since transformers' defaults for a missing field
+    (bos 49406, eos 49407, from CLIP's vocabulary) lie outside most SigLIP vocabularies and warn at load."""
+    out: dict[str, Any] = {
+        "model_type": "siglip2_text_model" if siglip2 else "siglip_text_model",
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
     return out | {name: value for name, value in config.to_dict().items() if value is not None}
 
 

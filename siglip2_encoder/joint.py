@@ -164,6 +164,8 @@ class SigLIP2Model(HubMixin, nn.Module):
             ),
             base_model=hub_id(self.name_or_path),
             tags=("siglip", "zero-shot-image-classification"),
+            library_name="transformers",
+            pipeline_tag="zero-shot-image-classification",
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

@@ -11,14 +11,18 @@ implementation and do nothing in the other.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from .convert import config_to_hf
+from .files import write_atomic
 from .joint import SigLIP2Model
 from .model import SigLIP2Encoder
 from .publish import HubMixin, ModelCardInfo, hub_id
@@ -177,15 +181,28 @@ class LoRAAdapter(HubMixin):
     def base_checkpoint(self) -> str | None:
         return self.tower.get_base_model().name_or_path
 
+    @property
+    def transformers_class(self) -> str:
+        """transformers' class of the base tower, which loads it from its folder (``SiglipVisionModel``, ...)."""
+        return config_to_hf(self.tower.get_base_model().config)["architectures"][0]
+
     def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """peft's files, with ``auto_mapping`` naming transformers' class of the base tower: peft records this
+        library's class, which ``AutoPeftModel.from_pretrained`` refuses to import (outside its allowlist); with
+        transformers' class it loads the base checkpoint and the adapter without this library."""
         self.tower.save_pretrained(folder)
+        mapping = {"base_model_class": self.transformers_class, "parent_library": "transformers"}
+        for config_file in Path(folder).rglob("adapter_config.json"):  # one per adapter
+            config = json.loads(config_file.read_text())
+            config["auto_mapping"] = mapping
+            write_atomic(config_file, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
     def model_card_info(self) -> ModelCardInfo:
         config = self.tower.peft_config[self.tower.active_adapter]
         base = self.base_checkpoint
         shown = base or "BASE_CHECKPOINT"  # the card says to replace it when the base was not a checkpoint
         targets = sorted(config.target_modules) if not isinstance(config.target_modules, str) else config.target_modules
-        transformers_class = "Siglip2VisionModel" if self.tower.get_base_model().config.naflex else "SiglipVisionModel"
+        transformers_class = self.transformers_class
         return ModelCardInfo(
             title=f"LoRA adapter (r={config.r}) for a SigLIP vision tower",
             summary="A LoRA adapter for a SigLIP / SigLIP 2 vision tower, trained with siglip2-encoder and saved by "
@@ -201,4 +218,6 @@ class LoRAAdapter(HubMixin):
             f'model = PeftModel.from_pretrained({transformers_class}.from_pretrained("{shown}"), "{{repo_id}}")\n',
             base_model=hub_id(base),
             tags=("siglip", "lora", "peft"),
+            library_name="peft",
+            pipeline_tag="image-feature-extraction",
         )

@@ -189,6 +189,8 @@ class SigLIP2Encoder(HubMixin, nn.Module):
             f'model = {transformers_class}.from_pretrained("{{repo_id}}")\n',
             base_model=hub_id(self.name_or_path),
             tags=("siglip", "vision", "feature-extraction"),
+            library_name="transformers",
+            pipeline_tag="image-feature-extraction",
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

@@ -23,6 +23,7 @@ __all__ = ["HubMixin", "ModelCardInfo", "base_license", "hub_id", "write_model_c
 
 logger = logging.getLogger(__name__)
 
+LIBRARY_NAME = "siglip2-encoder"
 TRAINING_DATA_PLACEHOLDER = "[Describe the training data here: source, size, license, and how it was filtered.]"
 
 
@@ -37,6 +38,10 @@ class ModelCardInfo:
     transformers_snippet: str | None = None  # the same with transformers alone, where it loads the result
     base_model: str | None = None  # the base checkpoint's Hub id, for the card's metadata
     tags: Sequence[str] = field(default_factory=tuple)
+    # The library whose loading code and widget the Hub shows: "transformers" (or "peft") for folders it loads, this
+    # library's name for formats only this library reads.
+    library_name: str = LIBRARY_NAME
+    pipeline_tag: str | None = None  # the Hub's task for the folder, e.g. "image-feature-extraction"
 
 
 def hub_id(name_or_path: str | None) -> str | None:
@@ -63,11 +68,16 @@ def base_license(name_or_path: str | None) -> str | None:
 def write_model_card(
     folder: str | os.PathLike, repo_id: str, info: ModelCardInfo, *, license: str | None, training_data: str | None
 ) -> None:
-    """``README.md`` in ``folder``: metadata (license, base model, library, tags) and the card's text."""
+    """``README.md`` in ``folder``: metadata (license, base model, library, task, tags) and the card's text."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    tags = list(dict.fromkeys([*info.tags, LIBRARY_NAME]))  # found by this library's name whichever library loads it
     data = ModelCardData(
-        license=license, library_name="siglip2-encoder", base_model=info.base_model, tags=list(info.tags) or None
+        license=license,
+        library_name=info.library_name,
+        pipeline_tag=info.pipeline_tag,
+        base_model=info.base_model,
+        tags=tags,
     )
     rows = "\n".join(f"| {name} | {value} |" for name, value in info.details)
     license_line = license or "not known: the base checkpoint's card could not be read; set it before sharing"

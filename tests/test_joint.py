@@ -126,6 +126,9 @@ def test_saved_model_loads_in_transformers_and_back(image_text_dir, tmp_path):
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
     tower = SigLIP2Encoder.from_pretrained(tmp_path)  # one tower alone still loads from the joint folder
     assert all(torch.equal(tower.state_dict()[k], v) for k, v in ours.vision_model.state_dict().items())
+    text = theirs.config.text_config  # no special token id outside the vocabulary (transformers warns at load)
+    ids = [text.bos_token_id, text.eos_token_id, text.pad_token_id]
+    assert all(i is None or 0 <= i < text.vocab_size for i in ids), ids
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,18 @@ transformers' LlavaForConditionalGeneration (Llama and Qwen2 language models).""
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
+from conftest import perturb
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaForConditionalGeneration,
@@ -225,6 +232,58 @@ def test_export_to_transformers_llava_gives_the_same_logits_and_generation(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(back(**batch).logits, ours, atol=1e-5, rtol=0)
     assert back.image_token_id == model.image_token_id and back.projector.config.layers == model.projector.config.layers
+
+
+def run_as_the_card_says(folder, image, text: str) -> tuple[dict, list[list[int]]]:
+    """transformers alone on an exported folder: AutoProcessor + chat template + generate; its inputs and the
+    generated tokens."""
+    processor = AutoProcessor.from_pretrained(folder)
+    conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+    inputs = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    return inputs, generated[:, inputs["input_ids"].shape[1] :].tolist()
+
+
+def test_a_llava_export_runs_in_transformers_end_to_end(tmp_path):
+    model, processor, tokenizer = make_vlm()
+    perturb(model, seed=3)
+    export_llava(model, tmp_path, tokenizer)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]  # what vLLM and llama.cpp dispatch on
+    assert "architectures" not in config["vision_config"]
+    image = Image.fromarray(images(1, 5, sizes=[(30, 50)])[0])
+    inputs, theirs = run_as_the_card_says(tmp_path, image, "what colour is the shape")
+    batch = processor(["<image> what colour is the shape"], [[image]])
+    assert inputs["input_ids"].tolist() == batch["input_ids"].tolist()  # BOS, 16 image tokens, the text
+    torch.testing.assert_close(inputs["pixel_values"], batch["pixel_values"], atol=1e-6, rtol=0)
+    assert theirs == model.generate(**batch, max_new_tokens=8, do_sample=False).tolist()
+
+
+def test_the_default_chat_template_writes_prompts_as_vlm_processor_takes_them(tmp_path):
+    model, _, tokenizer = make_vlm()
+    export_llava(model, tmp_path, tokenizer)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what shape is it"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a circle"}]},
+        {"role": "user", "content": "and the colour"},
+    ]
+    assert processor.apply_chat_template(conversation) == "<s><image> what shape is it a circle</s> and the colour"
+    export_llava(model, tmp_path / "own", tokenizer, chat_template="{% for m in messages %}Q: {% endfor %}")
+    assert AutoProcessor.from_pretrained(tmp_path / "own").apply_chat_template(conversation) == "Q: Q: Q: "
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path):
+    model, _, tokenizer = make_vlm()
+    with pytest.raises(ValueError, match=re.escape("the model's image token id 18 is not a token of this tokenizer")):
+        export_llava(model, tmp_path, make_tokenizer())
+    tokenizer.add_tokens(["<extra>"])
+    with pytest.raises(ValueError, match=re.escape("the tokenizer has 21 tokens but the language model's embedding")):
+        export_llava(model, tmp_path, tokenizer)
+    assert not tmp_path.joinpath("config.json").exists()
 
 
 def test_configurations_llava_cannot_express_are_refused(tmp_path):

@@ -7,11 +7,12 @@ import re
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModel, LoraConfig, PeftModel, get_peft_model
+from test_weight_changes import inputs
 from transformers import SiglipVisionModel
 
 from siglip2_encoder import SigLIP2Encoder
-from siglip2_encoder.lora import EncoderLoRAConfig, add_lora, trainable_parameters
+from siglip2_encoder.lora import EncoderLoRAConfig, LoRAAdapter, add_lora, trainable_parameters
 
 X = torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(0))
 
@@ -117,6 +118,20 @@ def test_our_adapter_loads_into_transformers(fixed_dir, tmp_path):
     with torch.no_grad():
         want = hf(pixel_values=X).pooler_output
     torch.testing.assert_close(pooled(ours), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("naflex", [False, True])
+def test_a_published_adapter_loads_with_peft_auto_peft_model_alone(naflex, fixed_dir, naflex_dir, tmp_path):
+    base = naflex_dir if naflex else fixed_dir
+    ours = add_lora(SigLIP2Encoder.from_pretrained(base), EncoderLoRAConfig(r=4, modules=("q_proj", "fc2"))).eval()
+    randomize_lora(ours, seed=5)
+    LoRAAdapter(ours).save_pretrained(tmp_path)
+    # peft reads the base class from auto_mapping and the base from base_model_name_or_path: no code of ours.
+    theirs = AutoPeftModel.from_pretrained(tmp_path).eval()
+    assert type(theirs.get_base_model()).__name__ == ("Siglip2VisionModel" if naflex else "SiglipVisionModel")
+    with torch.no_grad():
+        want, got = ours(**inputs(naflex)).pooler_output, theirs(**inputs(naflex)).pooler_output
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def saved_activation_bytes(model: torch.nn.Module) -> int:

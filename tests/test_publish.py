@@ -48,7 +48,9 @@ def test_a_towers_card_carries_the_base_license_and_its_code_loads_it(fixed_dir,
     tower.save_for_hub(out, str(out))
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "README.md"}
     card = ModelCard.load(out / "README.md")
-    assert card.data.license == "apache-2.0" and card.data.library_name == "siglip2-encoder"
+    assert card.data.license == "apache-2.0" and "siglip2-encoder" in card.data.tags
+    # transformers loads the folder: the Hub shows its code and widget for the task
+    assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "image-feature-extraction")
     assert TRAINING_DATA_PLACEHOLDER in card.text and f"| base checkpoint | {base} |" in card.text
     ours, theirs = run_card(out)
     x = torch.randn(1, 3, 36, 36)
@@ -78,11 +80,19 @@ def test_every_publishable_writes_a_card_whose_code_runs(zero_shot_dir, tmp_path
         "vlm": vlm,
         "llava": LlavaExport(vlm, tokenizer),
     }
+    shown = {  # the library whose code the Hub shows (this one only for formats only it reads), the task
+        "model": ("transformers", "zero-shot-image-classification"),
+        "projector": ("siglip2-encoder", None),
+        "adapter": ("peft", "image-feature-extraction"),
+        "vlm": ("siglip2-encoder", "image-text-to-text"),
+        "llava": ("transformers", "image-text-to-text"),
+    }
     for name, publishable in cases.items():
         folder = tmp_path / name
         publishable.save_for_hub(folder, str(folder), license="mit", training_data="shapes I drew")
         card = ModelCard.load(folder / "README.md")
         assert card.data.license == "mit" and "shapes I drew" in card.text, name
+        assert (card.data.library_name, card.data.pipeline_tag) == shown[name], name
         spaces = run_card(folder)
         assert len(spaces) == (1 if name in ("projector", "vlm") else 2), name
         loaded = [v for space in spaces for v in space.values() if isinstance(v, torch.nn.Module)]

@@ -1,19 +1,23 @@
 """timm SigLIP ViTs, NaFlexViTs and open_clip SigLIP image towers, both ways, with the activation each carries:
-outputs equal timm's / open_clip's own on the same weights."""
+outputs equal timm's / open_clip's own on the same weights; timm's own transforms of a saved tower preprocess as
+ours."""
 
 from __future__ import annotations
 
 import re
 
+import numpy as np
 import open_clip
 import pytest
 import timm
+import timm.data
 import torch
 from conftest import FIXED, perturb
+from PIL import Image
 from test_big_vision import timm_naflex
 from test_timm import timm_siglip
 
-from siglip2_encoder import SigLIP2Encoder
+from siglip2_encoder import ImageProcessor, SigLIP2Encoder
 from siglip2_encoder.integrations.timm_models import from_open_clip, from_timm, load_timm, save_timm, to_timm
 
 
@@ -72,6 +76,25 @@ def test_our_tower_saved_for_timm_loads_in_timm_with_equal_outputs(hidden_act, t
     back = load_timm(tmp_path)
     assert back.config == ours.config and back.processor_config.image_size == (42, 42)
     assert to_timm(ours).state_dict().keys() == theirs.state_dict().keys()
+
+
+@pytest.mark.parametrize("preset", ["siglip-so400m-patch14-384", "siglip2-base-patch16-224"])  # bicubic, bilinear
+def test_timms_own_transforms_of_a_saved_tower_preprocess_as_the_checkpoint_does(preset, tmp_path):
+    ours = SigLIP2Encoder.from_preset(
+        preset, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, image_size=42
+    )
+    save_timm(ours, tmp_path)
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    config = timm.data.resolve_data_config({}, model=model)
+    assert (config["crop_pct"], config["crop_mode"]) == (1.0, "squash")  # the whole image, aspect not kept
+    transform = timm.data.create_transform(**config)
+    rng = np.random.default_rng(0)
+    for h, w in [(30, 50), (480, 640), (42, 42), (200, 90), (1000, 37)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        want = ImageProcessor(ours.processor_config)([image]).pixel_values[0]
+        # PIL's resize (timm) vs torchvision's on the uint8 tensor (transformers, ours) round apart: measured at
+        # most 2 uint8 levels, i.e. 2/255 of the [0, 1] range, 4/255 after normalising by std 0.5.
+        torch.testing.assert_close(transform(image), want, atol=2 / 255 / 0.5 + 1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -1,21 +1,25 @@
 """What every export of a :class:`~siglip2_encoder.integrations.llava.VisionLanguageModel` to a transformers VLM
-format shares: the language model's weights under the VLM's prefix, and the folder written."""
+format shares: the language model's weights under the VLM's prefix, the checks that the tokenizer fits the model, a
+chat template, and the folder, written by transformers itself so that it holds every file and field transformers'
+``save_pretrained`` writes (``architectures``, ``generation_config.json``, ``processor_config.json``, the chat
+template): the programs that read such folders (transformers' Auto classes, vLLM, llama.cpp's converter) find what
+they look for."""
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
-from huggingface_hub import save_torch_state_dict
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+from transformers.image_processing_utils import BaseImageProcessor
 
-from ..config import ProcessorConfig
-from ..convert import processor_config_to_hf
-from ..files import write_atomic
+__all__ = ["check_tokenizer", "language_model_weights", "plain_chat_template", "write_export"]
 
-__all__ = ["language_model_weights", "write_export"]
+logger = logging.getLogger(__name__)
 
 
 def language_model_weights(lm: PreTrainedModel, prefix: str, tied: bool) -> dict[str, torch.Tensor]:
@@ -34,19 +38,90 @@ def language_model_weights(lm: PreTrainedModel, prefix: str, tied: bool) -> dict
     return state
 
 
+def check_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, lm: PreTrainedModel, image_token_id: int, required: tuple[str, ...] = ()
+) -> str:
+    """The image token's string, after checking that ``tokenizer`` is the model's: the image token is one token
+    of it with the model's id, every ``required`` token exists, and every id fits the LM's embedding table."""
+    rows = lm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the language model's embedding table has {rows} rows; "
+            f"resize it with language_model.resize_token_embeddings(len(tokenizer)) and train the new rows"
+        )
+    image_token = tokenizer.convert_ids_to_tokens(image_token_id) if image_token_id < len(tokenizer) else None
+    if image_token is None or tokenizer.convert_tokens_to_ids(image_token) != image_token_id:
+        raise ValueError(
+            f"the model's image token id {image_token_id} is not a token of this tokenizer; pass the tokenizer the "
+            f"model was built with (add_image_token gives the id)"
+        )
+    unk = tokenizer.unk_token_id
+    missing = [t for t in required if tokenizer.convert_tokens_to_ids(t) in (None, unk)]
+    if missing:
+        raise ValueError(f"the tokenizer lacks {', '.join(missing)}, which this format's processor writes into prompts")
+    return image_token
+
+
+def plain_chat_template(image_token: str) -> str:
+    """A Jinja chat template that renders a conversation the way :class:`VLMProcessor` prompts are written: the BOS
+    token (if any), then every message's parts in order - ``image_token`` for an image, the text for a text - joined
+    by single spaces, the EOS token after each assistant message. ``[{"role": "user", "content": [{"type": "image"},
+    {"type": "text", "text": "what colour is it ?"}]}]`` renders as ``<s><image> what colour is it ?``."""
+    return (
+        "{{- bos_token or '' -}}"
+        "{%- for message in messages -%}"
+        "{%- if not loop.first %} {% endif -%}"
+        "{%- if message['content'] is string -%}{{- message['content'] -}}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if not loop.first %} {% endif -%}"
+        f"{{%- if part['type'] == 'image' -%}}{{{{- {json.dumps(image_token)} -}}}}"
+        "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- if message['role'] == 'assistant' -%}{{- eos_token or '' -}}{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+def _save_model(
+    folder: Path, model_class: type[PreTrainedModel], config: PretrainedConfig, state: dict[str, torch.Tensor]
+) -> None:
+    """Build ``model_class`` without allocating (meta device), take ``state``'s tensors strictly, and let
+    transformers write the model: config.json with ``architectures``, generation_config.json, the safetensors."""
+    with torch.device("meta"):
+        model = model_class(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{model_class.__name__} has no weights named {sorted(unexpected)}")
+    model.tie_weights()  # a tied lm_head is not in ``state``: it takes the input embeddings' tensor
+    untouched = sorted(name for name, p in model.named_parameters() if p.is_meta)
+    if untouched:
+        raise ValueError(f"the export gives no values for {model_class.__name__}'s weights {untouched}")
+    model.eval().save_pretrained(folder)
+
+
 def write_export(
     directory: str | os.PathLike,
+    model_class: type[PreTrainedModel],
     config: PretrainedConfig,
     state: dict[str, torch.Tensor],
-    processor_config: ProcessorConfig,
-    tokenizer: PreTrainedTokenizerBase | None = None,
+    image_processor: BaseImageProcessor,
+    processor_class: type[ProcessorMixin],
+    tokenizer: PreTrainedTokenizerBase | None,
+    **processor_options,
 ) -> None:
-    """config.json, the (sharded) safetensors, preprocessor_config.json, and the tokenizer if given."""
+    """The model (see :func:`_save_model`), ``preprocessor_config.json`` (what transformers 4 and llama.cpp's
+    converter read) and, given the tokenizer, ``processor_class``'s files: the tokenizer, ``processor_config.json``
+    (the image processor nested in it, as transformers 5 writes it) and ``chat_template.jinja``."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(folder)
-    save_torch_state_dict({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder)
-    processor = processor_config_to_hf(processor_config)
-    write_atomic(folder / "preprocessor_config.json", (json.dumps(processor, indent=2) + "\n").encode())
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    _save_model(folder, model_class, config, state)
+    image_processor.save_pretrained(folder)
+    if tokenizer is None:
+        logger.warning(
+            "no tokenizer given: %s holds the model and its image processor, but AutoProcessor needs the tokenizer "
+            "too; pass tokenizer= to write it with the processor and its chat template",
+            folder,
+        )
+        return
+    # A copy: some processors add their special tokens to the tokenizer they are given.
+    processor_class(image_processor, copy.deepcopy(tokenizer), **processor_options).save_pretrained(folder)

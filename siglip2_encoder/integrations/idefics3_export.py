@@ -13,8 +13,16 @@ Idefics3's tower reads positions at each patch's fractional coordinate for grids
 tower that interpolates positions is only exact at its native size, which is what this library's processor (and
 Idefics3's, tile by tile) feeds it; the export says so in a warning.
 
-Exported folders load with ``Idefics3ForConditionalGeneration.from_pretrained(folder)`` and give the same logits as
-the model they came from (tested with a Llama language model).
+Idefics3's processor writes each image into the prompt as ``<fake_token_around_image><global-img>``, its tokens, then
+``<fake_token_around_image>``. A model that is to run in transformers as it ran here must have been trained with the
+same text around its images: :func:`add_idefics3_tokens` adds these tokens to the tokenizer and the LM, and
+``VLMProcessor(..., image_start=IMAGE_START, image_end=IMAGE_END)`` writes them as Idefics3's processor does. The
+export refuses a tokenizer without them.
+
+Exported folders run in transformers alone - ``AutoProcessor`` + ``apply_chat_template`` +
+``Idefics3ForConditionalGeneration.generate`` - and give the same prompt tokens, pixels and generated tokens as the
+model they came from (tested with a Llama language model). The processor is written without image splitting
+(``do_image_splitting=False``): each image is one view resized to the tower's size, as here.
 """
 
 from __future__ import annotations
@@ -23,16 +31,39 @@ import logging
 import os
 
 from peft import PeftModel
-from transformers import Idefics3Config, PreTrainedTokenizerBase
+from transformers import (
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessor,
+    Idefics3Processor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ..adapters import PixelShuffleProjector
-from ..convert import config_to_hf
-from .hf_export import language_model_weights, write_export
-from .llava import VisionLanguageModel
+from ..convert import config_to_hf, processor_config_to_hf
+from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, write_export
+from .llava import VisionLanguageModel, add_image_token
 
-__all__ = ["export_idefics3"]
+__all__ = ["IMAGE_END", "IMAGE_START", "add_idefics3_tokens", "export_idefics3"]
 
 logger = logging.getLogger(__name__)
+
+# The tokens Idefics3's processor writes (transformers' Idefics3Processor): around each image, and after each turn.
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+GLOBAL_IMAGE_TOKEN = "<global-img>"
+END_OF_UTTERANCE = "<end_of_utterance>"
+IMAGE_TOKEN = "<image>"  # Idefics3's processor knows no other placeholder
+IMAGE_START = FAKE_IMAGE_TOKEN + GLOBAL_IMAGE_TOKEN  # before an unsplit image's tokens
+IMAGE_END = FAKE_IMAGE_TOKEN  # after them
+
+
+def add_idefics3_tokens(tokenizer: PreTrainedTokenizerBase, language_model: PreTrainedModel | None = None) -> int:
+    """Add Idefics3's special tokens (``<fake_token_around_image>``, ``<global-img>``, ``<end_of_utterance>``) and
+    the ``<image>`` placeholder to ``tokenizer``, resize the LM's embeddings, and return the image token's id. Build
+    the batches with ``VLMProcessor(..., image_start=IMAGE_START, image_end=IMAGE_END)``."""
+    tokenizer.add_tokens([FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE], special_tokens=True)
+    return add_image_token(tokenizer, language_model, IMAGE_TOKEN)
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
@@ -62,12 +93,36 @@ def _check_exportable(model: VisionLanguageModel) -> None:
 
 
 def export_idefics3(
-    model: VisionLanguageModel, directory: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None
+    model: VisionLanguageModel,
+    directory: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    chat_template: str | None = None,
 ) -> None:
-    """Write ``model`` as a transformers Idefics3 checkpoint (config.json, safetensors, preprocessor_config.json and
-    the tokenizer if given). Raises ``ValueError`` naming the reason for configurations Idefics3 cannot express."""
+    """Write ``model`` as a transformers Idefics3 checkpoint that ``AutoProcessor`` + ``apply_chat_template`` +
+    ``Idefics3ForConditionalGeneration.generate`` run as they are: the model's files as transformers writes them,
+    ``preprocessor_config.json`` and, given the tokenizer, the ``Idefics3Processor``'s files.
+
+    Args:
+        model: a fixed-resolution VLM with Idefics3's connector (see the module's docstring; LoRA merged).
+        directory: the folder to write.
+        tokenizer: the tokenizer the model was built with, holding Idefics3's tokens (:func:`add_idefics3_tokens`).
+        chat_template: the processor's Jinja chat template; default
+            :func:`~siglip2_encoder.integrations.hf_export.plain_chat_template` (``<image> what colour is it ?``).
+
+    Raises ``ValueError`` naming the reason for configurations Idefics3 cannot express and for a tokenizer that
+    does not fit the model."""
     _check_exportable(model)
     tower, projector, lm = model.tower, model.projector, model.language_model
+    if tokenizer is not None:
+        image_token = check_tokenizer(
+            tokenizer, lm, model.image_token_id, (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE)
+        )
+        if image_token != IMAGE_TOKEN:
+            raise ValueError(
+                f"the model's image token is {image_token!r}, but Idefics3's processor writes {IMAGE_TOKEN!r}; build "
+                f"the model with add_idefics3_tokens(tokenizer, language_model)"
+            )
     if tower.config.position_lookup != "buckets":
         logger.warning(
             "Idefics3's tower looks positions up by buckets for images smaller than %dx%d pixels, where this tower "
@@ -81,10 +136,36 @@ def export_idefics3(
         text_config=lm.config.to_dict(),
         scale_factor=projector.config.factor,
         image_token_id=model.image_token_id,
+        pad_token_id=lm.config.pad_token_id if tokenizer is None else tokenizer.pad_token_id,
         tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
     )
     state = {f"model.vision_model.{k}": v for k, v in tower.state_dict().items() if not k.startswith("head.")}
     (linear,) = projector.proj
     state["model.connector.modality_projection.proj.weight"] = linear.weight
     state |= language_model_weights(lm, "model.text_model.", config.tie_word_embeddings)
-    write_export(directory, config, state, tower.processor_config, tokenizer)
+    # One view per image, resized to the tower's size as here: no aspect-preserving resize first, no tiles.
+    settings = processor_config_to_hf(tower.processor_config)
+    edge = {"longest_edge": tower.config.image_size}
+    image_processor = Idefics3ImageProcessor(
+        **{
+            k: settings[k]
+            for k in ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+        },
+        do_convert_rgb=True,
+        do_resize=False,
+        size=edge,
+        do_image_splitting=False,
+        max_image_size=edge,
+    )
+    grid = tower.config.position_grid // projector.config.factor
+    write_export(
+        directory,
+        Idefics3ForConditionalGeneration,
+        config,
+        state,
+        image_processor,
+        Idefics3Processor,
+        tokenizer,
+        image_seq_len=grid * grid,
+        chat_template=chat_template or (plain_chat_template(IMAGE_TOKEN) if tokenizer is not None else None),
+    )

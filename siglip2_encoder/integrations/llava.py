@@ -88,6 +88,9 @@ class VLMProcessor:
         patch_size: the encoder's patch size (fixed-resolution grids are H // p x W // p).
         image_token: the placeholder string of an image in prompts.
         video_token: the placeholder string of a clip (plain text: it becomes its frames' image placeholders).
+        image_start: text before each image's (and each frame's) tokens, e.g. Idefics3's
+            ``<fake_token_around_image><global-img>`` (see :mod:`.idefics3_export`); empty for LLaVA.
+        image_end: text after each image's tokens, e.g. Idefics3's ``<fake_token_around_image>``.
     """
 
     def __init__(
@@ -98,9 +101,12 @@ class VLMProcessor:
         patch_size: int,
         image_token: str = "<image>",
         video_token: str = "<video>",
+        image_start: str = "",
+        image_end: str = "",
     ) -> None:
         self.tokenizer, self.image_processor, self.projector = tokenizer, image_processor, projector
         self.patch_size, self.image_token, self.video_token = patch_size, image_token, video_token
+        self.image_start, self.image_end = image_start, image_end
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {image_token!r} token; call add_image_token(tokenizer, lm) first")
@@ -190,12 +196,14 @@ class VLMProcessor:
             counts = [self.projector.num_tokens(grid) for grid in grids]
 
         tok = self.tokenizer
+        start, end = self._text_ids(self.image_start), self._text_ids(self.image_end)
         sequences, label_sequences, next_image = [], [], 0
         for b, (parts, sizes) in enumerate(zip(pieces, frames_per_placeholder)):
             ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
             for i, segment in enumerate(parts[0::2]):
                 if i:  # the placeholder before this text: its images' (or frames') tokens
-                    ids += [self.image_token_id] * sum(counts[next_image : next_image + sizes[i - 1]])
+                    for count in counts[next_image : next_image + sizes[i - 1]]:
+                        ids += start + [self.image_token_id] * count + end
                     next_image += sizes[i - 1]
                 ids += self._text_ids(segment)
             labels = [IGNORE_INDEX] * len(ids)
@@ -430,6 +438,7 @@ class VisionLanguageModel(HubMixin, nn.Module):
             'model = VisionLanguageModel.from_pretrained("{repo_id}")\n',
             base_model=hub_id(self.base_checkpoint),
             tags=("siglip", "image-text-to-text", "llava"),
+            pipeline_tag="image-text-to-text",
         )
 
     @classmethod

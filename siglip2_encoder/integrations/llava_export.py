@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+    SiglipImageProcessor,
+)
 
 from ..adapters import LinearConfig, LinearProjector, MLPConfig, MLPProjector, build_projector
 from ..convert import (
@@ -32,12 +39,13 @@ from ..convert import (
     config_from_hf,
     config_to_hf,
     convert_hf_state_dict,
-    processor_config_from_hf,
+    processor_config_to_hf,
+    read_processor_config,
 )
 from ..hub import CheckpointSource
 from ..model import SigLIP2Encoder
 from ..publish import HubMixin, ModelCardInfo
-from .hf_export import language_model_weights, write_export
+from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, write_export
 from .llava import VisionLanguageModel
 
 __all__ = ["LlavaExport", "export_llava", "import_llava"]
@@ -76,16 +84,33 @@ def _linears(projector: MLPProjector) -> list[nn.Linear]:
 
 
 def export_llava(
-    model: VisionLanguageModel, directory: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None
+    model: VisionLanguageModel,
+    directory: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    chat_template: str | None = None,
 ) -> None:
-    """Write ``model`` as a transformers LLaVA checkpoint (config.json, safetensors, preprocessor_config.json and
-    the tokenizer if given). Raises ``ValueError`` naming the reason for configurations LLaVA cannot express."""
+    """Write ``model`` as a transformers LLaVA checkpoint that ``AutoProcessor`` + ``apply_chat_template`` +
+    ``LlavaForConditionalGeneration.generate`` run as they are: the model's files as transformers writes them,
+    ``preprocessor_config.json`` and, given the tokenizer, the ``LlavaProcessor``'s files.
+
+    Args:
+        model: a fixed-resolution VLM with a linear or 2-layer MLP projector on hidden states (LoRA merged).
+        directory: the folder to write.
+        tokenizer: the tokenizer the model was built with (it must hold the image token at the model's id).
+        chat_template: the processor's Jinja chat template; default :func:`plain_chat_template`, which renders a
+            conversation as :class:`VLMProcessor` prompts are written (``<image> what colour is it ?``). Give your
+            own when the model was trained on another prompt format.
+
+    Raises ``ValueError`` naming the reason for configurations LLaVA cannot express and for a tokenizer that does
+    not fit the model."""
     _check_exportable(model)
     tower, projector, lm = model.tower, model.projector, model.language_model
+    image_token = None if tokenizer is None else check_tokenizer(tokenizer, lm, model.image_token_id)
     layers = list(projector.config.layers)
     grid = tower.config.position_grid
     config = LlavaConfig(
-        vision_config=config_to_hf(tower.config),
+        vision_config={k: v for k, v in config_to_hf(tower.config).items() if k != "architectures"},
         text_config=lm.config.to_dict(),
         image_token_index=model.image_token_id,
         vision_feature_layer=layers[0] if len(layers) == 1 else layers,
@@ -108,7 +133,20 @@ def export_llava(
         state[f"model.multi_modal_projector.{name}.weight"] = weight
         state[f"model.multi_modal_projector.{name}.bias"] = bias
     state |= language_model_weights(lm, "model.language_model.", config.tie_word_embeddings)
-    write_export(directory, config, state, tower.processor_config, tokenizer)
+    write_export(
+        directory,
+        LlavaForConditionalGeneration,
+        config,
+        state,
+        SiglipImageProcessor.from_dict(processor_config_to_hf(tower.processor_config)),
+        LlavaProcessor,
+        tokenizer,
+        patch_size=tower.config.patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        image_token=image_token,
+        chat_template=chat_template or (plain_chat_template(image_token) if image_token else None),
+    )
 
 
 # What the LLaVA variants add to LLaVA's vision path, which VisionLanguageModel does not represent; transformers would
@@ -119,6 +157,23 @@ _NOT_REPRESENTED = {
     "pooling of video frames",
     "llava_next_video": "the learned image_newline token, anyres tiling and the pooling of video frames",
 }
+
+
+# The model card's transformers code: the exported folder's own processor, chat template and generate.
+TRANSFORMERS_SNIPPET = """from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+processor = AutoProcessor.from_pretrained("{repo_id}")
+model = AutoModelForImageTextToText.from_pretrained("{repo_id}")
+image = Image.new("RGB", (640, 480), "red")  # or Image.open("photo.jpg")
+content = [{{"type": "image", "image": image}}, {{"type": "text", "text": "describe"}}]
+conversation = [{{"role": "user", "content": content}}]
+inputs = processor.apply_chat_template(
+    conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+)
+new_tokens = model.generate(**inputs, max_new_tokens=20)[:, inputs["input_ids"].shape[1] :]
+print(processor.batch_decode(new_tokens, skip_special_tokens=True)[0])
+"""
 
 
 class LlavaExport(HubMixin):
@@ -145,10 +200,11 @@ class LlavaExport(HubMixin):
             details=own.details,
             snippet="from siglip2_encoder.integrations.llava_export import import_llava\n\n"
             'model = import_llava("{repo_id}")\n',
-            transformers_snippet="from transformers import LlavaForConditionalGeneration\n\n"
-            'model = LlavaForConditionalGeneration.from_pretrained("{repo_id}")\n',
+            transformers_snippet=TRANSFORMERS_SNIPPET,
             base_model=own.base_model,
             tags=own.tags,
+            library_name="transformers",
+            pipeline_tag="image-text-to-text",
         )
 
 
@@ -186,10 +242,7 @@ def import_llava(
         raise ValueError("projectors without bias (multimodal_projector_bias=False) are not supported")
 
     tower_config = config_from_hf(config.vision_config.to_dict())
-    processor_file = Path(directory) / "preprocessor_config.json"
-    processor = None
-    if processor_file.is_file():
-        processor = processor_config_from_hf(json.loads(processor_file.read_text()), tower_config)
+    processor = read_processor_config(CheckpointSource(directory), tower_config)
     with torch.device("meta"):
         tower = SigLIP2Encoder(tower_config, processor)
     state = convert_hf_state_dict(llava.model.vision_tower.state_dict())

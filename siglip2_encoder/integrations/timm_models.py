@@ -205,7 +205,15 @@ def save_timm(encoder: SigLIP2Encoder, folder: str | os.PathLike) -> None:
 
     model = to_timm(encoder)
     processor = encoder.processor_config
-    data = dict(mean=list(processor.image_mean), std=list(processor.image_std), interpolation=processor.resample)
+    # SigLIP resizes the whole image to the input size, aspect not kept, no crop: timm's "squash" at crop_pct 1.0
+    # (timm's SigLIP defaults are crop_pct 0.9, center: a resize then a crop, pixels up to 1.9 off).
+    data = dict(
+        mean=list(processor.image_mean),
+        std=list(processor.image_std),
+        interpolation=processor.resample,
+        crop_pct=1.0,
+        crop_mode="squash",
+    )
     if processor.image_size is not None:
         data["input_size"] = (3, *processor.image_size)
     save_for_hf(model, str(folder), safe_serialization=True, data_config=data)
