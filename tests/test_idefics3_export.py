@@ -20,9 +20,9 @@ from siglip2_encoder.integrations.idefics3_export import IMAGE_END, IMAGE_START,
 from siglip2_encoder.integrations.llava import VLMProcessor, add_image_token
 
 
-def make_idefics3_vlm():
+def make_idefics3_vlm(tokenizer=None):
     """A VLM built for Idefics3's format: its tokens in the tokenizer and the LM, its text around each image."""
-    model, _, tokenizer = make_vlm(projector="idefics3")
+    model, _, tokenizer = make_vlm(projector="idefics3", tokenizer=tokenizer)
     assert add_idefics3_tokens(tokenizer, model.language_model) == model.image_token_id
     perturb(model, seed=3)
     image_processor = ImageProcessor(model.tower.processor_config)

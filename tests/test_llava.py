@@ -49,9 +49,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def make_vlm(lm_cls=LlamaForCausalLM, lm_config_cls=LlamaConfig, projector="mlp", naflex=False, seed=0):
+def make_vlm(lm_cls=LlamaForCausalLM, lm_config_cls=LlamaConfig, projector="mlp", naflex=False, seed=0, tokenizer=None):
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer or make_tokenizer()
     tower_fields = dict(TOWER, patch_size=8) | (
         dict(image_size=None, num_patches=16) if naflex else dict(image_size=32)
     )

@@ -17,7 +17,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_processing_utils import BaseImageProcessor
 
-__all__ = ["check_tokenizer", "language_model_weights", "plain_chat_template", "write_export"]
+__all__ = ["check_tokenizer", "language_model_weights", "plain_chat_template", "text_config", "write_export"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,13 @@ def language_model_weights(lm: PreTrainedModel, prefix: str, tied: bool) -> dict
         else:
             raise ValueError(f"unexpected language model weight {key!r}: only '<{base}...>' and lm_head are mapped")
     return state
+
+
+def text_config(lm: PreTrainedModel) -> dict:
+    """The LM's config as a VLM's ``text_config``, naming the LM's class in ``architectures`` as real VLM repos do:
+    llama.cpp's converter picks the text model's class from it (without it, from the VLM's top-level class, which
+    it knows for vision only)."""
+    return lm.config.to_dict() | {"architectures": [type(lm).__name__]}
 
 
 def check_tokenizer(

@@ -23,6 +23,10 @@ Exported folders run in transformers alone - ``AutoProcessor`` + ``apply_chat_te
 ``Idefics3ForConditionalGeneration.generate`` - and give the same prompt tokens, pixels and generated tokens as the
 model they came from (tested with a Llama language model). The processor is written without image splitting
 (``do_image_splitting=False``): each image is one view resized to the tower's size, as here.
+
+llama.cpp's ``convert_hf_to_gguf.py`` converts the folder as it is: the language model, and with ``--mmproj`` the
+tower and connector (``text_config.architectures`` names the LM's class, as real SmolVLM repos do). llama.cpp's own
+Idefics3 preprocessing always tiles, which this model was not trained with (README: llama.cpp).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from transformers import (
 
 from ..adapters import PixelShuffleProjector
 from ..convert import config_to_hf, processor_config_to_hf
-from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, write_export
+from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel, add_image_token
 
 __all__ = ["IMAGE_END", "IMAGE_START", "add_idefics3_tokens", "export_idefics3"]
@@ -133,7 +137,7 @@ def export_idefics3(
     vision = config_to_hf(tower.config.replace(use_head=False, position_lookup="buckets"))
     config = Idefics3Config(
         vision_config={k: v for k, v in vision.items() if k != "architectures"},
-        text_config=lm.config.to_dict(),
+        text_config=text_config(lm),
         scale_factor=projector.config.factor,
         image_token_id=model.image_token_id,
         pad_token_id=lm.config.pad_token_id if tokenizer is None else tokenizer.pad_token_id,

@@ -11,8 +11,10 @@ What fits LLaVA's format, and why the rest does not:
   which never holds the post-layernorm ``last_hidden_state``;
 * LoRA adapters must be merged first (``VisionLanguageModel.merge_lora``).
 
-Exported folders load with ``LlavaForConditionalGeneration.from_pretrained(folder)`` and give the same logits and
-greedy generations as the model they came from (tested with Llama and Qwen2 language models).
+Exported folders run in transformers alone (``AutoProcessor`` + ``apply_chat_template`` + ``generate``) and give the
+same logits and greedy generations as the model they came from (tested with Llama and Qwen2 language models).
+llama.cpp's converter takes the language model; it has no SigLIP mmproj for LLaVA, and none is written here, since
+llama.cpp would preprocess its images as LLaVA-1.5's (padded square), not as SigLIP's (README: llama.cpp).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from ..convert import (
 from ..hub import CheckpointSource
 from ..model import SigLIP2Encoder
 from ..publish import HubMixin, ModelCardInfo
-from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, write_export
+from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel
 
 __all__ = ["LlavaExport", "export_llava", "import_llava"]
@@ -111,7 +113,7 @@ def export_llava(
     grid = tower.config.position_grid
     config = LlavaConfig(
         vision_config={k: v for k, v in config_to_hf(tower.config).items() if k != "architectures"},
-        text_config=lm.config.to_dict(),
+        text_config=text_config(lm),
         image_token_index=model.image_token_id,
         vision_feature_layer=layers[0] if len(layers) == 1 else layers,
         vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
