@@ -27,7 +27,7 @@ SETTINGS = [("full", False), ("full", True), ("lora", False), ("lora", True)]
 
 def run_one(args: argparse.Namespace) -> dict:
     from siglip2_encoder import SigLIP2Encoder
-    from siglip2_encoder.lora import EncoderLoRAConfig, add_lora, trainable_parameters
+    from siglip2_encoder.models.lora import EncoderLoRAConfig, add_lora, trainable_parameters
 
     torch.manual_seed(0)
     device = torch.device(args.device)

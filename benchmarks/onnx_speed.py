@@ -19,7 +19,7 @@ import onnxruntime
 import torch
 
 from siglip2_encoder import SigLIP2Encoder
-from siglip2_encoder.onnx_export import export_onnx
+from siglip2_encoder.export.onnx_export import export_onnx
 
 
 def median_seconds(fn, repeats: int = 5) -> float:

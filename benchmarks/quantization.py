@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from siglip2_encoder import ImageProcessor, SigLIP2Encoder
-from siglip2_encoder.quantize import quantize
+from siglip2_encoder.export.quantize import quantize
 
 
 def images(count: int, size: int) -> list[np.ndarray]:

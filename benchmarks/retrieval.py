@@ -7,7 +7,7 @@ For each size: a folder in ``extract``'s layout (shards of 1024 rows) of generat
 centres (embeddings cluster; uniform random vectors would be the worst case for an inverted-file index); queries
 are noisy copies of stored vectors. Then, each measurement in a fresh process so its memory is its own:
 
-* exact: :func:`siglip2_encoder.retrieval.top_k` over the folder's shards, as ``siglip2-encoder search`` does;
+* exact: :func:`siglip2_encoder.pipeline.retrieval.top_k` over the folder's shards, as ``siglip2-encoder search`` does;
 * FAISS: ``FaissIndex.build`` with ``factory="auto"`` (time, size on disk), then load + search as ``search
   --faiss`` does; recall@10 against the exact top 10.
 
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from timing import median_seconds
 
-from siglip2_encoder.extract import ExtractSettings
-from siglip2_encoder.faiss_index import INDEX_FILE, FaissIndex
-from siglip2_encoder.retrieval import top_k
-from siglip2_encoder.store import RUN_FILE, ExtractedFeatures, ShardWriter, write_manifest
+from siglip2_encoder.pipeline.extract import ExtractSettings
+from siglip2_encoder.pipeline.faiss_index import INDEX_FILE, FaissIndex
+from siglip2_encoder.pipeline.retrieval import top_k
+from siglip2_encoder.pipeline.store import RUN_FILE, ExtractedFeatures, ShardWriter, write_manifest
 
 
 def make_folder(folder: Path, count: int, dim: int, centres: int, shard: int = 1024, seed: int = 0) -> None:

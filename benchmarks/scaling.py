@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from siglip2_encoder.store import ShardWriter, read_rows, write_manifest
+from siglip2_encoder.pipeline.store import ShardWriter, read_rows, write_manifest
 
 
 def make_images(folder: Path, count: int) -> None:

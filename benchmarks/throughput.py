@@ -16,7 +16,7 @@ benchmarks/RESULTS.md:
 * scaling: one image of 256 to 4096 tokens (fixed-resolution tower at larger inputs, position embeddings
   interpolated), time and memory;
 * the roofline: fp32 GEMM GFLOP/s of this machine measured in the same run; each row's model FLOP utilisation
-  against it. FLOPs come from :func:`siglip2_encoder.flops.encoder_flops` (multiply-add = 2, attention included)
+  against it. FLOPs come from :func:`siglip2_encoder.models.flops.encoder_flops` (multiply-add = 2, attention included)
   and count useful work only: padding tokens a peer computes are not credited.
 
 Peak memory is what the forward pass allocates on top of what was allocated before it (weights and inputs): on
@@ -40,7 +40,7 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 
 from siglip2_encoder import SigLIP2Encoder, config_to_hf, prepack_for_cpu, to_timm_state_dict
-from siglip2_encoder.flops import encoder_flops
+from siglip2_encoder.models.flops import encoder_flops
 
 SECTIONS = ("fixed", "llava", "naflex", "scaling")
 # (patch budget, aspect ratio h:w) of the mixed NaFlex batch.

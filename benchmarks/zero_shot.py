@@ -35,7 +35,7 @@ from timing import median_seconds
 from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTextConfig, SiglipTextModel
 
 from siglip2_encoder import SigLIP2Model, TextConfig, TextTokenizer
-from siglip2_encoder.text import SigLIP2TextEncoder
+from siglip2_encoder.models.text import SigLIP2TextEncoder
 
 B16_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 

@@ -34,10 +34,10 @@ from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel
 
 from siglip2_encoder import EncoderConfig, ImageProcessor, SigLIP2Model, TextConfig, TextTokenizer
-from siglip2_encoder.distributed import Ranks
-from siglip2_encoder.lora import EncoderLoRAConfig, add_lora
-from siglip2_encoder.loss import ring_sigmoid_loss
-from siglip2_encoder.retrieval import top_k
+from siglip2_encoder.models.lora import EncoderLoRAConfig, add_lora
+from siglip2_encoder.models.loss import ring_sigmoid_loss
+from siglip2_encoder.pipeline.distributed import Ranks
+from siglip2_encoder.pipeline.retrieval import top_k
 
 logger = logging.getLogger("finetune_retrieval")
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}

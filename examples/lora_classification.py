@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from siglip2_encoder import ImageProcessor, SigLIP2Encoder
-from siglip2_encoder.distributed import Ranks
-from siglip2_encoder.lora import EncoderLoRAConfig, add_lora
+from siglip2_encoder.models.lora import EncoderLoRAConfig, add_lora
+from siglip2_encoder.pipeline.distributed import Ranks
 
 logger = logging.getLogger("lora_classification")
 CLASSES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard")

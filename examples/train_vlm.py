@@ -26,7 +26,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from siglip2_encoder import ImageProcessor, SigLIP2Encoder
 from siglip2_encoder.adapters import MLPConfig, build_projector
-from siglip2_encoder.distributed import Ranks
 from siglip2_encoder.integrations.llava import (
     IGNORE_INDEX,
     STAGE_2,
@@ -37,6 +36,7 @@ from siglip2_encoder.integrations.llava import (
 )
 from siglip2_encoder.integrations.llava_export import export_llava
 from siglip2_encoder.integrations.parallel import ddp_vlm
+from siglip2_encoder.pipeline.distributed import Ranks
 
 logger = logging.getLogger("train_vlm")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}

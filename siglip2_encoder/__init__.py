@@ -2,11 +2,14 @@
 image-text model around it.
 
 Importing the package loads torch, torchvision, Pillow and safetensors; transformers, peft and timm are imported
-only by the modules that use them (``lora``, ``integrations``).
+only by the modules that use them (``models.lora``, ``integrations``).
+
+The package is grouped by concern, each folder importing only from those below it: the base (``config``,
+``presets``, ``output``, ``files``), ``checkpoints``, ``data``, ``adapters``, ``models``, ``export``, ``pipeline``,
+``integrations``, ``serve`` and ``cli``; each folder's docstring says what lives there.
 """
 
-from .config import EncoderConfig, ProcessorConfig, TextConfig
-from .convert import (
+from .checkpoints.convert import (
     config_from_hf,
     config_to_hf,
     convert_hf_state_dict,
@@ -17,20 +20,24 @@ from .convert import (
     text_config_to_hf,
     to_timm_state_dict,
 )
-from .hub import CheckpointError, CheckpointSource, HubUnreachableError
-from .images import ImageLoadError, load_image
-from .joint import LabelSet, ModelOutput, SigLIP2Model
-from .model import SigLIP2Encoder
-from .onednn import prepack_for_cpu
+from .checkpoints.hub import CheckpointError, CheckpointSource, HubUnreachableError
+from .config import EncoderConfig, ProcessorConfig, TextConfig
+from .data.images import ImageLoadError, load_image
+from .data.processor import ImageProcessor, ProcessedImage, ProcessedImages, naflex_size
+from .data.tokenizer import TextTokenizer, TokenizedTexts
+from .export.onednn import prepack_for_cpu
+from .models.joint import LabelSet, ModelOutput, SigLIP2Model
+from .models.model import SigLIP2Encoder
+from .models.recipes import RECIPES, Recipe, get_recipe, list_recipes
+from .models.text import SigLIP2TextEncoder, TextOutput
+from .moved import install
 from .output import EncoderOutput
+from .pipeline.store import ExtractedFeatures
 from .presets import PRESETS, Preset, get_preset, list_presets
-from .processor import ImageProcessor, ProcessedImage, ProcessedImages, naflex_size
-from .recipes import RECIPES, Recipe, get_recipe, list_recipes
-from .store import ExtractedFeatures
-from .text import SigLIP2TextEncoder, TextOutput
-from .tokenizer import TextTokenizer, TokenizedTexts
 
-__version__ = "0.1.0"
+install()  # old module paths (before 0.2.0) raise an ImportError naming the new one
+
+__version__ = "0.2.0"
 
 __all__ = [
     "CheckpointError",

@@ -73,7 +73,8 @@ def test_bad_files_are_reported_and_good_ones_written(tmp_path, tiny_checkpoint)
 # after shard 1's features are written but before its commit record.
 KILLING_CLI = """
 import os, signal, sys
-from siglip2_encoder import cli, store
+from siglip2_encoder import cli
+from siglip2_encoder.pipeline import store
 
 point = os.environ["KILL_AT"]
 commit, write_atomic = store.ShardWriter.write, store.write_atomic

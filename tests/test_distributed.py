@@ -19,7 +19,8 @@ from siglip2_encoder import ExtractedFeatures
 # A rank that SIGKILLs itself right after committing its first shard, under torchrun.
 KILLING_RANK = """
 import os, signal, sys
-from siglip2_encoder import cli, store
+from siglip2_encoder import cli
+from siglip2_encoder.pipeline import store
 
 commit = store.ShardWriter.write
 
@@ -145,7 +146,7 @@ def test_ranks_given_different_inputs_are_refused(many, tiny_checkpoint, tmp_pat
 
 
 def test_a_batch_is_shared_round_robin_and_one_process_keeps_it_all():
-    from siglip2_encoder.distributed import Ranks
+    from siglip2_encoder.pipeline.distributed import Ranks
 
     batch = list(range(7))
     assert [Ranks(rank, 3).share(batch) for rank in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
@@ -154,7 +155,7 @@ def test_a_batch_is_shared_round_robin_and_one_process_keeps_it_all():
 
 
 def test_a_batch_smaller_than_the_ranks_is_refused():
-    from siglip2_encoder.distributed import Ranks
+    from siglip2_encoder.pipeline.distributed import Ranks
 
     with pytest.raises(ValueError) as error:
         Ranks(0, 4).share([1, 2, 3], "batch of pairs")

@@ -117,7 +117,7 @@ def test_finetune_retrieval_example_raises_held_out_recall_and_reloads(tmp_path)
 def test_finetune_retrieval_refuses_a_batch_the_ranks_cannot_share_evenly():
     import finetune_retrieval
 
-    from siglip2_encoder.distributed import Ranks
+    from siglip2_encoder.pipeline.distributed import Ranks
 
     with pytest.raises(ValueError) as error:
         finetune_retrieval.train(None, None, None, [], finetune_retrieval.CAPTIONS, 1, 12, 1e-3, Ranks(0, 5))

@@ -22,9 +22,9 @@ from transformers import (
 
 from siglip2_encoder import CheckpointError, SigLIP2Encoder
 from siglip2_encoder.config import EncoderConfig, TextConfig
-from siglip2_encoder.joint import SigLIP2Model
-from siglip2_encoder.processor import patchify
-from siglip2_encoder.text import SigLIP2TextEncoder
+from siglip2_encoder.data.processor import patchify
+from siglip2_encoder.models.joint import SigLIP2Model
+from siglip2_encoder.models.text import SigLIP2TextEncoder
 
 IDS = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
 MASK = torch.ones(3, 16, dtype=torch.long)
@@ -190,7 +190,7 @@ def test_classify_equals_transformers_zero_shot_pipeline(zero_shot_dir):
     from PIL import Image
     from transformers import pipeline
 
-    from siglip2_encoder.tokenizer import TextTokenizer
+    from siglip2_encoder.data.tokenizer import TextTokenizer
 
     classifier = pipeline("zero-shot-image-classification", model=str(zero_shot_dir))
     model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
@@ -209,7 +209,7 @@ def test_classify_equals_transformers_zero_shot_pipeline(zero_shot_dir):
 
 
 def test_prompt_ensembles_average_normalised_embeddings(zero_shot_dir):
-    from siglip2_encoder.tokenizer import TextTokenizer
+    from siglip2_encoder.data.tokenizer import TextTokenizer
 
     model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
     templates = ["This is a photo of {}.", "a sketch of {}"]
@@ -234,7 +234,7 @@ def test_prompt_ensembles_average_normalised_embeddings(zero_shot_dir):
     ids=["no labels", "one string", "empty label", "non-string label", "duplicates", "template without {}", "none"],
 )
 def test_bad_labels_are_refused_with_their_exact_message(zero_shot_dir, labels, templates, message):
-    from siglip2_encoder.tokenizer import TextTokenizer
+    from siglip2_encoder.data.tokenizer import TextTokenizer
 
     model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -242,7 +242,7 @@ def test_bad_labels_are_refused_with_their_exact_message(zero_shot_dir, labels, 
 
 
 def test_tokenizer_pads_to_64_lowercases_when_asked_and_warns_once_on_truncation(zero_shot_dir, caplog):
-    from siglip2_encoder.tokenizer import TextTokenizer
+    from siglip2_encoder.data.tokenizer import TextTokenizer
 
     plain, lower = (
         TextTokenizer.from_pretrained(zero_shot_dir),
@@ -264,7 +264,7 @@ def test_classify_command_prints_writes_jsonl_and_records_bad_files(zero_shot_di
     from PIL import Image
 
     from siglip2_encoder.cli import EXIT_FATAL, EXIT_PARTIAL, EXIT_USAGE, main
-    from siglip2_encoder.tokenizer import TextTokenizer
+    from siglip2_encoder.data.tokenizer import TextTokenizer
 
     for i in range(2):
         Image.new("RGB", (40, 30), (60 * i, 100, 200)).save(tmp_path / f"img{i}.png")
@@ -305,7 +305,7 @@ def test_a_model_with_a_lora_wrapped_text_tower_is_not_saved_as_a_plain_one(imag
 
 
 def test_sigmoid_loss_equals_transformers_and_splits_into_device_blocks(image_text_dir):
-    from siglip2_encoder.loss import sigmoid_loss, sigmoid_loss_block
+    from siglip2_encoder.models.loss import sigmoid_loss, sigmoid_loss_block
 
     theirs, ours = reference(image_text_dir), SigLIP2Model.from_pretrained(image_text_dir)
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -331,7 +331,7 @@ def test_sigmoid_loss_equals_transformers_and_splits_into_device_blocks(image_te
 def test_lora_on_the_joint_model_goes_into_the_chosen_towers_and_moves_to_transformers(image_text_dir, tmp_path):
     from peft import PeftModel
 
-    from siglip2_encoder.lora import EncoderLoRAConfig, add_lora
+    from siglip2_encoder.models.lora import EncoderLoRAConfig, add_lora
 
     config = EncoderLoRAConfig(r=2, modules=("q_proj", "fc2"), encoder_layers=1)
     ours = add_lora(SigLIP2Model.from_pretrained(image_text_dir), config, towers=["text"])
@@ -361,7 +361,7 @@ def test_lora_on_the_joint_model_goes_into_the_chosen_towers_and_moves_to_transf
 
 
 def test_a_few_sigmoid_loss_steps_with_lora_on_both_towers_lower_the_loss(image_text_dir):
-    from siglip2_encoder.lora import EncoderLoRAConfig, add_lora
+    from siglip2_encoder.models.lora import EncoderLoRAConfig, add_lora
 
     torch.manual_seed(0)
     model = SigLIP2Model.from_pretrained(image_text_dir).train()

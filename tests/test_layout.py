@@ -1,5 +1,6 @@
-"""The package's shape: imports form a tree, no module uses another's private names, and importing the core does not
-pay for transformers, peft or timm."""
+"""The package's shape: imports form a tree, no module uses another's private names, every folder imports only from
+the folders below it, old module paths name their new place, and importing the core does not pay for transformers,
+peft or timm."""
 
 from __future__ import annotations
 
@@ -45,6 +46,40 @@ def test_imports_form_a_tree_without_private_names():
         list(TopologicalSorter(graph).static_order())
     except CycleError as err:
         raise AssertionError(f"import circle: {' -> '.join(err.args[1])}") from None
+
+
+# The rooms, lowest first: a module may import from its own room and the rooms below it, never from one above. The
+# base is the package's top-level modules (config, presets, output, files, moved), which everyone uses.
+ROOMS = ("base", "checkpoints", "data", "adapters", "models", "export", "pipeline", "integrations", "serve", "cli")
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or parts[1] in ROOMS else "base"
+
+
+def test_every_folder_imports_only_from_the_folders_below_it():
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders == set(ROOMS) - {"base"}, "a new folder needs its place in ROOMS"
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        if name == PACKAGE.name:
+            continue  # the package's __init__ re-exports the public API from every room
+        for target, _ in imports(path):
+            if target != PACKAGE.name and ROOMS.index(room(target)) > ROOMS.index(room(name)):
+                upward.append(f"{name} ({room(name)}) imports {target} ({room(target)})")
+    assert not upward, "\n".join(upward)
+
+
+def test_an_old_module_path_names_its_new_place():
+    code = "import siglip2_encoder.lora"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    want = "ImportError: siglip2_encoder.lora moved to siglip2_encoder.models.lora in siglip2-encoder 0.2.0"
+    assert want in result.stderr
+    code = "from siglip2_encoder.integrations import serve"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert "siglip2_encoder.integrations.serve moved to siglip2_encoder.serve.app" in result.stderr
 
 
 def test_importing_the_core_loads_no_transformers_peft_or_timm():

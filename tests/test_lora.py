@@ -12,7 +12,7 @@ from test_weight_changes import inputs
 from transformers import SiglipVisionModel
 
 from siglip2_encoder import SigLIP2Encoder
-from siglip2_encoder.lora import EncoderLoRAConfig, LoRAAdapter, add_lora, trainable_parameters
+from siglip2_encoder.models.lora import EncoderLoRAConfig, LoRAAdapter, add_lora, trainable_parameters
 
 X = torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(0))
 

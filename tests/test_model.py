@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, random_images
 
 from siglip2_encoder import EncoderConfig, ImageProcessor, ProcessorConfig, SigLIP2Encoder
-from siglip2_encoder.processor import patchify
+from siglip2_encoder.data.processor import patchify
 
 FIXED_CFG = EncoderConfig(**TINY, image_size=32, patch_size=8)
 NAFLEX_CFG = EncoderConfig(**TINY, image_size=None, num_patches=16, patch_size=8)

@@ -10,8 +10,8 @@ import torch
 
 from siglip2_encoder import SigLIP2Encoder
 from siglip2_encoder.cli import EXIT_OK, EXIT_USAGE, main
-from siglip2_encoder.onnx_export import ExportGraph, export_onnx
-from siglip2_encoder.processor import patchify
+from siglip2_encoder.data.processor import patchify
+from siglip2_encoder.export.onnx_export import ExportGraph, export_onnx
 
 TINY = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, patch_size=8)
 
@@ -91,7 +91,7 @@ def test_export_onnx_command_and_its_refusals(tmp_path, caplog):
 
 def test_text_tower_export_equals_pytorch_on_any_batch_and_length(tmp_path, zero_shot_dir):
     from siglip2_encoder import SigLIP2TextEncoder, TextConfig
-    from siglip2_encoder.onnx_export import export_text_onnx
+    from siglip2_encoder.export.onnx_export import export_text_onnx
 
     torch.manual_seed(0)
     fields = {k: v for k, v in TINY.items() if k != "patch_size"}

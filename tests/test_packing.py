@@ -7,8 +7,8 @@ import torch
 from transformers import Siglip2VisionModel, SiglipVisionModel
 
 from siglip2_encoder import SigLIP2Encoder
-from siglip2_encoder.attention import select_attention_backend
-from siglip2_encoder.packing import Packing
+from siglip2_encoder.models.attention import select_attention_backend
+from siglip2_encoder.models.packing import Packing
 
 ATOL = 1e-5
 # A 1-token image, very elongated ones, two grids with one token count (4x5, 5x4), repeats, and a full 4x4 grid.

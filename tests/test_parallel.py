@@ -137,7 +137,7 @@ def test_unused_parameters_are_those_past_the_projectors_layer():
 RING = """
 import sys, torch, torch.distributed as dist
 import torch.nn.functional as F
-from siglip2_encoder.loss import ring_sigmoid_loss, sigmoid_loss
+from siglip2_encoder.models.loss import ring_sigmoid_loss, sigmoid_loss
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()

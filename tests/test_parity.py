@@ -86,7 +86,7 @@ def test_image_text_checkpoint_loads_its_vision_tower(tmp_path, naflex):
     x = torch.randn(2, 3, 32, 40)
     with torch.no_grad():
         if naflex:
-            from siglip2_encoder.processor import patchify
+            from siglip2_encoder.data.processor import patchify
 
             patches = patchify(x, 8)
             shapes = torch.tensor([[4, 5], [4, 5]])

@@ -10,7 +10,7 @@ from conftest import random_images
 from transformers import AutoImageProcessor, Siglip2VisionModel, SiglipVisionModel
 
 from siglip2_encoder import EncoderConfig, ImageProcessor, SigLIP2Encoder, config_to_hf, get_preset, list_presets
-from siglip2_encoder.flops import num_parameters
+from siglip2_encoder.models.flops import num_parameters
 
 SHRINK = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
 

@@ -17,10 +17,10 @@ from test_llava import make_vlm
 
 from siglip2_encoder import SigLIP2Encoder, SigLIP2Model
 from siglip2_encoder.adapters import LinearConfig, build_projector, load_projector
+from siglip2_encoder.checkpoints.publish import TRAINING_DATA_PLACEHOLDER
 from siglip2_encoder.integrations.llava import VisionLanguageModel
 from siglip2_encoder.integrations.llava_export import LlavaExport
-from siglip2_encoder.lora import EncoderLoRAConfig, LoRAAdapter, add_lora
-from siglip2_encoder.publish import TRAINING_DATA_PLACEHOLDER
+from siglip2_encoder.models.lora import EncoderLoRAConfig, LoRAAdapter, add_lora
 
 
 def card_code(folder: Path) -> list[str]:

@@ -17,9 +17,9 @@ from transformers import AutoModel, AutoTokenizer, SiglipConfig, SiglipModel
 
 from siglip2_encoder import CheckpointError, ExtractedFeatures, SigLIP2Encoder
 from siglip2_encoder.cli import EXIT_FATAL, EXIT_OK, EXIT_USAGE, main
-from siglip2_encoder.faiss_index import FaissIndex, auto_factory
-from siglip2_encoder.retrieval import top_k
-from siglip2_encoder.text import SigLIP2TextEncoder
+from siglip2_encoder.models.text import SigLIP2TextEncoder
+from siglip2_encoder.pipeline.faiss_index import FaissIndex, auto_factory
+from siglip2_encoder.pipeline.retrieval import top_k
 
 TEXTS = ["a cat", "a dog", "a red car", "an apple tree", "a photo of a bird", "a cat", "sketch of a dog"]
 
@@ -172,7 +172,7 @@ def test_bad_search_commands_are_refused_with_their_exact_message(zero_shot_dir,
 
 
 def test_top_k_over_a_tensor_in_memory_is_chunked_and_exact(monkeypatch):
-    import siglip2_encoder.retrieval as retrieval
+    import siglip2_encoder.pipeline.retrieval as retrieval
 
     generator = torch.Generator().manual_seed(3)
     bank, queries = torch.randn(1000, 16, generator=generator), torch.randn(5, 16, generator=generator)
@@ -194,8 +194,8 @@ def test_top_k_over_a_tensor_in_memory_is_chunked_and_exact(monkeypatch):
 
 def clustered_folder(folder: Path, count: int, dim: int = 32, shard: int = 700) -> torch.Tensor:
     """A folder in extract's layout holding ``count`` vectors drawn around 50 centres, as embeddings cluster."""
-    from siglip2_encoder.extract import ExtractSettings
-    from siglip2_encoder.store import RUN_FILE, ShardWriter, write_manifest
+    from siglip2_encoder.pipeline.extract import ExtractSettings
+    from siglip2_encoder.pipeline.store import RUN_FILE, ShardWriter, write_manifest
 
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(50, dim, generator=generator)

@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast, Siglip2ImageProcessor, Siglip2Processor
 
 from siglip2_encoder import CheckpointError, ExtractedFeatures, ImageProcessor, SigLIP2Encoder
-from siglip2_encoder import extract as extract_module
 from siglip2_encoder.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, main
-from siglip2_encoder.extract import WORKER_DIED, ExtractSettings, discover_inputs, extract_features
 from siglip2_encoder.files import write_atomic
-from siglip2_encoder.store import sole_writer
+from siglip2_encoder.pipeline import extract as extract_module
+from siglip2_encoder.pipeline.extract import WORKER_DIED, ExtractSettings, discover_inputs, extract_features
+from siglip2_encoder.pipeline.store import sole_writer
 
 CLI = [sys.executable, "-m", "siglip2_encoder.cli"]
 
@@ -243,7 +243,7 @@ def test_a_kill_before_run_json_is_renamed_leaves_a_usable_folder(tmp_path, tiny
 def test_a_full_disk_is_one_line_and_keeps_committed_shards(tmp_path, tiny_checkpoint, monkeypatch, caplog):
     from safetensors import SafetensorError
 
-    from siglip2_encoder import store
+    from siglip2_encoder.pipeline import store
 
     real_save, calls = store.save_file, []
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from siglip2_encoder import SigLIP2Model, TextTokenizer
 from siglip2_encoder.cli import EXIT_OK, main
-from siglip2_encoder.integrations.serve import Service, create_app
+from siglip2_encoder.serve.app import Service, create_app
 
 
 def png(seed: int, size=(40, 56)) -> bytes:

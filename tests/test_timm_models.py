@@ -169,7 +169,7 @@ def test_every_timm_siglip_variant_converts_with_its_own_activation(name):
 
 
 def test_from_pretrained_names_the_loader_for_timm_and_open_clip_folders(tmp_path):
-    from siglip2_encoder.hub import CheckpointError
+    from siglip2_encoder.checkpoints.hub import CheckpointError
 
     tower = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", **FIXED)
     save_timm(tower, tmp_path / "timm")

@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel
 from transformers import Siglip2VisionModel, SiglipVisionModel
 
 from siglip2_encoder import SigLIP2Encoder, prepack_for_cpu
-from siglip2_encoder.lora import EncoderLoRAConfig, add_lora
+from siglip2_encoder.models.lora import EncoderLoRAConfig, add_lora
 
 ATOL = 1e-4
 GRIDS = [(4, 5), (1, 7), (3, 3)]

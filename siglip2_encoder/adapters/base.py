@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..checkpoints.hub import CheckpointSource
+from ..checkpoints.publish import HubMixin, ModelCardInfo
 from ..config import check_positive_ints
 from ..files import write_atomic
-from ..hub import CheckpointSource
 from ..output import EncoderOutput
-from ..publish import HubMixin, ModelCardInfo
 
 __all__ = [
     "PROJECTORS",

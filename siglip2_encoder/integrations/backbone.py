@@ -22,7 +22,7 @@ from transformers.backbone_utils import BackboneConfigMixin, BackboneMixin
 from transformers.modeling_outputs import BackboneOutput
 
 from ..config import EncoderConfig
-from ..model import SigLIP2Encoder
+from ..models.model import SigLIP2Encoder
 from ..output import tokens_to_map
 
 __all__ = ["SigLIP2BackboneConfig", "SigLIP2Backbone"]

@@ -17,10 +17,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..images import ImageInput, image_to_tensor
-from ..model import SigLIP2Encoder
+from ..data.images import ImageInput, image_to_tensor
+from ..data.processor import ImageProcessor, naflex_size
+from ..models.model import SigLIP2Encoder
 from ..output import Layer
-from ..processor import ImageProcessor, naflex_size
 
 __all__ = ["feature_maps", "prepare_image", "tile_starts", "tiled_feature_maps"]
 

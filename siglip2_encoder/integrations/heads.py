@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import SigLIP2Encoder
+from ..models.model import SigLIP2Encoder
 from ..output import Layer
 from .dense import tile_starts
 

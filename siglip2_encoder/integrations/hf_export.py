@@ -96,7 +96,7 @@ def _save_model(
     transformers write the model: config.json with ``architectures``, generation_config.json, the safetensors."""
     with torch.device("meta"):
         model = model_class(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)  # missing: checked below, after tying
     if unexpected:
         raise ValueError(f"{model_class.__name__} has no weights named {sorted(unexpected)}")
     model.tie_weights()  # a tied lm_head is not in ``state``: it takes the input embeddings' tensor

@@ -45,7 +45,8 @@ from transformers import (
 )
 
 from ..adapters import PixelShuffleProjector
-from ..convert import config_to_hf, processor_config_to_hf
+from ..checkpoints.convert import config_to_hf, processor_config_to_hf
+from ..models.model import SigLIP2Encoder
 from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel, add_image_token
 
@@ -94,6 +95,22 @@ def _check_exportable(model: VisionLanguageModel) -> None:
             f"Idefics3 shuffles a square grid by scale_factor; the tower's {tower.position_grid}x"
             f"{tower.position_grid} grid is not divisible by factor={config.factor}"
         )
+
+
+def _image_processor(tower: SigLIP2Encoder) -> Idefics3ImageProcessor:
+    """Idefics3's image processor doing what ours does: one view per image, resized to the tower's size (no
+    aspect-preserving resize first, no tiles), then rescaled and normalised as the tower's checkpoint says."""
+    settings = processor_config_to_hf(tower.processor_config)
+    kept = ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+    edge = {"longest_edge": tower.config.image_size}
+    return Idefics3ImageProcessor(
+        **{k: settings[k] for k in kept},
+        do_convert_rgb=True,
+        do_resize=False,
+        size=edge,
+        do_image_splitting=False,
+        max_image_size=edge,
+    )
 
 
 def export_idefics3(
@@ -147,27 +164,13 @@ def export_idefics3(
     (linear,) = projector.proj
     state["model.connector.modality_projection.proj.weight"] = linear.weight
     state |= language_model_weights(lm, "model.text_model.", config.tie_word_embeddings)
-    # One view per image, resized to the tower's size as here: no aspect-preserving resize first, no tiles.
-    settings = processor_config_to_hf(tower.processor_config)
-    edge = {"longest_edge": tower.config.image_size}
-    image_processor = Idefics3ImageProcessor(
-        **{
-            k: settings[k]
-            for k in ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
-        },
-        do_convert_rgb=True,
-        do_resize=False,
-        size=edge,
-        do_image_splitting=False,
-        max_image_size=edge,
-    )
     grid = tower.config.position_grid // projector.config.factor
     write_export(
         directory,
         Idefics3ForConditionalGeneration,
         config,
         state,
-        image_processor,
+        _image_processor(tower),
         Idefics3Processor,
         tokenizer,
         image_seq_len=grid * grid,

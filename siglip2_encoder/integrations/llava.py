@@ -29,13 +29,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import MLPConfig, Projector, ProjectorConfig, build_projector, load_projector
+from ..checkpoints.hub import CheckpointSource
+from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
+from ..data.images import ImageInput
+from ..data.processor import ImageProcessor
 from ..files import write_atomic
-from ..hub import CheckpointSource
-from ..images import ImageInput
-from ..lora import EncoderLoRAConfig, add_lora, trainable_parameters
-from ..model import SigLIP2Encoder
-from ..processor import ImageProcessor
-from ..publish import HubMixin, ModelCardInfo, hub_id
+from ..models.lora import EncoderLoRAConfig, add_lora, trainable_parameters
+from ..models.model import SigLIP2Encoder
 
 __all__ = [
     "IGNORE_INDEX",
@@ -162,7 +162,7 @@ class VLMProcessor:
             images: per sample, its images in placeholder order (an empty list for text-only samples).
             targets: per sample, the text to learn (labels); None for generation batches.
             videos: per sample, its clips in ``<video>`` order, each a sequence of frames (e.g. from
-                :func:`~siglip2_encoder.video.read_frame`): a clip becomes its frames' tokens one frame after the
+                :func:`~siglip2_encoder.data.video.read_frame`): a clip becomes its frames' tokens one frame after the
                 other, each frame reduced by the projector as an image is (pooled or shuffled), as LLaVA-Video does.
             padding_side: "right" for training, "left" for batched generation.
             max_num_patches: NaFlex patch budget for this batch.

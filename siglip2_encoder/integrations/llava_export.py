@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from ..adapters import LinearConfig, LinearProjector, MLPConfig, MLPProjector, build_projector
-from ..convert import (
+from ..checkpoints.convert import (
     check_state_dict,
     config_from_hf,
     config_to_hf,
@@ -44,9 +44,9 @@ from ..convert import (
     processor_config_to_hf,
     read_processor_config,
 )
-from ..hub import CheckpointSource
-from ..model import SigLIP2Encoder
-from ..publish import HubMixin, ModelCardInfo
+from ..checkpoints.hub import CheckpointSource
+from ..checkpoints.publish import HubMixin, ModelCardInfo
+from ..models.model import SigLIP2Encoder
 from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel
 

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..extract import DTYPES
-from ..images import ImageLoadError, load_image, load_image_bytes
-from ..model import SigLIP2Encoder
-from ..processor import ImageProcessor
+from ..data.images import ImageLoadError, load_image, load_image_bytes
+from ..data.processor import ImageProcessor
+from ..models.model import SigLIP2Encoder
+from ..pipeline.extract import DTYPES
 
 __all__ = ["EncodeImages", "paths_dataset"]
 

@@ -24,9 +24,9 @@ from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..checkpoints.convert import build_loaded, convert_timm_state_dict, to_timm_state_dict
 from ..config import EncoderConfig, ProcessorConfig
-from ..convert import build_loaded, convert_timm_state_dict, to_timm_state_dict
-from ..model import SigLIP2Encoder
+from ..models.model import SigLIP2Encoder
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,244 @@
+"""Image preprocessing matching each checkpoint's own ``preprocessor_config.json``.
+
+* fixed-resolution: resize to (height, width) with the checkpoint's filter, rescale to [0, 1], normalize.
+* NaFlex: resize to the largest size within ``max_num_patches`` that keeps the aspect ratio (transformers' rule,
+  :func:`naflex_size`), rescale, normalize, cut into patches, pad to a common length with a validity mask.
+
+Resizing uses torchvision's antialiased kernels on uint8 tensors, the operations of transformers' default
+(torchvision) image processors, so sizes and pixels agree with them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as tvF
+
+from ..checkpoints.convert import read_config, read_processor_config
+from ..checkpoints.hub import CheckpointSource
+from ..config import ProcessorConfig
+from ..presets import get_preset
+from .images import ImageInput, image_to_tensor
+
+__all__ = ["ImageProcessor", "ProcessedImage", "ProcessedImages", "naflex_size", "patchify", "resize"]
+
+_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+
+
+def resize(image: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """Antialiased resize of (C, H, W) pixels to ``size``, as transformers' torchvision processors do, in memory
+    bounded by the input and the output.
+
+    PyTorch's separable resize works on the width first and holds an (H, new W) image in between: for a tall sliver
+    (16,000,000 x 1 to 224 x 224) that is 10 GB. When that would exceed four times the input and the output, the
+    height is reduced on its own first. The extra step rounds once more in between (uint8: at most 1/255 from the
+    single call); every other image takes the single call, identical to transformers.
+    """
+    (height, width), (new_height, new_width) = image.shape[-2:], size
+    if new_height < height and height * new_width > 4 * max(height * width, new_height * new_width):
+        image = tvF.resize(image, [new_height, width], interpolation=_INTERPOLATION[resample], antialias=True)
+    return tvF.resize(image, [new_height, new_width], interpolation=_INTERPOLATION[resample], antialias=True)
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, p * p * C), patches in row-major order, pixels as (row, col, channel).
+
+    This is the layout of transformers' ``Siglip2ImageProcessor`` and of the NaFlex patch embedding weights.
+    """
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch_size) * (w // patch_size), -1)
+
+
+class ProcessedImage(NamedTuple):
+    """One preprocessed image, before batching.
+
+    Attributes:
+        pixels: (3, H, W) for fixed-resolution processing; (h * w, p * p * 3) patches for NaFlex.
+        grid: the NaFlex patch grid (h, w); None for fixed-resolution processing.
+        original_size: the input's (height, width).
+    """
+
+    pixels: torch.Tensor
+    grid: tuple[int, int] | None
+    original_size: tuple[int, int]
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
+    """The NaFlex resize target: aspect ratio kept, both sides multiples of the patch size (at least one patch),
+    as many patches as fit in ``max_num_patches``.
+
+    This is transformers' rule, a bisection on the scale factor to 1e-5, kept so that sizes agree with it exactly.
+    """
+
+    def side(scale: float, size: int) -> int:
+        return max(patch_size, math.ceil(size * scale / patch_size) * patch_size)
+
+    low, high = 1e-6, 100.0
+    while high - low >= 1e-5:
+        mid = (low + high) / 2
+        if (side(mid, height) / patch_size) * (side(mid, width) / patch_size) <= max_num_patches:
+            low = mid
+        else:
+            high = mid
+    return side(low, height), side(low, width)
+
+
+@dataclass
+class ProcessedImages:
+    """A batch ready for the encoder: ``model(**batch)`` works.
+
+    Attributes:
+        pixel_values: (B, 3, H, W) for fixed-resolution; (B, L, p * p * 3) patches for NaFlex, zero-padded.
+        spatial_shapes: (B, 2) long, each image's token grid (h, w) (NaFlex) or None (fixed-resolution).
+        pixel_attention_mask: (B, L) bool, True for real patches (NaFlex) or None.
+        original_sizes: each input image's (height, width) before resizing.
+    """
+
+    pixel_values: torch.Tensor
+    spatial_shapes: torch.Tensor | None = None
+    pixel_attention_mask: torch.Tensor | None = None
+    original_sizes: list[tuple[int, int]] | None = None
+
+    def keys(self) -> list[str]:
+        """The encoder's input names that are set (so ``**batch`` passes exactly those)."""
+        return [k for k in ("pixel_values", "spatial_shapes", "pixel_attention_mask") if getattr(self, k) is not None]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ProcessedImages:
+        """Move the tensors; ``dtype`` applies to ``pixel_values`` only."""
+        move = {k: getattr(self, k).to(device) for k in self.keys()}
+        move["pixel_values"] = move["pixel_values"].to(dtype=dtype)
+        return replace(self, **move)
+
+
+class ImageProcessor:
+    """Turns images into the encoder's inputs, following a :class:`ProcessorConfig`.
+
+    Images may be PIL images, numpy arrays (H, W, C) or (H, W), or torch tensors (C, H, W) or (H, W); uint8 pixels
+    (0-255) or floats already in [0, 1]; 1 (grey), 3 (RGB) or 4 (RGBA, composited onto white) channels.
+    """
+
+    def __init__(self, config: ProcessorConfig) -> None:
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"ImageProcessor({self.config})"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> ImageProcessor:
+        """The processor of a checkpoint (Hub id or local folder), from the processor settings transformers saved
+        with it (``preprocessor_config.json``, or transformers 5's ``processor_config.json``)."""
+        source = CheckpointSource(
+            name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
+        return cls(read_processor_config(source, read_config(source)))
+
+    @classmethod
+    def from_preset(cls, name: str) -> ImageProcessor:
+        """The default preprocessing of a preset architecture (see :func:`~siglip2_encoder.list_presets`)."""
+        return cls(get_preset(name).processor_config)
+
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        max_num_patches: int | None = None,
+        pad_to_max: bool = False,
+    ) -> ProcessedImages:
+        """Preprocess one image or a list of images.
+
+        Args:
+            images: one image or a sequence of them.
+            max_num_patches: NaFlex only: this call's patch budget per image, instead of the configured one.
+            pad_to_max: NaFlex only: pad every image to the budget (transformers' layout) instead of to the
+                longest image of the batch.
+        """
+        if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("no images given")
+        items = [self.process_one(image, max_num_patches=max_num_patches, index=i) for i, image in enumerate(images)]
+        return self.collate(items, max_num_patches=max_num_patches if pad_to_max else None, pad_to_max=pad_to_max)
+
+    def process_one(self, image: ImageInput, *, max_num_patches: int | None = None, index: int = 0) -> ProcessedImage:
+        """Preprocess one image (errors name it as image ``index``); :meth:`collate` batches the results."""
+        config = self.config
+        if max_num_patches is not None and not config.naflex:
+            raise ValueError("max_num_patches applies to NaFlex checkpoints only; this processor has a fixed size")
+        tensor = image_to_tensor(image, index)
+        size = (int(tensor.shape[1]), int(tensor.shape[2]))
+        if not config.naflex:
+            return ProcessedImage(self._resize_normalize(tensor, config.image_size), None, size)
+        budget = self._budget(max_num_patches)
+        h, w, p = *size, config.patch_size
+        if config.do_resize:
+            h, w = naflex_size(h, w, p, budget)
+        elif h % p or w % p or (h // p) * (w // p) > budget:
+            raise ValueError(
+                f"with do_resize=False, images must be multiples of {p} within {budget} patches, got {h}x{w}"
+            )
+        patches = patchify(self._resize_normalize(tensor, (h, w))[None], p)[0]
+        return ProcessedImage(patches, (h // p, w // p), size)
+
+    def collate(
+        self, items: Sequence[ProcessedImage], *, max_num_patches: int | None = None, pad_to_max: bool = False
+    ) -> ProcessedImages:
+        """Batch :meth:`process_one` results (NaFlex: padded to the longest image, or to the budget)."""
+        sizes = [item.original_size for item in items]
+        if not self.config.naflex:
+            return ProcessedImages(torch.stack([item.pixels for item in items]), original_sizes=sizes)
+        length = self._budget(max_num_patches) if pad_to_max else max(len(item.pixels) for item in items)
+        pixel_values = torch.zeros(len(items), length, items[0].pixels.shape[1])
+        mask = torch.zeros(len(items), length, dtype=torch.bool)
+        for i, item in enumerate(items):
+            pixel_values[i, : len(item.pixels)] = item.pixels
+            mask[i, : len(item.pixels)] = True
+        shapes = torch.tensor([item.grid for item in items], dtype=torch.long)
+        return ProcessedImages(pixel_values, shapes, mask, sizes)
+
+    def _budget(self, max_num_patches: int | None) -> int:
+        budget = max_num_patches or self.config.max_num_patches
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise ValueError(f"max_num_patches must be a positive int, got {budget!r}")
+        return budget
+
+    def _resize_normalize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(3, H, W) uint8 or [0, 1] float -> (3, *size) float32, normalized."""
+        config = self.config
+        if config.do_resize and tuple(image.shape[1:]) != tuple(size):
+            image = resize(image, size, config.resample)
+        elif not config.do_resize and tuple(image.shape[1:]) != tuple(size):
+            raise ValueError(
+                f"with do_resize=False, images must already be {size[0]}x{size[1]}, got "
+                f"{image.shape[1]}x{image.shape[2]}"
+            )
+        scale = config.rescale_factor if image.dtype == torch.uint8 and config.do_rescale else 1.0
+        image = image.float()
+        if not config.do_normalize:
+            return image * scale if scale != 1.0 else image
+        # (x * scale - mean) / std computed as (x - mean / scale) / (std / scale), as transformers fuses it.
+        mean = torch.tensor(config.image_mean)[:, None, None] * (1.0 / scale)
+        std = torch.tensor(config.image_std)[:, None, None] * (1.0 / scale)
+        return (image - mean) / std

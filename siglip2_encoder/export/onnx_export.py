@@ -1,0 +1,185 @@
+"""ONNX export of the vision tower: one dense graph with dynamic batch and dynamic grids, checked by onnxruntime.
+
+:class:`ExportGraph` runs the tower's own layers on a padded batch without packing or per-image Python: NaFlex
+position grids are resized inside the graph (each image's bilinear, antialiased weights built from its
+``spatial_shapes`` as tensors, the same weights :mod:`~siglip2_encoder.models.embeddings` uses), fixed-resolution tables
+are resized bicubically to the input's grid (exactly the table at the native size). Padding tokens are masked in
+attention and in the pooling head, so a padded image gives what it gives alone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.attention import key_padding_attention
+from ..models.embeddings import antialiased_bilinear_weights
+from ..models.model import SigLIP2Encoder
+from ..models.text import SigLIP2TextEncoder
+
+__all__ = ["ExportGraph", "TextExportGraph", "export_onnx", "export_text_onnx"]
+
+
+class ExportGraph(nn.Module):
+    """The tower as one exportable graph.
+
+    Args:
+        tower: the encoder (its weights are used, not copied).
+        output: "pooled" (B, D), "tokens" (B, N, D) after the post-layernorm, or an int hidden-state index.
+    """
+
+    def __init__(self, tower: SigLIP2Encoder, output: str | int = "pooled") -> None:
+        super().__init__()
+        if output == "pooled" and tower.head is None:
+            raise ValueError("this tower has no attention-pooling head; export output='tokens' or a layer")
+        if not (output in ("pooled", "tokens") or isinstance(output, int) and not isinstance(output, bool)):
+            raise ValueError(f"output must be 'pooled', 'tokens' or a hidden-state index, got output={output!r}")
+        if tower.config.position_lookup != "interpolate":
+            raise ValueError("towers with bucketed positions (Idefics3's) are not exported; their lookup is not built")
+        self.tower, self.output = tower, output
+        self.depth = tower.config.num_hidden_layers if not isinstance(output, int) else tower.layer_index(output)
+
+    def _positions(self, spatial_shapes: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, L, D) NaFlex positions for each image's grid, for L tokens (padding slots: any finite value)."""
+        table = self.tower.embeddings.table().float()  # (g, g, D)
+        grid = table.shape[0]
+        heights, widths = spatial_shapes[:, :1], spatial_shapes[:, 1:]  # (B, 1) each
+        # Padding slots take the last real token's position: finite values, never attended to.
+        index = torch.minimum(torch.arange(length, device=spatial_shapes.device)[None], heights * widths - 1)
+        rows = antialiased_bilinear_weights(heights, index // widths, grid)  # (B, L, g)
+        columns = antialiased_bilinear_weights(widths, index % widths, grid)
+        both = (rows[..., :, None] * columns[..., None, :]).flatten(2)  # (B, L, g * g)
+        return (both @ table.flatten(0, 1)).to(table.dtype)
+
+    def _pool(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention-pooling head on (B, L, D) tokens."""
+        head = self.tower.head
+        batch, length, width = x.shape
+        heads = head.attention.num_heads
+        w_q, w_kv = head.attention.in_proj_weight.split([width, 2 * width])
+        b_q, b_kv = head.attention.in_proj_bias.split([width, 2 * width])
+        q = F.linear(head.probe[0], w_q, b_q).view(1, heads, 1, width // heads).expand(batch, -1, -1, -1)
+        k, v = F.linear(x, w_kv, b_kv).view(batch, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+        pooled = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(batch, width)
+        pooled = head.attention.out_proj(pooled)
+        return pooled + head.mlp(head.layernorm(pooled))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        spatial_shapes: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Fixed-resolution: ``pixel_values`` (B, C, H, W). NaFlex: (B, L, p * p * C) patches with
+        ``spatial_shapes`` (B, 2) and ``pixel_attention_mask`` (B, L)."""
+        tower, embeddings = self.tower, self.tower.embeddings
+        if tower.config.naflex:
+            x = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+            x = x + self._positions(spatial_shapes, pixel_values.shape[1]).to(x.dtype)
+            valid = pixel_attention_mask.bool()
+            mask = valid[:, None, None, :]  # (B, 1, 1, L): padding keys are not attended, also when pooling
+        else:
+            x = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))  # (B, D, h, w)
+            table = embeddings.table().permute(2, 0, 1)[None]  # (1, D, g, g)
+            positions = F.interpolate(table, size=x.shape[-2:], mode="bicubic", align_corners=False)
+            x = (x + positions).flatten(2).transpose(1, 2)
+            mask = valid = None
+        batch, length, width = x.shape
+        keep = valid if valid is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        attend = key_padding_attention(keep)
+        x = x.reshape(batch * length, width)
+        for layer in tower.encoder.layers[: self.depth]:
+            x = layer(x, attend)
+        x = x.view(batch, length, width)
+        if isinstance(self.output, int):
+            return x if valid is None else x * valid[..., None]
+        x = tower.post_layernorm(x)
+        if self.output == "tokens":
+            return x if valid is None else x * valid[..., None]
+        return self._pool(x, mask)
+
+
+def export_onnx(
+    tower: SigLIP2Encoder, path: str | os.PathLike, *, output: str | int = "pooled", opset: int = 18
+) -> None:
+    """Write ``tower`` as an ONNX model at ``path`` (torch.onnx's exporter), dynamic in batch and grid: inputs
+    ``pixel_values`` (B, C, H, W), or for NaFlex ``pixel_values`` (B, L, p*p*C), ``spatial_shapes`` (B, 2) int64 and
+    ``pixel_attention_mask`` (B, L) int64; output ``features`` as :class:`ExportGraph` ``output`` says."""
+    _check_exporter()
+    graph = ExportGraph(tower, output).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    p, channels = tower.config.patch_size, tower.config.num_channels
+    if tower.config.naflex:
+        length = torch.export.Dim("length", min=1, max=65536)
+        example = (
+            torch.zeros(2, 6, p * p * channels),
+            torch.tensor([[2, 3], [1, 4]]),
+            torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+        )
+        names = ["pixel_values", "spatial_shapes", "pixel_attention_mask"]
+        shapes = ({0: batch, 1: length}, {0: batch}, {0: batch, 1: length})
+    else:
+        side = tower.config.image_size
+        example = (torch.zeros(2, channels, side, side),)
+        names = ["pixel_values"]
+        height, width = torch.export.Dim("height", min=p, max=8192), torch.export.Dim("width", min=p, max=8192)
+        shapes = ({0: batch, 2: height, 3: width},)
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            example,
+            str(path),
+            input_names=names,
+            output_names=["features"],
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            dynamo=True,
+        )
+
+
+class TextExportGraph(nn.Module):
+    """The text tower as one exportable graph: (B, L) ``input_ids`` and ``attention_mask`` -> (B, P) pooled features
+    (the last position through the head, as :class:`~siglip2_encoder.SigLIP2TextEncoder`)."""
+
+    def __init__(self, tower: SigLIP2TextEncoder) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        tower = self.tower
+        x = tower.embeddings(input_ids)  # (B, L, D)
+        batch, length, width = x.shape
+        x = tower.encoder(x.reshape(batch * length, width), key_padding_attention(attention_mask.bool()), fast=False)
+        return tower.head(tower.final_layer_norm(x).view(batch, length, width)[:, -1])
+
+
+def export_text_onnx(tower: SigLIP2TextEncoder, path: str | os.PathLike, *, opset: int = 18) -> None:
+    """Write the text tower as an ONNX model at ``path``, dynamic in batch and text length (up to
+    ``max_position_embeddings``): inputs ``input_ids`` and ``attention_mask`` (B, L) int64, output ``features``
+    (B, P)."""
+    _check_exporter()
+    graph = TextExportGraph(tower).eval()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    length = torch.export.Dim("length", min=2, max=tower.config.max_position_embeddings)
+    example = (torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            example,
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["features"],
+            dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}),
+            opset_version=opset,
+            dynamo=True,
+        )
+
+
+def _check_exporter() -> None:
+    try:
+        import onnxscript  # noqa: F401  torch.onnx's exporter needs it
+    except ImportError:
+        raise ImportError("ONNX export needs onnx and onnxscript") from None
