@@ -1,5 +1,5 @@
-"""Modules that moved in 0.2.0, when the package was grouped into rooms by concern (docs/architecture in the
-README): importing an old path raises an ``ImportError`` naming the new one. The package is at 0.x, so old paths
+"""Modules that moved in 0.2.0, when the package was grouped into rooms by concern (docs/architecture.md):
+importing an old path raises an ``ImportError`` naming the new one. The package is at 0.x, so old paths
 get no aliases: an alias would keep two names for one module alive, and a clear error costs one edit."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The VLM exports through llama.cpp's own converter (``convert_hf_to_gguf.py`` from the llama-cpp-python sdist, which
 README's test command fetches into .venv/llama.cpp): the Idefics3 export converts to a text GGUF and an mmproj GGUF,
 the LLaVA export to a text GGUF, each holding our weights under llama.cpp's names (read back with llama.cpp's own
-gguf-py); the LLaVA export's SigLIP mmproj is refused by the converter, as the README says."""
+gguf-py); the LLaVA export's SigLIP mmproj is refused by the converter, as docs/vlm.md says."""
 
 from __future__ import annotations
 
@@ -123,6 +123,6 @@ def test_a_llava_export_converts_its_language_model_and_not_its_siglip_mmproj(gg
     result = convert(tmp_path / "hf", tmp_path / "text.gguf")
     assert result.returncode == 0, result.stderr[-2000:]
     check_text_gguf(gguf_reader(tmp_path / "text.gguf"), model, tokenizer)
-    # llama.cpp maps transformers' LLaVA vision towers of Pixtral only (README: why no mmproj is written here)
+    # llama.cpp maps transformers' LLaVA vision towers of Pixtral only (docs/vlm.md: why no mmproj is written here)
     result = convert(tmp_path / "hf", tmp_path / "mmproj.gguf", "--mmproj")
     assert result.returncode != 0 and "Unsupported model type: siglip_vision_model" in result.stderr

@@ -1,6 +1,7 @@
-"""README's Python examples run as written (the ones that need the Hub are only shown there), in a temporary folder,
-and every value a comment states is checked: a line ``expression  # (3, 200, 768) ...`` asserts that the
-expression (a shape, or the shapes of a list of tensors) equals the literal that starts the comment."""
+"""The Python examples of README.md and of every page under docs/ run as written (the ones that need the Hub are
+only shown, in ``py`` blocks), each in a temporary folder, and every value a comment states is checked: a line
+``expression  # (3, 200, 768) ...`` asserts that the expression (a shape, or the shapes of a list of tensors) equals
+the literal that starts the comment. docs/architecture.md names every module of the package."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [  # (where, code)
+    (f"{page.relative_to(ROOT)} python block {i}", code)
+    for page in PAGES
+    for i, code in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
+]
 
 
 def _leading_literal(comment: str) -> tuple[bool, object]:
@@ -63,13 +69,28 @@ def _parse(source: str) -> ast.stmt | None:
     return body[0] if len(body) == 1 else None
 
 
-def test_readme_has_examples_with_checked_values():
-    assert len(BLOCKS) >= 2
-    assert sum(with_checks(block)[1] for block in BLOCKS) >= 10
+def test_the_docs_have_examples_with_checked_values():
+    assert sum(where.startswith("README.md") for where, _ in BLOCKS) >= 1
+    assert sum(with_checks(code)[1] for _, code in BLOCKS) >= 10
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("where", "code"), BLOCKS, ids=[where for where, _ in BLOCKS])
+def test_example_runs(where, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples that save write here
-    code, _ = with_checks(BLOCKS[index])
-    exec(compile(code, f"README.md python block {index}", "exec"), {"_comparable": _comparable})
+    checked, _ = with_checks(code)
+    exec(compile(checked, where, "exec"), {"_comparable": _comparable})
+
+
+def test_the_architecture_page_names_every_module():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    package = ROOT / "siglip2_encoder"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        folder = path.parent.relative_to(package)
+        if path.name == "__init__.py":
+            named = f"{folder}/" in text or str(folder) == "."
+        else:
+            named = re.search(rf"(?<![\w.]){re.escape(path.name)}\b", text) is not None
+        if not named:
+            missing.append(str(path.relative_to(package)))
+    assert not missing, f"docs/architecture.md does not name {missing}"

@@ -26,7 +26,7 @@ model they came from (tested with a Llama language model). The processor is writ
 
 llama.cpp's ``convert_hf_to_gguf.py`` converts the folder as it is: the language model, and with ``--mmproj`` the
 tower and connector (``text_config.architectures`` names the LM's class, as real SmolVLM repos do). llama.cpp's own
-Idefics3 preprocessing always tiles, which this model was not trained with (README: llama.cpp).
+Idefics3 preprocessing always tiles, which this model was not trained with (docs/vlm.md: llama.cpp).
 """
 
 from __future__ import annotations

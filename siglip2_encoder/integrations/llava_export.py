@@ -14,7 +14,7 @@ What fits LLaVA's format, and why the rest does not:
 Exported folders run in transformers alone (``AutoProcessor`` + ``apply_chat_template`` + ``generate``) and give the
 same logits and greedy generations as the model they came from (tested with Llama and Qwen2 language models).
 llama.cpp's converter takes the language model; it has no SigLIP mmproj for LLaVA, and none is written here, since
-llama.cpp would preprocess its images as LLaVA-1.5's (padded square), not as SigLIP's (README: llama.cpp).
+llama.cpp would preprocess its images as LLaVA-1.5's (padded square), not as SigLIP's (docs/vlm.md: llama.cpp).
 """
 
 from __future__ import annotations
