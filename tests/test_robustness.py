@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,22 @@ def test_a_file_that_kills_its_decoding_worker_is_recorded_and_the_run_goes_on(t
     got, want = ExtractedFeatures.open(tmp_path / "out").pooled(), ExtractedFeatures.open(tmp_path / "ref").pooled()
     assert got[0] == want[0] == clean  # batches differ (the poison left a gap), so values agree to rounding
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+
+
+def test_library_errors_name_python_arguments_and_the_cli_its_options(tmp_path, tiny_checkpoint, caplog):
+    images = photos(tmp_path / "in", 2)
+    model, processor = SigLIP2Encoder.from_pretrained(tiny_checkpoint), ImageProcessor.from_pretrained(tiny_checkpoint)
+    settings = ExtractSettings(model=str(tiny_checkpoint), batch_size=2)
+    extract_features(images, tmp_path / "out", model, processor, settings)
+    message = (
+        f"{tmp_path / 'out'} already holds output; pass resume=True to continue it or overwrite=True to replace it"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        extract_features(images, tmp_path / "out", model, processor, settings)
+    with pytest.raises(ValueError, match=re.escape("resume=True with other settings than the first run (batch_size")):
+        extract_features(images, tmp_path / "out", model, processor, replace(settings, batch_size=1), resume=True)
+    assert main(["extract", *images, "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint)]) == EXIT_FATAL
+    assert "already holds output; pass --resume to continue it or --overwrite to replace it" in caplog.text
 
 
 def test_a_second_writer_is_refused_naming_the_first(tmp_path, tiny_checkpoint, caplog):

@@ -10,10 +10,10 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-__all__ = ["CheckpointError", "CheckpointSource", "HubUnreachableError"]
+__all__ = ["CheckpointError", "CheckpointSource", "FromPretrainedMixin", "HubUnreachableError"]
 
 
 class CheckpointError(ValueError):
@@ -180,3 +180,48 @@ class CheckpointSource:
             return None
         except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
             raise self._access_error(err) from None
+
+
+Loadable = TypeVar("Loadable", bound="FromPretrainedMixin")
+
+
+class FromPretrainedMixin:
+    """The one ``from_pretrained`` of every model class: a Hub id or a local folder becomes a
+    :class:`CheckpointSource` with the Hub options, which the class reads in its ``from_source``."""
+
+    name_or_path: str | None
+
+    @classmethod
+    def from_source(
+        cls: type[Loadable], source: CheckpointSource, *, dtype: Any = None, device: Any = None
+    ) -> Loadable:
+        """Read the model from ``source`` (what checkpoints the class takes is said in its own docstring)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(
+        cls: type[Loadable],
+        name_or_path: str | os.PathLike,
+        *,
+        dtype: Any = None,
+        device: Any = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> Loadable:
+        """Load from a local folder or a Hub repo (its local cache first; ``HF_HUB_OFFLINE=1`` or
+        ``local_files_only=True`` reads the cache only), strictly, in eval(): what it reads is :meth:`from_source`'s.
+
+        Args:
+            name_or_path: a folder, or a Hub repo id such as ``"google/siglip2-so400m-patch14-384"``.
+            dtype: the weights' dtype; None keeps the stored one.
+            device: where the weights go (default: the CPU).
+            revision, cache_dir, token, local_files_only: as in ``huggingface_hub.hf_hub_download``.
+        """
+        source = CheckpointSource(
+            name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
+        model = cls.from_source(source, dtype=dtype, device=device)
+        model.name_or_path = str(name_or_path)
+        return model

@@ -37,6 +37,7 @@ from ..config import EncoderConfig, ProcessorConfig
 from ..data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from ..data.processor import ImageProcessor
 from ..data.tokenizer import TextTokenizer
+from ..errors import ArgumentError
 from ..export.quantize import QUANTIZATIONS
 from ..files import write_atomic
 from ..models.flops import encoder_flops, num_parameters
@@ -67,6 +68,8 @@ __all__ = ["main"]
 logger = logging.getLogger("siglip2_encoder")
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# The library's arguments (errors.ArgumentError) as this command line spells them.
+OPTION_SPELLINGS = {"resume": "--resume", "overwrite": "--overwrite", "output": "-o", "pooled": "without --no-pooled"}
 DEFAULT_MODEL = "google/siglip2-so400m-patch14-384"
 RANDOM_BANNER = "RANDOM WEIGHTS (%s): the architecture runs, but the features are meaningless"
 T = TypeVar("T")
@@ -956,6 +959,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except FatalError as err:
         logger.error("error: %s", err)
+        return EXIT_FATAL
+    except ArgumentError as err:  # the library names Python arguments; here they are options
+        logger.error("error: %s", err.spelled(OPTION_SPELLINGS))
         return EXIT_FATAL
     except ValueError as err:  # invalid settings or output folder conflicts, already worded for the user
         logger.error("error: %s", err)

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import MLPConfig, Projector, ProjectorConfig, build_projector, load_projector
-from ..checkpoints.hub import CheckpointSource
+from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
 from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
 from ..data.images import ImageInput
 from ..data.processor import ImageProcessor
@@ -228,7 +228,7 @@ class VLMProcessor:
         return batch
 
 
-class VisionLanguageModel(HubMixin, nn.Module):
+class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
     """vision tower -> projector -> language model, composed in plain code.
 
     Args:
@@ -261,6 +261,7 @@ class VisionLanguageModel(HubMixin, nn.Module):
         self.projector = projector
         self.language_model = language_model
         self.image_token_id = image_token_id
+        self.name_or_path: str | None = None  # the folder or repo it was loaded from
 
     @classmethod
     def build(
@@ -442,31 +443,23 @@ class VisionLanguageModel(HubMixin, nn.Module):
         )
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        dtype: torch.dtype | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
+    def from_source(
+        cls, source: CheckpointSource, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
     ) -> VisionLanguageModel:
-        """Load a folder written by :meth:`save_pretrained`, or a Hub repo of one (its cache first)."""
-        source = CheckpointSource(
-            name_or_path, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
-        )
+        """A folder written by :meth:`save_pretrained` (``from_pretrained(name_or_path)``: the folder, or a Hub repo
+        of one, its cache first)."""
         folder = source.snapshot()
         if not (folder / CONFIG_FILE).is_file():
             raise ValueError(f"{folder} has no {CONFIG_FILE}; was it written by VisionLanguageModel.save_pretrained?")
         config = json.loads((folder / CONFIG_FILE).read_text())
         lm_config = AutoConfig.from_pretrained(folder / "language_model")
-        return cls(
+        model = cls(
             SigLIP2Encoder.from_pretrained(folder / "vision_tower", dtype=dtype),
             load_projector(folder / "projector"),
             AutoModelForCausalLM.from_pretrained(folder / "language_model", config=lm_config, dtype=dtype),
             config["image_token_id"],
         )
+        return model if device is None else model.to(device)
 
 
 # --------------------------------------------------------------------------------------------------- stages

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoints.convert import build_loaded, foreign_modules, read_model_checkpoint, write_model_checkpoint
-from ..checkpoints.hub import CheckpointSource
+from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
 from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
 from ..config import EncoderConfig, ProcessorConfig, TextConfig
 from ..data.images import ImageInput
@@ -83,7 +83,7 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # the sigmoid loss, with return_loss=True (image i matches text i)
 
 
-class SigLIP2Model(HubMixin, nn.Module):
+class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
     """The SigLIP / SigLIP 2 image-text model.
 
     Args:
@@ -111,33 +111,20 @@ class SigLIP2Model(HubMixin, nn.Module):
         self.name_or_path: str | None = None  # the checkpoint it was loaded from (a model card's base)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
+    def from_source(
+        cls, source: CheckpointSource, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
     ) -> SigLIP2Model:
-        """Load a transformers ``siglip`` / ``siglip2`` image-text checkpoint (Hub id or folder, single file,
-        sharded or ``.bin``), strictly, in eval(). For the vision tower alone, ``SigLIP2Encoder.from_pretrained``
-        reads only its own shards."""
-        source = CheckpointSource(
-            name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
-        )
+        """A transformers ``siglip`` / ``siglip2`` image-text checkpoint (``from_pretrained(name_or_path)``: Hub id or
+        folder; single file, sharded or ``.bin``), strictly, in eval(). For the vision tower alone,
+        ``SigLIP2Encoder.from_pretrained`` reads only its own shards."""
         stored = read_model_checkpoint(source, dtype=dtype)
-        model = build_loaded(
+        return build_loaded(
             lambda: cls(stored.vision_config, stored.text_config, stored.processor_config),
             stored.state_dict,
             str(source),
             "image-text model",
             device,
         )
-        model.name_or_path = str(name_or_path)
-        return model
 
     @property
     def base_checkpoint(self) -> str | None:

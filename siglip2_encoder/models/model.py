@@ -25,7 +25,7 @@ from ..checkpoints.convert import (
     read_checkpoint,
     write_checkpoint,
 )
-from ..checkpoints.hub import CheckpointSource
+from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
 from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
 from ..config import EncoderConfig, ProcessorConfig
 from ..data.processor import patchify
@@ -52,7 +52,7 @@ class _Request:
     depth: int  # layers to run
 
 
-class SigLIP2Encoder(HubMixin, nn.Module):
+class SigLIP2Encoder(FromPretrainedMixin, HubMixin, nn.Module):
     """The SigLIP / SigLIP 2 vision tower.
 
     Build it from a checkpoint with :meth:`from_pretrained`, from a named architecture with random weights with
@@ -114,18 +114,11 @@ class SigLIP2Encoder(HubMixin, nn.Module):
         return model.to(dtype=dtype) if dtype is not None else model
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
+    def from_source(
+        cls, source: CheckpointSource, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
     ) -> SigLIP2Encoder:
-        """Load the vision tower of a SigLIP / SigLIP 2 checkpoint: a Hub id or a local folder, in eval().
+        """The vision tower of a SigLIP / SigLIP 2 checkpoint (``from_pretrained(name_or_path)`` with a Hub id or a
+        local folder), in eval().
 
         Accepts transformers' ``siglip``, ``siglip2`` (image-text; the text tower is skipped) and
         ``siglip_vision_model``, ``siglip2_vision_model`` (vision-only) checkpoints, stored as ``model.safetensors``,
@@ -133,15 +126,10 @@ class SigLIP2Encoder(HubMixin, nn.Module):
         ``pytorch_model.bin``. Loading is strict: missing or unexpected vision weights raise an error listing them.
         ``dtype=None`` keeps the stored dtype.
         """
-        source = CheckpointSource(
-            name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
-        )
         stored = read_checkpoint(source, dtype=dtype)
-        model = build_loaded(
+        return build_loaded(
             lambda: cls(stored.config, stored.processor_config), stored.state_dict, str(source), "tower", device
         )
-        model.name_or_path = str(name_or_path)
-        return model
 
     @classmethod
     def from_big_vision(

@@ -12,14 +12,13 @@ so the pad token there is part of the model. Tokenize with ``padding="max_length
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..checkpoints.convert import build_loaded, read_text_checkpoint
-from ..checkpoints.hub import CheckpointSource
+from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
 from ..config import TextConfig
 from .attention import key_padding_attention, select_attention_backend
 from .layers import Encoder
@@ -57,7 +56,7 @@ class TextEmbeddings(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[1]]
 
 
-class SigLIP2TextEncoder(nn.Module):
+class SigLIP2TextEncoder(FromPretrainedMixin, nn.Module):
     """The SigLIP / SigLIP 2 text tower.
 
     Args:
@@ -73,6 +72,7 @@ class SigLIP2TextEncoder(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.output_size)
         # See SigLIP2Encoder.fast_inference.
         self.fast_inference = True
+        self.name_or_path: str | None = None  # the checkpoint it was loaded from
         self.reset_parameters()
 
     @torch.no_grad()
@@ -86,23 +86,12 @@ class SigLIP2TextEncoder(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
+    def from_source(
+        cls, source: CheckpointSource, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
     ) -> SigLIP2TextEncoder:
-        """Load the text tower alone, strictly, in eval(): from an image-text ``siglip`` / ``siglip2`` checkpoint
-        (only the shards holding text weights are read) or a text-only ``siglip_text_model`` /
-        ``siglip2_text_model`` one; Hub id or folder, as :meth:`SigLIP2Encoder.from_pretrained`."""
-        source = CheckpointSource(
-            name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
-        )
+        """The text tower alone, strictly, in eval(): from an image-text ``siglip`` / ``siglip2`` checkpoint (only
+        the shards holding text weights are read) or a text-only ``siglip_text_model`` / ``siglip2_text_model`` one;
+        ``from_pretrained(name_or_path)`` takes a Hub id or folder."""
         config, state_dict = read_text_checkpoint(source, dtype=dtype)
         return build_loaded(lambda: cls(config), state_dict, str(source), "text tower", device)
 

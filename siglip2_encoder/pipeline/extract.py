@@ -37,6 +37,7 @@ from ..data.images import DEFAULT_MAX_PIXELS, image_extensions, load_image, load
 from ..data.processor import ImageProcessor, ProcessedImage
 from ..data.tokenizer import TextTokenizer
 from ..data.video import VIDEO_EXTENSIONS, VideoFrame, expand_video, read_frame
+from ..errors import Arg, ArgumentError
 from ..export.quantize import QUANTIZATIONS, quantize
 from ..files import write_atomic
 from ..models.model import SigLIP2Encoder
@@ -68,6 +69,7 @@ __all__ = [
     "extract_tar_features",
 ]
 
+RESUME, OVERWRITE = Arg("resume", "resume=True"), Arg("overwrite", "overwrite=True")
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -392,11 +394,13 @@ def _prepare_output(
             changed = sorted(k for k, v in asdict(settings).items() if json.loads(json.dumps(v)) != previous.get(k))
             if changed:
                 detail = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(settings, k)!r}" for k in changed)
-                raise ValueError(f"--resume with other settings than the first run ({detail}); use the same options")
+                raise ArgumentError(
+                    RESUME, f" with other settings than the first run ({detail}); use the same settings"
+                )
             return committed_rows(folder)
         if not overwrite:
-            raise ValueError(
-                f"{folder} already holds output; pass --resume to continue it or --overwrite to replace it"
+            raise ArgumentError(
+                f"{folder} already holds output; pass ", RESUME, " to continue it or ", OVERWRITE, " to replace it"
             )
     for entry in folder.iterdir():  # what an overwrite replaces, or an interrupted write left; not the lock
         if entry.name != LOCK_FILE:
@@ -733,9 +737,10 @@ def embed_texts(
         for i, row in enumerate(done_rows):
             if i >= len(texts) or row.get("text") != texts[i]:
                 given = repr(texts[i]) if i < len(texts) else "nothing"
-                raise ValueError(
-                    f"--resume with other texts than the first run: its text {i} is {row.get('text')!r}, now {given}; "
-                    f"give the same texts in the same order (more may follow)"
+                raise ArgumentError(
+                    RESUME,
+                    f" with other texts than the first run: its text {i} is {row.get('text')!r}, now {given}; give "
+                    f"the same texts in the same order (more may follow)",
                 )
         pending = texts[len(done_rows) :]
         summary = ExtractSummary(skipped=len(done_rows), unit="texts")

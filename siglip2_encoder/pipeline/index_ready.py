@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import Arg, ArgumentError
 from ..files import write_atomic
 from .store import TEXT_INPUTS, ExtractedFeatures
 
@@ -82,12 +83,18 @@ def export_index_ready(
     if isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1:
         raise ValueError(f"rows_per_file must be a positive int, got {rows_per_file!r}")
     if features.inputs != TEXT_INPUTS and not features.settings.get("pooled"):
-        raise ValueError(f"{features.folder} holds no pooled features; extract without --no-pooled")
+        raise ArgumentError(f"{features.folder} holds no pooled features; extract ", Arg("pooled", "with pooled=True"))
     if not features.ok:
         raise ValueError(f"{features.folder} holds no successfully extracted {features.inputs}")
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
-        raise ValueError(f"{output} already holds files; pass --overwrite to replace them, or another -o folder")
+        raise ArgumentError(
+            f"{output} already holds files; pass ",
+            Arg("overwrite", "overwrite=True"),
+            " to replace them, or another ",
+            Arg("output", "output"),
+            " folder",
+        )
     kind, column = ("text", "caption") if features.inputs == TEXT_INPUTS else ("img", "image_path")
     embeddings, metadata = output / f"{kind}_emb", output / "metadata"
     for folder in (embeddings, metadata):

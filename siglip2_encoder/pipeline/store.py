@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import Arg, ArgumentError
 from ..files import write_atomic
 
 __all__ = [
@@ -75,9 +76,11 @@ def sole_writer(folder: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise ValueError(
+            raise ArgumentError(
                 f"{folder} is being written by another extract run (process {other}); wait for it to end, or write "
-                f"to another --output folder"
+                f"to another ",
+                Arg("output", "output"),
+                " folder",
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
