@@ -18,6 +18,7 @@ import torch
 from conftest import TINY, hub_cache
 from corpus import make_corpus
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast, Siglip2ImageProcessor, Siglip2Processor
 
@@ -223,10 +224,28 @@ def test_library_errors_name_python_arguments_and_the_cli_its_options(tmp_path, 
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         extract_features(images, tmp_path / "out", model, processor, settings)
-    with pytest.raises(ValueError, match=re.escape("resume=True with other settings than the first run (batch_size")):
-        extract_features(images, tmp_path / "out", model, processor, replace(settings, batch_size=1), resume=True)
+    with pytest.raises(ValueError, match=re.escape("resume=True with other settings than the first run (save_dtype")):
+        extract_features(images, tmp_path / "out", model, processor, replace(settings, save_dtype="fp16"), resume=True)
     assert main(["extract", *images, "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint)]) == EXIT_FATAL
     assert "already holds output; pass --resume to continue it or --overwrite to replace it" in caplog.text
+
+
+def test_a_run_resumes_with_another_batch_size_and_each_shard_records_its_own(tmp_path, tiny_checkpoint):
+    """Batch size and device say how a job runs, not what it computes: resuming may change them. Features are not
+    bitwise batch-invariant, so the resumed folder equals an uninterrupted run within fp32 rounding (atol 1e-5),
+    and bitwise at one batch size (the kill-and-resume tests)."""
+    images = photos(tmp_path / "in", 6)
+    model, processor = SigLIP2Encoder.from_pretrained(tiny_checkpoint), ImageProcessor.from_pretrained(tiny_checkpoint)
+    settings = ExtractSettings(model=str(tiny_checkpoint), batch_size=2, shard_size=2)
+    extract_features(images, tmp_path / "ref", model, processor, settings)
+    extract_features(images[:2], tmp_path / "out", model, processor, settings)  # as a run stopped after shard 0
+    summary = extract_features(images, tmp_path / "out", model, processor, replace(settings, batch_size=3), resume=True)
+    assert (summary.skipped, summary.done) == (2, 4)
+    got, want = ExtractedFeatures.open(tmp_path / "out").pooled(), ExtractedFeatures.open(tmp_path / "ref").pooled()
+    assert got[0] == want[0] == images
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+    runs = [safe_open(tmp_path / "out" / f"shard-0000{i}.safetensors", "pt").metadata() for i in range(3)]
+    assert runs == [{"device": "cpu", "batch_size": "2"}] + [{"device": "cpu", "batch_size": "3"}] * 2
 
 
 def test_a_second_writer_is_refused_naming_the_first(tmp_path, tiny_checkpoint, caplog):
@@ -264,11 +283,11 @@ def test_a_full_disk_is_one_line_and_keeps_committed_shards(tmp_path, tiny_check
 
     real_save, calls = store.save_file, []
 
-    def filling_save(tensors, path):
+    def filling_save(tensors, path, metadata=None):
         calls.append(path)
         if len(calls) == 2:
             raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
-        real_save(tensors, path)
+        real_save(tensors, path, metadata)
 
     monkeypatch.setattr(store, "save_file", filling_save)
     args = ["extract", *photos(tmp_path / "in", 4), "-o", str(tmp_path / "out"), "--model", str(tiny_checkpoint)]

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +148,26 @@ def discover_inputs(
     return list(dict.fromkeys(found))
 
 
+# Marks the settings that say how a job runs, not what it computes: a resumed run may change them. Features are not
+# bitwise invariant to them (batch 8 vs 1 differs by ~1e-6 in fp32 on CPU; GPU kernels likewise), so each shard
+# records the ones it was written with (its safetensors metadata).
+RUN_OPTION = {"run_option": True}
+
+
+def job_identity(settings: ExtractSettings | TextEmbedSettings) -> dict[str, Any]:
+    """The settings that identify a job's features (model, features, dtypes, preprocessing): what resuming checks."""
+    return {f.name: getattr(settings, f.name) for f in fields(settings) if not f.metadata.get("run_option")}
+
+
+def run_options(settings: ExtractSettings | TextEmbedSettings) -> dict[str, str]:
+    """How the job runs (device, batch size), as text for a shard's metadata."""
+    return {f.name: str(getattr(settings, f.name)) for f in fields(settings) if f.metadata.get("run_option")}
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
-    """Everything that determines the extracted numbers; a resumed run must use the same."""
+    """What to extract and how: the fields marked ``RUN_OPTION`` (device, batch size) only say how the job runs and
+    may change when it resumes; every other field identifies its features, and a resumed run must keep it."""
 
     model: str  # Hub id, local folder, or preset name with random_weights
     random_weights: bool = False
@@ -159,8 +176,8 @@ class ExtractSettings:
     layers: tuple[int, ...] = ()  # hidden states, transformers' indexing (-2 = penultimate)
     save_dtype: str = "fp32"  # storage: fp32, fp16 or bf16
     dtype: str = "fp32"  # compute
-    device: str = "cpu"
-    batch_size: int = 32
+    device: str = field(default="cpu", metadata=RUN_OPTION)
+    batch_size: int = field(default=32, metadata=RUN_OPTION)
     max_num_patches: int | None = None  # NaFlex patch budget; None = the checkpoint's
     shard_size: int = 1024  # inputs per shard
     exif_transpose: bool = True
@@ -206,15 +223,15 @@ class ExtractSettings:
 
 @dataclass(frozen=True)
 class TextEmbedSettings:
-    """Everything that determines text embeddings (``embed-text``); a resumed run must use the same."""
+    """What ``embed-text`` computes and how; as :class:`ExtractSettings`, a resumed run may change its run options."""
 
     model: str  # Hub id or local folder of an image-text (or text-only) checkpoint
     lowercase: bool  # as the tokenizer applied it (SigLIP 2: True by default)
     inputs: str = TEXT_INPUTS  # marks the folder as texts for its readers
     save_dtype: str = "fp32"
     dtype: str = "fp32"
-    device: str = "cpu"
-    batch_size: int = 256
+    device: str = field(default="cpu", metadata=RUN_OPTION)
+    batch_size: int = field(default=256, metadata=RUN_OPTION)
     shard_size: int = 65536  # texts per shard
 
     def __post_init__(self) -> None:
@@ -391,7 +408,8 @@ def _prepare_output(
             if not (folder / RUN_FILE).is_file():
                 raise ValueError(f"{folder} is not an extraction folder (no {RUN_FILE}); cannot resume into it")
             previous = json.loads((folder / RUN_FILE).read_text())
-            changed = sorted(k for k, v in asdict(settings).items() if json.loads(json.dumps(v)) != previous.get(k))
+            identity = job_identity(settings)
+            changed = sorted(k for k, v in identity.items() if json.loads(json.dumps(v)) != previous.get(k))
             if changed:
                 detail = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(settings, k)!r}" for k in changed)
                 raise ArgumentError(
@@ -473,7 +491,7 @@ def _run_stream(
     model = model.to(device=device).set_precision(DTYPES[settings.dtype]).eval()
     if settings.quantize is not None:
         model = quantize(model, settings.quantize)
-    writer = ShardWriter(run.folder, DTYPES[settings.save_dtype])
+    writer = ShardWriter(run.folder, DTYPES[settings.save_dtype], run_options(settings))
     stubs: deque[dict[str, Any]] = deque()  # the rows of the tasks the decoder has taken, in order
 
     def tasks() -> Iterator[Task]:
@@ -746,7 +764,7 @@ def embed_texts(
         summary = ExtractSummary(skipped=len(done_rows), unit="texts")
         started = time.monotonic()
         model = model.to(device=settings.device, dtype=DTYPES[settings.dtype]).eval()
-        writer = ShardWriter(folder, DTYPES[settings.save_dtype])
+        writer = ShardWriter(folder, DTYPES[settings.save_dtype], run_options(settings))
         show = sys.stderr.isatty() if progress is None else progress
         with tqdm(total=len(pending), unit="text", disable=not show, dynamic_ncols=True) as bar:
             for start in range(0, len(pending), settings.shard_size):

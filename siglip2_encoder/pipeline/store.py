@@ -129,11 +129,13 @@ def committed_rows(folder: Path) -> list[dict[str, Any]]:
 
 
 class ShardWriter:
-    """Collects per-image features and writes them as numbered shards."""
+    """Collects per-image features and writes them as numbered shards, each recording ``run`` (how it was computed:
+    device, batch size) in its safetensors metadata."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
+    def __init__(self, folder: Path, dtype: torch.dtype, run: dict[str, str] | None = None) -> None:
         self.folder = folder
         self.dtype = dtype
+        self.run = dict(run or {})
         self.next_index = next_shard_index(folder)
 
     def write(
@@ -164,7 +166,7 @@ class ShardWriter:
             tensors = {k: v.contiguous() for k, v in tensors.items()}
             target = self.folder / f"{name}.safetensors"
             try:
-                write_atomic(target, lambda tmp: save_file(tensors, tmp))
+                write_atomic(target, lambda tmp: save_file(tensors, tmp, metadata=self.run or None))
             except SafetensorError as err:  # safetensors reports a full disk or a failed write this way
                 raise OSError(f"cannot write {target}: {err}") from None
         write_atomic(self.folder / f"{name}.jsonl", _jsonl(rows))  # the commit
