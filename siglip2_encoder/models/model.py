@@ -5,39 +5,32 @@ The forward pass runs only as far as the outputs asked for need: a request for l
 layer and skips the post-layernorm and the head.
 
 The parts live in their own files (``embeddings``, ``layers``, ``head``; the kernels in ``attention``; the input
-formats in ``inputs``); this file composes them, loads and saves.
+formats in ``inputs``); this file composes them into the forward trio (``forward_features``, ``forward_head``,
+``forward``). Loading and saving are in ``tower_io``, the training and inference switches in ``tower_knobs``,
+timm's ``forward_intermediates`` in ``intermediates``.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
-from ..checkpoints.convert import (
-    build_loaded,
-    foreign_modules,
-    read_big_vision,
-    read_checkpoint,
-    write_checkpoint,
-)
-from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
-from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
 from ..config import EncoderConfig, ProcessorConfig
 from ..data.processor import patchify
-from ..output import EncoderOutput, Layer, tokens_to_map
-from ..presets import get_preset
-from .attention import attention_backend_names, select_attention_backend
+from ..output import EncoderOutput, Layer
+from .attention import select_attention_backend
 from .embeddings import FixedResolutionEmbeddings, NaFlexEmbeddings
 from .head import MultiheadAttentionPoolingHead
 from .inputs import Grids, TowerInput, parse_inputs
+from .intermediates import ForwardIntermediatesMixin
 from .layers import Encoder
 from .packing import Packing
 from .recipes import Recipe, get_recipe
+from .tower_io import TowerIOMixin
+from .tower_knobs import TowerKnobsMixin
 
 __all__ = ["SigLIP2Encoder"]
 
@@ -52,7 +45,7 @@ class _Request:
     depth: int  # layers to run
 
 
-class SigLIP2Encoder(FromPretrainedMixin, HubMixin, nn.Module):
+class SigLIP2Encoder(TowerIOMixin, TowerKnobsMixin, ForwardIntermediatesMixin, nn.Module):
     """The SigLIP / SigLIP 2 vision tower.
 
     Build it from a checkpoint with :meth:`from_pretrained`, from a named architecture with random weights with
@@ -96,117 +89,6 @@ class SigLIP2Encoder(FromPretrainedMixin, HubMixin, nn.Module):
         self.name_or_path: str | None = None  # the checkpoint it was loaded from (a model card's base)
         self.reset_parameters()
 
-    # ----------------------------------------------------------------------------------------------- construction
-
-    @classmethod
-    def from_preset(
-        cls, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **overrides
-    ) -> SigLIP2Encoder:
-        """A tower of a released architecture (see :func:`~siglip2_encoder.list_presets`) with random weights.
-
-        ``overrides`` replace config fields, e.g. ``num_hidden_layers=2`` for a quick test. The features are
-        meaningless; use :meth:`from_pretrained` for real ones.
-        """
-        preset = get_preset(name)
-        config = preset.config.replace(**overrides)
-        with torch.device(device or "cpu"):
-            model = cls(config, ProcessorConfig.default_for(config, resample=preset.resample))
-        return model.to(dtype=dtype) if dtype is not None else model
-
-    @classmethod
-    def from_source(
-        cls, source: CheckpointSource, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-    ) -> SigLIP2Encoder:
-        """The vision tower of a SigLIP / SigLIP 2 checkpoint (``from_pretrained(name_or_path)`` with a Hub id or a
-        local folder), in eval().
-
-        Accepts transformers' ``siglip``, ``siglip2`` (image-text; the text tower is skipped) and
-        ``siglip_vision_model``, ``siglip2_vision_model`` (vision-only) checkpoints, stored as ``model.safetensors``,
-        sharded safetensors with an index (only the shards holding vision weights are read), or
-        ``pytorch_model.bin``. Loading is strict: missing or unexpected vision weights raise an error listing them.
-        ``dtype=None`` keeps the stored dtype.
-        """
-        stored = read_checkpoint(source, dtype=dtype)
-        return build_loaded(
-            lambda: cls(stored.config, stored.processor_config), stored.state_dict, str(source), "tower", device
-        )
-
-    @classmethod
-    def from_big_vision(
-        cls,
-        path: str | os.PathLike,
-        *,
-        image_size: int | None = None,
-        processor_config: ProcessorConfig | None = None,
-        device: str | torch.device | None = None,
-    ) -> SigLIP2Encoder:
-        """Load the image tower of a big_vision ``.npz`` (Google's original SigLIP / SigLIP 2 release format), strictly.
-
-        The architecture is read from the weights' shapes
-        (:func:`~siglip2_encoder.checkpoints.convert.config_from_big_vision`);
-        give ``image_size`` where the native size is not grid x patch (So400m/14 at 384). ``processor_config``
-        defaults to big_vision's SigLIP preprocessing for the tower (resize, values to [-1, 1]).
-        """
-        stored = read_big_vision(path, image_size=image_size)
-        processor = processor_config or stored.processor_config
-        return build_loaded(lambda: cls(stored.config, processor), stored.state_dict, str(path), "tower", device)
-
-    @property
-    def base_checkpoint(self) -> str | None:
-        return self.name_or_path
-
-    def model_card_info(self) -> ModelCardInfo:
-        """What :meth:`push_to_hub`'s model card says of this tower."""
-        c = self.config
-        size = f"NaFlex, {c.num_patches} position entries" if c.naflex else f"{c.image_size} px"
-        transformers_class = (
-            "AutoModel" if c.position_lookup == "buckets" else "Siglip2VisionModel" if c.naflex else "SiglipVisionModel"
-        )
-        return ModelCardInfo(
-            title=f"SigLIP vision tower ({c.num_hidden_layers} layers, width {c.hidden_size}, patch {c.patch_size})",
-            summary="A SigLIP / SigLIP 2 vision tower saved by siglip2-encoder, in transformers' format.",
-            details=[
-                ("base checkpoint", self.name_or_path or "none (random initialisation)"),
-                ("architecture", f"{size}, {c.hidden_act}, {'with' if c.use_head else 'without'} attention-pool head"),
-                ("preprocessing", str(self.processor_config)),
-            ],
-            snippet=(
-                'from siglip2_encoder import ImageProcessor, SigLIP2Encoder\n\ntower = SigLIP2Encoder.from_pretrained("'
-                '{repo_id}")\nprocessor = ImageProcessor.from_pretrained("{repo_id}")\n'
-            ),
-            transformers_snippet=f"from transformers import {transformers_class}\n\n"
-            f'model = {transformers_class}.from_pretrained("{{repo_id}}")\n',
-            base_model=hub_id(self.name_or_path),
-            tags=("siglip", "vision", "feature-extraction"),
-            library_name="transformers",
-            pipeline_tag="image-feature-extraction",
-        )
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Write config.json, model.safetensors and preprocessor_config.json that transformers'
-        ``SiglipVisionModel`` / ``Siglip2VisionModel`` and :meth:`from_pretrained` both load."""
-        foreign = self.foreign_modules()
-        if foreign:
-            shown = ", ".join(f"{name} ({kind})" for name, kind in foreign[:3])
-            raise ValueError(
-                f"cannot save: {len(foreign)} module(s) are not the tower's own, e.g. {shown}. Merge LoRA adapters "
-                f"first (merge_and_unload()) or save them with the PeftModel's save_pretrained; a prepack_for_cpu() "
-                f"copy cannot be saved: save the tower it was made from"
-            )
-        quantized = [name for name, p in self.named_parameters() if type(p) is not nn.Parameter]
-        if quantized:
-            raise ValueError(
-                f"cannot save: {len(quantized)} weights are quantized (e.g. {quantized[0]}); a quantize() copy is for "
-                f"inference: save the tower it was made from"
-            )
-        write_checkpoint(save_directory, self.config, self.state_dict(), self.processor_config)
-
-    def foreign_modules(self) -> list[tuple[str, str]]:
-        """(name, qualified type) of every outermost module that is not the tower's own (LoRA wrappers, quantized or
-        prepacked layers, ...): their weights do not have transformers' layout."""
-        with torch.device("meta"):
-            return foreign_modules(self, SigLIP2Encoder(self.config))
-
     def reset_parameters(self) -> None:
         """Random initialisation following the reference implementations (each part's ``reset_parameters``)."""
         self.embeddings.reset_parameters()
@@ -215,80 +97,6 @@ class SigLIP2Encoder(FromPretrainedMixin, HubMixin, nn.Module):
         self.post_layernorm.reset_parameters()
         if self.head is not None:
             self.head.reset_parameters()
-
-    # ----------------------------------------------------------------------------------------------- training knobs
-
-    def freeze(self) -> SigLIP2Encoder:
-        """Stop gradients to every parameter (a frozen feature extractor). Returns self."""
-        self.requires_grad_(False)
-        return self
-
-    def unfreeze(self) -> SigLIP2Encoder:
-        """Let every parameter train again. Returns self."""
-        self.requires_grad_(True)
-        return self
-
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each layer's activations in the backward pass (non-reentrant), trading compute for memory."""
-        self.encoder.gradient_checkpointing = True
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.encoder.gradient_checkpointing = False
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        """Whether the layers recompute their activations in the backward pass (the flag lives on ``encoder``)."""
-        return self.encoder.gradient_checkpointing
-
-    @gradient_checkpointing.setter
-    def gradient_checkpointing(self, enabled: bool) -> None:
-        self.encoder.gradient_checkpointing = enabled
-
-    @property
-    def attention_backend(self) -> str:
-        """How packed attention runs: "auto" (default) or a name in :data:`~siglip2_encoder.models.attention.
-        ATTENTION_BACKENDS` ("sdpa", "varlen", "flash_attn", "flex")."""
-        return self._attention_backend
-
-    @attention_backend.setter
-    def attention_backend(self, name: str) -> None:
-        if name not in attention_backend_names():
-            raise ValueError(f"attention_backend must be one of {attention_backend_names()}, got {name!r}")
-        self._attention_backend = name
-
-    def compile_layers(self, **kwargs) -> SigLIP2Encoder:
-        """``torch.compile`` each encoder layer (``kwargs`` go to it); the Python that packs and routes tokens stays
-        eager. New batch layouts (sizes, NaFlex grid mixes) compile again. Returns self."""
-        for layer in self.encoder.layers:
-            layer.compile(**kwargs)
-        return self
-
-    def set_precision(self, dtype: torch.dtype, *, keep_embeddings_fp32: bool = True) -> SigLIP2Encoder:
-        """Cast the tower to ``dtype`` (e.g. torch.bfloat16 on a GPU), by default keeping the patch and position
-        embeddings in fp32: pixels are embedded and position grids resized in full precision, and the sum is cast
-        once before the first layer. Returns self."""
-        self.to(dtype=dtype)
-        if keep_embeddings_fp32:
-            self.embeddings.float()
-        return self
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype pixel values are converted to (that of the patch embedding)."""
-        return self.embeddings.patch_embedding.weight.dtype
-
-    @property
-    def encoder_dtype(self) -> torch.dtype:
-        """The dtype the encoder layers compute in (differs from :attr:`dtype` after :meth:`set_precision`)."""
-        return self.post_layernorm.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embeddings.patch_embedding.weight.device
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
 
     # ----------------------------------------------------------------------------------------------- forward
 
@@ -453,43 +261,3 @@ class SigLIP2Encoder(FromPretrainedMixin, HubMixin, nn.Module):
     def position_embeddings(self, grid: tuple[int, int]) -> torch.Tensor:
         """The (h * w, D) position embeddings the tower adds for an (h, w) token grid."""
         return self.embeddings.positions(*grid)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: Literal["NCHW", "NLC"] = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's ``forward_intermediates`` for (B, C, H, W) images, so timm-style dense heads can use this tower.
-
-        Indices follow timm, not transformers: block indices 0..num_layers-1 (block i's output is transformers'
-        hidden state i + 1); an int n takes the last n blocks; None takes all. ``norm`` applies the post-layernorm
-        to each intermediate. Returns the intermediates, preceded by the final post-layernorm tokens (B, N, D)
-        unless ``intermediates_only``.
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        n = self.config.num_hidden_layers
-        if indices is None:
-            indices = n
-        if isinstance(indices, int):
-            if not 0 < indices <= n:
-                raise ValueError(f"indices={indices} must take between 1 and {n} last blocks")
-            blocks = list(range(n - indices, n))
-        else:
-            blocks = [i + n if i < 0 else i for i in indices]
-            if any(not 0 <= i < n for i in blocks):
-                raise ValueError(f"block indices {list(indices)} must lie in [{-n}, {n - 1}]")
-        # Blocks past the last one asked for never run here, so stop_early changes nothing.
-        out = self(x, layers=[i + 1 for i in blocks], return_last=not intermediates_only, return_pooled=False)
-        feats = [out.hidden_states[i + 1] for i in blocks]
-        if norm:
-            feats = [self.post_layernorm(f) for f in feats]
-        if output_fmt == "NCHW":
-            feats = [tokens_to_map(f, out.grids[0]).contiguous() for f in feats]
-        if intermediates_only:
-            return feats
-        return out.last_hidden_state, feats
