@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def start(folder: str, port: int, batching: bool) -> subprocess.Popen:
-    command = [sys.executable, "-m", "siglip2_encoder.cli", "-q", "serve", folder, "--port", str(port)]
+    command = [sys.executable, "-m", "siglip2_encoder.cli", "-q", "serve", "--model", folder, "--port", str(port)]
     process = subprocess.Popen(command + ([] if batching else ["--no-batching"]), env={**os.environ})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -185,16 +185,18 @@ def test_similarity_pca_and_info(tmp_path, tiny_checkpoint, photos, capsys):
     out = tmp_path / "out"
     assert main(["-q", "extract", *photos, "-o", str(out), "--model", str(tiny_checkpoint), "--workers", "0"]) == 0
     capsys.readouterr()
-    assert main(["similarity", photos[3], "--features", str(out), "-k", "3"]) == EXIT_OK
+    assert main(["search", "--image", photos[3], "--features", str(out), "-k", "3"]) == EXIT_OK
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 and lines[0].endswith(photos[3]) and lines[0].startswith("1.0000")
+    assert len(lines) == 4 and lines[1].endswith(photos[3]) and lines[1].startswith("  1.0000")
+    assert main(["similarity", photos[3], "--features", str(out), "-k", "3"]) == EXIT_OK  # the alias, saying so
+    assert capsys.readouterr().out.splitlines() == lines
 
     picture = tmp_path / "pca.png"
     assert main(["pca", photos[0], "-o", str(picture), "--model", str(tiny_checkpoint)]) == EXIT_OK
     with Image.open(picture) as image:
         assert image.height == 60 and image.width > 2 * 80
 
-    assert main(["info", str(tiny_checkpoint)]) == EXIT_OK
+    assert main(["info", "--model", str(tiny_checkpoint)]) == EXIT_OK
     text = capsys.readouterr().out
     assert "NaFlex ViT: width 32, 3 layers" in text and "GFLOPs / image" in text and "parameters" in text
     assert main(["info", "--list"]) == EXIT_OK and "siglip2-so400m-patch14-384" in capsys.readouterr().out

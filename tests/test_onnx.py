@@ -70,20 +70,29 @@ def test_naflex_export_resizes_each_images_grid_in_the_graph(naflex, tmp_path):
 
 def test_export_onnx_command_and_its_refusals(tmp_path, caplog):
     path = tmp_path / "cli.onnx"
-    assert main(["export-onnx", "siglip2-base-patch16-224", str(path), "--random-weights", "--output", "-2"]) == EXIT_OK
+    assert (
+        main(["export-onnx", str(path), "--random-weights", "siglip2-base-patch16-224", "--returns", "-2"]) == EXIT_OK
+    )
     # The exporter keeps the weights beside the graph (external data): onnxruntime reads both.
     got = run(path, pixel_values=torch.rand(1, 3, 224, 224))
     assert got.shape == (1, 196, 768)
     assert (
-        main(["export-onnx", "siglip2-base-patch16-224", str(path), "--random-weights", "--output", "x"]) == EXIT_USAGE
+        main(["export-onnx", str(path), "--random-weights", "siglip2-base-patch16-224", "--returns", "x"]) == EXIT_USAGE
     )
-    assert caplog.messages[-1] == "error: --output x: give pooled, tokens or a hidden-state index such as -2"
-    text = ["export-onnx", "siglip2-base-patch16-224", str(tmp_path / "t.onnx"), "--random-weights", "--text"]
+    assert caplog.messages[-1] == "error: --returns x: give pooled, tokens or a hidden-state index such as -2"
+    text = ["export-onnx", str(tmp_path / "t.onnx"), "--random-weights", "siglip2-base-patch16-224", "--text"]
     assert main(text) == EXIT_USAGE
     assert (
         caplog.messages[-1]
         == "error: --text exports a checkpoint's text tower: give a checkpoint, not --random-weights"
     )
+    # The forms before 0.2.0 (MODEL OUT.onnx; --output) are refused with the new spelling.
+    assert main(["export-onnx", "google/x", str(path)]) == EXIT_USAGE
+    assert caplog.messages[-1].endswith(f"export-onnx {path} --model google/x")
+    assert (
+        main(["export-onnx", str(path), "--random-weights", "siglip2-base-patch16-224", "--output", "-2"]) == EXIT_USAGE
+    )
+    assert caplog.messages[-1] == "error: export-onnx's --output is --returns since 0.2.0: --returns -2"
     headless = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", use_head=False, **TINY)
     with pytest.raises(ValueError, match="this tower has no attention-pooling head; export output='tokens' or a layer"):
         ExportGraph(headless)
@@ -107,7 +116,7 @@ def test_text_tower_export_equals_pytorch_on_any_batch_and_length(tmp_path, zero
         got = run(tmp_path / "text.onnx", input_ids=ids, attention_mask=mask)
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
     # The command exports an image-text checkpoint's text tower.
-    assert main(["export-onnx", str(zero_shot_dir), str(tmp_path / "cli.onnx"), "--text"]) == EXIT_OK
+    assert main(["export-onnx", str(tmp_path / "cli.onnx"), "--model", str(zero_shot_dir), "--text"]) == EXIT_OK
     checkpoint = SigLIP2TextEncoder.from_pretrained(zero_shot_dir)
     ids, mask = torch.randint(0, 50, (2, 64), generator=generator), torch.ones(2, 64, dtype=torch.long)
     with torch.no_grad():

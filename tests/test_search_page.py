@@ -29,7 +29,7 @@ def server(zero_shot_dir, photos, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "siglip2_encoder.cli", "-q", "serve", str(zero_shot_dir)]
+    command = [sys.executable, "-m", "siglip2_encoder.cli", "-q", "serve", "--model", str(zero_shot_dir)]
     command += ["--features", str(features), "--port", str(port)]
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

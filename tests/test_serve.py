@@ -117,7 +117,17 @@ def test_the_serve_command_answers_on_loopback(zero_shot_dir):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "siglip2_encoder.cli", "-q", "serve", str(zero_shot_dir), "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "siglip2_encoder.cli",
+        "-q",
+        "serve",
+        "--model",
+        str(zero_shot_dir),
+        "--port",
+        str(port),
+    ]
     server = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

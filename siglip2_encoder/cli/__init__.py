@@ -6,8 +6,9 @@ against an ``extract`` / ``embed-text`` folder, exact or through a FAISS index),
 ``export-npy`` (index-ready files for autofaiss / clip-retrieval), ``convert`` (a tower between transformers', timm's
 and big_vision's formats), ``export-onnx`` (the vision or text tower as an ONNX graph), ``serve`` (an HTTP server
 for embeddings, zero-shot labels and search), ``info`` (architecture, size, cost), ``pca`` (the first three
-principal components of the patch features as a picture), ``similarity`` (nearest images by pooled features in an
-extracted folder).
+principal components of the patch features as a picture); ``similarity QUERY`` is an alias of ``search --image
+QUERY`` kept from before 0.2.0. Every command that loads a model takes it as ``--model`` (or ``--random-weights
+PRESET`` for an offline architecture with random weights).
 
 Exit status: 0 success; 1 fatal error (model not loadable, output exists or is being written, disk full, ...);
 2 bad command line (an option's value, a missing --file-list, a device this machine lacks); 3 some inputs failed
@@ -304,8 +305,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         for name in list_presets():
             print(f"{name:36s} {get_preset(name).hub_id}")
         return EXIT_OK
+    if args.old_model is not None:
+        raise UsageError(f"info takes the model as --model since 0.2.0: info --model {args.old_model}")
     if args.model is None:
-        raise FatalError("give a MODEL (Hub id, local folder or preset name), or --list")
+        raise UsageError("give --model (a Hub id, local folder or preset name), or --list")
     config, processing, source = _describe(args.model)
     tokens = (
         processing.max_num_patches
@@ -413,30 +416,15 @@ def cmd_pca(args: argparse.Namespace) -> int:
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:
-    try:
-        store = ExtractedFeatures.open(args.features)
-    except ValueError as err:
-        raise FatalError(str(err)) from None
-    settings = store.settings
-    if not settings.get("pooled"):
-        raise FatalError(f"{args.features} holds no pooled features; extract without --no-pooled")
-    paths, bank = store.pooled()
-    if not paths:
-        raise FatalError(f"{args.features} holds no successfully extracted image")
-    name = settings["model"]
-    model, processor = load_model(name, name if settings.get("random_weights") else None)
-    try:
-        pixels = load_image(args.query)
-    except ImageLoadError as err:
-        raise FatalError(str(err)) from None
-    kwargs = {"max_num_patches": settings["max_num_patches"]} if settings.get("max_num_patches") else {}
-    with torch.inference_mode():
-        query = model.eval()(**processor(pixels, **kwargs), return_last=False).pooler_output[0]
-    scores = torch.nn.functional.cosine_similarity(bank.float(), query.float()[None], dim=1)
-    top = scores.topk(min(args.top_k, len(paths)))
-    for score, index in zip(top.values.tolist(), top.indices.tolist()):
-        print(f"{score:.4f}  {paths[index]}")
-    return EXIT_OK
+    """``similarity QUERY`` before 0.2.0: now ``search --image QUERY``, which it runs, saying so."""
+    logger.warning(
+        "similarity is `search --image %s --features %s -k %d` since 0.2.0; this alias will be removed",
+        args.query,
+        args.features,
+        args.top_k,
+    )
+    search = argparse.Namespace(**vars(args), image=[args.query], queries=[], faiss=False, no_lowercase=False)
+    return cmd_search(search)
 
 
 # ------------------------------------------------------------------------------------------------------ classify
@@ -678,6 +666,22 @@ def cmd_embed_text(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------ main
 
 
+def _add_job_options(parser: argparse.ArgumentParser, unit: str, batch_size: int, shard_size: int) -> None:
+    """The options every job writing an output folder takes (``extract``, ``embed-text``): the folder, precisions,
+    device, batch and shard sizes, and resume / overwrite."""
+    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument("--save-dtype", choices=sorted(DTYPES), default="fp32", help="storage precision (default fp32)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision (default fp32)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"{unit} per forward pass")
+    parser.add_argument(
+        "--shard-size", type=positive_int, default=shard_size, help=f"{unit} per output shard (default {shard_size})"
+    )
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run in the output folder")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
 def _extract_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("extract", help="extract features of many images into safetensors shards")
     p.add_argument("inputs", nargs="*", help="image files, folders (recursive) or glob patterns")
@@ -693,7 +697,7 @@ def _extract_command(commands: argparse._SubParsersAction) -> None:
     frames = p.add_mutually_exclusive_group()
     frames.add_argument("--fps", type=float, help="take video files too: a frame every 1/FPS seconds")
     frames.add_argument("--num-frames", type=positive_int, help="take video files too: N frames, evenly spaced")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    _add_job_options(p, "images", batch_size=32, shard_size=1024)
     _add_model_options(p)
     p.add_argument("--no-pooled", action="store_true", help="do not save the pooled (attention-pool) features")
     p.add_argument("--tokens", action="store_true", help="save the final patch tokens (after post-layernorm)")
@@ -705,23 +709,15 @@ def _extract_command(commands: argparse._SubParsersAction) -> None:
         metavar="I",
         help="save these hidden states (transformers' indexing: 0 embeddings, -1 last, -2 penultimate)",
     )
-    p.add_argument("--save-dtype", choices=sorted(DTYPES), default="fp32", help="storage precision (default fp32)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision (default fp32)")
     p.add_argument(
         "--quantize", choices=sorted(QUANTIZATIONS), help="torchao int8 encoder layers (int8: weights and activations)"
     )
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument(
         "--workers", type=non_negative_int, help="image decoding processes (default: min(4, CPUs); 0: in this one)"
     )
     p.add_argument(
         "--max-num-patches", type=positive_int, help="NaFlex patch budget per image (default: the checkpoint's)"
     )
-    p.add_argument("--shard-size", type=positive_int, default=1024, help="images per output shard (default 1024)")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue an interrupted run in the output folder")
-    again.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation")
     p.add_argument(
         "--max-pixels",
@@ -792,23 +788,22 @@ def _embed_text_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("embed-text", help="text embeddings of many texts, in extract's layout")
     p.add_argument("texts", nargs="*", help="texts")
     p.add_argument("--file-list", metavar="TXT", help="a text file with one text per line")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    _add_job_options(p, "texts", batch_size=256, shard_size=65536)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
     p.add_argument(
         "--no-lowercase", action="store_true", help="keep texts' case (SigLIP 2 texts are lowercased by default)"
     )
-    p.add_argument("--save-dtype", choices=sorted(DTYPES), default="fp32", help="storage precision (default fp32)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision (default fp32)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--shard-size", type=positive_int, default=65536, help="texts per output shard (default 65536)")
-    again = p.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true", help="continue an interrupted run in the output folder")
-    again.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(run=cmd_embed_text)
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
+    if args.old_destination is not None:
+        raise UsageError(
+            "export-onnx takes the model as --model MODEL (or --random-weights PRESET) and OUT.onnx alone since "
+            f"0.2.0: export-onnx {args.old_destination} --model {args.destination}"
+        )
+    if args.old_output is not None:
+        raise UsageError(f"export-onnx's --output is --returns since 0.2.0: --returns {args.old_output}")
     if args.text:
         if args.random_weights:
             raise UsageError("--text exports a checkpoint's text tower: give a checkpoint, not --random-weights")
@@ -821,20 +816,20 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
             raise FatalError(f"{err}; pip install 'siglip2-encoder[onnx]'") from None
         logger.info("wrote %s (the text tower of %s)", args.destination, args.model)
         return EXIT_OK
-    output = args.output if args.output in ("pooled", "tokens") else None
+    output = args.returns if args.returns in ("pooled", "tokens") else None
     if output is None:
         try:
-            output = int(args.output)
+            output = int(args.returns)
         except ValueError:
             raise UsageError(
-                f"--output {args.output}: give pooled, tokens or a hidden-state index such as -2"
+                f"--returns {args.returns}: give pooled, tokens or a hidden-state index such as -2"
             ) from None
-    model, _ = load_model(args.model, _preset_name(args.model) if args.random_weights else None)
+    model, _ = load_model(args.model, args.random_weights)
     if isinstance(output, int):
         try:
             model.layer_index(output)
         except ValueError as err:
-            raise UsageError(f"--output {output}: {err}") from None
+            raise UsageError(f"--returns {output}: {err}") from None
     from ..export.onnx_export import export_onnx
 
     try:
@@ -842,22 +837,27 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise FatalError(f"{err}; pip install 'siglip2-encoder[onnx]'") from None
     except ValueError as err:
-        raise UsageError(f"--output {args.output}: {err}") from None
-    logger.info("wrote %s (%s of %s)", args.destination, output, args.model)
+        raise UsageError(f"--returns {args.returns}: {err}") from None
+    logger.info("wrote %s (%s of %s)", args.destination, output, args.random_weights or args.model)
     return EXIT_OK
 
 
 def _export_onnx_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("export-onnx", help="the vision (or text) tower as an ONNX model, dynamic batch and grid")
-    p.add_argument("model", help="Hub id or local folder (a preset name with --random-weights)")
     p.add_argument("destination", help="the .onnx file to write (its weights go beside it, in DESTINATION.data)")
-    p.add_argument("--random-weights", action="store_true", help="MODEL is a preset: its architecture, random weights")
-    p.add_argument("--output", default="pooled", help="pooled (default), tokens, or a hidden-state index such as -2")
+    p.add_argument("old_destination", nargs="?", help=argparse.SUPPRESS)  # the MODEL OUT.onnx form before 0.2.0
+    _add_model_options(p)
+    p.add_argument(
+        "--returns", default="pooled", help="what the graph returns: pooled (default), tokens, or a hidden state (-2)"
+    )
+    p.add_argument("--output", dest="old_output", help=argparse.SUPPRESS)  # --returns before 0.2.0
     p.add_argument("--text", action="store_true", help="export the checkpoint's text tower (pooled text features)")
     p.set_defaults(run=cmd_export_onnx)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.old_model is not None:
+        raise UsageError(f"serve takes the model as --model since 0.2.0: serve --model {args.old_model}")
     try:
         import uvicorn
 
@@ -874,7 +874,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("serve", help="an HTTP service: image / text embeddings, zero-shot scores, search")
-    p.add_argument("model", help="Hub id or local folder (image-text for text, zero-shot and search)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hub id or local folder (image-text for text, zero-shot and search; default {DEFAULT_MODEL})",
+    )
+    p.add_argument("old_model", nargs="?", help=argparse.SUPPRESS)  # MODEL given positionally before 0.2.0
     p.add_argument("--features", help="an extract folder to search (GET /search)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=positive_int, default=8000)
@@ -905,7 +910,8 @@ def _convert_command(commands: argparse._SubParsersAction) -> None:
 
 def _info_command(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("info", help="architecture, parameters, tokens and GFLOPs per image, preprocessing")
-    p.add_argument("model", nargs="?", help="Hub id, local folder, or preset name")
+    p.add_argument("--model", help="Hub id, local folder, or preset name")
+    p.add_argument("old_model", nargs="?", help=argparse.SUPPRESS)  # MODEL given positionally before 0.2.0
     p.add_argument("--list", action="store_true", help="list the preset names")
     p.set_defaults(run=cmd_info)
 
@@ -921,7 +927,7 @@ def _pca_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _similarity_command(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("similarity", help="images of an extracted folder nearest to a query image")
+    p = commands.add_parser("similarity", help="an alias of `search --image QUERY` (before 0.2.0)")
     p.add_argument("query", help="query image file")
     p.add_argument("--features", required=True, help="folder written by `extract` (with pooled features)")
     p.add_argument("-k", "--top-k", type=positive_int, default=5)
