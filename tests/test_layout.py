@@ -25,8 +25,10 @@ def imports(path: Path) -> list[tuple[str, list[str]]]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-            target = f"{base}.{node.module}" if node.module else base
-            found.append((target, [alias.name for alias in node.names]))
+            if node.module:
+                found.append((f"{base}.{node.module}", [alias.name for alias in node.names]))
+            else:  # ``from . import jobs``: the submodules themselves
+                found += [(f"{base}.{alias.name}", [alias.name]) for alias in node.names]
     return found
 
 

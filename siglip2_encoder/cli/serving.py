@@ -1,0 +1,57 @@
+"""``serve``: the HTTP service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .common import (
+    DEFAULT_MODEL,
+    EXIT_OK,
+    FatalError,
+    UsageError,
+    from_checkpoint,
+    open_pooled,
+    positive_int,
+)
+
+logger = logging.getLogger("siglip2_encoder")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.old_model is not None:
+        raise UsageError(f"serve takes the model as --model since 0.2.0: serve --model {args.old_model}")
+    try:
+        import uvicorn
+
+        from ..serve.app import Service, create_app
+    except ImportError as err:
+        raise FatalError(f"serve needs FastAPI and uvicorn ({err}): pip install 'siglip2-encoder[serve]'") from None
+    if args.features is not None:
+        open_pooled(args.features)  # a folder to search must hold pooled features: checked before loading
+    service = from_checkpoint(lambda: Service.load(args.model, args.features), args.model)
+    app = create_app(service, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=not args.no_batching)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return EXIT_OK
+
+
+def _serve_command(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("serve", help="an HTTP service: image / text embeddings, zero-shot scores, search")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hub id or local folder (image-text for text, zero-shot and search; default {DEFAULT_MODEL})",
+    )
+    p.add_argument("old_model", nargs="?", help=argparse.SUPPRESS)  # MODEL given positionally before 0.2.0
+    p.add_argument("--features", help="an extract folder to search (GET /search)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=positive_int, default=8000)
+    p.add_argument("--max-batch", type=positive_int, default=32, help="images per forward pass at most (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more (default 5 ms)")
+    p.add_argument("--no-batching", action="store_true", help="one image per forward pass")
+    p.set_defaults(run=cmd_serve)
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add this module's commands to the parser."""
+    _serve_command(commands)
