@@ -75,7 +75,7 @@ def _describe(model: str) -> tuple[EncoderConfig, ProcessorConfig, str]:
         preset = get_preset(model)
     except ValueError:
         preset = None
-    if preset is not None and not model.startswith("google/"):
+    if preset is not None and model != preset.hub_id:  # a preset's name: its table; its Hub id: the Hub first
         return preset.config, preset.processor_config, "preset table"
     try:
         source = CheckpointSource(model)
