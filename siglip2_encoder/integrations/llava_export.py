@@ -174,7 +174,7 @@ inputs = processor.apply_chat_template(
     conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
 )
 new_tokens = model.generate(**inputs, max_new_tokens=20)[:, inputs["input_ids"].shape[1] :]
-print(processor.batch_decode(new_tokens, skip_special_tokens=True)[0])
+answer = processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
 """
 
 
