@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from .common import (
     DEFAULT_MODEL,
@@ -14,8 +13,6 @@ from .common import (
     open_pooled,
     positive_int,
 )
-
-logger = logging.getLogger("siglip2_encoder")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
