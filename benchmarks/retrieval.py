@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from timing import median_seconds
 
-from siglip2_encoder.pipeline.extract import ExtractSettings
 from siglip2_encoder.pipeline.faiss_index import INDEX_FILE, FaissIndex
 from siglip2_encoder.pipeline.retrieval import top_k
+from siglip2_encoder.pipeline.settings import ExtractSettings
 from siglip2_encoder.pipeline.store import RUN_FILE, ExtractedFeatures, ShardWriter, write_manifest
 
 

@@ -16,7 +16,7 @@ from transformers import SiglipVisionModel
 from siglip2_encoder import ExtractedFeatures, SigLIP2Encoder
 from siglip2_encoder.cli import EXIT_OK, main
 from siglip2_encoder.export.quantize import quantize
-from siglip2_encoder.pipeline.extract import ExtractSettings
+from siglip2_encoder.pipeline.settings import ExtractSettings
 
 CONFIGS = {"int8": Int8DynamicActivationInt8WeightConfig, "int8-weight": Int8WeightOnlyConfig}
 

@@ -194,7 +194,7 @@ def test_top_k_over_a_tensor_in_memory_is_chunked_and_exact(monkeypatch):
 
 def clustered_folder(folder: Path, count: int, dim: int = 32, shard: int = 700) -> torch.Tensor:
     """A folder in extract's layout holding ``count`` vectors drawn around 50 centres, as embeddings cluster."""
-    from siglip2_encoder.pipeline.extract import ExtractSettings
+    from siglip2_encoder.pipeline.settings import ExtractSettings
     from siglip2_encoder.pipeline.store import RUN_FILE, ShardWriter, write_manifest
 
     generator = torch.Generator().manual_seed(0)

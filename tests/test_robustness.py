@@ -26,7 +26,10 @@ from siglip2_encoder import CheckpointError, ExtractedFeatures, ImageProcessor, 
 from siglip2_encoder.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, main
 from siglip2_encoder.files import write_atomic
 from siglip2_encoder.pipeline import extract as extract_module
-from siglip2_encoder.pipeline.extract import WORKER_DIED, ExtractSettings, discover_inputs, extract_features
+from siglip2_encoder.pipeline.decoding import WORKER_DIED
+from siglip2_encoder.pipeline.extract import extract as extract_features
+from siglip2_encoder.pipeline.settings import ExtractSettings
+from siglip2_encoder.pipeline.sources import discover_inputs
 from siglip2_encoder.pipeline.store import sole_writer
 
 CLI = [sys.executable, "-m", "siglip2_encoder.cli"]

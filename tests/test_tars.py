@@ -107,3 +107,22 @@ def test_tar_and_files_together_are_refused(shards, tiny_checkpoint, tmp_path, c
     assert caplog.messages[-1] == (
         "error: --tar reads tar shards: give either --tar or image files / folders / --file-list, not both"
     )
+
+
+def test_the_library_takes_a_tar_source_and_refuses_one_bare_path(shards, tiny_checkpoint, tmp_path):
+    from siglip2_encoder import ImageProcessor, SigLIP2Encoder
+    from siglip2_encoder.pipeline.extract import extract
+    from siglip2_encoder.pipeline.settings import ExtractSettings
+    from siglip2_encoder.pipeline.sources import TarSource
+
+    model, processor = SigLIP2Encoder.from_pretrained(tiny_checkpoint), ImageProcessor.from_pretrained(tiny_checkpoint)
+    settings = ExtractSettings(model=str(tiny_checkpoint), batch_size=2, shard_size=2)
+    summary = extract(TarSource([str(shards / "s-{0..1}.tar")]), tmp_path / "tar", model, processor, settings)
+    assert (summary.done, summary.failed) == (5, 2)
+    files = sorted(str(p) for p in (shards / "files").iterdir())
+    extract(files, tmp_path / "files", model, processor, settings)
+    got, want = ExtractedFeatures.open(tmp_path / "tar").pooled(), ExtractedFeatures.open(tmp_path / "files").pooled()
+    assert got[0] == [Path(p).stem for p in want[0]]
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match=r"^inputs must be a list of paths or an input source, got one path: pass \["):
+        extract(files[0], tmp_path / "one", model, processor, settings)

@@ -14,7 +14,7 @@ from PIL import Image
 from siglip2_encoder import ExtractedFeatures
 from siglip2_encoder.cli import EXIT_OK, EXIT_PARTIAL, main
 from siglip2_encoder.data.video import VideoFrame, expand_video, read_frame
-from siglip2_encoder.pipeline.extract import ExtractSettings
+from siglip2_encoder.pipeline.settings import ExtractSettings
 
 
 @pytest.fixture(scope="module")

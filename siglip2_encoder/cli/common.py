@@ -16,9 +16,7 @@ from ..checkpoints.hub import CheckpointError, HubUnreachableError
 from ..data.processor import ImageProcessor
 from ..data.tokenizer import TextTokenizer
 from ..models.model import SigLIP2Encoder
-from ..pipeline.extract import (
-    DTYPES,
-)
+from ..pipeline.settings import DTYPES
 from ..pipeline.store import TEXT_INPUTS, ExtractedFeatures
 from ..presets import get_preset
 

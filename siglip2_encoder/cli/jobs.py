@@ -9,19 +9,13 @@ import os
 
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..export.quantize import QUANTIZATIONS
+from ..models.model import SigLIP2Encoder
 from ..models.text import SigLIP2TextEncoder
 from ..pipeline.distributed import Ranks
-from ..pipeline.extract import (
-    ExtractSettings,
-    TextEmbedSettings,
-    discover_inputs,
-    embed_texts,
-    expand_tar_specs,
-    expand_videos,
-    extract_features,
-    extract_tar_features,
-    read_file_list,
-)
+from ..pipeline.extract import extract
+from ..pipeline.settings import ExtractSettings, ExtractSummary, TextEmbedSettings
+from ..pipeline.sources import FileSource, InputSource, TarSource, discover_inputs, expand_videos, read_file_list
+from ..pipeline.texts import embed_texts
 from .common import (
     DEFAULT_MODEL,
     EXIT_OK,
@@ -43,9 +37,7 @@ from .common import (
 logger = logging.getLogger("siglip2_encoder")
 
 
-def _extract_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """(tar shard URLs, files) that ``extract`` reads: one of the two is empty; videos are expanded later, once the
-    settings say how."""
+def _check_input_options(args: argparse.Namespace) -> None:
     if args.fps is not None and not args.fps > 0:
         raise UsageError(f"--fps {args.fps}: must be > 0")
     videos = args.fps is not None or args.num_frames is not None
@@ -53,27 +45,25 @@ def _extract_inputs(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise UsageError("--fps / --num-frames take frames of video files; tar shards (--tar) hold images")
     if args.tar and (args.inputs or args.file_list):
         raise UsageError("--tar reads tar shards: give either --tar or image files / folders / --file-list, not both")
+
+
+def _extract_source(args: argparse.Namespace) -> InputSource:
+    """What ``extract`` reads: tar shards, or files (video files expanded into frames when --fps / --num-frames ask)."""
     if args.tar:
         try:
-            return expand_tar_specs(args.tar), []
+            return TarSource(args.tar)
         except (ValueError, ImportError) as err:
             raise UsageError(f"--tar {' '.join(args.tar)}: {err}") from None
+    videos = args.fps is not None or args.num_frames is not None
     paths = discover_inputs(args.inputs, args.file_list, videos=videos)
     if not paths:
         raise UsageError("no input images: give files, folders, glob patterns, --file-list or --tar")
-    return [], paths
+    return FileSource(expand_videos(paths, fps=args.fps, num_frames=args.num_frames))
 
 
-def cmd_extract(args: argparse.Namespace) -> int:
-    # Everything is checked before anything is written: options, inputs, the model.
-    check_output_folder(args.output)
-    check_file_list(args.file_list)
-    device = resolve_device(args.device)
-    urls, paths = _extract_inputs(args)
-    videos = args.fps is not None or args.num_frames is not None
-    model, processor = load_model(args.model, args.random_weights)
-    name = args.random_weights or args.model
-    if args.max_num_patches is not None and not processor.config.naflex:
+def _extract_settings(args: argparse.Namespace, model: SigLIP2Encoder, name: str, device: str) -> ExtractSettings:
+    """The settings the options ask for, checked against the model (its layers, NaFlex, its pooling head)."""
+    if args.max_num_patches is not None and not model.config.naflex:
         raise UsageError(f"--max-num-patches applies to NaFlex checkpoints; {name} has a fixed resolution")
     for index in args.layers:
         try:
@@ -88,7 +78,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             logger.warning("%s has no attention-pooling head: saving the final tokens (--tokens) instead", name)
         else:
             logger.info("%s has no attention-pooling head: saving only the requested tokens", name)
-    settings = ExtractSettings(
+    return ExtractSettings(
         model=name,
         random_weights=bool(args.random_weights),
         pooled=pooled,
@@ -106,15 +96,34 @@ def cmd_extract(args: argparse.Namespace) -> int:
         video_frames=args.num_frames,
         quantize=args.quantize,
     )
-    if videos:
-        paths = expand_videos(paths, settings)
+
+
+def _report(summary: ExtractSummary, output: str, where: str) -> None:
+    for path, reason in summary.failures[:20]:
+        logger.warning("failed: %s", reason if path in reason else f"{path}: {reason}")
+    if len(summary.failures) > 20:
+        logger.warning("... and %d more failures, listed in %s/manifest.jsonl", len(summary.failures) - 20, output)
+    if summary.failed_before:
+        logger.warning("%d inputs failed in the earlier run; see %s/manifest.jsonl", summary.failed_before, output)
+    logger.info("%s%s", summary, where)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    # Everything is checked before anything is written: options, inputs, the model.
+    check_output_folder(args.output)
+    check_file_list(args.file_list)
+    device = resolve_device(args.device)
+    _check_input_options(args)
+    source = _extract_source(args)
+    model, processor = load_model(args.model, args.random_weights)
+    settings = _extract_settings(args, model, args.random_weights or args.model, device)
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
     ranks = Ranks.from_env()  # under torchrun: this process's share of the inputs
     where = f" (rank {ranks.rank} of {ranks.world})" if ranks.distributed else ""
-    count = f"{len(urls)} tar shards" if args.tar else f"{len(paths)} inputs"
+    count = f"{len(source.urls)} tar shards" if args.tar else f"{len(source.paths)} inputs"
     logger.info("%s -> %s (%s)%s", count, args.output, ", ".join(settings.feature_names), where)
-    summary = (extract_tar_features if args.tar else extract_features)(
-        urls if args.tar else paths,
+    summary = extract(
+        source,
         args.output,
         model,
         processor,
@@ -125,15 +134,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         progress=None if not args.quiet else False,
         ranks=ranks,
     )
-    for path, reason in summary.failures[:20]:
-        logger.warning("failed: %s", reason if path in reason else f"{path}: {reason}")
-    if len(summary.failures) > 20:
-        logger.warning("... and %d more failures, listed in %s/manifest.jsonl", len(summary.failures) - 20, args.output)
-    if summary.failed_before:
-        logger.warning("%d inputs failed in the earlier run; see %s/manifest.jsonl", summary.failed_before, args.output)
     if settings.random_weights:
         logger.warning(RANDOM_BANNER, settings.model)
-    logger.info("%s%s", summary, where)
+    _report(summary, args.output, where)
     if ranks.distributed:
         # torchrun turns any non-zero exit into its own failure report (and one rank's into the others' end): rank 0
         # names the whole folder's failures here, and every rank exits 0.

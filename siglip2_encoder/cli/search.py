@@ -17,13 +17,10 @@ from ..data.processor import ImageProcessor
 from ..files import write_atomic
 from ..models.joint import DEFAULT_TEMPLATE, SigLIP2Model
 from ..models.text import SigLIP2TextEncoder
-from ..pipeline.extract import (
-    discover_inputs,
-    read_file_list,
-)
 from ..pipeline.faiss_index import FaissIndex
 from ..pipeline.index_ready import NPY_DTYPES, export_index_ready
 from ..pipeline.retrieval import top_k
+from ..pipeline.sources import discover_inputs, read_file_list
 from ..pipeline.store import ExtractedFeatures
 from .common import (
     EXIT_OK,

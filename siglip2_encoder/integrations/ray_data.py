@@ -26,7 +26,7 @@ import torch
 from ..data.images import ImageLoadError, load_image, load_image_bytes
 from ..data.processor import ImageProcessor
 from ..models.model import SigLIP2Encoder
-from ..pipeline.extract import DTYPES
+from ..pipeline.settings import DTYPES
 
 __all__ = ["EncodeImages", "paths_dataset"]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ __all__ = [
     "committed_rows",
     "has_output",
     "next_shard_index",
+    "prepare_output",
     "read_rows",
     "sole_writer",
     "write_manifest",
@@ -57,6 +59,7 @@ TEXT_INPUTS = "texts"  # run.json's "inputs" of a folder of text embeddings (``e
 MANIFEST = "manifest.jsonl"
 SHARD_GLOB = "shard-*.jsonl"
 LOCK_FILE = ".lock"
+RESUME, OVERWRITE = Arg("resume", "resume=True"), Arg("overwrite", "overwrite=True")
 _held_locks: set[int] = set()  # descriptors of the locks this process holds
 
 
@@ -126,6 +129,44 @@ def committed_rows(folder: Path) -> list[dict[str, Any]]:
         if _temporary(leftover) or leftover.name not in committed:
             leftover.unlink()
     return rows
+
+
+def prepare_output(
+    folder: Path, record: dict[str, Any], identity: dict[str, Any], *, resume: bool, overwrite: bool
+) -> list[dict[str, Any]]:
+    """Check the (locked) output folder and start or continue its run; returns the rows already committed.
+
+    Args:
+        record: the run's settings, written as ``run.json`` when the run starts.
+        identity: the part of ``record`` that identifies the features; a resumed run must match it (the rest, how
+            the job runs, may change).
+        resume, overwrite: continue the run in ``folder`` / replace what it holds; without either, a folder with
+            output is refused.
+
+    A folder holding only temporary files of an interrupted write (a kill before ``run.json`` was renamed into
+    place, say) counts as empty, so every interruption leaves a folder that a plain run or ``resume`` accepts.
+    """
+    if has_output(folder):
+        if resume:
+            if not (folder / RUN_FILE).is_file():
+                raise ValueError(f"{folder} is not an extraction folder (no {RUN_FILE}); cannot resume into it")
+            previous = json.loads((folder / RUN_FILE).read_text())
+            changed = sorted(k for k, v in identity.items() if json.loads(json.dumps(v)) != previous.get(k))
+            if changed:
+                detail = ", ".join(f"{k}: {previous.get(k)!r} -> {identity[k]!r}" for k in changed)
+                raise ArgumentError(
+                    RESUME, f" with other settings than the first run ({detail}); use the same settings"
+                )
+            return committed_rows(folder)
+        if not overwrite:
+            raise ArgumentError(
+                f"{folder} already holds output; pass ", RESUME, " to continue it or ", OVERWRITE, " to replace it"
+            )
+    for entry in folder.iterdir():  # what an overwrite replaces, or an interrupted write left; not the lock
+        if entry.name != LOCK_FILE:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    write_atomic(folder / RUN_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+    return []
 
 
 class ShardWriter:
