@@ -9,18 +9,17 @@ The package is grouped by concern, each folder importing only from those below i
 ``integrations``, ``serve`` and ``cli``; each folder's docstring says what lives there.
 """
 
-from .checkpoints.convert import (
+from .checkpoints.hf_format import (
     config_from_hf,
     config_to_hf,
     convert_hf_state_dict,
-    convert_timm_state_dict,
     processor_config_from_hf,
     processor_config_to_hf,
     text_config_from_hf,
     text_config_to_hf,
-    to_timm_state_dict,
 )
 from .checkpoints.hub import CheckpointError, CheckpointSource, HubUnreachableError
+from .checkpoints.timm_format import convert_timm_state_dict, to_timm_state_dict
 from .config import EncoderConfig, ProcessorConfig, TextConfig
 from .data.images import ImageLoadError, load_image
 from .data.processor import ImageProcessor, ProcessedImage, ProcessedImages, naflex_size

@@ -9,7 +9,8 @@ and :class:`TextConfig` (the text tower) add their own fields. :class:`EncoderCo
   of ``num_patches`` entries, resized per image; set ``num_patches``.
 
 Field names follow transformers' ``SiglipVisionConfig`` / ``Siglip2VisionConfig`` (and their defaults), so configs
-convert one to one (:mod:`~siglip2_encoder.checkpoints.convert`). This module imports nothing but the standard library.
+convert one to one (:mod:`~siglip2_encoder.checkpoints.hf_format`). This module imports nothing but the standard
+library.
 """
 
 from __future__ import annotations

@@ -9,9 +9,15 @@ import sys
 
 __all__ = ["MOVED", "MovedModuleFinder", "install"]
 
+# convert.py became one module per format; most of its functions import from the package itself too.
+CONVERT_SPLIT = (
+    "siglip2_encoder.checkpoints.hf_format (transformers), .timm_format, .big_vision, .strict (check_state_dict, "
+    "build_loaded) or .folders (read_checkpoint, write_checkpoint)"
+)
 MOVED = {  # old module -> where it lives now
     "siglip2_encoder.hub": "siglip2_encoder.checkpoints.hub",
-    "siglip2_encoder.convert": "siglip2_encoder.checkpoints.convert",
+    "siglip2_encoder.convert": CONVERT_SPLIT,
+    "siglip2_encoder.checkpoints.convert": CONVERT_SPLIT,
     "siglip2_encoder.publish": "siglip2_encoder.checkpoints.publish",
     "siglip2_encoder.images": "siglip2_encoder.data.images",
     "siglip2_encoder.processor": "siglip2_encoder.data.processor",

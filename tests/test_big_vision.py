@@ -13,7 +13,7 @@ from test_timm import timm_siglip
 from timm.models.vision_transformer import _load_weights
 
 from siglip2_encoder import CheckpointError, SigLIP2Encoder
-from siglip2_encoder.checkpoints.convert import config_from_big_vision, read_npz
+from siglip2_encoder.checkpoints.big_vision import config_from_big_vision, read_npz
 
 
 def big_vision_arrays(model: torch.nn.Module, *, stacked: bool, prefix: str = "params/img/") -> dict[str, np.ndarray]:

@@ -82,6 +82,12 @@ def test_an_old_module_path_names_its_new_place():
     code = "from siglip2_encoder.integrations import serve"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert "siglip2_encoder.integrations.serve moved to siglip2_encoder.serve.app" in result.stderr
+    code = "from siglip2_encoder.checkpoints.convert import read_checkpoint"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert "siglip2_encoder.checkpoints.convert moved to siglip2_encoder.checkpoints.hf_format (transformers)" in (
+        result.stderr
+    )
+    assert "or .folders (read_checkpoint, write_checkpoint)" in result.stderr
 
 
 def test_importing_the_core_loads_no_transformers_peft_or_timm():

@@ -25,6 +25,7 @@ from transformers import (
 
 from siglip2_encoder import ImageProcessor, SigLIP2Encoder
 from siglip2_encoder.adapters import LinearConfig, MLPConfig, PixelShuffleConfig, build_projector
+from siglip2_encoder.integrations.idefics3_export import export_idefics3
 from siglip2_encoder.integrations.llava import (
     IGNORE_INDEX,
     STAGE_1,
@@ -191,8 +192,13 @@ def test_training_stages_train_only_what_they_name():
     assert lora == {"vision_tower", "language_model"}
     frozen = [n for n, p in model.named_parameters() if "lora_" not in n and p.requires_grad]
     assert frozen == [], frozen
-    with pytest.raises(ValueError, match="merge_lora"):
+    held = "the vision_tower and the language_model hold LoRA adapters; call merge_lora() first"
+    with pytest.raises(ValueError, match=re.escape(f"cannot save: {held}")):
         model.save_pretrained("/nonexistent")
+    with pytest.raises(ValueError, match=re.escape(f"cannot export to LLaVA's format: {held}")):
+        export_llava(model, "/nonexistent")
+    with pytest.raises(ValueError, match=re.escape(f"cannot export to Idefics3's format: {held}")):
+        export_idefics3(model, "/nonexistent")
     with pytest.raises(ValueError, match="language_model must be"):
         TrainingStage(language_model="half")
 

@@ -229,7 +229,11 @@ def test_prepacked_copy_is_inference_only_and_refuses_what_it_cannot_hold(fixed_
     wrapped = add_lora(tower, EncoderLoRAConfig(r=2, modules=("q_proj",), encoder_layers=1))
     with pytest.raises(TypeError, match="got PeftModel; for a LoRA-wrapped tower pass its merge_and_unload()"):
         prepack_for_cpu(wrapped)
-    with pytest.raises(ValueError, match=r"plain tower, but encoder.layers.2.self_attn.q_proj is a peft.tuners.lora"):
+    with pytest.raises(
+        ValueError,
+        match=r"plain tower: 1 module\(s\) are not the tower's own, e.g. encoder.layers.2.self_attn.q_proj "
+        r"\(peft.tuners",
+    ):
         prepack_for_cpu(wrapped.get_base_model())
     with pytest.raises(ValueError, match="packs fp32 CPU towers; this one is torch.bfloat16 on cpu"):
         prepack_for_cpu(SigLIP2Encoder.from_pretrained(fixed_dir, dtype=torch.bfloat16))

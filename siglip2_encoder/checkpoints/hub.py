@@ -1,7 +1,7 @@
 """Where checkpoint files come from: a local folder, or a Hugging Face Hub repo (its local cache first).
 
 :class:`CheckpointSource` hands out local paths of a checkpoint's files and knows nothing about what they hold;
-:mod:`~siglip2_encoder.checkpoints.convert` reads them. huggingface_hub is imported only when a Hub repo is asked for.
+:mod:`~siglip2_encoder.checkpoints.folders` reads them. huggingface_hub is imported only when a Hub repo is asked for.
 """
 
 from __future__ import annotations

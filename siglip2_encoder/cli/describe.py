@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import torch
 
-from ..checkpoints.convert import read_config, read_processor_config
+from ..checkpoints.folders import read_config, read_processor_config
 from ..checkpoints.hub import CheckpointError, CheckpointSource
 from ..config import EncoderConfig, ProcessorConfig
 from ..data.images import ImageLoadError, load_image

@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
-from ..checkpoints.convert import read_config, read_processor_config
+from ..checkpoints.folders import read_config, read_processor_config
 from ..checkpoints.hub import CheckpointSource
 from ..config import ProcessorConfig
 from ..presets import get_preset

@@ -18,6 +18,7 @@ import copy
 import torch
 from torch import nn
 
+from ..checkpoints.strict import check_plain
 from ..models.attention import AttendFn
 from ..models.layers import EncoderLayer, Workspace, inference_layer
 from ..models.model import SigLIP2Encoder
@@ -102,12 +103,7 @@ def prepack_for_cpu(model: SigLIP2Encoder) -> SigLIP2Encoder:
             f"prepack_for_cpu packs fp32 CPU towers; this one is {model.encoder_dtype} on {model.device}: "
             f"call model.float().cpu() first"
         )
-    foreign = model.foreign_modules()
-    if foreign:
-        raise ValueError(
-            f"prepack_for_cpu needs a plain tower, but {foreign[0][0]} is a {foreign[0][1]}: merge LoRA adapters "
-            f"first (merge_and_unload())"
-        )
+    check_plain(model, lambda: SigLIP2Encoder(model.config), "prepack_for_cpu needs a plain tower")
     layers = model.encoder.layers
     packed = copy.deepcopy(model, memo={id(layers): nn.ModuleList()})  # everything but the layers, replaced below
     packed.encoder.layers = nn.ModuleList(PrepackedLayer(layer) for layer in layers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+from ..checkpoints.strict import check_plain
 from ..models.model import SigLIP2Encoder
 
 __all__ = ["QUANTIZATIONS", "quantize"]
@@ -28,9 +29,7 @@ def quantize(model: SigLIP2Encoder, scheme: str = "int8") -> SigLIP2Encoder:
         raise ValueError(f"scheme must be one of {sorted(QUANTIZATIONS)}, got scheme={scheme!r}")
     if not isinstance(model, SigLIP2Encoder):
         raise TypeError(f"quantize takes a SigLIP2Encoder, got {type(model).__name__}; merge LoRA adapters first")
-    foreign = model.foreign_modules()
-    if foreign:
-        raise ValueError(f"quantize needs a plain tower, but {foreign[0][0]} is a {foreign[0][1]}: merge LoRA first")
+    check_plain(model, lambda: SigLIP2Encoder(model.config), "quantize needs a plain tower")
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
     except ImportError:

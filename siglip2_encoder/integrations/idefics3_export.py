@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import os
 
-from peft import PeftModel
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -45,7 +44,7 @@ from transformers import (
 )
 
 from ..adapters import PixelShuffleProjector
-from ..checkpoints.convert import config_to_hf, processor_config_to_hf
+from ..checkpoints.hf_format import config_to_hf, processor_config_to_hf
 from ..models.model import SigLIP2Encoder
 from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel, add_image_token
@@ -72,8 +71,7 @@ def add_idefics3_tokens(tokenizer: PreTrainedTokenizerBase, language_model: PreT
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
-    if isinstance(model.vision_tower, PeftModel) or isinstance(model.language_model, PeftModel):
-        raise ValueError("merge LoRA adapters before exporting: model.merge_lora()")
+    model.check_merged("cannot export to Idefics3's format")
     tower = model.tower.config
     if tower.naflex:
         raise ValueError("NaFlex towers cannot be exported to Idefics3's format, whose tower is fixed-resolution")

@@ -398,13 +398,19 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             self.language_model = self.language_model.merge_and_unload()
         return self
 
+    def check_merged(self, action: str) -> None:
+        """Refuse ``action`` (``"cannot save"``, ...) while the tower or the LM holds LoRA adapters: their weights
+        are not yet in the layout a checkpoint has."""
+        wrapped = [name for name in ("vision_tower", "language_model") if isinstance(getattr(self, name), PeftModel)]
+        if wrapped:
+            raise ValueError(
+                f"{action}: the {' and the '.join(wrapped)} hold LoRA adapters; call merge_lora() first, or save the "
+                f"adapters with their own save_pretrained"
+            )
+
     def save_pretrained(self, directory: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Write ``vision_tower/``, ``projector/``, ``language_model/`` (and ``tokenizer/``) plus vlm_config.json."""
-        if isinstance(self.vision_tower, PeftModel) or isinstance(self.language_model, PeftModel):
-            raise ValueError(
-                "the model holds LoRA adapters: call merge_lora() first, or save the adapters with their own "
-                "save_pretrained"
-            )
+        self.check_merged("cannot save")
         folder = Path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.vision_tower.save_pretrained(folder / "vision_tower")

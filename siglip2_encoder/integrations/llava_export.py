@@ -24,7 +24,6 @@ import os
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -36,16 +35,11 @@ from transformers import (
 )
 
 from ..adapters import LinearConfig, LinearProjector, MLPConfig, MLPProjector, build_projector
-from ..checkpoints.convert import (
-    check_state_dict,
-    config_from_hf,
-    config_to_hf,
-    convert_hf_state_dict,
-    processor_config_to_hf,
-    read_processor_config,
-)
+from ..checkpoints.folders import read_processor_config
+from ..checkpoints.hf_format import config_from_hf, config_to_hf, convert_hf_state_dict, processor_config_to_hf
 from ..checkpoints.hub import CheckpointSource
 from ..checkpoints.publish import HubMixin, ModelCardInfo
+from ..checkpoints.strict import check_state_dict
 from ..models.model import SigLIP2Encoder
 from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel
@@ -54,8 +48,7 @@ __all__ = ["LlavaExport", "export_llava", "import_llava"]
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
-    if isinstance(model.vision_tower, PeftModel) or isinstance(model.language_model, PeftModel):
-        raise ValueError("merge LoRA adapters before exporting: model.merge_lora()")
+    model.check_merged("cannot export to LLaVA's format")
     if model.tower.config.naflex:
         raise ValueError(
             "NaFlex towers cannot be exported to LLaVA's format: LLaVA calls its vision tower with pixel_values "

@@ -24,7 +24,8 @@ from timm.models.naflexvit import NaFlexVit
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..checkpoints.convert import build_loaded, convert_timm_state_dict, to_timm_state_dict
+from ..checkpoints.strict import build_loaded
+from ..checkpoints.timm_format import convert_timm_state_dict, to_timm_state_dict
 from ..config import EncoderConfig, ProcessorConfig
 from ..models.model import SigLIP2Encoder
 

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.convert import build_loaded, foreign_modules, read_model_checkpoint, write_model_checkpoint
+from ..checkpoints.folders import read_model_checkpoint, write_model_checkpoint
 from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
 from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
+from ..checkpoints.strict import build_loaded, check_plain
 from ..config import EncoderConfig, ProcessorConfig, TextConfig
 from ..data.images import ImageInput
 from ..data.processor import ImageProcessor
@@ -158,14 +159,7 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write a folder that transformers' ``SiglipModel`` (fixed-resolution) / ``Siglip2Model`` (NaFlex) and
         :meth:`from_pretrained` load."""
-        with torch.device("meta"):
-            text = foreign_modules(self.text_model, SigLIP2TextEncoder(self.text_model.config))
-        foreign = self.vision_model.foreign_modules() + text
-        if foreign:
-            raise ValueError(
-                f"cannot save: {foreign[0][0]} is a {foreign[0][1]}, not the tower's own module; merge LoRA adapters "
-                f"first (merge_and_unload())"
-            )
+        check_plain(self, lambda: type(self)(self.vision_model.config, self.text_model.config), "cannot save", "model")
         write_model_checkpoint(
             save_directory,
             self.vision_model.config,

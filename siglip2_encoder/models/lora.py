@@ -21,7 +21,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from ..checkpoints.convert import config_to_hf
+from ..checkpoints.hf_format import config_to_hf
 from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
 from ..files import write_atomic
 from .joint import SigLIP2Model

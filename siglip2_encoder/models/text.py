@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..checkpoints.convert import build_loaded, read_text_checkpoint
+from ..checkpoints.folders import read_text_checkpoint
 from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
+from ..checkpoints.strict import build_loaded
 from ..config import TextConfig
 from .attention import key_padding_attention, select_attention_backend
 from .layers import Encoder

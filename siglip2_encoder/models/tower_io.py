@@ -8,11 +8,12 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from ..checkpoints.convert import build_loaded, foreign_modules, read_big_vision, read_checkpoint, write_checkpoint
+from ..checkpoints.big_vision import read_big_vision
+from ..checkpoints.folders import read_checkpoint, write_checkpoint
 from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
 from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
+from ..checkpoints.strict import build_loaded, check_plain, foreign_modules
 from ..config import EncoderConfig, ProcessorConfig
 from ..presets import get_preset
 
@@ -74,7 +75,7 @@ class TowerIOMixin(FromPretrainedMixin, HubMixin):
         """Load the image tower of a big_vision ``.npz`` (Google's original SigLIP / SigLIP 2 release format), strictly.
 
         The architecture is read from the weights' shapes
-        (:func:`~siglip2_encoder.checkpoints.convert.config_from_big_vision`);
+        (:func:`~siglip2_encoder.checkpoints.big_vision.config_from_big_vision`);
         give ``image_size`` where the native size is not grid x patch (So400m/14 at 384). ``processor_config``
         defaults to big_vision's SigLIP preprocessing for the tower (resize, values to [-1, 1]).
         """
@@ -116,20 +117,7 @@ class TowerIOMixin(FromPretrainedMixin, HubMixin):
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write config.json, model.safetensors and preprocessor_config.json that transformers'
         ``SiglipVisionModel`` / ``Siglip2VisionModel`` and :meth:`from_pretrained` both load."""
-        foreign = self.foreign_modules()
-        if foreign:
-            shown = ", ".join(f"{name} ({kind})" for name, kind in foreign[:3])
-            raise ValueError(
-                f"cannot save: {len(foreign)} module(s) are not the tower's own, e.g. {shown}. Merge LoRA adapters "
-                f"first (merge_and_unload()) or save them with the PeftModel's save_pretrained; a prepack_for_cpu() "
-                f"copy cannot be saved: save the tower it was made from"
-            )
-        quantized = [name for name, p in self.named_parameters() if type(p) is not nn.Parameter]
-        if quantized:
-            raise ValueError(
-                f"cannot save: {len(quantized)} weights are quantized (e.g. {quantized[0]}); a quantize() copy is for "
-                f"inference: save the tower it was made from"
-            )
+        check_plain(self, lambda: type(self)(self.config), "cannot save")
         write_checkpoint(save_directory, self.config, self.state_dict(), self.processor_config)
 
     def foreign_modules(self) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 from pydantic import BaseModel
 
-from ..checkpoints.convert import IMAGE_TEXT_TYPES
+from ..checkpoints.families import IMAGE_TEXT_TYPES
 from ..data.images import ImageLoadError, load_image_bytes
 from ..data.processor import ImageProcessor
 from ..data.tokenizer import TextTokenizer

@@ -1,0 +1,93 @@
+"""The transformers model types and image processors whose checkpoints hold a SigLIP-architecture tower, as tables:
+SigLIP's own (image-text, vision-only, text-only), the VLM families (where their tower's weights live in the key
+layouts transformers writes), and what this library reproduces of each image processor. Adding a family is one row
+here (and a test with its transformers class)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "FAMILY_FIELDS",
+    "IMAGE_TEXT_TYPES",
+    "PROCESSOR_TYPES",
+    "ProcessorKind",
+    "TEXT_TYPES",
+    "VISION_TYPES",
+    "VLM_TYPES",
+]
+
+# model_type -> whether the vision tower is NaFlex.
+IMAGE_TEXT_TYPES = {"siglip": False, "siglip2": True}
+VISION_TYPES = {
+    "siglip_vision_model": False,
+    "siglip2_vision_model": True,
+    "idefics3_vision": False,  # Idefics3VisionTransformer: SigLIP without the head, bucketed positions
+    "smolvlm_vision": False,  # SmolVLMVisionTransformer: the same tower
+}
+TEXT_TYPES = ("siglip_text_model", "siglip2_text_model")  # text-only checkpoints (SiglipTextModel, ...)
+# Vision types whose architecture differs from SigLIP's in ways their config.json does not say: the fields fixed here.
+# Their other defaults differ from SiglipVisionConfig's too, so their configs are read through transformers.
+FAMILY_FIELDS: dict[str, dict[str, Any]] = {
+    "idefics3_vision": {"use_head": False, "position_lookup": "buckets"},
+    "smolvlm_vision": {"use_head": False, "position_lookup": "buckets"},
+}
+_SIGLIP_TOWER_PREFIXES = (  # 4.x before and after its ``model.`` refactor, 5.x in memory and as saved
+    "model.vision_tower.vision_model.",
+    "vision_tower.vision_model.",
+    "model.vision_tower.",
+    "vision_tower.",
+)
+# VLMs that hold a SigLIP-architecture vision tower (its architecture in ``vision_config``) -> where that tower's
+# weights live in the key layouts transformers writes. Longest first: the first prefix a key starts with names it; the
+# language model's and the projector's keys start with none and are not read.
+VLM_TYPES: dict[str, tuple[str, ...]] = {
+    "paligemma": _SIGLIP_TOWER_PREFIXES,
+    "gemma3": _SIGLIP_TOWER_PREFIXES,
+    "llava": _SIGLIP_TOWER_PREFIXES,
+    "llava_next": _SIGLIP_TOWER_PREFIXES,
+    "llava_onevision": _SIGLIP_TOWER_PREFIXES,
+    "lfm2_vl": _SIGLIP_TOWER_PREFIXES,
+    "idefics3": ("model.vision_model.",),
+    "smolvlm": ("model.vision_model.",),
+}
+
+
+@dataclass(frozen=True)
+class ProcessorKind:
+    """What this library reproduces of one transformers image processor."""
+
+    naflex: bool
+    resample: int  # PIL code when the file names none (transformers' default for the class)
+    # What the processor does beyond one SigLIP view (tiles, aspect-preserving resizes), which is not reproduced: this
+    # library preprocesses the single view named here, exactly, and says so in a warning when loading.
+    beyond: str = ""
+
+
+_IDEFICS3_VIEWS = (
+    "splits each image into tiles after an aspect-preserving LANCZOS resize; here each image is resized (bicubic) to "
+    "one tile of max_image_size pixels, and images already of that size are preprocessed exactly as its tiles"
+)
+_ANYRES_VIEWS = (
+    "adds anyres tiles (image_grid_pinpoints) to the base view; here the base view only: the image resized to the "
+    "tower's native square"
+)
+# image_processor_type -> what is reproduced of it; transformers 4 named its torchvision processors "...Fast".
+PROCESSOR_TYPES: dict[str, ProcessorKind] = {}
+for _name, _kind in {
+    "SiglipImageProcessor": ProcessorKind(False, 3),
+    "Siglip2ImageProcessor": ProcessorKind(True, 2),
+    "Gemma3ImageProcessor": ProcessorKind(False, 2),  # SigLIP's, bilinear, plus an optional pan-and-scan
+    "Idefics3ImageProcessor": ProcessorKind(False, 1, _IDEFICS3_VIEWS),
+    "SmolVLMImageProcessor": ProcessorKind(False, 1, _IDEFICS3_VIEWS),
+    "LlavaNextImageProcessor": ProcessorKind(False, 3, _ANYRES_VIEWS),
+    "LlavaOnevisionImageProcessor": ProcessorKind(False, 3, _ANYRES_VIEWS),
+    "Lfm2VlImageProcessor": ProcessorKind(
+        True,
+        2,
+        "resizes each image between min_image_tokens and max_image_tokens by its own rule and adds tiles; here one "
+        "NaFlex view within max_image_tokens x downsample_factor**2 patches, resized by SigLIP 2's rule",
+    ),
+}.items():
+    PROCESSOR_TYPES[_name] = PROCESSOR_TYPES[_name + "Fast"] = _kind

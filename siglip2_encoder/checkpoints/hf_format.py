@@ -1,0 +1,346 @@
+"""transformers' formats, as pure functions: :func:`config_from_hf` / :func:`config_to_hf` (``config.json``, vision
+towers of every family in :mod:`.families`), :func:`text_config_from_hf` / :func:`text_config_to_hf`,
+:func:`processor_config_from_hf` / :func:`processor_config_to_hf` (the image processor's settings), and the key maps
+that name a checkpoint's weights as the towers do (:func:`convert_hf_state_dict`: image-text or vision-only weights,
+with or without the ``vision_model.`` prefix; the text tower is dropped by name, explicitly).
+
+Nothing here knows the model class: a tower is described by its config and its state dict."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from typing import Any
+
+import torch
+
+from ..config import NAFLEX_NUM_PATCHES, EncoderConfig, ProcessorConfig, TextConfig
+from .families import (
+    FAMILY_FIELDS,
+    IMAGE_TEXT_TYPES,
+    PROCESSOR_TYPES,
+    TEXT_TYPES,
+    VISION_TYPES,
+    VLM_TYPES,
+    ProcessorKind,
+)
+from .hub import CheckpointError
+
+__all__ = [
+    "KeyMap",
+    "TEXT_PREFIX",
+    "VISION_PREFIX",
+    "config_from_hf",
+    "config_to_hf",
+    "convert_hf_state_dict",
+    "model_key",
+    "processor_config_from_hf",
+    "processor_config_to_hf",
+    "text_config_from_hf",
+    "text_config_to_hf",
+    "text_key",
+    "vision_key",
+    "vlm_tower_keys",
+]
+
+logger = logging.getLogger(__name__)
+
+# EncoderConfig field -> transformers' name, where they differ.
+_HF_FIELD_NAMES = {"use_head": "vision_use_head"}
+_PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers stores them
+_LANCZOS = 1
+
+VISION_PREFIX = "vision_model."
+TEXT_PREFIX = "text_model."
+# Weights of an image-text checkpoint that are not the vision tower; skipped by name, never silently.
+_NON_VISION_PREFIXES = ("text_model.", "logit_scale", "logit_bias")
+# Non-persistent buffers that older transformers versions wrote into checkpoints.
+_NON_TEXT_PREFIXES = ("vision_model.", "logit_scale", "logit_bias")
+_IGNORED_BUFFERS = ("embeddings.position_ids",)
+
+
+# ----------------------------------------------------------------------------------------------------- configs
+
+
+def _square(value: Any, name: str) -> Any:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"only square {name} is supported, got {name}={list(value)}")
+        return value[0]
+    return value
+
+
+def _resolved_vision_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The vision tower's fields of a VLM or non-SigLIP vision config as transformers resolves them (each family's
+    config class fills in its own defaults, which differ from SiglipVisionConfig's)."""
+    from transformers import AutoConfig  # only for these families: plain SigLIP configs load without transformers
+
+    settings = {k: v for k, v in hf_config.items() if k != "model_type"}
+    try:
+        resolved = AutoConfig.for_model(hf_config["model_type"], **settings)
+    except Exception as err:  # transformers' own validation: say which file it was
+        raise CheckpointError(
+            f"config.json ({hf_config['model_type']!r}) is not a config transformers accepts: {err}"
+        ) from None
+    return (resolved.vision_config if hf_config["model_type"] in VLM_TYPES else resolved).to_dict()
+
+
+def _vision_fields(hf_config: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """(vision model_type, its fields) of a transformers config.json with a SigLIP-architecture vision tower."""
+    model_type = hf_config.get("model_type")
+    if model_type in IMAGE_TEXT_TYPES:
+        return ("siglip2" if IMAGE_TEXT_TYPES[model_type] else "siglip") + "_vision_model", hf_config.get(
+            "vision_config"
+        ) or {}
+    if model_type in VISION_TYPES and model_type not in FAMILY_FIELDS:
+        return model_type, hf_config
+    if model_type in VISION_TYPES or model_type in VLM_TYPES:
+        vision = _resolved_vision_config(hf_config)
+        if vision.get("model_type") not in VISION_TYPES:
+            raise CheckpointError(
+                f"config.json is a {model_type!r} checkpoint whose vision tower is {vision.get('model_type')!r}, "
+                f"not a SigLIP-architecture tower (one of {', '.join(VISION_TYPES)}); load it with the library of its "
+                f"own tower"
+            )
+        return vision["model_type"], vision
+    if model_type in TEXT_TYPES:
+        raise CheckpointError(
+            f"config.json has model_type={model_type!r}: a text-only checkpoint, without a vision tower; give a "
+            f"vision-only or image-text checkpoint, or embed texts with it (SigLIP2TextEncoder, `embed-text`)"
+        )
+    if model_type is None and "architecture" in hf_config:  # timm's pretrained config names its model this way
+        raise CheckpointError(
+            f"config.json is timm's (architecture={hf_config['architecture']!r}), not transformers'; load it with "
+            f"siglip2_encoder.integrations.timm_models.load_timm, or convert it once: "
+            f"`siglip2-encoder convert SRC DST --to hf`"
+        )
+    raise CheckpointError(
+        f"config.json has model_type={model_type!r}; expected one of "
+        f"{sorted([*IMAGE_TEXT_TYPES, *VISION_TYPES, *VLM_TYPES])} (a SigLIP or SigLIP 2 checkpoint, or a VLM with "
+        f"a SigLIP tower)"
+    )
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> EncoderConfig:
+    """The vision tower's config from a transformers ``config.json``: image-text, vision-only, or a VLM's
+    (:data:`VLM_TYPES`) whose vision tower has SigLIP's architecture.
+
+    Fields missing from the file take transformers' defaults: for SigLIP's own types, :class:`EncoderConfig`'s; for
+    the other families, their config classes' (read through transformers).
+    """
+    vision_type, vision = _vision_fields(hf_config)
+    naflex = VISION_TYPES[vision_type]
+    fixed = FAMILY_FIELDS.get(vision_type, {})
+    kwargs: dict[str, Any] = dict(fixed)
+    for field in fields(EncoderConfig):
+        key = _HF_FIELD_NAMES.get(field.name, field.name)
+        if field.name not in ("image_size", "num_patches", *fixed) and vision.get(key) is not None:
+            kwargs[field.name] = vision[key]
+    kwargs["patch_size"] = _square(kwargs.get("patch_size", EncoderConfig.patch_size), "patch_size")
+    if "attention_dropout" in kwargs:
+        kwargs["attention_dropout"] = float(kwargs["attention_dropout"])
+    if naflex:
+        return EncoderConfig(image_size=None, num_patches=vision.get("num_patches", NAFLEX_NUM_PATCHES), **kwargs)
+    return EncoderConfig(image_size=_square(vision.get("image_size", EncoderConfig.image_size), "image_size"), **kwargs)
+
+
+def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
+    """A vision-only transformers ``config.json``: ``SiglipVisionModel`` or ``Siglip2VisionModel``, or for a tower
+    with bucketed positions (from Idefics3 / SmolVLM) ``Idefics3VisionTransformer``."""
+    if config.position_lookup == "buckets":
+        if config.use_head:
+            raise ValueError(
+                "a tower with position_lookup='buckets' and a head has no transformers class to save it as "
+                "(Idefics3VisionTransformer has no head); set use_head=False"
+            )
+        out: dict[str, Any] = {"architectures": ["Idefics3VisionTransformer"], "model_type": "idefics3_vision"}
+        skipped = ("use_head", "position_lookup")
+    else:
+        out = {
+            "architectures": ["Siglip2VisionModel" if config.naflex else "SiglipVisionModel"],
+            "model_type": "siglip2_vision_model" if config.naflex else "siglip_vision_model",
+        }
+        skipped = ("position_lookup",)
+    for name, value in config.to_dict().items():
+        if value is not None and name not in skipped:
+            out[_HF_FIELD_NAMES.get(name, name)] = value
+    return out
+
+
+def text_config_from_hf(hf_config: Mapping[str, Any]) -> TextConfig:
+    """The text tower's config from an image-text ``config.json`` (its ``text_config``) or a text-only one;
+    transformers' defaults for missing fields, which are :class:`TextConfig`'s own."""
+    model_type = hf_config.get("model_type")
+    if model_type in TEXT_TYPES:
+        text = hf_config
+    elif model_type in IMAGE_TEXT_TYPES:
+        text = hf_config.get("text_config") or {}
+    else:
+        raise CheckpointError(
+            f"config.json has model_type={model_type!r}, which has no text tower; give an image-text checkpoint "
+            f"({' or '.join(sorted(IMAGE_TEXT_TYPES))}; a vision-only one loads with SigLIP2Encoder.from_pretrained)"
+        )
+    kwargs = {f.name: text[f.name] for f in fields(TextConfig) if text.get(f.name) is not None}
+    if "attention_dropout" in kwargs:
+        kwargs["attention_dropout"] = float(kwargs["attention_dropout"])
+    return TextConfig(**kwargs)
+
+
+def text_config_to_hf(config: TextConfig, siglip2: bool) -> dict[str, Any]:
+    """transformers' ``text_config`` of an image-text ``config.json``. The special token ids are the tokenizer's,
+    which the tower does not know (nor use): written as null, since transformers' defaults for a missing field
+    (bos 49406, eos 49407, from CLIP's vocabulary) lie outside most SigLIP vocabularies and warn at load."""
+    out: dict[str, Any] = {
+        "model_type": "siglip2_text_model" if siglip2 else "siglip_text_model",
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+    return out | {name: value for name, value in config.to_dict().items() if value is not None}
+
+
+def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig) -> ProcessorConfig:
+    """From transformers' image processor settings (SigLIP's and SigLIP 2's, and the VLM processors of
+    :data:`PROCESSOR_TYPES`: their single view, with a warning naming what else they do).
+
+    The tower decides the kind of preprocessing (a NaFlex tower needs NaFlex patches); ``image_processor_type``, when
+    the file names one, must agree with it. Missing fields take transformers' defaults.
+    """
+    name = hf.get("image_processor_type")
+    if name is not None and name not in PROCESSOR_TYPES:
+        raise CheckpointError(
+            f"the image processor is {name!r}; expected one of {sorted(PROCESSOR_TYPES)} (a SigLIP processor, or a "
+            f"VLM's whose single view this library reproduces)"
+        )
+    kind = PROCESSOR_TYPES[name] if name is not None else ProcessorKind(tower.naflex, 2 if tower.naflex else 3)
+    if kind.naflex != tower.naflex:
+        raise CheckpointError(
+            f"the image processor is {name!r} but the tower is {'NaFlex' if tower.naflex else 'fixed-resolution'}; "
+            f"the checkpoint's config.json and processor settings do not belong together"
+        )
+    if hf.get("do_pan_and_scan"):
+        raise CheckpointError(
+            f"the image processor {name!r} crops pan-and-scan views (do_pan_and_scan=true), which this library does "
+            f"not reproduce; set it false in the processor file to get the single resized view"
+        )
+    resample = hf.get("resample", kind.resample)
+    if kind.beyond:
+        logger.warning("the image processor %s %s", name, kind.beyond)
+        if resample == _LANCZOS:
+            resample = 3
+    if resample not in _PIL_RESAMPLE:
+        raise CheckpointError(f"the image processor has resample={resample!r}; supported: {_PIL_RESAMPLE} (PIL codes)")
+    names = ("image_mean", "image_std", "rescale_factor", "do_resize", "do_rescale", "do_normalize")
+    common = {name: hf[name] for name in names if hf.get(name) is not None}
+    try:
+        if tower.naflex:
+            patch = hf.get("patch_size", hf.get("encoder_patch_size", tower.patch_size))
+            if patch != tower.patch_size:
+                raise CheckpointError(
+                    f"the image processor cuts {patch}-pixel patches but the tower's patch_size is {tower.patch_size}"
+                )
+            budget = hf.get("max_num_patches", NAFLEX_NUM_PATCHES)
+            if "max_image_tokens" in hf:  # LFM2-VL: its whole-image view's budget, in tokens after its 2x2 unshuffle
+                budget = hf["max_image_tokens"] * hf.get("downsample_factor", 2) ** 2
+            return ProcessorConfig(
+                image_size=None, max_num_patches=budget, patch_size=patch, resample=_PIL_RESAMPLE[resample], **common
+            )
+        return ProcessorConfig(
+            image_size=_view_size(hf, kind, tower),
+            patch_size=tower.patch_size,
+            resample=_PIL_RESAMPLE[resample],
+            **common,
+        )
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"invalid image processor settings: {err}") from None
+
+
+def _view_size(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig) -> tuple[int, int]:
+    """(height, width) of the fixed-resolution view: ``size``; for Idefics3's processors, one tile
+    (``max_image_size``); for anyres ones without height and width (LLaVA-NeXT's shortest edge), the tower's square."""
+    tile = hf.get("max_image_size")
+    if kind.beyond and isinstance(tile, Mapping) and "longest_edge" in tile:
+        return (tile["longest_edge"], tile["longest_edge"])
+    size = hf.get("size", {"height": 224, "width": 224})
+    if isinstance(size, Mapping) and {"height", "width"} <= set(size):
+        return (size["height"], size["width"])
+    if kind.beyond:
+        return (tower.image_size, tower.image_size)
+    raise CheckpointError(f"the image processor's size must give height and width, got size={size!r}")
+
+
+def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
+    """transformers' ``preprocessor_config.json`` for this preprocessing."""
+    out: dict[str, Any] = {
+        "do_resize": config.do_resize,
+        "resample": {v: k for k, v in _PIL_RESAMPLE.items()}[config.resample],
+        "do_rescale": config.do_rescale,
+        "rescale_factor": config.rescale_factor,
+        "do_normalize": config.do_normalize,
+        "image_mean": list(config.image_mean),
+        "image_std": list(config.image_std),
+    }
+    if config.naflex:
+        return {
+            "image_processor_type": "Siglip2ImageProcessor",
+            "patch_size": config.patch_size,
+            "max_num_patches": config.max_num_patches,
+            **out,
+        }
+    height, width = config.image_size
+    return {
+        "image_processor_type": "SiglipImageProcessor",
+        "do_convert_rgb": True,
+        "size": {"height": height, "width": width},
+        **out,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- weights
+
+
+KeyMap = Callable[[str], "str | None"]  # a checkpoint key -> our name for it, or None to skip it
+
+
+def _tower_keys(prefix: str, others: tuple[str, ...]) -> KeyMap:
+    """Names one tower's keys of a SigLIP checkpoint, with or without its ``prefix``; keys starting with ``others``
+    (the other tower, ``logit_scale``, ``logit_bias``) are known not to belong to it and are skipped by name."""
+
+    def select(key: str) -> str | None:
+        if key.startswith(others):
+            return None
+        key = key.removeprefix(prefix)
+        return None if key in _IGNORED_BUFFERS else key
+
+    return select
+
+
+vision_key = _tower_keys(VISION_PREFIX, _NON_VISION_PREFIXES)
+
+
+def vlm_tower_keys(prefixes: tuple[str, ...]) -> KeyMap:
+    """Names a VLM checkpoint's keys as the tower does; None for the language model's and projector's weights."""
+
+    def select(key: str) -> str | None:
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key = key.removeprefix(prefix)
+                return None if key in _IGNORED_BUFFERS else key
+        return None
+
+    return select
+
+
+text_key = _tower_keys(TEXT_PREFIX, _NON_TEXT_PREFIXES)
+
+
+def model_key(key: str) -> str | None:
+    """An image-text checkpoint's key as the joint model names it: unchanged, but for stale non-persistent buffers."""
+    return None if key.removeprefix(VISION_PREFIX).removeprefix(TEXT_PREFIX) in _IGNORED_BUFFERS else key
+
+
+def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers SigLIP / SigLIP 2 weights -> this tower's names (the same names, minus prefix and text tower)."""
+    return {name: value for key, value in state_dict.items() if (name := vision_key(key)) is not None}
