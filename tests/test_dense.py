@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoBackbone, SiglipVisionModel, UperNetConfig, UperNetForSemanticSegmentation
@@ -168,3 +169,21 @@ def test_segmentation_example_probe_learns(tmp_path):
     assert results["linear probe"] > results["majority class"] + 0.2
     assert results["FPN head"] > results["majority class"] + 0.2
     assert (tmp_path / "seg.png").stat().st_size > 0
+
+
+def test_pca_rgb_puts_the_strongest_directions_in_red_green_blue():
+    """Features made of three known orthogonal directions with decreasing variance: channel i follows the
+    coefficient of direction i (up to PCA's sign), whatever the other 61 dimensions do at small scale."""
+    from siglip2_encoder.integrations.dense import pca_rgb
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(64, 64, generator=g))[0][:, :3]  # orthonormal columns
+    coefficients = torch.randn(12 * 10, 3, generator=g) * torch.tensor([9.0, 4.0, 2.0])
+    tokens = coefficients @ basis.T + 0.01 * torch.randn(120, 64, generator=g)
+    picture = pca_rgb(tokens.T.reshape(64, 12, 10))
+    assert picture.shape == (12, 10, 3) and picture.dtype == np.uint8
+    for i in range(3):
+        channel = torch.from_numpy(picture[..., i].reshape(-1).astype(np.float32))
+        correlation = torch.corrcoef(torch.stack([channel, coefficients[:, i]]))[0, 1]
+        assert abs(correlation) > 0.95, (i, correlation)
+    assert pca_rgb(tokens.T.reshape(64, 12, 10), size=(48, 40)).shape == (48, 40, 3)

@@ -208,6 +208,34 @@ def test_classify_equals_transformers_zero_shot_pipeline(zero_shot_dir):
     assert [len(r) for r in model.classify(images, label_set, top_k=2)] == [2, 2, 2]
 
 
+def test_classify_files_ranks_as_transformers_pipeline_and_keeps_a_bad_file_in_place(zero_shot_dir, tmp_path):
+    from PIL import Image
+    from transformers import pipeline
+
+    from siglip2_encoder.data.tokenizer import TextTokenizer
+    from siglip2_encoder.pipeline.classify import classify_files
+
+    classifier = pipeline("zero-shot-image-classification", model=str(zero_shot_dir))
+    model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
+    labels = ["cat", "dog", "red car"]
+    for i in range(3):
+        Image.new("RGB", (40 + 10 * i, 30), (70 * i, 100, 200)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    paths = [str(tmp_path / n) for n in ("img0.png", "broken.png", "img1.png", "img2.png")]
+    label_set = model.encode_labels(labels, tokenizer)
+    rows = list(classify_files(paths, model, label_set, batch_size=2))
+    assert [(r["path"], r["status"]) for r in rows] == [
+        (paths[0], "ok"), (paths[1], "failed"), (paths[2], "ok"), (paths[3], "ok")
+    ]  # fmt: skip
+    assert "broken.png" in rows[1]["error"]
+    for row in (rows[0], rows[2], rows[3]):
+        want = classifier(Image.open(row["path"]), candidate_labels=labels)
+        assert [r["label"] for r in row["labels"]] == [r["label"] for r in want]
+        assert max(abs(a["score"] - b["score"]) for a, b in zip(row["labels"], want)) < 1e-4
+    with pytest.raises(ValueError, match=re.escape("batch_size must be a positive int, got batch_size=0")):
+        list(classify_files(paths, model, label_set, batch_size=0))
+
+
 def test_prompt_ensembles_average_normalised_embeddings(zero_shot_dir):
     from siglip2_encoder.data.tokenizer import TextTokenizer
 

@@ -37,6 +37,7 @@ from .hub import CheckpointError, CheckpointSource
 
 __all__ = [
     "Checkpoint",
+    "checkpoint_format",
     "ModelCheckpoint",
     "PROCESSOR_FILES",
     "WEIGHT_FILES",
@@ -265,3 +266,19 @@ def write_checkpoint(
     write_atomic(folder / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
     processor = processor_config_to_hf(processor_config)
     write_atomic(folder / "preprocessor_config.json", (json.dumps(processor, indent=2) + "\n").encode())
+
+
+def checkpoint_format(source: str) -> str:
+    """What a checkpoint path or id holds, judged without loading it: ``"big_vision"`` (an ``.npz`` file), ``"timm"``
+    (a folder whose ``config.json`` names an ``architecture``, as timm's pretrained configs do, or timm's ``hf-hub:``
+    scheme) or ``"hf"`` (anything else: a transformers folder or Hub id, whose reader then names what is wrong)."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".npz":
+        return "big_vision"
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            return "timm" if "architecture" in json.loads(config.read_text()) else "hf"
+        except (ValueError, OSError):
+            return "hf"  # the transformers reader names what is wrong with it
+    return "timm" if source.startswith("hf-hub:") else "hf"

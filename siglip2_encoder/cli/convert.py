@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
+from ..checkpoints.folders import checkpoint_format
 from ..models.model import SigLIP2Encoder
 from ..models.text import SigLIP2TextEncoder
 from .common import (
@@ -26,25 +26,8 @@ logger = logging.getLogger("siglip2_encoder")
 CONVERT_SOURCES = ("auto", "hf", "timm", "big_vision")
 
 
-def _source_format(source: str, declared: str) -> str:
-    """The format of ``convert``'s SOURCE: as declared, or from what it is (an ``.npz`` file is big_vision's, a
-    folder whose config.json names an ``architecture`` is timm's, ``hf-hub:`` is timm's Hub scheme)."""
-    if declared != "auto":
-        return declared
-    path = Path(source)
-    if path.is_file() and path.suffix == ".npz":
-        return "big_vision"
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            return "timm" if "architecture" in json.loads(config.read_text()) else "hf"
-        except (ValueError, OSError):
-            return "hf"  # the transformers reader names what is wrong with it
-    return "timm" if source.startswith("hf-hub:") else "hf"
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
-    source = _source_format(args.source, args.source_format)
+    source = args.source_format if args.source_format != "auto" else checkpoint_format(args.source)
     if args.image_size is not None and source != "big_vision":
         raise UsageError(f"--image-size is for big_vision .npz sources; {args.source} is read as {source}")
     check_output_folder(args.destination)

@@ -12,6 +12,7 @@ from ..checkpoints.folders import read_config, read_processor_config
 from ..checkpoints.hub import CheckpointError, CheckpointSource
 from ..config import EncoderConfig, ProcessorConfig
 from ..data.images import ImageLoadError, load_image
+from ..integrations.dense import pca_rgb
 from ..models.flops import encoder_flops, num_parameters
 from ..presets import get_preset, list_presets
 from .common import (
@@ -88,32 +89,6 @@ def _describe(model: str) -> tuple[EncoderConfig, ProcessorConfig, str]:
         raise FatalError(f"{err}; `siglip2-encoder info --list` shows the presets, which need no download") from None
 
 
-def pca_picture(image: np.ndarray, features: torch.Tensor) -> np.ndarray:
-    """The image beside its features' first three principal components as RGB.
-
-    Args:
-        image: (H, W, 3) uint8.
-        features: (D, h, w) patch features.
-
-    Returns:
-        (H, 2 * W + gap, 3) uint8: the image, then the components (each scaled to its 1st-99th percentile),
-        upsampled bilinearly to the image size.
-    """
-    d, h, w = features.shape
-    tokens = features.reshape(d, h * w).T.float()
-    tokens = tokens - tokens.mean(0)
-    _, _, v = torch.linalg.svd(tokens, full_matrices=False)
-    components = tokens @ v[:3].T  # (h * w, 3)
-    low, high = torch.quantile(components, 0.01, dim=0), torch.quantile(components, 0.99, dim=0)
-    components = ((components - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
-    grid = components.T.reshape(1, 3, h, w)
-    height, width = image.shape[:2]
-    upsampled = torch.nn.functional.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-    pca = (upsampled[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    gap = np.full((height, max(4, width // 50), 3), 255, np.uint8)
-    return np.concatenate([image, gap, pca], axis=1)
-
-
 def cmd_pca(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -128,7 +103,8 @@ def cmd_pca(args: argparse.Namespace) -> int:
         out = model.eval()(**inputs, layers=layers, return_last=args.layer is None, return_pooled=False)
     features = out.feature_maps(args.layer)[0]
     shown = pixels if pixels.dtype == np.uint8 else (pixels * 255).round().astype(np.uint8)
-    picture = pca_picture(shown, features)
+    gap = np.full((shown.shape[0], max(4, shown.shape[1] // 50), 3), 255, np.uint8)
+    picture = np.concatenate([shown, gap, pca_rgb(features, shown.shape[:2])], axis=1)  # the image, then its PCA
     Image.fromarray(picture).save(args.output)
     logger.info("PCA of %s (%dx%d tokens) written to %s", args.image, *features.shape[1:], args.output)
     if args.random_weights:

@@ -6,17 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..data.images import ImageLoadError, load_image
-from ..data.processor import ImageProcessor
 from ..files import write_atomic
 from ..models.joint import DEFAULT_TEMPLATE, SigLIP2Model
 from ..models.text import SigLIP2TextEncoder
+from ..pipeline.classify import classify_files
 from ..pipeline.faiss_index import FaissIndex
 from ..pipeline.index_ready import NPY_DTYPES, export_index_ready
 from ..pipeline.retrieval import top_k
@@ -66,25 +64,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
         label_set = model.encode_labels(labels, tokenizer, args.template or [DEFAULT_TEMPLATE])
     except ValueError as err:
         raise UsageError(f"--labels / --template: {err}") from None
-    processor = ImageProcessor(model.vision_model.processor_config)
     rows: list[dict] = []
-    show = not args.quiet and sys.stderr.isatty()
-    for start in tqdm(range(0, len(paths), args.batch_size), disable=not show, unit="batch"):
-        batch = {path: None for path in paths[start : start + args.batch_size]}  # path -> its row, input order
-        loaded = {}
-        for path in batch:
-            try:
-                loaded[path] = load_image(path)
-            except ImageLoadError as err:
-                batch[path] = {"path": path, "status": "failed", "error": str(err)}
-                logger.warning("failed: %s", err)
-        if loaded:
-            ranked = model.classify(list(loaded.values()), label_set, processor=processor, top_k=args.top_k)
-            for path, labels_of_image in zip(loaded, ranked):
-                batch[path] = {"path": path, "status": "ok", "labels": labels_of_image}
-                print(path)
-                print("\n".join(f"  {r['score']:.4f}  {r['label']}" for r in labels_of_image))
-        rows += batch.values()
+    progress = None if not args.quiet else False
+    for row in classify_files(paths, model, label_set, batch_size=args.batch_size, top_k=args.top_k, progress=progress):
+        if row["status"] == "ok":
+            print(row["path"])
+            print("\n".join(f"  {r['score']:.4f}  {r['label']}" for r in row["labels"]))
+        rows.append(row)
     if args.jsonl:
         write_atomic(Path(args.jsonl), "".join(json.dumps(row) + "\n" for row in rows).encode())
     failed = sum(row["status"] == "failed" for row in rows)

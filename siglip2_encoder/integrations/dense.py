@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +23,7 @@ from ..data.processor import ImageProcessor, naflex_size
 from ..models.model import SigLIP2Encoder
 from ..output import Layer
 
-__all__ = ["feature_maps", "prepare_image", "tile_starts", "tiled_feature_maps"]
+__all__ = ["feature_maps", "pca_rgb", "prepare_image", "tile_starts", "tiled_feature_maps"]
 
 
 def prepare_image(
@@ -143,3 +144,27 @@ def tiled_feature_maps(
             total[r : r + th, c : c + tw] += weight
     maps = {layer: (acc / total).to(model.encoder_dtype) for layer, acc in sums.items()}
     return {k: _upsample(v, original) for k, v in maps.items()} if upsample else maps
+
+
+def pca_rgb(features: torch.Tensor, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The first three principal components of a feature map as an RGB picture, the usual look at dense features.
+
+    Args:
+        features: (D, h, w) patch features (e.g. one of :func:`feature_maps`).
+        size: (H, W) to upsample to (bilinear); None keeps (h, w).
+
+    Returns:
+        (H, W, 3) uint8: component i in channel i, each scaled to its 1st-99th percentile. A component's sign is
+        arbitrary (as in any PCA), so colours may swap between runs of different software, not between runs of this.
+    """
+    d, h, w = features.shape
+    tokens = features.reshape(d, h * w).T.float()
+    tokens = tokens - tokens.mean(0)
+    _, _, v = torch.linalg.svd(tokens, full_matrices=False)
+    components = tokens @ v[:3].T  # (h * w, 3)
+    low, high = torch.quantile(components, 0.01, dim=0), torch.quantile(components, 0.99, dim=0)
+    components = ((components - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
+    grid = components.T.reshape(1, 3, h, w)
+    if size is not None:
+        grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    return (grid[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

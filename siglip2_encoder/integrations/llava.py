@@ -13,11 +13,12 @@ Export to / import from transformers' ``LlavaForConditionalGeneration`` lives in
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -195,37 +196,51 @@ class VLMProcessor:
             grids = _grids(inputs.pixel_values, inputs.spatial_shapes, self.patch_size)
             counts = [self.projector.num_tokens(grid) for grid in grids]
 
-        tok = self.tokenizer
-        start, end = self._text_ids(self.image_start), self._text_ids(self.image_end)
-        sequences, label_sequences, next_image = [], [], 0
-        for b, (parts, sizes) in enumerate(zip(pieces, frames_per_placeholder)):
-            ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
-            for i, segment in enumerate(parts[0::2]):
-                if i:  # the placeholder before this text: its images' (or frames') tokens
-                    for count in counts[next_image : next_image + sizes[i - 1]]:
-                        ids += start + [self.image_token_id] * count + end
-                    next_image += sizes[i - 1]
-                ids += self._text_ids(segment)
-            labels = [IGNORE_INDEX] * len(ids)
-            if targets is not None:
-                answer = self._text_ids(targets[b]) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
-                ids, labels = ids + answer, labels + answer
-            sequences.append(ids)
-            label_sequences.append(labels)
-
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), length), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(sequences), length, dtype=torch.long)
-        labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
-        for b, (ids, lab) in enumerate(zip(sequences, label_sequences)):
-            span = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
-            input_ids[b, span] = torch.tensor(ids)
-            labels[b, span] = torch.tensor(lab)
-            attention_mask[b, span] = 1
+        remaining = iter(counts)  # each image's (or frame's) token count, in placeholder order
+        samples = [
+            self._sample_ids(parts, sizes, remaining, None if targets is None else targets[b])
+            for b, (parts, sizes) in enumerate(zip(pieces, frames_per_placeholder))
+        ]
+        input_ids, attention_mask, labels = _pad(samples, self.tokenizer.pad_token_id, padding_side)
         batch.update(input_ids=input_ids, attention_mask=attention_mask)
         if targets is not None:
             batch["labels"] = labels
         return batch
+
+    def _sample_ids(
+        self, parts: list[str], sizes: list[int], counts: Iterator[int], target: str | None
+    ) -> tuple[list[int], list[int]]:
+        """One sample's (ids, labels): BOS, its texts with each placeholder's image tokens between them (the next
+        ``sizes[i]`` of ``counts`` for placeholder i), then the target and EOS, the only tokens with labels."""
+        tok = self.tokenizer
+        start, end = self._text_ids(self.image_start), self._text_ids(self.image_end)
+        ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        for i, segment in enumerate(parts[0::2]):
+            if i:  # the placeholder before this text: its images' (or frames') tokens
+                for count in itertools.islice(counts, sizes[i - 1]):
+                    ids += start + [self.image_token_id] * count + end
+            ids += self._text_ids(segment)
+        labels = [IGNORE_INDEX] * len(ids)
+        if target is not None:
+            answer = self._text_ids(target) + ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+            ids, labels = ids + answer, labels + answer
+        return ids, labels
+
+
+def _pad(
+    samples: list[tuple[list[int], list[int]]], pad_id: int, padding_side: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (B, T): the samples' (ids, labels) padded on ``padding_side``."""
+    length = max(len(ids) for ids, _ in samples)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(samples), length, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    for b, (ids, lab) in enumerate(samples):
+        span = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
+        input_ids[b, span] = torch.tensor(ids)
+        labels[b, span] = torch.tensor(lab)
+        attention_mask[b, span] = 1
+    return input_ids, attention_mask, labels
 
 
 class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):

@@ -39,7 +39,7 @@ from ..checkpoints.folders import read_processor_config
 from ..checkpoints.hf_format import config_from_hf, config_to_hf, convert_hf_state_dict, processor_config_to_hf
 from ..checkpoints.hub import CheckpointSource
 from ..checkpoints.publish import HubMixin, ModelCardInfo
-from ..checkpoints.strict import check_state_dict
+from ..checkpoints.strict import build_loaded
 from ..models.model import SigLIP2Encoder
 from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel
@@ -116,17 +116,7 @@ def export_llava(
         tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
     )
     state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
-    if isinstance(projector, MLPProjector):
-        first, second = _linears(projector)
-        linear_1 = (first.weight, first.bias)
-        linear_2 = (second.weight, second.bias)
-    else:  # linear_2 = identity under LLaVA's "linear" activation
-        width = projector.config.out_features
-        linear_1 = (projector.proj.weight, projector.proj.bias)
-        linear_2 = (torch.eye(width, dtype=projector.proj.weight.dtype), projector.proj.bias.new_zeros(width))
-    for name, (weight, bias) in (("linear_1", linear_1), ("linear_2", linear_2)):
-        state[f"model.multi_modal_projector.{name}.weight"] = weight
-        state[f"model.multi_modal_projector.{name}.bias"] = bias
+    state |= _projector_weights(projector)
     state |= language_model_weights(lm, "model.language_model.", config.tie_word_embeddings)
     write_export(
         directory,
@@ -142,6 +132,24 @@ def export_llava(
         image_token=image_token,
         chat_template=chat_template or (plain_chat_template(image_token) if image_token else None),
     )
+
+
+def _projector_weights(projector: LinearProjector | MLPProjector) -> dict[str, torch.Tensor]:
+    """The projector as LLaVA's ``multi_modal_projector``: linear_1, GELU, linear_2 (a linear projector: linear_1,
+    then an identity linear_2 under LLaVA's "linear" activation)."""
+    if isinstance(projector, MLPProjector):
+        first, second = _linears(projector)
+        linear_1, linear_2 = (first.weight, first.bias), (second.weight, second.bias)
+    else:
+        width = projector.config.out_features
+        linear_1 = (projector.proj.weight, projector.proj.bias)
+        linear_2 = (torch.eye(width, dtype=projector.proj.weight.dtype), projector.proj.bias.new_zeros(width))
+    prefix = "model.multi_modal_projector"
+    return {
+        f"{prefix}.{name}.{kind}": value
+        for name, pair in (("linear_1", linear_1), ("linear_2", linear_2))
+        for kind, value in zip(("weight", "bias"), pair)
+    }
 
 
 # What the LLaVA variants add to LLaVA's vision path, which VisionLanguageModel does not represent; transformers would
@@ -226,6 +234,22 @@ def import_llava(
         )
     llava = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype or torch.float32)
     config = llava.config
+    _check_importable(config)
+    tower_config = config_from_hf(config.vision_config.to_dict())
+    processor = read_processor_config(CheckpointSource(directory), tower_config)
+    state = convert_hf_state_dict(llava.model.vision_tower.state_dict())
+    tower = build_loaded(lambda: SigLIP2Encoder(tower_config, processor), state, f"{directory}", "vision tower")
+    projector = _import_projector(config, llava.model.multi_modal_projector, tower_config.hidden_size)
+    lm = AutoModelForCausalLM.from_config(config.text_config, dtype=llava.dtype)
+    prefix = f"{lm.base_model_prefix}."
+    state = {prefix + k: v for k, v in llava.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = llava.lm_head.weight
+    lm.load_state_dict(state, strict=True)
+    return VisionLanguageModel(tower.to(llava.dtype), projector.to(llava.dtype), lm, config.image_token_id)
+
+
+def _check_importable(config: LlavaConfig) -> None:
+    """Refuse what a VisionLanguageModel cannot hold: a non-SigLIP tower, a dropped CLS token, bias-free projectors."""
     if config.vision_config.model_type != "siglip_vision_model":
         raise ValueError(f"the LLaVA vision tower is {config.vision_config.model_type!r}, not a SigLIP tower")
     if config.vision_feature_select_strategy != "full":
@@ -236,37 +260,25 @@ def import_llava(
     if not config.multimodal_projector_bias:
         raise ValueError("projectors without bias (multimodal_projector_bias=False) are not supported")
 
-    tower_config = config_from_hf(config.vision_config.to_dict())
-    processor = read_processor_config(CheckpointSource(directory), tower_config)
-    with torch.device("meta"):
-        tower = SigLIP2Encoder(tower_config, processor)
-    state = convert_hf_state_dict(llava.model.vision_tower.state_dict())
-    check_state_dict(tower.state_dict(), state, f"the vision tower of {directory}")
-    tower.load_state_dict(state, strict=True, assign=True)
 
+def _import_projector(config: LlavaConfig, source: nn.Module, tower_width: int) -> LinearProjector | MLPProjector:
+    """LLaVA's ``multi_modal_projector`` as our projector on the same layers: a 2-layer MLP (GELU), or one linear
+    layer for the "linear" activation (linear_2 after linear_1, multiplied out)."""
     layers = config.vision_feature_layer
     layers = (layers,) if isinstance(layers, int) else tuple(layers)
-    source = llava.model.multi_modal_projector
-    width = config.text_config.hidden_size
-    common = dict(in_features=tower_config.hidden_size, out_features=width, layers=layers)
+    common = dict(in_features=tower_width, out_features=config.text_config.hidden_size, layers=layers)
     if config.projector_hidden_act == "gelu":
         projector = build_projector(MLPConfig(depth=2, **common))
         for ours, theirs in zip(_linears(projector), (source.linear_1, source.linear_2)):
             ours.load_state_dict(theirs.state_dict())
-    elif config.projector_hidden_act == "linear":
+        return projector
+    if config.projector_hidden_act == "linear":
         projector = build_projector(LinearConfig(**common))
         with torch.no_grad():  # linear_2(linear_1(x)) as one layer
             projector.proj.weight.copy_(source.linear_2.weight @ source.linear_1.weight)
             projector.proj.bias.copy_(source.linear_2.weight @ source.linear_1.bias + source.linear_2.bias)
-    else:
-        raise ValueError(
-            f"projector_hidden_act={config.projector_hidden_act!r}: only 'gelu' (exact GELU, our mlp) and 'linear' "
-            f"are supported"
-        )
-
-    lm = AutoModelForCausalLM.from_config(config.text_config, dtype=llava.dtype)
-    prefix = f"{lm.base_model_prefix}."
-    state = {prefix + k: v for k, v in llava.model.language_model.state_dict().items()}
-    state["lm_head.weight"] = llava.lm_head.weight
-    lm.load_state_dict(state, strict=True)
-    return VisionLanguageModel(tower.to(llava.dtype), projector.to(llava.dtype), lm, config.image_token_id)
+        return projector
+    raise ValueError(
+        f"projector_hidden_act={config.projector_hidden_act!r}: only 'gelu' (exact GELU, our mlp) and 'linear' "
+        f"are supported"
+    )
