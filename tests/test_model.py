@@ -92,7 +92,7 @@ def test_naflex_padding_invariance():
     # Garbage in the padding must not leak into real tokens or pooling.
     inputs = naflex_inputs(images)
     noisy = inputs.pixel_values.clone()
-    noisy[~inputs.pixel_attention_mask] = 1e3
+    noisy[~inputs.pixel_attention_mask.bool()] = 1e3
     with torch.no_grad():
         polluted = model(noisy, inputs.spatial_shapes, inputs.pixel_attention_mask)
     assert torch.equal(polluted.pooler_output, longest.pooler_output)

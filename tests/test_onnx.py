@@ -49,7 +49,7 @@ def naflex_batch(images, patch):
     patches = [patchify(image[None], patch)[0] for image in images]
     length = max(len(p) for p in patches)
     pixels = torch.zeros(len(images), length, patches[0].shape[1])
-    mask = torch.zeros(len(images), length, dtype=torch.long)
+    mask = torch.zeros(len(images), length, dtype=torch.int32)  # as transformers' processor gives it
     for b, p in enumerate(patches):
         pixels[b, : len(p)], mask[b, : len(p)] = p, 1
     grids = torch.tensor([[im.shape[1] // patch, im.shape[2] // patch] for im in images])
@@ -66,6 +66,31 @@ def test_naflex_export_resizes_each_images_grid_in_the_graph(naflex, tmp_path):
             want = naflex(images).pooler_output
         got = run(tmp_path / "naflex.onnx", pixel_values=pixels, spatial_shapes=grids, pixel_attention_mask=mask)
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+
+
+def test_the_naflex_graph_takes_both_processors_outputs_unchanged(naflex, tmp_path):
+    """Our ImageProcessor and transformers' Siglip2ImageProcessor give the same input dtypes (mask int32, shapes
+    int64): either's output goes into onnxruntime as it is, and gives the PyTorch tower's features."""
+    from PIL import Image
+    from transformers import Siglip2ImageProcessor
+
+    from siglip2_encoder import ImageProcessor
+    from siglip2_encoder.checkpoints.hf_format import processor_config_to_hf
+
+    export_onnx(naflex, tmp_path / "naflex.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "naflex.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(40, 64), (90, 30)]]
+    ours = ImageProcessor(naflex.processor_config)(images)
+    theirs = Siglip2ImageProcessor.from_dict(processor_config_to_hf(naflex.processor_config))(
+        images, return_tensors="np"
+    )
+    with torch.no_grad():
+        want = naflex(**ours).pooler_output.numpy()
+    got_ours = session.run(None, {k: ours[k].numpy() for k in ours.keys()})[0]
+    got_theirs = session.run(None, dict(theirs))[0]
+    np.testing.assert_allclose(got_ours, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got_theirs, want, atol=1e-4, rtol=0)
 
 
 def test_export_onnx_command_and_its_refusals(tmp_path, caplog):

@@ -99,7 +99,8 @@ class ProcessedImages:
     Attributes:
         pixel_values: (B, 3, H, W) for fixed-resolution; (B, L, p * p * 3) patches for NaFlex, zero-padded.
         spatial_shapes: (B, 2) long, each image's token grid (h, w) (NaFlex) or None (fixed-resolution).
-        pixel_attention_mask: (B, L) bool, True for real patches (NaFlex) or None.
+        pixel_attention_mask: (B, L) int32 (as transformers'), 1 for real patches (NaFlex) or None; index with
+            ``mask.bool()``, since ``~mask`` of an int is not the padding.
         original_sizes: each input image's (height, width) before resizing.
     """
 
@@ -211,10 +212,11 @@ class ImageProcessor:
             return ProcessedImages(torch.stack([item.pixels for item in items]), original_sizes=sizes)
         length = self._budget(max_num_patches) if pad_to_max else max(len(item.pixels) for item in items)
         pixel_values = torch.zeros(len(items), length, items[0].pixels.shape[1])
-        mask = torch.zeros(len(items), length, dtype=torch.bool)
+        # int32 as transformers' processor gives it: an exported graph (ONNX) has one input type for both.
+        mask = torch.zeros(len(items), length, dtype=torch.int32)
         for i, item in enumerate(items):
             pixel_values[i, : len(item.pixels)] = item.pixels
-            mask[i, : len(item.pixels)] = True
+            mask[i, : len(item.pixels)] = 1
         shapes = torch.tensor([item.grid for item in items], dtype=torch.long)
         return ProcessedImages(pixel_values, shapes, mask, sizes)
 
