@@ -236,6 +236,44 @@ def test_classify_files_ranks_as_transformers_pipeline_and_keeps_a_bad_file_in_p
         list(classify_files(paths, model, label_set, batch_size=0))
 
 
+def test_classify_reads_the_checkpoints_own_tokenizer_once_when_first_needed(
+    zero_shot_dir, image_text_dir, tmp_path, monkeypatch
+):
+    import transformers
+    from conftest import hub_cache
+    from PIL import Image
+
+    from siglip2_encoder.data.tokenizer import TextTokenizer
+
+    images = [Image.new("RGB", (40, 30), (200, 30 * i, 10)) for i in range(2)]
+    labels = ["cat", "dog", "red car"]
+    want = SigLIP2Model.from_pretrained(zero_shot_dir).classify(
+        images, labels, tokenizer=TextTokenizer.from_pretrained(zero_shot_dir)
+    )
+    real, calls = transformers.AutoTokenizer.from_pretrained, []
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append((a, k)) or real(*a, **k)
+    )
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    assert calls == []  # not read with the model
+    assert model.classify(images, labels) == want
+    assert model.classify(images, model.encode_labels(labels)) == want and len(calls) == 1
+
+    # A Hub id, read from the local cache only: the tokenizer comes with the same options as the weights.
+    files = {p.name: p.read_bytes() for p in zero_shot_dir.iterdir() if p.is_file()}
+    hub_cache(tmp_path / "cache", "google/siglip-test", files)
+    cached = SigLIP2Model.from_pretrained("google/siglip-test", cache_dir=tmp_path / "cache", local_files_only=True)
+    assert cached.classify(images, labels) == want
+    assert calls[-1][1]["local_files_only"] is True and calls[-1][1]["cache_dir"] == tmp_path / "cache"
+
+    message = f"label names need a tokenizer and this model {image_text_dir} has no tokenizer: pass tokenizer="
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SigLIP2Model.from_pretrained(image_text_dir).classify(images, labels)
+    fresh = SigLIP2Model(model.vision_model.config, model.text_model.config)
+    with pytest.raises(ValueError, match="this model was not loaded from a checkpoint: pass tokenizer="):
+        fresh.classify(images, labels)
+
+
 def test_prompt_ensembles_average_normalised_embeddings(zero_shot_dir):
     from siglip2_encoder.data.tokenizer import TextTokenizer
 

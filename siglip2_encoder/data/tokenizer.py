@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checkpoints.hub import CheckpointSource
+
 __all__ = ["TextTokenizer", "TokenizedTexts"]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,19 @@ class TextTokenizer:
         from transformers import AutoTokenizer
 
         return cls(AutoTokenizer.from_pretrained(name_or_path, **kwargs), lowercase=lowercase)
+
+    @classmethod
+    def from_source(cls, source: CheckpointSource, *, lowercase: bool | None = None) -> TextTokenizer | None:
+        """The tokenizer a checkpoint holds, read with the source's Hub options (revision, cache, token, offline);
+        None when it holds none (no ``tokenizer_config.json``)."""
+        if source.get("tokenizer_config.json") is None:
+            return None
+        from transformers import AutoTokenizer
+
+        location = source.path if source.is_local else source.repo_id
+        options = dict(revision=source.revision, cache_dir=source.cache_dir, token=source.token)
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=source.offline, **options)
+        return cls(tokenizer, lowercase=lowercase)
 
     def __repr__(self) -> str:
         return (

@@ -107,7 +107,8 @@ def export_onnx(
 ) -> None:
     """Write ``tower`` as an ONNX model at ``path`` (torch.onnx's exporter), dynamic in batch and grid: inputs
     ``pixel_values`` (B, C, H, W), or for NaFlex ``pixel_values`` (B, L, p*p*C), ``spatial_shapes`` (B, 2) int64 and
-    ``pixel_attention_mask`` (B, L) int32 (as both processors, ours and transformers', give them); output ``features`` as :class:`ExportGraph` ``output`` says."""
+    ``pixel_attention_mask`` (B, L) int32 (as both processors, ours and transformers', give them); output
+    ``features`` as :class:`ExportGraph` ``output`` says."""
     _check_exporter()
     graph = ExportGraph(tower, output).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)

@@ -110,6 +110,8 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
         self.name_or_path: str | None = None  # the checkpoint it was loaded from (a model card's base)
+        self.source: CheckpointSource | None = None  # where its tokenizer is read from, when first needed
+        self._tokenizer: TextTokenizer | None = None
 
     @classmethod
     def from_source(
@@ -119,13 +121,34 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
         folder; single file, sharded or ``.bin``), strictly, in eval(). For the vision tower alone,
         ``SigLIP2Encoder.from_pretrained`` reads only its own shards."""
         stored = read_model_checkpoint(source, dtype=dtype)
-        return build_loaded(
+        model = build_loaded(
             lambda: cls(stored.vision_config, stored.text_config, stored.processor_config),
             stored.state_dict,
             str(source),
             "image-text model",
             device,
         )
+        model.source = source
+        return model
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The checkpoint's own tokenizer, read when first asked for (with the Hub options the model was loaded
+        with); what :meth:`encode_labels` and :meth:`classify` use unless given another.
+
+        Raises:
+            ValueError: the model was not loaded from a checkpoint, or its checkpoint holds no tokenizer.
+        """
+        if self._tokenizer is None:
+            tokenizer = None if self.source is None else TextTokenizer.from_source(self.source)
+            if tokenizer is None:
+                where = "was not loaded from a checkpoint" if self.source is None else f"{self.source} has no tokenizer"
+                raise ValueError(
+                    f"label names need a tokenizer and this model {where}: pass "
+                    f"tokenizer=TextTokenizer.from_pretrained(...)"
+                )
+            self._tokenizer = tokenizer
+        return self._tokenizer
 
     @property
     def base_checkpoint(self) -> str | None:
@@ -192,14 +215,19 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
         return image @ text.T.to(image.dtype) * self.logit_scale.exp() + self.logit_bias
 
     def encode_labels(
-        self, labels: Sequence[str], tokenizer: TextTokenizer, templates: Sequence[str] = (DEFAULT_TEMPLATE,)
+        self,
+        labels: Sequence[str],
+        tokenizer: TextTokenizer | None = None,
+        templates: Sequence[str] = (DEFAULT_TEMPLATE,),
     ) -> LabelSet:
-        """Each label's text embedding, averaged over ``templates`` (prompt ensembling) and normalised.
+        """Each label's text embedding, averaged over ``templates`` (prompt ensembling) and normalised;
+        ``tokenizer`` defaults to the checkpoint's own (:attr:`tokenizer`).
 
         Computed once: pass the result to :meth:`classify` for any number of images and calls. It is a snapshot of
         the text tower's weights: encode again after training them.
         """
         _check_labels(labels, templates)
+        tokenizer = tokenizer or self.tokenizer
         per_template = []
         with torch.inference_mode():
             for template in templates:
@@ -228,13 +256,12 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
         Args:
             images: one image or a list (anything :class:`~siglip2_encoder.ImageProcessor` takes).
             labels: a :class:`LabelSet` from :meth:`encode_labels` (fast: the text tower does not run), or label
-                names, encoded here with ``tokenizer`` and ``template`` (one template, or several to average).
+                names, encoded here with ``tokenizer`` (default: the checkpoint's own) and ``template`` (one
+                template, or several to average).
             processor: image preprocessing (default: the checkpoint's).
             top_k: keep this many labels per image (default all).
         """
         if not isinstance(labels, LabelSet):
-            if tokenizer is None:
-                raise ValueError("label names need a tokenizer: pass tokenizer=TextTokenizer.from_pretrained(...)")
             labels = self.encode_labels(labels, tokenizer, [template] if isinstance(template, str) else template)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int, got top_k={top_k!r}")
