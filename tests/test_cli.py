@@ -265,3 +265,15 @@ def test_random_weights_are_labelled_and_reproducible(tmp_path, photos, caplog):
     a, b = ExtractedFeatures.open(tmp_path / "a"), ExtractedFeatures.open(tmp_path / "b")
     assert torch.equal(a.pooled()[1], b.pooled()[1])
     assert a.settings["random_weights"] is True
+
+
+def test_quiet_works_before_and_after_the_command():
+    from siglip2_encoder.cli import build_parser
+
+    parser = build_parser()
+    base = ["extract", "a.png", "-o", "out"]
+    assert parser.parse_args(base).quiet is False
+    assert parser.parse_args(["-q", *base]).quiet is True
+    assert parser.parse_args([*base, "-q"]).quiet is True
+    assert parser.parse_args(["info", "--list", "--quiet"]).quiet is True
+    assert parser.parse_args(["similarity", "q.png", "--features", "f", "-q"]).quiet is True

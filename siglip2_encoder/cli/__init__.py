@@ -44,10 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="siglip2-encoder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, only warnings and errors")
+    quiet = dict(action="store_true", help="no progress bar, only warnings and errors")
+    parser.add_argument("-q", "--quiet", **quiet)
     commands = parser.add_subparsers(dest="command", required=True)
     for group in (jobs, search, convert, serving, describe):
         group.register(commands)
+    for command in commands.choices.values():  # global options work after the command too
+        command.add_argument("-q", "--quiet", **quiet, default=argparse.SUPPRESS)  # absent: keep the global value
     return parser
 
 
