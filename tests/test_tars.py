@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from siglip2_encoder import ExtractedFeatures
-from siglip2_encoder.cli import EXIT_OK, EXIT_PARTIAL, main
+from siglip2_encoder.cli import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, main
 
 
 def png(seed: int, size: tuple[int, int]) -> bytes:
@@ -126,3 +126,56 @@ def test_the_library_takes_a_tar_source_and_refuses_one_bare_path(shards, tiny_c
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
     with pytest.raises(TypeError, match=r"^inputs must be a list of paths or an input source, got one path: pass \["):
         extract(files[0], tmp_path / "one", model, processor, settings)
+
+
+def test_image_caption_pairs_embed_both_and_export_as_clip_retrieval_does(zero_shot_dir, tmp_path, caplog):
+    """An image-text checkpoint embeds each sample's caption (txt, or json "caption") beside its image, as
+    transformers' get_text_features / get_image_features; export-npy writes img_emb + text_emb + both columns."""
+    import pyarrow.parquet as pq
+    from test_retrieval import transformers_features
+
+    rng = np.random.default_rng(5)
+    captions = {"a": "a red square", "b": "Two dogs", "d": "a café at night"}
+    with wds.TarWriter(str(tmp_path / "pairs.tar")) as writer:
+        for key in ("a", "b", "c", "d"):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+            sample = {"__key__": key, "png": buffer.getvalue()}
+            if key == "d":
+                sample["json"] = json.dumps({"caption": captions[key], "width": 32}).encode()
+            elif key in captions:
+                sample["txt"] = captions[key]
+            writer.write(sample)
+            (tmp_path / f"{key}.png").write_bytes(sample["png"])
+    args = ["extract", "--tar", str(tmp_path / "pairs.tar"), "--model", str(zero_shot_dir), "--batch-size", "2"]
+    caplog.set_level("INFO", logger="siglip2_encoder")
+    assert main([*args, "-o", str(tmp_path / "out")]) == EXIT_PARTIAL
+    assert "embedding each sample's caption with the text tower of" in caplog.text
+    store = ExtractedFeatures.open(tmp_path / "out")
+    assert [(r["path"], r["status"], r["caption"]) for r in store.rows] == [
+        ("a", "ok", "a red square"), ("b", "ok", "Two dogs"), ("c", "failed", None), ("d", "ok", "a café at night")
+    ]  # fmt: skip
+    assert (
+        "pairs.tar:c: the sample has no caption (a txt member, or json with a 'caption'; it has png)"
+        in (store.rows[2]["error"])
+    )
+    texts = [captions[k] for k in "abd"]
+    want_text, want_image = transformers_features(zero_shot_dir, texts, [str(tmp_path / f"{k}.png") for k in "abd"])
+    caption_features = torch.cat([t for _, t, _ in store.iter_shards("caption_pooled")])
+    torch.testing.assert_close(torch.nn.functional.normalize(caption_features, dim=-1), want_text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.nn.functional.normalize(store.pooled()[1], dim=-1), want_image, atol=1e-5, rtol=0)
+
+    assert (
+        main(["export-npy", "--features", str(tmp_path / "out"), "-o", str(tmp_path / "npy"), "--save-dtype", "fp32"])
+        == 0
+    )
+    np.testing.assert_allclose(np.load(tmp_path / "npy" / "text_emb" / "text_emb_0.npy"), want_text.numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "npy" / "img_emb" / "img_emb_0.npy"), want_image.numpy(), atol=1e-5)
+    assert pq.read_table(tmp_path / "npy" / "metadata" / "metadata_0.parquet").to_pydict() == {
+        "image_path": ["a", "b", "d"], "caption": texts
+    }  # fmt: skip
+
+    assert main([*args, "-o", str(tmp_path / "images"), "--no-captions"]) == EXIT_OK  # c's image too, no texts
+    assert len(ExtractedFeatures.open(tmp_path / "images").ok) == 4
+    assert main([*args, "-o", str(tmp_path / "images"), "--resume"]) == EXIT_FATAL
+    assert "--resume with other settings than the first run (captions: False -> True)" in caplog.text

@@ -7,12 +7,15 @@ import argparse
 import logging
 import os
 
+from ..checkpoints.families import IMAGE_TEXT_TYPES
+from ..checkpoints.hub import CheckpointSource
 from ..data.images import DEFAULT_MAX_PIXELS
+from ..data.tokenizer import TextTokenizer
 from ..export.quantize import QUANTIZATIONS
 from ..models.model import SigLIP2Encoder
 from ..models.text import SigLIP2TextEncoder
 from ..pipeline.distributed import Ranks
-from ..pipeline.extract import extract
+from ..pipeline.extract import TextTower, extract
 from ..pipeline.settings import ExtractSettings, ExtractSummary, TextEmbedSettings
 from ..pipeline.sources import FileSource, InputSource, TarSource, discover_inputs, expand_videos, read_file_list
 from ..pipeline.texts import embed_texts
@@ -41,17 +44,38 @@ def _check_input_options(args: argparse.Namespace) -> None:
     if args.fps is not None and not args.fps > 0:
         raise UsageError(f"--fps {args.fps}: must be > 0")
     videos = args.fps is not None or args.num_frames is not None
+    if args.no_captions and not args.tar:
+        raise UsageError("--no-captions is for tar shards (--tar), whose samples hold captions")
     if args.tar and videos:
         raise UsageError("--fps / --num-frames take frames of video files; tar shards (--tar) hold images")
     if args.tar and (args.inputs or args.file_list):
         raise UsageError("--tar reads tar shards: give either --tar or image files / folders / --file-list, not both")
 
 
-def _extract_source(args: argparse.Namespace) -> InputSource:
-    """What ``extract`` reads: tar shards, or files (video files expanded into frames when --fps / --num-frames ask)."""
+def _text_tower(args: argparse.Namespace) -> TextTower | None:
+    """With tar shards and an image-text checkpoint that holds its tokenizer: the text tower that embeds each
+    sample's caption beside its image (clip-retrieval's image-caption pairs); None otherwise."""
+    if not args.tar or args.no_captions or args.random_weights:
+        return None
+    source = from_checkpoint(lambda: CheckpointSource(args.model), args.model)
+    config = from_checkpoint(lambda: source.read_json("config.json"), args.model) or {}
+    if config.get("model_type") not in IMAGE_TEXT_TYPES:
+        return None
+    tokenizer = from_checkpoint(lambda: TextTokenizer.from_source(source), args.model)
+    if tokenizer is None:
+        logger.info("%s has a text tower but no tokenizer: the captions are not embedded", args.model)
+        return None
+    tower = from_checkpoint(lambda: SigLIP2TextEncoder.from_source(source), args.model)
+    logger.info("embedding each sample's caption with the text tower of %s (--no-captions: images only)", args.model)
+    return TextTower(tower, tokenizer)
+
+
+def _extract_source(args: argparse.Namespace, captions: bool) -> InputSource:
+    """What ``extract`` reads: tar shards (with ``captions``, each sample's caption too), or files (video files
+    expanded into frames when --fps / --num-frames ask)."""
     if args.tar:
         try:
-            return TarSource(args.tar)
+            return TarSource(args.tar, captions=captions)
         except (ValueError, ImportError) as err:
             raise UsageError(f"--tar {' '.join(args.tar)}: {err}") from None
     videos = args.fps is not None or args.num_frames is not None
@@ -61,7 +85,9 @@ def _extract_source(args: argparse.Namespace) -> InputSource:
     return FileSource(expand_videos(paths, fps=args.fps, num_frames=args.num_frames))
 
 
-def _extract_settings(args: argparse.Namespace, model: SigLIP2Encoder, name: str, device: str) -> ExtractSettings:
+def _extract_settings(
+    args: argparse.Namespace, model: SigLIP2Encoder, name: str, device: str, captions: bool
+) -> ExtractSettings:
     """The settings the options ask for, checked against the model (its layers, NaFlex, its pooling head)."""
     if args.max_num_patches is not None and not model.config.naflex:
         raise UsageError(f"--max-num-patches applies to NaFlex checkpoints; {name} has a fixed resolution")
@@ -95,6 +121,7 @@ def _extract_settings(args: argparse.Namespace, model: SigLIP2Encoder, name: str
         video_fps=args.fps,
         video_frames=args.num_frames,
         quantize=args.quantize,
+        captions=captions,
     )
 
 
@@ -114,9 +141,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     check_file_list(args.file_list)
     device = resolve_device(args.device)
     _check_input_options(args)
-    source = _extract_source(args)
     model, processor = load_model(args.model, args.random_weights)
-    settings = _extract_settings(args, model, args.random_weights or args.model, device)
+    text = _text_tower(args)
+    source = _extract_source(args, captions=text is not None)
+    settings = _extract_settings(args, model, args.random_weights or args.model, device, captions=text is not None)
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
     ranks = Ranks.from_env()  # under torchrun: this process's share of the inputs
     where = f" (rank {ranks.rank} of {ranks.world})" if ranks.distributed else ""
@@ -133,6 +161,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         num_workers=workers,
         progress=None if not args.quiet else False,
         ranks=ranks,
+        text=text,
     )
     if settings.random_weights:
         logger.warning(RANDOM_BANNER, settings.model)
@@ -188,8 +217,10 @@ def _extract_command(commands: argparse._SubParsersAction) -> None:
         default=[],
         metavar="SPEC",
         help="WebDataset tar shards instead of files: a path, a brace pattern ('shards-{000..099}.tar'), 'pipe:CMD' "
-        "or a URL; repeatable. Each sample's key is its id in the manifest",
+        "or a URL; repeatable. Each sample's key is its id in the manifest; with an image-text checkpoint each "
+        "sample's caption (txt, or json 'caption') is embedded too, as caption_pooled",
     )
+    p.add_argument("--no-captions", action="store_true", help="tar shards: extract the images only")
     frames = p.add_mutually_exclusive_group()
     frames.add_argument("--fps", type=float, help="take video files too: a frame every 1/FPS seconds")
     frames.add_argument("--num-frames", type=positive_int, help="take video files too: N frames, evenly spaced")

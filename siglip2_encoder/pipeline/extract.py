@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +25,18 @@ from tqdm import tqdm
 
 from ..data.images import load_image, load_image_bytes
 from ..data.processor import ImageProcessor, ProcessedImage
+from ..data.tokenizer import TextTokenizer
 from ..data.video import VideoFrame, read_frame
 from ..export.quantize import quantize
 from ..models.model import SigLIP2Encoder
+from ..models.text import SigLIP2TextEncoder
 from .decoding import DecodingPool
 from .distributed import Ranks
 from .settings import DTYPES, ExtractSettings, ExtractSummary, job_identity, run_options
 from .sources import Failed, FileSource, InputSource, TarMember, Task
 from .store import ShardWriter, next_shard_index, prepare_output, read_rows, sole_writer, write_manifest
 
-__all__ = ["extract"]
+__all__ = ["TextTower", "extract"]
 
 
 @dataclass(frozen=True)
@@ -118,58 +120,108 @@ def _decoded(
         yield stubs.popleft(), item
 
 
-def _encode(
-    model: SigLIP2Encoder,
-    processor: ImageProcessor,
-    items: list[ProcessedImage],
-    settings: ExtractSettings,
-    rows: list[dict[str, Any]],
-    device: str,
-) -> list[dict[str, torch.Tensor]]:
-    """Run one batch; returns each image's features and fills in the ok rows' grids."""
-    inputs = processor.collate(items).to(device, model.dtype)
-    with torch.inference_mode():
-        out = model(
-            **inputs, layers=settings.layers, return_last=settings.last_hidden_state, return_pooled=settings.pooled
+@dataclass(frozen=True)
+class TextTower:
+    """The text tower and tokenizer that embed each input's caption (``ExtractSettings.captions``), as
+    ``caption_pooled`` beside the image's features: the pair clip-retrieval's ``--enable_text`` writes."""
+
+    model: SigLIP2TextEncoder
+    tokenizer: TextTokenizer
+
+
+@dataclass(frozen=True)
+class _Encoder:
+    """Runs one batch of decoded images (and their captions) through the towers."""
+
+    model: SigLIP2Encoder
+    processor: ImageProcessor
+    settings: ExtractSettings
+    device: str
+    text: TextTower | None
+
+    @classmethod
+    def on(
+        cls,
+        device: str,
+        model: SigLIP2Encoder,
+        processor: ImageProcessor,
+        settings: ExtractSettings,
+        text: TextTower | None,
+    ) -> _Encoder:
+        """The towers moved to ``device`` in the settings' precision (half precision keeps the patch and position
+        embeddings in fp32, and the pixels fed to them), quantized if asked, in eval()."""
+        model = model.to(device=device).set_precision(DTYPES[settings.dtype]).eval()
+        if settings.quantize is not None:
+            model = quantize(model, settings.quantize)
+        if text is not None:
+            text = replace(text, model=text.model.to(device=device, dtype=DTYPES[settings.dtype]).eval())
+        return cls(model, processor, settings, device, text)
+
+    def __call__(self, items: list[ProcessedImage], rows: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        """Each image's features; fills in the grids of ``rows``' ok rows (one per item, in order)."""
+        settings = self.settings
+        inputs = self.processor.collate(items).to(self.device, self.model.dtype)
+        with torch.inference_mode():
+            out = self.model(
+                **inputs, layers=settings.layers, return_last=settings.last_hidden_state, return_pooled=settings.pooled
+            )
+        per_image: list[dict[str, torch.Tensor]] = [{} for _ in items]
+        if settings.pooled:
+            for f, pooled in zip(per_image, out.pooler_output):
+                f["pooled"] = pooled
+        for name, layer in settings.token_features():
+            for f, tokens in zip(per_image, out.per_image(layer)):
+                f[name] = tokens
+        ok = [r for r in rows if r["status"] == "ok"]
+        for row, grid in zip(ok, out.grids):
+            row["grid"] = list(grid)
+        if self.text is not None:
+            tokens = self.text.tokenizer([row["caption"] for row in ok])
+            mask = None if tokens.attention_mask is None else tokens.attention_mask.to(self.device)
+            with torch.inference_mode():
+                captions = self.text.model(tokens.input_ids.to(self.device), mask, return_last=False).pooler_output
+            for f, caption in zip(per_image, captions):
+                f["caption_pooled"] = caption
+        return per_image
+
+
+def _check_captions(settings: ExtractSettings, source: InputSource, text: TextTower | None) -> None:
+    if settings.captions != (text is not None):
+        raise ValueError(
+            f"settings.captions={settings.captions} but text={'given' if text else None}: captions need the text "
+            f"tower and tokenizer (text=TextTower(model, tokenizer)), and only settings.captions=True uses them"
         )
-    per_image: list[dict[str, torch.Tensor]] = [{} for _ in items]
-    if settings.pooled:
-        for f, pooled in zip(per_image, out.pooler_output):
-            f["pooled"] = pooled
-    for name, layer in settings.token_features():
-        for f, tokens in zip(per_image, out.per_image(layer)):
-            f[name] = tokens
-    for row, grid in zip((r for r in rows if r["status"] == "ok"), out.grids):
-        row["grid"] = list(grid)
-    return per_image
+    if settings.captions and not source.captions:
+        raise ValueError(
+            f"settings.captions=True needs a source that gives captions (TarSource(specs, captions=True)), got a "
+            f"{type(source).__name__}"
+        )
 
 
 def _blocks(
     decoded: Iterator[tuple[dict[str, Any], ProcessedImage | str]],
-    model: SigLIP2Encoder,
-    processor: ImageProcessor,
-    settings: ExtractSettings,
-    device: str,
+    encode: _Encoder,
     summary: ExtractSummary,
     bar: tqdm,
 ) -> Iterator[tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]]:
     """Encode the decoded inputs batch by batch; yields (rows, features) for every ``shard_size`` of them (the last
     block may be shorter), counting what succeeded and failed in ``summary``."""
+    batch_size, shard_size = encode.settings.batch_size, encode.settings.shard_size
     rows: list[dict[str, Any]] = []
     features: list[dict[str, torch.Tensor]] = []
     while True:
-        items = list(itertools.islice(decoded, min(settings.batch_size, settings.shard_size - len(rows))))
+        items = list(itertools.islice(decoded, min(batch_size, shard_size - len(rows))))
         batch_rows = [stub | _outcome(item) for stub, item in items]
         good = [item for _, item in items if not isinstance(item, str)]
         if good:
-            features += _encode(model, processor, good, settings, batch_rows, device)
+            features += encode(good, batch_rows)
         summary.failures += [(row["path"], row["error"]) for row in batch_rows if row["error"]]
         summary.done += len(good)
         summary.failed += len(items) - len(good)
         rows += batch_rows
         bar.update(len(items))
         bar.set_postfix(failed=summary.failed, refresh=False)
-        if rows and (len(rows) == settings.shard_size or not items):
+        if rows and (len(rows) == shard_size or not items):
             yield rows, features
             rows, features = [], []
         if not items:
@@ -199,6 +251,7 @@ def extract(
     num_workers: int = 0,
     progress: bool | None = None,
     ranks: Ranks | None = None,
+    text: TextTower | None = None,
 ) -> ExtractSummary:
     """Extract features of ``inputs`` into the folder ``output`` (layout in :mod:`siglip2_encoder.pipeline.store`).
 
@@ -216,6 +269,8 @@ def extract(
         ranks: the processes of a distributed job (``Ranks.from_env()`` under torchrun), all called with the same
             arguments: each writes its share of the inputs (see the source), rank 0 checks the folder first and
             writes the merged manifest last.
+        text: with ``settings.captions``, the text tower and tokenizer that embed each input's caption (the
+            source must give captions: ``TarSource(specs, captions=True)``).
 
     Raises:
         ValueError: the folder is being written by another run, holds output (without ``resume`` or
@@ -224,6 +279,7 @@ def extract(
     if isinstance(inputs, (str, os.PathLike)):
         raise TypeError(f"inputs must be a list of paths or an input source, got one path: pass [{inputs!r}]")
     source = inputs if isinstance(inputs, InputSource) else FileSource(inputs)
+    _check_captions(settings, source, text)
     ranks = ranks or Ranks()
     with _start_run(output, settings, ranks, resume=resume, overwrite=overwrite) as run:
         source.check_same(ranks)
@@ -231,17 +287,12 @@ def extract(
         failed_before = sum(r["status"] == "failed" for r in run.done_rows)
         summary = ExtractSummary(skipped=share.skipped, failed_before=failed_before)
         started = time.monotonic()
-        # Half precision keeps the patch and position embeddings in fp32 (and the pixels fed to them).
-        device = ranks.device(settings.device)
-        model = model.to(device=device).set_precision(DTYPES[settings.dtype]).eval()
-        if settings.quantize is not None:
-            model = quantize(model, settings.quantize)
+        encode = _Encoder.on(ranks.device(settings.device), model, processor, settings, text)
         pool = DecodingPool(_Decode(processor, settings), num_workers, ahead=2 * settings.batch_size)
         writer = ShardWriter(run.folder, DTYPES[settings.save_dtype], run_options(settings))
         show = (sys.stderr.isatty() if progress is None else progress) and ranks.main
         with tqdm(total=share.total, unit="img", disable=not show, dynamic_ncols=True) as bar:
-            blocks = _blocks(_decoded(share.inputs, pool), model, processor, settings, device, summary, bar)
-            for rows, features in blocks:
+            for rows, features in _blocks(_decoded(share.inputs, pool), encode, summary, bar):
                 writer.write(rows, features, next(share.shards))
         summary.seconds = time.monotonic() - started
         _finish_run(run, summary, source)

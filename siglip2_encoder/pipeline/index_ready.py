@@ -2,7 +2,8 @@
 
     out/
       img_emb/img_emb_0.npy           (n, D) L2-normalised pooled features (text_emb/text_emb_0.npy for texts)
-      metadata/metadata_0.parquet     one row per vector, same order: image_path (or caption for texts)
+      text_emb/text_emb_0.npy         (n, D) the same rows' captions, when they were extracted (tar shards)
+      metadata/metadata_0.parquet     one row per vector, same order: image_path (and caption), or caption for texts
       ...
 
 File numbers are zero-padded to one width, so name order is row order. Only inputs that succeeded are written
@@ -17,6 +18,7 @@ import io
 import logging
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +45,29 @@ def _pyarrow():
     return pyarrow
 
 
-def _blocks(features: ExtractedFeatures, rows_per_file: int) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """(names, vectors) of up to ``rows_per_file`` rows at a time, in the folder's row order."""
-    names: list[str] = []
-    parts: list[torch.Tensor] = []
-    for rows, tensor, _ in features.iter_shards("pooled"):
-        names += [features.name(row) for row in rows]
-        parts.append(tensor)
-        while len(names) >= rows_per_file:
-            block = torch.cat(parts)
-            yield names[:rows_per_file], block[:rows_per_file]
-            names, parts = names[rows_per_file:], [block[rows_per_file:]]
-    if names:
-        yield names, torch.cat(parts)
+def _blocks(
+    features: ExtractedFeatures, names: tuple[str, ...], rows_per_file: int
+) -> Iterator[tuple[list[dict], list[torch.Tensor]]]:
+    """(rows, one tensor per feature in ``names``) of up to ``rows_per_file`` rows at a time, in the folder's row
+    order."""
+    rows: list[dict] = []
+    parts: list[list[torch.Tensor]] = [[] for _ in names]
+    for shards in zip(*(features.iter_shards(name) for name in names)):
+        rows += shards[0][0]
+        for part, (_, tensor, _) in zip(parts, shards):
+            part.append(tensor)
+        while len(rows) >= rows_per_file:
+            blocks = [torch.cat(part) for part in parts]
+            yield rows[:rows_per_file], [block[:rows_per_file] for block in blocks]
+            rows, parts = rows[rows_per_file:], [[block[rows_per_file:]] for block in blocks]
+    if rows:
+        yield rows, [torch.cat(part) for part in parts]
+
+
+def _npy(vectors: torch.Tensor, dtype: str) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, F.normalize(vectors.float(), dim=-1).numpy().astype(NPY_DTYPES[dtype]))
+    return buffer.getvalue()
 
 
 def export_index_ready(
@@ -95,22 +107,27 @@ def export_index_ready(
             Arg("output", "output"),
             " folder",
         )
-    kind, column = ("text", "caption") if features.inputs == TEXT_INPUTS else ("img", "image_path")
-    embeddings, metadata = output / f"{kind}_emb", output / "metadata"
-    for folder in (embeddings, metadata):
+    # (folder, feature) pairs, and the metadata columns: row -> value
+    if features.inputs == TEXT_INPUTS:
+        outputs, columns = [("text", "pooled")], {"caption": features.name}
+    else:
+        outputs, columns = [("img", "pooled")], {"image_path": features.name}
+        if features.settings.get("captions"):  # image-caption pairs: clip-retrieval's --enable_text layout
+            outputs.append(("text", "caption_pooled"))
+            columns["caption"] = lambda row: row["caption"]
+    for folder in [output / f"{kind}_emb" for kind, _ in outputs] + [output / "metadata"]:
         folder.mkdir(parents=True, exist_ok=True)
         for old in [*folder.glob("*.npy"), *folder.glob("*.parquet")]:
             old.unlink()
     width = len(str(max(0, (len(features.ok) - 1) // rows_per_file)))
     written = 0
-    for number, (names, vectors) in enumerate(_blocks(features, rows_per_file)):
+    for number, (rows, vectors) in enumerate(_blocks(features, tuple(name for _, name in outputs), rows_per_file)):
         suffix = str(number).zfill(width)
-        array = F.normalize(vectors.float(), dim=-1).numpy().astype(NPY_DTYPES[dtype])
-        buffer = io.BytesIO()
-        np.save(buffer, array)
-        write_atomic(embeddings / f"{kind}_emb_{suffix}.npy", buffer.getvalue())
-        table = pyarrow.table({column: names})
-        write_atomic(metadata / f"metadata_{suffix}.parquet", lambda tmp: pyarrow.parquet.write_table(table, tmp))  # noqa: B023
-        written += len(names)
-    logger.info("wrote %d vectors to %s (%s_emb/, metadata/)", written, output, kind)
+        for (kind, _), block in zip(outputs, vectors):
+            write_atomic(output / f"{kind}_emb" / f"{kind}_emb_{suffix}.npy", _npy(block, dtype))
+        table = pyarrow.table({column: [value(row) for row in rows] for column, value in columns.items()})
+        write_atomic(output / "metadata" / f"metadata_{suffix}.parquet", partial(pyarrow.parquet.write_table, table))
+        written += len(rows)
+    folders = ", ".join(f"{kind}_emb/" for kind, _ in outputs)
+    logger.info("wrote %d rows to %s (%s, metadata/)", written, output, folders)
     return written

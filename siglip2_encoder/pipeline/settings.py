@@ -56,6 +56,7 @@ class ExtractSettings:
     video_fps: float | None = None  # videos: frames taken every 1 / video_fps seconds
     video_frames: int | None = None  # videos: this many frames, evenly spaced
     quantize: str | None = None  # torchao quantization of the encoder layers (one of QUANTIZATIONS); fp32 compute
+    captions: bool = False  # each input's caption through the text tower too (``caption_pooled``; tar shards)
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "batch_size", "shard_size", "max_pixels")

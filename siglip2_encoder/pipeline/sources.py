@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import json
 import logging
 import os
 from collections import defaultdict
@@ -79,6 +80,8 @@ class Share:
 class InputSource(Protocol):
     """What :func:`~siglip2_encoder.pipeline.extract.extract` needs of its inputs."""
 
+    captions: bool  # every row it gives an image for carries its text as ``caption``
+
     def check_same(self, ranks: Ranks) -> None:
         """Refuse ranks that were given different inputs."""
 
@@ -104,6 +107,7 @@ class FileSource:
     shard ``first + j``, so the folder is the one a single process would write, shard for shard."""
 
     paths: Sequence[str | VideoFrame]
+    captions = False  # files come without texts
 
     def __post_init__(self) -> None:
         self.names = [str(p) for p in self.paths]
@@ -130,15 +134,19 @@ class TarSource:
     """WebDataset tar shards, streamed by the ``webdataset`` package (never unpacked).
 
     Each sample's first image member (by extension) is its input; its row has the sample's key as ``path``, the
-    shard URL as ``tar`` and its position in the shard as ``member``. A sample without an image and a shard that
+    shard URL as ``tar`` and its position in the shard as ``member``, and its caption as ``caption`` (the ``txt``
+    member, else a ``json`` member's ``"caption"``; None without either). A sample without an image and a shard that
     breaks off become failures. Shard URL i goes to rank i % world; a resumed run skips the (tar, key) pairs
     already committed, with any number of ranks.
 
     Args:
         specs: shard specs (see :func:`expand_tar_specs`).
+        captions: the captions are extracted too (clip-retrieval's image-caption pairs): a sample without one is
+            then a failure, so that every extracted image has its text.
     """
 
     specs: Sequence[str]
+    captions: bool = False
 
     def __post_init__(self) -> None:
         self.urls = expand_tar_specs(self.specs)
@@ -151,7 +159,8 @@ class TarSource:
         done = {(row.get("tar"), row["path"]) for row in done_rows}
         mine = [url for i, url in enumerate(self.urls) if ranks.owns(i)]
         shards = (first + k * ranks.world + ranks.rank for k in itertools.count())
-        return Share(_tar_inputs(mine, done, image_extensions()), shards, None, skipped=len(done_rows))
+        inputs = _tar_inputs(mine, done, image_extensions(), self.captions)
+        return Share(inputs, shards, None, skipped=len(done_rows))
 
     def position(self, row: dict[str, Any]) -> tuple[int, float]:
         member = row.get("member")
@@ -168,12 +177,25 @@ def expand_tar_specs(specs: Sequence[str]) -> list[str]:
     return [url for spec in specs for url in expand_urls(spec)]
 
 
+def _caption(sample: dict[str, Any]) -> str | None:
+    """A WebDataset sample's caption: its ``txt`` member (UTF-8), else its ``json`` member's ``"caption"``."""
+    try:
+        if isinstance(sample.get("txt"), bytes):
+            return sample["txt"].decode("utf-8")
+        if isinstance(sample.get("json"), bytes):
+            caption = json.loads(sample["json"]).get("caption")
+            return caption if isinstance(caption, str) else None
+    except (UnicodeDecodeError, ValueError, AttributeError):  # undecodable text, invalid JSON, a JSON list
+        return None
+    return None
+
+
 def _tar_inputs(
-    urls: Sequence[str], done: set[tuple[str, str]], extensions: frozenset[str]
+    urls: Sequence[str], done: set[tuple[str, str]], extensions: frozenset[str], captions: bool
 ) -> Iterator[tuple[dict[str, Any], Task]]:
     """(row fields, task) for every sample of the tar shards ``urls`` not in ``done`` ((tar, key) pairs), read by
-    webdataset in order. A sample without an image member, or a shard that cannot be read (from where it breaks),
-    becomes a failure."""
+    webdataset in order. A sample without an image member (with ``captions``: or without a caption), or a shard that
+    cannot be read (from where it breaks), becomes a failure."""
     import webdataset as wds
 
     for url in urls:
@@ -190,13 +212,21 @@ def _tar_inputs(
             key = sample["__key__"]
             if (url, key) in done:
                 continue
-            stub = {"path": key, "tar": url, "member": member}
+            stub = {"path": key, "tar": url, "member": member, "caption": _caption(sample)}
             images = [name for name in sample if "." + name.rsplit(".", 1)[-1].lower() in extensions]
-            if images:
-                yield stub, TarMember(f"{url}:{key}.{images[0]}", sample[images[0]])
-            else:
-                others = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing"
+            others = ", ".join(sorted(k for k in sample if not k.startswith("__"))) or "nothing"
+            if not images:
                 yield stub, Failed(f"{url}:{key}: the sample has no image member (it has {others})")
+            elif captions and stub["caption"] is None:
+                yield (
+                    stub,
+                    Failed(
+                        f"{url}:{key}: the sample has no caption (a txt member, or json with a 'caption'; it has "
+                        f"{others}); extract without captions to take its image alone"
+                    ),
+                )
+            else:
+                yield stub, TarMember(f"{url}:{key}.{images[0]}", sample[images[0]])
         if broken and (url, url) not in done:
             yield {"path": url, "tar": url, "member": None}, Failed(f"{url}: cannot read the tar shard: {broken[0]}")
 

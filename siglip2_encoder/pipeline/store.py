@@ -16,7 +16,8 @@ write_atomic`). A crash or power loss therefore leaves only whole, committed sha
 A folder of text embeddings (``embed-text``) has the same layout, ``"inputs": "texts"`` in ``run.json`` and rows
 with ``text`` where image rows have ``path``.
 
-Each shard holds ``pooled`` (n, D) for the n images that succeeded, and for token features (``last_hidden_state``,
+Each shard holds ``pooled`` (n, D) for the n images that succeeded (and ``caption_pooled`` (n, D), their captions'
+text features, when captions were extracted from tar shards), and for token features (``last_hidden_state``,
 ``hidden_state_<layer>``) the tokens of all n images packed as (sum of h*w, D), with ``token_offsets`` (n + 1,)
 marking where each image's tokens start.
 """
@@ -187,7 +188,8 @@ class ShardWriter:
         Args:
             rows: manifest rows for every input of the block, in input order; rows with ``status == "ok"`` get their
                 ``shard`` and ``row`` filled in here, in the order of ``features``.
-            features: for each successful input, name -> tensor: ``pooled`` (D,) and token features (h * w, D).
+            features: for each successful input, name -> tensor: vectors (D,) such as ``pooled`` and
+                ``caption_pooled``, stored stacked (n, D); token features (h * w, D), stored packed.
         """
         index = self.next_index if index is None else index
         name = f"shard-{index:05d}"
@@ -200,8 +202,9 @@ class ShardWriter:
             tensors: dict[str, torch.Tensor] = {}
             for key in features[0]:
                 parts = [f[key].to(self.dtype).cpu() for f in features]
-                tensors[key] = torch.stack(parts) if key == "pooled" else torch.cat(parts)
-                if key != "pooled" and "token_offsets" not in tensors:
+                vector = parts[0].ndim == 1  # one (D,) vector per input, or (tokens, D) per input
+                tensors[key] = torch.stack(parts) if vector else torch.cat(parts)
+                if not vector and "token_offsets" not in tensors:
                     counts = torch.tensor([0] + [len(p) for p in parts])
                     tensors["token_offsets"] = counts.cumsum(0)
             tensors = {k: v.contiguous() for k, v in tensors.items()}
