@@ -37,6 +37,8 @@ def call(service: Service, requests, **options):
 
     async def go():
         async with app.router.lifespan_context(app):
+            if app.state.bank is not None:  # ready once the searched folder is loaded, as /ready says
+                await app.state.bank
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 return await asyncio.gather(*(client.request(m, url, **kw) for m, url, kw in requests))
@@ -144,3 +146,156 @@ def test_the_serve_command_answers_on_loopback(zero_shot_dir):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------- limits and faults
+
+
+def test_bodies_images_and_texts_over_the_limits_are_413_without_echo(service):
+    from siglip2_encoder.serve.app import ServiceLimits
+
+    limits = ServiceLimits(max_body_bytes=50_000, max_pixels=100 * 100, max_texts=3, max_text_chars=20)
+
+    async def chunks():  # a streamed body without a declared size
+        for _ in range(100):
+            yield b"x" * 1000
+
+    big = png(1, (120, 120))
+    secret = "do not echo me " * 3
+    responses, _ = call(
+        service,
+        [
+            ("POST", "/embed/image", {"content": b"x" * 60_000}),
+            ("POST", "/embed/image", {"content": chunks()}),
+            ("POST", "/embed/image", {"content": big}),
+            ("POST", "/embed/text", {"json": {"texts": ["a", "b", "c", "d"]}}),
+            ("POST", "/embed/text", {"json": {"texts": ["a", secret]}}),
+            ("POST", "/embed/text", {"content": b'{"texts": "' + secret.encode() + b'"}'}),
+            ("GET", "/search", {"params": {"q": secret, "k": 0}}),
+            ("POST", "/embed/image", {"content": png(2)}),
+        ],
+        limits=limits,
+    )
+    declared, streamed, pixels, many, long, not_list, bad_k, fine = responses
+    assert declared.status_code == 413
+    assert declared.json()["detail"] == "the body is 60000 bytes; this server takes at most 50000 (--max-body-mb)"
+    assert streamed.status_code == 413
+    assert streamed.json()["detail"] == "the body passed 50000 bytes, the most this server takes (--max-body-mb)"
+    assert pixels.status_code == 413 and pixels.json()["detail"].startswith("the request body: 120x120 = 14400 pixels")
+    assert pixels.json()["detail"].endswith("(this server's --max-pixels)")
+    assert many.status_code == 413 and many.json()["detail"] == "4 texts; this server takes at most 3 (--max-texts)"
+    assert long.json()["detail"] == "text 1 has 45 characters; this server takes at most 20 (--max-text-chars)"
+    assert not_list.status_code == 422 and not_list.json()["detail"] == '"texts" must be a list of strings'
+    assert bad_k.status_code == 422
+    assert all("echo" not in r.text for r in responses)
+    assert fine.status_code == 200
+
+
+def test_the_batcher_drops_requests_that_are_gone_and_survives_a_bad_batch():
+    from siglip2_encoder.serve.app import Batcher
+
+    calls = []
+
+    def run(items):
+        calls.append(list(items))
+        if "short" in items:
+            return items[:-1]  # fewer results than inputs: every request of the batch fails, the loop goes on
+        return [f"<{item}>" for item in items]
+
+    async def go():
+        batcher = Batcher(run, max_batch=8, max_wait=0.05)
+        batcher.queue = asyncio.Queue()
+        loop = asyncio.create_task(batcher.serve_forever())
+        gone = asyncio.create_task(batcher.submit("gone"))
+        await asyncio.sleep(0)  # queued
+        gone.cancel()  # its client left before the batch ran
+        kept = await batcher.submit("kept")
+        short = await asyncio.gather(batcher.submit("a"), batcher.submit("short"), return_exceptions=True)
+        after = await batcher.submit("after")
+        loop.cancel()
+        return kept, short, after, batcher
+
+    kept, short, after, batcher = asyncio.run(go())
+    assert (kept, after) == ("<kept>", "<after>") and calls[0] == ["kept"]
+    assert [str(e) for e in short] == ["the model gave 1 results for 2 inputs"] * 2
+    assert batcher.stopped == "the server is shutting down"
+
+
+def test_a_request_over_its_time_is_504_and_the_service_goes_on(service, monkeypatch):
+    import time
+
+    from siglip2_encoder.serve.app import ServiceLimits
+
+    real, slow = service.embed_images, [True]
+
+    def embed(images):
+        if slow.pop() if slow else False:
+            time.sleep(0.6)  # the first batch outlasts its request; its result comes back to no one
+        return real(images)
+
+    monkeypatch.setattr(service, "embed_images", embed)
+
+    async def go():
+        app = create_app(service, limits=ServiceLimits(request_timeout=0.3))
+        async with app.router.lifespan_context(app):
+            await app.state.bank
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                first = await client.post("/embed/image", content=png(1))
+                await asyncio.sleep(0.5)  # the slow batch ends and finds its request gone
+                second = await client.post("/embed/image", content=png(1))
+                ready = await client.get("/ready")
+        return first, second, ready
+
+    first, second, ready = asyncio.run(go())
+    assert (
+        first.status_code == 504 and first.json()["detail"] == "embedding the image took over 0.3 s (--request-timeout)"
+    )
+    assert second.status_code == 200 and ready.status_code == 200
+
+
+def test_ready_waits_for_the_searched_folder(service, monkeypatch):
+    import threading
+
+    from siglip2_encoder.serve import app as app_module
+
+    release, real = threading.Event(), app_module.Bank.load
+    monkeypatch.setattr(app_module.Bank, "load", lambda store: release.wait(10) and real(store))
+
+    async def go():
+        app = create_app(service)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                loading, health = await client.get("/ready"), await client.get("/health")
+                release.set()
+                await app.state.bank
+                return loading, health, await client.get("/ready")
+
+    loading, health, ready = asyncio.run(go())
+    assert loading.status_code == 503 and loading.json() == {"ready": False, "reason": "loading the features to search"}
+    assert health.status_code == 200 and ready.status_code == 200
+
+
+def test_image_serves_only_regular_files_inside_the_extracted_folder(zero_shot_dir, tmp_path, monkeypatch):
+    """Rows resolve against the extraction's working directory (not the server's), and a row whose file became a
+    symlink to a file outside the folder is a 404, with none of that file's bytes."""
+    folder = tmp_path / "work" / "photos"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        (folder / f"p{i}.png").write_bytes(png(i))
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["-q", "extract", "photos", "--model", str(zero_shot_dir), "-o", str(tmp_path / "features")]) == 0
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png(99))
+    (folder / "p1.png").unlink()
+    (folder / "p1.png").symlink_to(secret)
+    monkeypatch.chdir(tmp_path)  # the server runs elsewhere
+    responses, _ = call(
+        Service.load(zero_shot_dir, tmp_path / "features"),
+        [("GET", "/image", {"params": {"path": p}}) for p in ("photos/p0.png", "photos/p1.png", "/etc/passwd")],
+    )
+    good, linked, outside = responses
+    assert good.status_code == 200 and good.content == png(0)
+    assert linked.status_code == 404 and png(99) not in linked.content
+    assert outside.status_code == 404 and outside.json()["detail"] == "not an image of the folder"

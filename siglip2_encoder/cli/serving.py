@@ -21,13 +21,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..serve.app import Service, create_app
+        from ..serve.app import Service, ServiceLimits, create_app
     except ImportError as err:
         raise FatalError(f"serve needs FastAPI and uvicorn ({err}): pip install 'siglip2-encoder[serve]'") from None
+    if not args.request_timeout > 0:
+        raise UsageError(f"--request-timeout {args.request_timeout}: must be > 0 seconds")
+    limits = ServiceLimits(
+        max_body_bytes=args.max_body_mb * 2**20,
+        max_pixels=args.max_pixels,
+        decode_workers=args.decode_workers,
+        request_timeout=args.request_timeout,
+        max_texts=args.max_texts,
+        max_text_chars=args.max_text_chars,
+    )
     if args.features is not None:
         open_pooled(args.features)  # a folder to search must hold pooled features: checked before loading
     service = from_checkpoint(lambda: Service.load(args.model, args.features), args.model)
-    app = create_app(service, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=not args.no_batching)
+    batching = not args.no_batching
+    app = create_app(service, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=batching, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return EXIT_OK
 
@@ -46,6 +57,13 @@ def _serve_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=positive_int, default=32, help="images per forward pass at most (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more (default 5 ms)")
     p.add_argument("--no-batching", action="store_true", help="one image per forward pass")
+    limits = p.add_argument_group("limits per request (what one client may cost the server)")
+    limits.add_argument("--max-body-mb", type=positive_int, default=20, help="an image body's size (default 20 MiB)")
+    limits.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="an image's pixels (default 40 M)")
+    limits.add_argument("--decode-workers", type=positive_int, default=2, help="images decoded at once (default 2)")
+    limits.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    limits.add_argument("--max-texts", type=positive_int, default=256, help="texts per /embed/text (default 256)")
+    limits.add_argument("--max-text-chars", type=positive_int, default=2000, help="characters per text (default 2000)")
     p.set_defaults(run=cmd_serve)
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "image_extensions",
     "ImageInput",
     "ImageLoadError",
+    "ImageTooLargeError",
     "composite_on_white",
     "image_to_tensor",
     "load_image",
@@ -58,6 +59,10 @@ class ImageLoadError(ValueError):
     """A file that is not a usable image; the message names the file and the reason."""
 
 
+class ImageTooLargeError(ImageLoadError):
+    """An image with more pixels than the limit it was read under (``max_pixels``)."""
+
+
 def _open(source: Path | io.BytesIO, max_pixels: int, path: str | Path) -> Image.Image:
     """Open and decode ``source``, with our pixel limit in place of Pillow's global one; ``path`` names it in errors."""
     with _pil_limit_lock:
@@ -68,7 +73,7 @@ def _open(source: Path | io.BytesIO, max_pixels: int, path: str | Path) -> Image
             Image.MAX_IMAGE_PIXELS = saved
     if image.width * image.height > max_pixels:
         image.close()
-        raise ImageLoadError(
+        raise ImageTooLargeError(
             f"{path}: {image.width}x{image.height} = {image.width * image.height} pixels exceeds the limit of "
             f"{max_pixels} (a decompression bomb?); raise max_pixels if the image is genuine"
         )

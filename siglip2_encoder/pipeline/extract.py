@@ -97,7 +97,8 @@ def _start_run(
     folder = Path(output)
     with sole_writer(folder) if ranks.main else nullcontext():
         if ranks.main:
-            record, identity = asdict(settings), job_identity(settings)
+            # The working directory says where relative input paths lie (the service serves the images from there).
+            record, identity = asdict(settings) | {"working_dir": os.getcwd()}, job_identity(settings)
             done_rows = prepare_output(folder, record, identity, resume=resume, overwrite=overwrite)
         ranks.barrier()  # rank 0 has checked the settings and removed a crashed run's leftovers
         if not ranks.main:

@@ -1,7 +1,8 @@
 """The on-disk layout of extracted features: safetensors shards plus a JSON-lines manifest.
 
     out/
-      run.json               settings of the run (model, features, dtype, ...); a resumed run must match them
+      run.json               settings of the run (model, features, dtype, ...; and its working directory); a resumed
+                             run must match the settings that identify its features
       shard-00000.safetensors features of a block of inputs
       shard-00000.jsonl      one row per input of that block: the shard's commit record
       ...
@@ -250,6 +251,13 @@ class ExtractedFeatures:
             order = {line: i for i, line in enumerate((folder / MANIFEST).read_text().splitlines())}
             rows.sort(key=lambda row: order.get(json.dumps(row), len(order)))
         return cls(folder, json.loads((folder / RUN_FILE).read_text()), rows)
+
+    @property
+    def working_dir(self) -> Path | None:
+        """The directory the extraction ran in, against which relative input paths resolve (None: a folder written
+        before 0.2.0, which did not record it)."""
+        folder = self.settings.get("working_dir")
+        return Path(folder) if folder else None
 
     @property
     def inputs(self) -> str:
