@@ -197,9 +197,9 @@ def test_classify_equals_transformers_zero_shot_pipeline(zero_shot_dir):
     labels = ["cat", "dog", "red car", "apple tree"]
     rng = torch.Generator().manual_seed(2)
     images = [Image.fromarray(torch.randint(0, 256, (40, 50, 3), generator=rng).byte().numpy()) for _ in range(3)]
-    label_set = model.encode_labels(labels, tokenizer)
+    label_set = model.encode_labels(labels, tokenizer, canonicalize=False)  # texts as the pipeline gives them
     ours = model.classify(images, label_set)
-    assert model.classify(images, labels, tokenizer=tokenizer) == ours  # encoded on the fly: the same
+    assert model.classify(images, labels, tokenizer=tokenizer, canonicalize=False) == ours  # encoded on the fly
     for image, got in zip(images, ours):
         want = classifier(image, candidate_labels=labels)
         assert [r["label"] for r in got] == [r["label"] for r in want]
@@ -222,7 +222,7 @@ def test_classify_files_ranks_as_transformers_pipeline_and_keeps_a_bad_file_in_p
         Image.new("RGB", (40 + 10 * i, 30), (70 * i, 100, 200)).save(tmp_path / f"img{i}.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
     paths = [str(tmp_path / n) for n in ("img0.png", "broken.png", "img1.png", "img2.png")]
-    label_set = model.encode_labels(labels, tokenizer)
+    label_set = model.encode_labels(labels, tokenizer, canonicalize=False)  # as the pipeline
     rows = list(classify_files(paths, model, label_set, batch_size=2))
     assert [(r["path"], r["status"]) for r in rows] == [
         (paths[0], "ok"), (paths[1], "failed"), (paths[2], "ok"), (paths[3], "ok")
@@ -279,8 +279,8 @@ def test_prompt_ensembles_average_normalised_embeddings(zero_shot_dir):
 
     model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
     templates = ["This is a photo of {}.", "a sketch of {}"]
-    both = model.encode_labels(["cat", "dog"], tokenizer, templates)
-    each = [model.encode_labels(["cat", "dog"], tokenizer, [t]).embeddings for t in templates]
+    both = model.encode_labels(["cat", "dog"], tokenizer, templates, canonicalize=False)
+    each = [model.encode_labels(["cat", "dog"], tokenizer, [t], canonicalize=False).embeddings for t in templates]
     want = torch.nn.functional.normalize(each[0] + each[1], dim=-1)
     torch.testing.assert_close(both.embeddings, want, atol=1e-6, rtol=0)
     assert both.templates == tuple(templates) and torch.allclose(both.embeddings.norm(dim=-1), torch.ones(2))

@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoints.hub import CheckpointError, HubUnreachableError
 from ..data.processor import ImageProcessor
-from ..data.tokenizer import TextTokenizer
+from ..data.tokenizer import TEXT_PREPROCESSING, TextTokenizer
 from ..models.model import SigLIP2Encoder
 from ..pipeline.settings import DTYPES
 from ..pipeline.store import TEXT_INPUTS, ExtractedFeatures
@@ -94,9 +94,26 @@ def load_model(model: str, random_weights: str | None) -> tuple[SigLIP2Encoder, 
     )
 
 
-def load_tokenizer(model: str, no_lowercase: bool) -> TextTokenizer:
-    lowercase = False if no_lowercase else None
-    return from_checkpoint(lambda: TextTokenizer.from_pretrained(model, lowercase=lowercase), model)
+def load_tokenizer(model: str, preprocessing: str | None) -> TextTokenizer:
+    """The checkpoint's tokenizer with ``--text-preprocessing`` (None: the checkpoint family's default)."""
+    tokenizer = from_checkpoint(lambda: TextTokenizer.from_pretrained(model), model)
+    return tokenizer if preprocessing is None else TextTokenizer.from_preprocessing(tokenizer.tokenizer, preprocessing)
+
+
+def add_text_options(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--text-preprocessing`` (``default`` says what happens without it), and the refusal of ``--no-lowercase``."""
+    parser.add_argument(
+        "--text-preprocessing",
+        choices=TEXT_PREPROCESSING,
+        help=f"raw: texts as given; lower: lowercased, punctuation kept; canonical: big_vision's zero-shot rule "
+        f"(lowercase, no ASCII punctuation); default {default}",
+    )
+    parser.add_argument("--no-lowercase", action="store_true", help=argparse.SUPPRESS)  # before 0.2.0
+
+
+def check_text_options(args: argparse.Namespace) -> None:
+    if args.no_lowercase:
+        raise UsageError("--no-lowercase is --text-preprocessing raw since 0.2.0")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -27,8 +27,10 @@ from .common import (
     UsageError,
     add_job_options,
     add_model_options,
+    add_text_options,
     check_file_list,
     check_output_folder,
+    check_text_options,
     from_checkpoint,
     load_model,
     load_tokenizer,
@@ -177,16 +179,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_embed_text(args: argparse.Namespace) -> int:
     check_output_folder(args.output)
+    check_text_options(args)
     check_file_list(args.file_list, what="one text per line")
     device = resolve_device(args.device)
     texts = list(args.texts) + (read_file_list(args.file_list) if args.file_list else [])
     if not texts:
         raise UsageError("no texts: give them as arguments or with --file-list (one text per line)")
     tower = from_checkpoint(lambda: SigLIP2TextEncoder.from_pretrained(args.model), args.model)
-    tokenizer = load_tokenizer(args.model, args.no_lowercase)
+    tokenizer = load_tokenizer(args.model, args.text_preprocessing)
     settings = TextEmbedSettings(
         model=args.model,
-        lowercase=tokenizer.lowercase,
+        text_preprocessing=tokenizer.preprocessing,
         save_dtype=args.save_dtype,
         dtype=args.dtype,
         device=device,
@@ -261,9 +264,7 @@ def _embed_text_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--file-list", metavar="TXT", help="a text file with one text per line")
     add_job_options(p, "texts", batch_size=256, shard_size=65536)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
-    p.add_argument(
-        "--no-lowercase", action="store_true", help="keep texts' case (SigLIP 2 texts are lowercased by default)"
-    )
+    add_text_options(p, "lower for SigLIP 2 checkpoints, raw for SigLIP 1")
     p.set_defaults(run=cmd_embed_text)
 
 

@@ -26,8 +26,10 @@ from .common import (
     FatalError,
     UsageError,
     add_model_options,
+    add_text_options,
     check_file_list,
     check_output_folder,
+    check_text_options,
     from_checkpoint,
     load_model,
     load_tokenizer,
@@ -58,10 +60,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
     paths = discover_inputs(args.inputs)
     if not paths:
         raise UsageError("no input images: give files, folders or glob patterns")
+    check_text_options(args)
     model = from_checkpoint(lambda: SigLIP2Model.from_pretrained(args.model), args.model)
-    tokenizer = load_tokenizer(args.model, args.no_lowercase)
+    preprocessing = args.text_preprocessing or "canonical"
+    # canonical: labels and templates as big_vision's zero-shot evaluator writes them, the tokenizer as the family's
+    tokenizer = load_tokenizer(args.model, None if preprocessing == "canonical" else preprocessing)
     try:
-        label_set = model.encode_labels(labels, tokenizer, args.template or [DEFAULT_TEMPLATE])
+        templates = args.template or [DEFAULT_TEMPLATE]
+        label_set = model.encode_labels(labels, tokenizer, templates, canonicalize=preprocessing == "canonical")
     except ValueError as err:
         raise UsageError(f"--labels / --template: {err}") from None
     rows: list[dict] = []
@@ -70,7 +76,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         if row["status"] == "ok":
             print(row["path"])
             print("\n".join(f"  {r['score']:.4f}  {r['label']}" for r in row["labels"]))
-        rows.append(row)
+        rows.append(row | {"text_preprocessing": preprocessing})
     if args.jsonl:
         write_atomic(Path(args.jsonl), "".join(json.dumps(row) + "\n" for row in rows).encode())
     failed = sum(row["status"] == "failed" for row in rows)
@@ -99,12 +105,13 @@ def _query_texts(args: argparse.Namespace, store: ExtractedFeatures) -> torch.Te
     if store.settings.get("random_weights"):
         raise FatalError(f"{args.features} was extracted with random weights, which have no text tower or tokenizer")
     tower = from_checkpoint(lambda: SigLIP2TextEncoder.from_pretrained(name), name)
-    tokens = load_tokenizer(name, args.no_lowercase)(args.queries)
+    tokens = load_tokenizer(name, args.text_preprocessing)(args.queries)
     with torch.inference_mode():
         return tower(tokens.input_ids, tokens.attention_mask, return_last=False).pooler_output
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    check_text_options(args)
     if bool(args.queries) == bool(args.image):
         raise UsageError("give query texts, or query images with --image (one kind per search)")
     store = open_pooled(args.features)
@@ -160,7 +167,9 @@ def cmd_similarity(args: argparse.Namespace) -> int:
         args.features,
         args.top_k,
     )
-    search = argparse.Namespace(**vars(args), image=[args.query], queries=[], faiss=False, no_lowercase=False)
+    search = argparse.Namespace(
+        **vars(args), image=[args.query], queries=[], faiss=False, no_lowercase=False, text_preprocessing=None
+    )
     return cmd_search(search)
 
 
@@ -177,9 +186,7 @@ def _classify_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("-k", "--top-k", type=positive_int, help="show the k most likely labels (default all)")
     p.add_argument("--jsonl", metavar="FILE", help="also write one JSON row per image to FILE")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument(
-        "--no-lowercase", action="store_true", help="keep texts' case (SigLIP 2 texts are lowercased by default)"
-    )
+    add_text_options(p, "canonical, as the SigLIP papers' zero-shot evaluator (aliases 'a, b': the first)")
     add_model_options(p)
     p.set_defaults(run=cmd_classify)
 
@@ -191,7 +198,7 @@ def _search_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--features", required=True, help="folder written by `extract` or `embed-text`")
     p.add_argument("-k", "--top-k", type=positive_int, default=10)
     p.add_argument("--faiss", action="store_true", help="use the folder's FAISS index (see `index`); default exact")
-    p.add_argument("--no-lowercase", action="store_true", help="keep the queries' case (SigLIP 2 lowercases)")
+    add_text_options(p, "lower for SigLIP 2 checkpoints, raw for SigLIP 1")
     p.set_defaults(run=cmd_search)
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 from .common import (
     DEFAULT_MODEL,
     EXIT_OK,
     FatalError,
     UsageError,
+    add_text_options,
+    check_text_options,
     from_checkpoint,
     open_pooled,
     positive_int,
@@ -36,7 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.features is not None:
         open_pooled(args.features)  # a folder to search must hold pooled features: checked before loading
-    service = from_checkpoint(lambda: Service.load(args.model, args.features), args.model)
+    check_text_options(args)
+    load = partial(Service.load, args.model, args.features, text_preprocessing=args.text_preprocessing)
+    service = from_checkpoint(load, args.model)
     batching = not args.no_batching
     app = create_app(service, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=batching, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
@@ -57,6 +62,7 @@ def _serve_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=positive_int, default=32, help="images per forward pass at most (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more (default 5 ms)")
     p.add_argument("--no-batching", action="store_true", help="one image per forward pass")
+    add_text_options(p, "lower for SigLIP 2 checkpoints, raw for SigLIP 1 (free text; /classify: canonical)")
     limits = p.add_argument_group("limits per request (what one client may cost the server)")
     limits.add_argument("--max-body-mb", type=positive_int, default=20, help="an image body's size (default 20 MiB)")
     limits.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="an image's pixels (default 40 M)")

@@ -4,9 +4,17 @@
   token there is part of the model (SigLIP 2's Gemma tokenizer pads with id 0, SigLIP 1's T5 tokenizer with
   ``</s>``, id 1). Longer texts are truncated, with a warning the first time.
 * SigLIP 2 was trained on lowercased text (Tschannen et al. 2025: "transforming the text to lower case before
-  tokenization"), but its checkpoints name ``GemmaTokenizer``, which does not lowercase; so texts are lowercased
-  by default for SigLIP 2 tokenizers (Gemma's) and kept as they are for SigLIP 1 ones. ``lowercase=False``
-  reproduces transformers' zero-shot pipeline exactly.
+  tokenization"), but its fixed-resolution checkpoints name ``GemmaTokenizer``, which does not lowercase; so texts are
+  lowercased by default for SigLIP 2 checkpoints and kept as they are for SigLIP 1 ones. The family is read from the
+  checkpoint (its ``config.json`` and ``tokenizer_config.json``), not from the class transformers builds: transformers
+  5 loads a NaFlex folder's tokenizer as ``Siglip2Tokenizer``, which lowercases by itself.
+* :func:`canonicalize_text` is the text rule of the paper's own zero-shot evaluator (big_vision,
+  ``big_vision/evaluators/proj/image_text/prompt_engineering.py``, ``_canonicalize``), which the zero-shot path
+  applies to class names and templates by default. ``TextTokenizer(canonicalize=True)`` applies it to every text.
+
+The three settings, one name everywhere (``text_preprocessing``; ``--text-preprocessing`` on the command line):
+``"raw"`` (texts as given: transformers' zero-shot pipeline), ``"lower"`` (lowercased, punctuation kept: SigLIP 2's
+free text, as big_vision's retrieval evaluators feed captions) and ``"canonical"`` (the rule above).
 
 transformers is imported here, not by the core: only text users pay for it.
 """
@@ -15,18 +23,47 @@ from __future__ import annotations
 
 import logging
 import os
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..checkpoints.hub import CheckpointSource
+from ..checkpoints.hub import CheckpointError, CheckpointSource
 
-__all__ = ["TextTokenizer", "TokenizedTexts"]
+__all__ = ["TEXT_PREPROCESSING", "TextTokenizer", "TokenizedTexts", "canonicalize_text", "is_siglip2_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 MAX_LENGTH = 64  # both SigLIP generations were trained on 64-token texts
+TEXT_PREPROCESSING = ("raw", "lower", "canonical")
+_DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)  # ASCII only, as big_vision: "’" and "—" stay
+# SigLIP 2's tokenizers (Gemma's vocabulary), as a checkpoint's tokenizer_config.json names them.
+_SIGLIP2_TOKENIZERS = ("GemmaTokenizer", "GemmaTokenizerFast", "Siglip2Tokenizer")
+
+
+def canonicalize_text(text: str, keep: str | None = None) -> str:
+    """big_vision's zero-shot text rule (``prompt_engineering._canonicalize``): underscores become spaces, every
+    ASCII punctuation character (``string.punctuation``) is deleted except inside the exact string ``keep`` (``"{}"``
+    for templates, ``","`` between a class name's aliases), then lowercase, and any run of whitespace (Unicode's:
+    tabs, non-breaking spaces) becomes one space, stripped at both ends.
+
+    open_clip applies the same rule to every text of its SigLIP models, after ``ftfy`` and ``html.unescape``: it
+    turns "it’s" into "its" where this (and big_vision) keeps the "’"."""
+    text = text.replace("_", " ")
+    parts = text.split(keep) if keep else [text]
+    text = (keep or "").join(part.translate(_DROP_PUNCTUATION) for part in parts)
+    return " ".join(text.lower().split())
+
+
+def is_siglip2_checkpoint(source: CheckpointSource) -> bool:
+    """Whether a checkpoint is SigLIP 2's (trained on lowercased text): a ``siglip2`` model type, or a tokenizer of
+    Gemma's vocabulary (the fixed-resolution SigLIP 2 checkpoints are ``siglip`` models with a Gemma tokenizer)."""
+    config = source.read_json("config.json") or {}
+    tokenizer = source.read_json("tokenizer_config.json") or {}
+    return config.get("model_type") in ("siglip2", "siglip2_text_model") or (
+        tokenizer.get("tokenizer_class") in _SIGLIP2_TOKENIZERS
+    )
 
 
 @dataclass
@@ -45,27 +82,69 @@ class TextTokenizer:
 
     Args:
         tokenizer: a transformers tokenizer (the checkpoint's).
-        lowercase: lowercase texts first; None = yes for Gemma tokenizers (SigLIP 2), no otherwise.
+        lowercase: lowercase texts first; None = yes for SigLIP 2 tokenizers (Gemma's vocabulary), no otherwise
+            (:meth:`from_pretrained` reads the family from the checkpoint instead).
+        canonicalize: apply :func:`canonicalize_text` to every text (which lowercases too).
         max_length: tokens per text.
     """
 
-    def __init__(self, tokenizer, *, lowercase: bool | None = None, max_length: int = MAX_LENGTH) -> None:
+    def __init__(
+        self, tokenizer, *, lowercase: bool | None = None, canonicalize: bool = False, max_length: int = MAX_LENGTH
+    ) -> None:
         if lowercase is None:
-            from transformers import GemmaTokenizer
-
-            lowercase = isinstance(tokenizer, GemmaTokenizer)
-        self.tokenizer, self.lowercase, self.max_length = tokenizer, lowercase, max_length
+            lowercase = type(tokenizer).__name__ in _SIGLIP2_TOKENIZERS
+        self.tokenizer, self.lowercase, self.canonicalize, self.max_length = (
+            tokenizer,
+            lowercase,
+            canonicalize,
+            max_length,
+        )
         self._warned = False
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, lowercase: bool | None = None, **kwargs):
-        """The checkpoint's tokenizer through ``AutoTokenizer`` (``kwargs`` go to it: revision, cache_dir, ...)."""
-        from transformers import AutoTokenizer
+    def from_preprocessing(cls, tokenizer, preprocessing: str) -> TextTokenizer:
+        """``tokenizer`` with one of :data:`TEXT_PREPROCESSING` (``"raw"``, ``"lower"``, ``"canonical"``)."""
+        if preprocessing not in TEXT_PREPROCESSING:
+            raise ValueError(f"preprocessing must be one of {list(TEXT_PREPROCESSING)}, got {preprocessing!r}")
+        return cls(tokenizer, lowercase=preprocessing != "raw", canonicalize=preprocessing == "canonical")
 
-        return cls(AutoTokenizer.from_pretrained(name_or_path, **kwargs), lowercase=lowercase)
+    @property
+    def preprocessing(self) -> str:
+        """What is done to each text before tokenizing: one of :data:`TEXT_PREPROCESSING`."""
+        return "canonical" if self.canonicalize else "lower" if self.lowercase else "raw"
 
     @classmethod
-    def from_source(cls, source: CheckpointSource, *, lowercase: bool | None = None) -> TextTokenizer | None:
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        lowercase: bool | None = None,
+        canonicalize: bool = False,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> TextTokenizer:
+        """The checkpoint's tokenizer (a folder or Hub repo, with the Hub options of ``from_pretrained`` elsewhere);
+        ``lowercase=None`` lowercases for SigLIP 2 checkpoints (:func:`is_siglip2_checkpoint`).
+
+        Raises:
+            CheckpointError: the checkpoint holds no tokenizer.
+        """
+        source = CheckpointSource(
+            name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+        )
+        tokenizer = cls.from_source(source, lowercase=lowercase, canonicalize=canonicalize)
+        if tokenizer is None:
+            raise CheckpointError(
+                f"{source} has no tokenizer (no tokenizer_config.json); give an image-text checkpoint"
+            )
+        return tokenizer
+
+    @classmethod
+    def from_source(
+        cls, source: CheckpointSource, *, lowercase: bool | None = None, canonicalize: bool = False
+    ) -> TextTokenizer | None:
         """The tokenizer a checkpoint holds, read with the source's Hub options (revision, cache, token, offline);
         None when it holds none (no ``tokenizer_config.json``)."""
         if source.get("tokenizer_config.json") is None:
@@ -75,12 +154,12 @@ class TextTokenizer:
         location = source.path if source.is_local else source.repo_id
         options = dict(revision=source.revision, cache_dir=source.cache_dir, token=source.token)
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=source.offline, **options)
-        return cls(tokenizer, lowercase=lowercase)
+        lowercase = is_siglip2_checkpoint(source) if lowercase is None else lowercase
+        return cls(tokenizer, lowercase=lowercase, canonicalize=canonicalize)
 
     def __repr__(self) -> str:
-        return (
-            f"TextTokenizer({type(self.tokenizer).__name__}, lowercase={self.lowercase}, max_length={self.max_length})"
-        )
+        name = type(self.tokenizer).__name__
+        return f"TextTokenizer({name}, preprocessing={self.preprocessing!r}, max_length={self.max_length})"
 
     def __call__(self, texts: str | Sequence[str]) -> TokenizedTexts:
         """Tokenize one text or a list: (B, 64) ids (and mask, if the tokenizer makes one)."""
@@ -88,7 +167,9 @@ class TextTokenizer:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text {i} is a {type(text).__name__}; texts must be strings")
-        if self.lowercase:
+        if self.canonicalize:
+            texts = [canonicalize_text(text) for text in texts]
+        elif self.lowercase:
             texts = [text.lower() for text in texts]
         if not self._warned:
             longest = max((len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]), default=0)

@@ -25,7 +25,7 @@ from ..checkpoints.strict import build_loaded, check_plain
 from ..config import EncoderConfig, ProcessorConfig, TextConfig
 from ..data.images import ImageInput
 from ..data.processor import ImageProcessor
-from ..data.tokenizer import TextTokenizer
+from ..data.tokenizer import TextTokenizer, canonicalize_text
 from .inputs import Grids
 from .loss import sigmoid_loss
 from .model import SigLIP2Encoder
@@ -49,6 +49,8 @@ class LabelSet:
     labels: tuple[str, ...]
     templates: tuple[str, ...]
     embeddings: torch.Tensor
+    texts: tuple[str, ...] = ()  # what each label became in the prompts (canonical, first alias)
+    canonicalize: bool = False  # whether labels and templates went through big_vision's rule
 
 
 def _check_labels(labels: Sequence[str], templates: Sequence[str]) -> None:
@@ -65,6 +67,23 @@ def _check_labels(labels: Sequence[str], templates: Sequence[str]) -> None:
     for template in templates:
         if not isinstance(template, str) or template.count("{}") != 1:
             raise ValueError(f"a template must hold '{{}}' once, where the label goes; got {template!r}")
+
+
+def _check_canonical(labels: Sequence[str], texts: Sequence[str]) -> None:
+    """Labels must stay distinct and non-empty after canonicalisation."""
+    for label, text in zip(labels, texts):
+        if not text:
+            raise ValueError(
+                f"label {label!r} is empty once canonicalised; pass canonicalize=False to keep it as given"
+            )
+    seen: dict[str, str] = {}
+    for label, text in zip(labels, texts):
+        if text in seen:
+            raise ValueError(
+                f"labels {seen[text]!r} and {label!r} are the same text once canonicalised ({text!r}); rename one, "
+                f"or pass canonicalize=False"
+            )
+        seen[text] = label
 
 
 @dataclass
@@ -219,26 +238,38 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
         labels: Sequence[str],
         tokenizer: TextTokenizer | None = None,
         templates: Sequence[str] = (DEFAULT_TEMPLATE,),
+        *,
+        canonicalize: bool = True,
     ) -> LabelSet:
         """Each label's text embedding, averaged over ``templates`` (prompt ensembling) and normalised;
         ``tokenizer`` defaults to the checkpoint's own (:attr:`tokenizer`).
+
+        With ``canonicalize`` (the default, as the SigLIP papers' zero-shot evaluator), class names and templates go
+        through :func:`~siglip2_encoder.data.tokenizer.canonicalize_text` first - templates keep their ``{}``, and of
+        a class name's comma-separated aliases (``"tench, Tinca tinca"``) the first is used, as big_vision's
+        ``first_class_name_only``. ``canonicalize=False`` uses them as given: transformers' zero-shot pipeline.
 
         Computed once: pass the result to :meth:`classify` for any number of images and calls. It is a snapshot of
         the text tower's weights: encode again after training them.
         """
         _check_labels(labels, templates)
         tokenizer = tokenizer or self.tokenizer
+        texts = list(labels)
+        if canonicalize:
+            texts = [canonicalize_text(label, keep=",").split(",")[0].strip() for label in labels]
+            templates = [canonicalize_text(template, keep="{}") for template in templates]
+            _check_canonical(labels, texts)
         per_template = []
         with torch.inference_mode():
             for template in templates:
-                tokens = tokenizer([template.format(label) for label in labels])
+                tokens = tokenizer([template.format(text) for text in texts])
                 mask = None if tokens.attention_mask is None else tokens.attention_mask.to(self.text_model.device)
                 features = self.get_text_features(tokens.input_ids.to(self.text_model.device), mask)
                 per_template.append(F.normalize(features.float(), dim=-1))
         embeddings = (
             per_template[0] if len(per_template) == 1 else F.normalize(torch.stack(per_template).mean(0), dim=-1)
         )
-        return LabelSet(tuple(labels), tuple(templates), embeddings)
+        return LabelSet(tuple(labels), tuple(templates), embeddings, tuple(texts), canonicalize)
 
     def classify(
         self,
@@ -249,6 +280,7 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
         template: str | Sequence[str] = DEFAULT_TEMPLATE,
         processor: ImageProcessor | None = None,
         top_k: int | None = None,
+        canonicalize: bool = True,
     ) -> list[list[dict[str, float | str]]]:
         """Zero-shot classification: per image, ``[{"score": p, "label": name}, ...]`` highest first, as transformers'
         ``pipeline("zero-shot-image-classification")`` returns (sigmoid probabilities: they need not sum to 1).
@@ -260,9 +292,12 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
                 template, or several to average).
             processor: image preprocessing (default: the checkpoint's).
             top_k: keep this many labels per image (default all).
+            canonicalize: label names go through big_vision's rule first (see :meth:`encode_labels`); False
+                reproduces transformers' zero-shot pipeline.
         """
         if not isinstance(labels, LabelSet):
-            labels = self.encode_labels(labels, tokenizer, [template] if isinstance(template, str) else template)
+            templates = [template] if isinstance(template, str) else template
+            labels = self.encode_labels(labels, tokenizer, templates, canonicalize=canonicalize)
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive int, got top_k={top_k!r}")
         processor = processor or ImageProcessor(self.vision_model.processor_config)

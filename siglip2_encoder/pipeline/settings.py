@@ -11,6 +11,7 @@ import torch
 
 from ..config import check_positive_ints
 from ..data.images import DEFAULT_MAX_PIXELS
+from ..data.tokenizer import TEXT_PREPROCESSING
 from ..export.quantize import QUANTIZATIONS
 from .store import TEXT_INPUTS
 
@@ -98,7 +99,7 @@ class TextEmbedSettings:
     """What ``embed-text`` computes and how; as :class:`ExtractSettings`, a resumed run may change its run options."""
 
     model: str  # Hub id or local folder of an image-text (or text-only) checkpoint
-    lowercase: bool  # as the tokenizer applied it (SigLIP 2: True by default)
+    text_preprocessing: str  # as the tokenizer applied it: raw, lower (SigLIP 2's default) or canonical
     inputs: str = TEXT_INPUTS  # marks the folder as texts for its readers
     save_dtype: str = "fp32"
     dtype: str = "fp32"
@@ -111,6 +112,10 @@ class TextEmbedSettings:
         for name in ("save_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if self.text_preprocessing not in TEXT_PREPROCESSING:
+            raise ValueError(
+                f"text_preprocessing must be one of {list(TEXT_PREPROCESSING)}, got {self.text_preprocessing!r}"
+            )
         if self.inputs != TEXT_INPUTS:
             raise ValueError(f"inputs must be {TEXT_INPUTS!r}, got {self.inputs!r}")
 

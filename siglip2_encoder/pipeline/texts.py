@@ -39,8 +39,11 @@ def embed_texts(
 
     ``resume`` continues after the committed rows, which must be the first texts of ``texts``, in order.
     """
-    if tokenizer.lowercase != settings.lowercase:
-        raise ValueError(f"the tokenizer lowercases={tokenizer.lowercase}, the settings say {settings.lowercase}")
+    if tokenizer.preprocessing != settings.text_preprocessing:
+        raise ValueError(
+            f"the tokenizer's preprocessing is {tokenizer.preprocessing!r}, the settings say "
+            f"text_preprocessing={settings.text_preprocessing!r}"
+        )
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"text {i} is a {type(text).__name__}; texts must be strings")

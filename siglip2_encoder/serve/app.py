@@ -183,14 +183,24 @@ class Service:
     name: str = ""
 
     @classmethod
-    def load(cls, model: str | os.PathLike, features: str | os.PathLike | None = None) -> Service:
-        """An image-text checkpoint (with its tokenizer) or a vision-only one, loaded once."""
+    def load(
+        cls,
+        model: str | os.PathLike,
+        features: str | os.PathLike | None = None,
+        *,
+        text_preprocessing: str | None = None,
+    ) -> Service:
+        """An image-text checkpoint (with its tokenizer) or a vision-only one, loaded once. ``text_preprocessing``
+        is for free text (``/embed/text``, ``/search``; None: the checkpoint family's default); ``/classify``
+        canonicalises labels as the papers' zero-shot evaluator does."""
         from ..checkpoints.hub import CheckpointSource
 
         config = CheckpointSource(model).read_json("config.json") or {}
         if config.get("model_type") in IMAGE_TEXT_TYPES:
             loaded: SigLIP2Model | SigLIP2Encoder = SigLIP2Model.from_pretrained(model)
             tokenizer = TextTokenizer.from_pretrained(model)
+            if text_preprocessing is not None:
+                tokenizer = TextTokenizer.from_preprocessing(tokenizer.tokenizer, text_preprocessing)
         else:
             loaded, tokenizer = SigLIP2Encoder.from_pretrained(model), None
         store = ExtractedFeatures.open(features) if features is not None else None
@@ -358,7 +368,15 @@ class _Endpoints:
             reason = f"the features could not be loaded: {task.exception()}"
         if reason is not None:
             return JSONResponse({"ready": False, "reason": reason}, status_code=503)
-        return JSONResponse({"ready": True, "model": self.service.name, "text": self.service.tokenizer is not None})
+        tokenizer = self.service.tokenizer
+        return JSONResponse(
+            {
+                "ready": True,
+                "model": self.service.name,
+                "text": tokenizer is not None,
+                "text_preprocessing": None if tokenizer is None else tokenizer.preprocessing,
+            }
+        )
 
     async def embed_image(self, request: Request) -> dict[str, Any]:
         image = await self.image_of(request)
