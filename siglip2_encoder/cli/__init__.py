@@ -23,7 +23,7 @@ import argparse
 import logging
 
 from ..errors import ArgumentError
-from . import convert, describe, jobs, search, serving
+from . import convert, describe, evaluation, jobs, search, serving
 from .common import (
     EXIT_FATAL,
     EXIT_INTERRUPTED,
@@ -31,8 +31,10 @@ from .common import (
     EXIT_PARTIAL,
     EXIT_USAGE,
     OPTION_SPELLINGS,
+    QUIET,
     FatalError,
     UsageError,
+    add_quiet,
 )
 
 __all__ = ["EXIT_FATAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "main"]
@@ -44,13 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="siglip2-encoder", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    quiet = dict(action="store_true", help="no progress bar, only warnings and errors")
-    parser.add_argument("-q", "--quiet", **quiet)
+    parser.add_argument("-q", "--quiet", **QUIET)
     commands = parser.add_subparsers(dest="command", required=True)
-    for group in (jobs, search, convert, serving, describe):
+    for group in (jobs, search, convert, serving, describe, evaluation):
         group.register(commands)
     for command in commands.choices.values():  # global options work after the command too
-        command.add_argument("-q", "--quiet", **quiet, default=argparse.SUPPRESS)  # absent: keep the global value
+        add_quiet(command)
     return parser
 
 

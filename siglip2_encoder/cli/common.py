@@ -100,6 +100,14 @@ def load_tokenizer(model: str, preprocessing: str | None) -> TextTokenizer:
     return tokenizer if preprocessing is None else TextTokenizer.from_preprocessing(tokenizer.tokenizer, preprocessing)
 
 
+QUIET = dict(action="store_true", help="no progress bar, only warnings and errors")
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    """-q / --quiet after a command too; absent, the value given before the command stays."""
+    parser.add_argument("-q", "--quiet", **QUIET, default=argparse.SUPPRESS)
+
+
 def add_text_options(parser: argparse.ArgumentParser, default: str) -> None:
     """``--text-preprocessing`` (``default`` says what happens without it), and the refusal of ``--no-lowercase``."""
     parser.add_argument(

@@ -1,0 +1,143 @@
+"""Zero-shot classification accuracy, measured as CLIP_benchmark and big_vision measure it: each image's class is
+the label whose (template-averaged) text embedding scores highest; top-1 / top-5 accuracy over the images, and
+recall per class with its mean (CLIP_benchmark's ``mean_per_class_recall``, scikit-learn's balanced accuracy).
+
+Image features go through :func:`~siglip2_encoder.pipeline.extract.extract` into a features folder and are read
+back from it: a second evaluation with other templates, class names or text preprocessing encodes no image again,
+and an interrupted one resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.processor import ImageProcessor
+from ..data.tokenizer import TextTokenizer
+from ..models.joint import SigLIP2Model
+from ..pipeline.extract import extract
+from ..pipeline.settings import ExtractSettings
+from ..pipeline.store import ExtractedFeatures, has_output
+from .datasets import LabelledImages
+
+__all__ = ["evaluate_zeroshot", "versions", "zeroshot_metrics"]
+
+logger = logging.getLogger(__name__)
+
+
+def zeroshot_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: tuple[str, ...]) -> dict[str, Any]:
+    """Accuracy of ``logits`` (N, C) against ``targets`` (N,): ``top1``, ``top5`` (None under 5 classes), and the
+    recall of each class with an image (``per_class_recall``) and their mean (``mean_per_class_recall``)."""
+    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, k), best first
+    hits = ranked == targets[:, None]
+    predicted, n = ranked[:, 0], len(targets)
+    per_class = {}  # counts in ints, ratios in Python floats: the numbers do not depend on the tensors' dtype
+    for c, name in enumerate(classes):
+        members = targets == c
+        if members.any():  # a class without images has no recall (as balanced accuracy skips it)
+            per_class[name] = int((predicted[members] == c).sum()) / int(members.sum())
+    return {
+        "top1": int(hits[:, :1].any(1).sum()) / n,
+        "top5": int(hits[:, :5].any(1).sum()) / n if len(classes) >= 5 else None,
+        "mean_per_class_recall": sum(per_class.values()) / len(per_class),
+        "per_class_recall": per_class,
+    }
+
+
+def versions() -> dict[str, str]:
+    """The versions a result was measured with."""
+    names = ("siglip2-encoder", "torch", "transformers")
+    found = {name: metadata.version(name) for name in names if _installed(name)}
+    return found | {"python": platform.python_version()}
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _read_features(folder: Path, data: LabelledImages) -> tuple[list[int], torch.Tensor]:
+    """(indices of the images with features, their pooled features (n, D)) from the features folder; the images
+    that could not be read are left out, with a warning."""
+    names, pooled = ExtractedFeatures.open(folder).pooled()
+    row = {path: i for i, path in enumerate(names)}
+    kept = [i for i, path in enumerate(data.paths) if path in row]
+    failed = len(data.paths) - len(kept)
+    if not kept:
+        raise ValueError(f"none of the {len(data.paths)} images could be read; see {folder}/manifest.jsonl")
+    if failed:
+        logger.warning("%d of %d images could not be read; they are left out (see %s)", failed, len(data.paths), folder)
+    return kept, pooled[[row[data.paths[i]] for i in kept]]
+
+
+def evaluate_zeroshot(
+    model: SigLIP2Model,
+    data: LabelledImages,
+    templates: tuple[str, ...],
+    features: str | os.PathLike,
+    *,
+    tokenizer: TextTokenizer | None = None,
+    canonicalize: bool = True,
+    processor: ImageProcessor | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Zero-shot accuracy of ``model`` on ``data`` with ``templates``: a JSON-ready result (``metrics``,
+    ``per_class_recall``, ``model``, ``dataset`` with its fingerprint, ``settings``, ``versions``).
+
+    Args:
+        features: the features folder the images' pooled features are written to, or read from when it holds them
+            already (an ``extract`` folder of the same model: resumed, nothing re-encoded).
+        tokenizer: default the checkpoint's own (``model.tokenizer``).
+        canonicalize: class names and templates through big_vision's rule, as the SigLIP papers' evaluator.
+        batch_size, device, num_workers, progress: how the images are encoded (see ``extract``).
+
+    An image that cannot be read is left out of the metrics and counted in ``dataset.failed`` (with a warning).
+    """
+    name = model.name_or_path or "unnamed model"
+    settings = ExtractSettings(model=name, pooled=True, batch_size=batch_size, device=device)
+    processor = processor or ImageProcessor(model.vision_model.processor_config)
+    folder = Path(features)
+    summary = extract(
+        list(data.paths), folder, model.vision_model, processor, settings, resume=has_output(folder),
+        num_workers=num_workers, progress=progress,
+    )  # fmt: skip
+    kept, image_features = _read_features(folder, data)
+    tokenizer = tokenizer or model.tokenizer
+    labels = model.encode_labels(list(data.classes), tokenizer, templates, canonicalize=canonicalize)
+    with torch.inference_mode():
+        logits = model.logits(image_features.to(model.device, torch.float32), labels.embeddings.to(model.device))
+    targets = torch.tensor([data.labels[i] for i in kept], device=logits.device)
+    metrics = zeroshot_metrics(logits.float(), targets, data.classes)
+    return {
+        "task": "zeroshot",
+        "metrics": {k: v for k, v in metrics.items() if k != "per_class_recall"},
+        "per_class_recall": metrics["per_class_recall"],
+        "model": name,
+        "dataset": {
+            "fingerprint": data.fingerprint(),
+            "images": len(data.paths),
+            "evaluated": len(kept),
+            "failed": len(data.paths) - len(kept),
+            "classes": len(data.classes),
+        },
+        "settings": {
+            "templates": list(labels.templates),
+            "canonicalize": canonicalize,
+            "text_preprocessing": tokenizer.preprocessing,
+            "features": str(folder),
+            "images_encoded_now": summary.done,
+        },
+        "versions": versions(),
+    }

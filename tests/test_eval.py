@@ -1,0 +1,172 @@
+"""`eval zeroshot`: metrics equal scikit-learn's; the whole task equals CLIP_benchmark's zero-shot classifier and
+classification loop run on transformers' SiglipModel (its own processor and tokenizer) for the same images, class
+names and templates; features are cached so that a second evaluation encodes no image."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siglip2_encoder import SigLIP2Model
+from siglip2_encoder.cli import EXIT_OK, EXIT_USAGE, main
+from siglip2_encoder.eval.datasets import load_labelled
+from siglip2_encoder.eval.prompts import TEMPLATE_SETS, load_templates
+from siglip2_encoder.eval.zeroshot import evaluate_zeroshot, zeroshot_metrics
+
+CLASSES = ["a cat", "a dog", "a red car", "an apple tree", "a bird", "a photo"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """ROOT/<class>/<image>: 5 images for each of 6 classes (folder names with underscores)."""
+    root = tmp_path_factory.mktemp("classes")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name.replace(" ", "_")).mkdir()
+        for i in range(5):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            pixels[..., c % 3] = 40 * c  # some class signal in the pixels
+            Image.fromarray(pixels).save(root / name.replace(" ", "_") / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("classes", [3, 12])
+def test_metrics_equal_sklearns(classes):
+    """top-k accuracy and balanced accuracy by scikit-learn (CLIP_benchmark 1.6.2's own ``accuracy`` cannot run
+    under NumPy 2: it calls float() on a 1-element array)."""
+    from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
+
+    g = torch.Generator().manual_seed(classes)
+    targets = torch.randint(0, classes, (300,), generator=g)
+    logits = torch.randn(300, classes, generator=g)
+    logits[torch.arange(300), targets] += 1.2  # better than chance, not perfect
+    ours = zeroshot_metrics(logits, targets, tuple(f"c{i}" for i in range(classes)))
+    everyone = list(range(classes))
+    assert ours["top1"] == pytest.approx(top_k_accuracy_score(targets, logits, k=1, labels=everyone), abs=1e-12)
+    if classes >= 5:
+        assert ours["top5"] == pytest.approx(top_k_accuracy_score(targets, logits, k=5, labels=everyone), abs=1e-12)
+    else:
+        assert ours["top5"] is None
+    assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(targets, logits.argmax(1)), abs=1e-12)
+    assert 0.3 < ours["top1"] < 0.9
+    planted = zeroshot_metrics(torch.eye(classes)[targets], targets, tuple(map(str, range(classes))))  # known answers
+    assert planted["top1"] == planted["mean_per_class_recall"] == 1.0
+    names = tuple(map(str, range(classes)))
+    shuffled = zeroshot_metrics(torch.eye(classes)[targets[torch.randperm(300, generator=g)]], targets, names)
+    assert abs(shuffled["top1"] - 1 / classes) < 0.1  # chance
+
+
+def test_template_sets_are_clips():
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    assert TEMPLATE_SETS["clip_paper"] == tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+    assert TEMPLATE_SETS["clip_best"] == tuple(t("{}") for t in SIMPLE_IMAGENET_TEMPLATES)
+    assert len(TEMPLATE_SETS["clip_paper"]) == 80
+
+
+def test_zeroshot_equals_clip_benchmarks_evaluation_of_transformers(zero_shot_dir, image_folder, tmp_path):
+    """CLIP_benchmark's zero_shot_classifier + run_classification on transformers' SiglipModel (its own processor and
+    tokenizer), against ours with the texts as given (no canonicalisation): the same numbers."""
+    from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
+    from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
+    from transformers import AutoModel, AutoTokenizer, SiglipImageProcessor
+
+    from siglip2_encoder import TextTokenizer
+
+    data = load_labelled(image_folder, None).with_classes(CLASSES)
+    templates = ("a photo of {}.", "{}")
+    theirs_model = AutoModel.from_pretrained(zero_shot_dir).eval()
+    processor = SiglipImageProcessor.from_pretrained(zero_shot_dir)
+    hf_tokenizer = AutoTokenizer.from_pretrained(zero_shot_dir)
+
+    class Clip(torch.nn.Module):  # the interface CLIP_benchmark calls
+        def encode_image(self, pixels):
+            return theirs_model.get_image_features(pixel_values=pixels).pooler_output
+
+        def encode_text(self, tokens):
+            return theirs_model.get_text_features(**tokens).pooler_output
+
+    class Images(torch.utils.data.Dataset):
+        classes = CLASSES
+
+        def __len__(self):
+            return len(data.paths)
+
+        def __getitem__(self, i):
+            pixels = processor(Image.open(data.paths[i]).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+            return pixels, data.labels[i]
+
+    def tokenize(texts):
+        return hf_tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")
+
+    loader = torch.utils.data.DataLoader(Images(), batch_size=8)
+    cb_templates = [t.replace("{}", "{c}") for t in templates]
+    classifier = zero_shot_classifier(Clip(), tokenize, CLASSES, cb_templates, "cpu", amp=False)
+    logits, targets = run_classification(Clip(), classifier, loader, "cpu", amp=False)
+    everyone = list(range(len(CLASSES)))
+    want = {
+        "acc1": top_k_accuracy_score(targets, logits, k=1, labels=everyone),
+        "acc5": top_k_accuracy_score(targets, logits, k=5, labels=everyone),
+        "mean_per_class_recall": balanced_accuracy_score(targets, logits.argmax(1)),
+    }
+
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    raw = TextTokenizer.from_pretrained(zero_shot_dir, lowercase=False)
+    got = evaluate_zeroshot(model, data, templates, tmp_path / "features", tokenizer=raw, canonicalize=False)
+    metrics = got["metrics"]
+    assert metrics["top1"] == pytest.approx(want["acc1"], abs=1e-12)
+    assert metrics["top5"] == pytest.approx(want["acc5"], abs=1e-12)
+    assert metrics["mean_per_class_recall"] == pytest.approx(want["mean_per_class_recall"], abs=1e-12)
+    assert 0 < metrics["top5"] < 1 and got["dataset"]["evaluated"] == 30
+
+
+def test_eval_command_writes_a_result_and_reuses_the_features(zero_shot_dir, image_folder, tmp_path, capsys, caplog):
+    out = tmp_path / "result.json"
+    command = ["eval", "zeroshot", str(image_folder), "--model", str(zero_shot_dir), "-o", str(out), "--workers", "0"]
+    assert main([*command, "--templates", "clip_best"]) == EXIT_OK
+    first = json.loads(out.read_text())
+    assert first["task"] == "zeroshot" and first["dataset"]["images"] == 30 and first["dataset"]["classes"] == 6
+    assert first["settings"]["canonicalize"] and first["settings"]["images_encoded_now"] == 30
+    assert first["settings"]["templates"][0] == "itap of a {}"  # canonical: no full stop
+    assert set(first["per_class_recall"]) == {name.replace(" ", "_") for name in CLASSES}
+    assert {"siglip2-encoder", "torch", "transformers", "python"} <= set(first["versions"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["model", "images", "classes", "top-1", "top-5", "mean/class"]
+    assert table[1].split()[1:3] == ["30", "6"]
+
+    assert main([*command, "--templates", "pipeline", "--text-preprocessing", "raw"]) == EXIT_OK
+    second = json.loads(out.read_text())
+    assert second["settings"]["images_encoded_now"] == 0  # the features folder was reused
+    assert second["dataset"]["fingerprint"] == first["dataset"]["fingerprint"]
+    assert second["settings"]["templates"] == ["This is a photo of {}."] and not second["settings"]["canonicalize"]
+
+    assert main(["eval", "zeroshot", str(tmp_path / "nowhere"), "--model", str(zero_shot_dir), "-o", str(out)]) == 2
+    assert "give a folder per class (ROOT/<class>/<image>) or a .csv / .jsonl of path,label" in caplog.text
+    names = tmp_path / "names.txt"
+    names.write_text("one\ntwo\n")
+    assert main([*command, "--class-names", str(names)]) == EXIT_USAGE
+    assert "2 class names for 6 classes; give one per class, in order" in caplog.text
+    assert main([*command, "--templates", "clip_worst"]) == EXIT_USAGE
+    assert "templates 'clip_worst' is neither a named set (clip_paper, clip_best, class_name_only, pipeline)" in (
+        caplog.text
+    )
+
+
+def test_a_table_of_paths_and_labels(tmp_path, image_folder):
+    rows = [{"path": str(p.relative_to(image_folder)), "label": p.parent.name} for p in image_folder.rglob("*.png")]
+    (image_folder / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = load_labelled(image_folder / "labels.jsonl")
+    folder = load_labelled(image_folder)
+    assert table.classes == folder.classes and sorted(zip(table.paths, table.labels)) == sorted(
+        zip(folder.paths, folder.labels)
+    )
+    (image_folder / "labels.jsonl").unlink()
+    (tmp_path / "bad.jsonl").write_text('{"path": "x.png"}\n')
+    with pytest.raises(ValueError, match=re.escape("bad.jsonl row 1: each row needs 'path' and 'label'")):
+        load_labelled(tmp_path / "bad.jsonl")
+    assert load_templates("class_name_only") == ("{}",)
