@@ -136,8 +136,10 @@ def test_eval_command_writes_a_result_and_reuses_the_features(zero_shot_dir, ima
     assert set(first["per_class_recall"]) == {name.replace(" ", "_") for name in CLASSES}
     assert {"siglip2-encoder", "torch", "transformers", "python"} <= set(first["versions"])
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["model", "images", "classes", "top-1", "top-5", "mean/class"]
-    assert table[1].split()[1:3] == ["30", "6"]
+    assert table[0].split() == ["model", "top-1", "top-5", "mean/class"]
+    assert table[1].split()[1:] == [
+        f"{100 * first['metrics'][k]:.2f}" for k in ("top1", "top5", "mean_per_class_recall")
+    ]
 
     assert main([*command, "--templates", "pipeline", "--text-preprocessing", "raw"]) == EXIT_OK
     second = json.loads(out.read_text())
@@ -170,3 +172,116 @@ def test_a_table_of_paths_and_labels(tmp_path, image_folder):
     with pytest.raises(ValueError, match=re.escape("bad.jsonl row 1: each row needs 'path' and 'label'")):
         load_labelled(tmp_path / "bad.jsonl")
     assert load_templates("class_name_only") == ("{}",)
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+
+CAPTIONS = [
+    ["a cat", "This is a photo of a cat."],
+    ["a dog"],
+    ["a red car", "a photo of a red car", "sketch of a car"],
+    ["an apple tree"],
+    ["A PHOTO OF A BIRD", "a bird"],
+    ["sketch of a dog", "a photo of a dog"],
+]
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    """6 images with 1-3 captions each, as a Karpathy-split JSON list (BLIP / LAVIS's layout)."""
+    root = tmp_path_factory.mktemp("captioned")
+    rng = np.random.default_rng(1)
+    rows = []
+    for i, captions in enumerate(CAPTIONS):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": captions})
+    (root / "test.json").write_text(json.dumps(rows))
+    return root
+
+
+def test_recall_equals_clip_benchmarks_counting():
+    from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+
+    from siglip2_encoder.eval.retrieval import retrieval_metrics
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    text_image = torch.tensor([i for i in range(40) for _ in range(1 + i % 5)])  # 1 to 5 captions per image
+    texts = torch.nn.functional.normalize(
+        images[text_image] + 0.4 * torch.randn(len(text_image), 16, generator=g), dim=-1
+    )
+    ours = retrieval_metrics(images, texts, text_image)
+    scores = texts @ images.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), text_image] = True
+    for k in (1, 5, 10):
+        image_hits = (batchify(recall_at_k, scores, positive, 16, "cpu", k=k) > 0).float().mean().item()
+        text_hits = (batchify(recall_at_k, scores.T, positive.T, 16, "cpu", k=k) > 0).float().mean().item()
+        assert ours[f"image_retrieval_recall@{k}"] == pytest.approx(image_hits, abs=1e-6)
+        assert ours[f"text_retrieval_recall@{k}"] == pytest.approx(text_hits, abs=1e-6)
+    assert 0.2 < ours["image_retrieval_recall@1"] < 0.9
+    planted = retrieval_metrics(images, images[text_image], text_image)
+    assert planted["image_retrieval_recall@1"] == planted["text_retrieval_recall@1"] == 1.0
+
+
+def test_retrieval_equals_clip_benchmarks_evaluation_of_transformers(zero_shot_dir, captioned, tmp_path):
+    from clip_benchmark.metrics.zeroshot_retrieval import evaluate
+    from transformers import AutoModel, AutoTokenizer, SiglipImageProcessor
+
+    from siglip2_encoder.eval.retrieval import evaluate_retrieval, load_captioned
+
+    data = load_captioned(captioned / "test.json")
+    theirs = AutoModel.from_pretrained(zero_shot_dir).eval()
+    processor = SiglipImageProcessor.from_pretrained(zero_shot_dir)
+    hf_tokenizer = AutoTokenizer.from_pretrained(zero_shot_dir)
+
+    class Clip(torch.nn.Module):
+        def encode_image(self, pixels):
+            return theirs.get_image_features(pixel_values=pixels).pooler_output
+
+        def encode_text(self, tokens):
+            return theirs.get_text_features(**tokens).pooler_output
+
+    def batches():
+        for start in range(0, len(data.paths), 4):
+            paths = data.paths[start : start + 4]
+            pixels = processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+            yield pixels, [list(c) for c in data.captions[start : start + 4]]
+
+    def tokenize(texts):
+        return hf_tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")
+
+    want = evaluate(Clip(), list(batches()), tokenize, "cpu", amp=False, recall_k_list=[1, 5])  # k <= 6 images
+    got = evaluate_retrieval(SigLIP2Model.from_pretrained(zero_shot_dir), data, tmp_path / "features")
+    assert got["settings"]["text_preprocessing"] == "raw"  # a SigLIP 1 checkpoint: captions as given
+    for key, value in want.items():
+        assert got["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert got["dataset"]["captions"] == got["dataset"]["evaluated_captions"] == 11
+
+
+def test_caption_files_in_three_layouts_and_the_eval_command(zero_shot_dir, captioned, tmp_path, capsys):
+    from siglip2_encoder.eval.retrieval import load_captioned
+
+    karpathy = load_captioned(captioned / "test.json")
+    coco = {
+        "images": [{"id": 10 + i, "file_name": f"{i}.png"} for i in range(len(CAPTIONS))],
+        "annotations": [{"image_id": 10 + i, "caption": c} for i, cs in enumerate(CAPTIONS) for c in cs],
+    }
+    (captioned / "coco.json").write_text(json.dumps(coco))
+    (captioned / "pairs.jsonl").write_text(
+        "".join(json.dumps({"image": f"{i}.png", "caption": c}) + "\n" for i, cs in enumerate(CAPTIONS) for c in cs)
+    )
+    assert load_captioned(captioned / "coco.json") == karpathy == load_captioned(captioned / "pairs.jsonl")
+    assert karpathy.captions[2] == tuple(CAPTIONS[2])
+
+    out = tmp_path / "coco.json"
+    command = ["eval", "retrieval", str(captioned / "pairs.jsonl"), "--model", str(zero_shot_dir), "-o", str(out)]
+    assert main([*command, "--workers", "0"]) == EXIT_OK
+    result = json.loads(out.read_text())
+    assert result["task"] == "retrieval" and result["settings"]["images_encoded_now"] == 6
+    assert set(result["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
+    assert capsys.readouterr().out.splitlines()[0].split()[:3] == ["model", "T->I", "R@1"]
+    assert main([*command, "--text-preprocessing", "lower"]) == EXIT_OK
+    assert json.loads(out.read_text())["settings"] == result["settings"] | {
+        "text_preprocessing": "lower", "images_encoded_now": 0
+    }  # fmt: skip

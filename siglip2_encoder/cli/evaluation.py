@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..eval.datasets import load_labelled
 from ..eval.prompts import TEMPLATE_SETS, load_templates
+from ..eval.retrieval import evaluate_retrieval, load_captioned
 from ..eval.zeroshot import evaluate_zeroshot
 from ..files import write_atomic
 from ..models.joint import SigLIP2Model
@@ -30,12 +31,38 @@ from .common import (
 logger = logging.getLogger("siglip2_encoder")
 
 
-def cmd_zeroshot(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> tuple[Path, str]:
+    """(the JSON result's path, the device), checked before anything loads."""
     check_text_options(args)
     device = resolve_device(args.device)
     output = Path(args.output)
     if output.is_dir():
         raise UsageError(f"-o {args.output} is a folder; give the JSON file to write")
+    return output, device
+
+
+def _run_options(args: argparse.Namespace, output: Path, device: str) -> dict:
+    """How the images are encoded, and where their features are kept."""
+    return dict(
+        features=args.features or f"{output.with_suffix('')}.features",
+        batch_size=args.batch_size,
+        device=device,
+        num_workers=args.workers if args.workers is not None else min(4, os.cpu_count() or 1),
+        progress=None if not args.quiet else False,
+    )
+
+
+def _write(result: dict, output: Path, columns: dict[str, str]) -> None:
+    """The JSON result, and a table of ``columns`` (heading -> metric) on stdout."""
+    write_atomic(output, (json.dumps(result, indent=2) + "\n").encode())
+    values = [result["metrics"][metric] for metric in columns.values()]
+    print(f"{'model':<40} " + " ".join(f"{heading:>10}" for heading in columns))
+    shown = ["-" if v is None else f"{100 * v:.2f}" for v in values]
+    print(f"{result['model'][-40:]:<40} " + " ".join(f"{v:>10}" for v in shown))
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    output, device = _prepare(args)
     try:
         data = load_labelled(args.data, args.class_names)
         templates = load_templates(args.templates)
@@ -44,55 +71,71 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     model = from_checkpoint(lambda: SigLIP2Model.from_pretrained(args.model), args.model)
     preprocessing = args.text_preprocessing or "canonical"
     tokenizer = load_tokenizer(args.model, None if preprocessing == "canonical" else preprocessing)
-    features = args.features or f"{output.with_suffix('')}.features"
     logger.info("%d images, %d classes, %d templates -> %s", len(data.paths), len(data.classes), len(templates), output)
-    result = evaluate_zeroshot(
-        model,
-        data,
-        templates,
-        features,
-        tokenizer=tokenizer,
-        canonicalize=preprocessing == "canonical",
-        batch_size=args.batch_size,
-        device=device,
-        num_workers=args.workers if args.workers is not None else min(4, os.cpu_count() or 1),
-        progress=None if not args.quiet else False,
-    )
+    canonicalize = preprocessing == "canonical"
+    options = _run_options(args, output, device)
+    result = evaluate_zeroshot(model, data, templates, tokenizer=tokenizer, canonicalize=canonicalize, **options)
     result["dataset"]["source"] = str(args.data)
     result["settings"]["templates_name"] = str(args.templates)
-    write_atomic(output, (json.dumps(result, indent=2) + "\n").encode())
-    metrics, dataset = result["metrics"], result["dataset"]
-    top5 = "-" if metrics["top5"] is None else f"{100 * metrics['top5']:.2f}"
-    print(f"{'model':<40} {'images':>8} {'classes':>8} {'top-1':>7} {'top-5':>7} {'mean/class':>10}")
-    print(
-        f"{result['model'][-40:]:<40} {dataset['evaluated']:>8} {dataset['classes']:>8} "
-        f"{100 * metrics['top1']:>7.2f} {top5:>7} {100 * metrics['mean_per_class_recall']:>10.2f}"
-    )
+    _write(result, output, {"top-1": "top1", "top-5": "top5", "mean/class": "mean_per_class_recall"})
     return EXIT_OK
+
+
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    output, device = _prepare(args)
+    try:
+        data = load_captioned(args.annotations, args.images)
+    except (ValueError, OSError, KeyError) as err:
+        raise UsageError(f"{args.annotations}: {err}") from None
+    model = from_checkpoint(lambda: SigLIP2Model.from_pretrained(args.model), args.model)
+    tokenizer = load_tokenizer(args.model, args.text_preprocessing)
+    logger.info("%d images, %d captions -> %s", len(data.paths), sum(map(len, data.captions)), output)
+    result = evaluate_retrieval(model, data, tokenizer=tokenizer, **_run_options(args, output, device))
+    result["dataset"]["source"] = str(args.annotations)
+    columns = {f"T->I R@{k}": f"image_retrieval_recall@{k}" for k in (1, 5, 10)}
+    _write(result, output, columns | {f"I->T R@{k}": f"text_retrieval_recall@{k}" for k in (1, 5, 10)})
+    return EXIT_OK
+
+
+def _task_options(p: argparse.ArgumentParser, text_default: str) -> None:
+    """What every task takes: the model, the result, the features folder, how images are encoded, texts, -q."""
+    p.add_argument("-o", "--output", required=True, help="the JSON result to write")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"an image-text checkpoint (default {DEFAULT_MODEL})")
+    p.add_argument("--features", help="the image features folder (default: OUTPUT without .json + .features)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images (and texts) per forward pass")
+    p.add_argument("--workers", type=non_negative_int, help="image decoding processes (default min(4, CPUs))")
+    add_text_options(p, text_default)
+    add_quiet(p)
 
 
 def _zeroshot_command(tasks: argparse._SubParsersAction) -> None:
     p = tasks.add_parser("zeroshot", help="zero-shot classification accuracy (top-1, top-5, mean per class)")
     p.add_argument("data", help="a folder per class (ROOT/<class>/<image>), or a .csv / .jsonl of path,label rows")
-    p.add_argument("-o", "--output", required=True, help="the JSON result to write")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"an image-text checkpoint (default {DEFAULT_MODEL})")
     p.add_argument("--class-names", metavar="TXT", help="one readable name per class, in label order")
     p.add_argument(
         "--templates",
         default="clip_paper",
         help=f"a named set ({', '.join(TEMPLATE_SETS)}; default clip_paper, as the papers) or a file, one per line",
     )
-    p.add_argument("--features", help="the image features folder (default: OUTPUT without .json + .features)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass")
-    p.add_argument("--workers", type=non_negative_int, help="image decoding processes (default min(4, CPUs))")
-    add_text_options(p, "canonical, as the SigLIP papers' zero-shot evaluator (aliases 'a, b': the first)")
-    add_quiet(p)
+    _task_options(p, "canonical, as the SigLIP papers' zero-shot evaluator (aliases 'a, b': the first)")
     p.set_defaults(run=cmd_zeroshot)
+
+
+def _retrieval_command(tasks: argparse._SubParsersAction) -> None:
+    p = tasks.add_parser("retrieval", help="image-text retrieval recall@1/5/10, both ways")
+    p.add_argument(
+        "annotations",
+        help="COCO captions JSON, a JSON list of {image, caption(s)} (Karpathy splits) or JSON lines of them",
+    )
+    p.add_argument("--images", metavar="ROOT", help="the folder image paths are relative to (default: the file's)")
+    _task_options(p, "lower for SigLIP 2 checkpoints, raw for SigLIP 1 (as big_vision's retrieval evaluators)")
+    p.set_defaults(run=cmd_retrieval)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``eval`` and its tasks to the parser."""
-    p = commands.add_parser("eval", help="measure a model: zero-shot accuracy, ... (a JSON result and a table)")
+    p = commands.add_parser("eval", help="measure a model: zero-shot accuracy, retrieval recall (JSON and a table)")
     tasks = p.add_subparsers(dest="task", required=True)
     _zeroshot_command(tasks)
+    _retrieval_command(tasks)

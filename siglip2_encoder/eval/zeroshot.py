@@ -9,11 +9,7 @@ and an interrupted one resumes.
 
 from __future__ import annotations
 
-import logging
 import os
-import platform
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,14 +17,10 @@ import torch
 from ..data.processor import ImageProcessor
 from ..data.tokenizer import TextTokenizer
 from ..models.joint import SigLIP2Model
-from ..pipeline.extract import extract
-from ..pipeline.settings import ExtractSettings
-from ..pipeline.store import ExtractedFeatures, has_output
 from .datasets import LabelledImages
+from .features import image_features, versions
 
-__all__ = ["evaluate_zeroshot", "versions", "zeroshot_metrics"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["evaluate_zeroshot", "zeroshot_metrics"]
 
 
 def zeroshot_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: tuple[str, ...]) -> dict[str, Any]:
@@ -48,35 +40,6 @@ def zeroshot_metrics(logits: torch.Tensor, targets: torch.Tensor, classes: tuple
         "mean_per_class_recall": sum(per_class.values()) / len(per_class),
         "per_class_recall": per_class,
     }
-
-
-def versions() -> dict[str, str]:
-    """The versions a result was measured with."""
-    names = ("siglip2-encoder", "torch", "transformers")
-    found = {name: metadata.version(name) for name in names if _installed(name)}
-    return found | {"python": platform.python_version()}
-
-
-def _installed(name: str) -> bool:
-    try:
-        metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-def _read_features(folder: Path, data: LabelledImages) -> tuple[list[int], torch.Tensor]:
-    """(indices of the images with features, their pooled features (n, D)) from the features folder; the images
-    that could not be read are left out, with a warning."""
-    names, pooled = ExtractedFeatures.open(folder).pooled()
-    row = {path: i for i, path in enumerate(names)}
-    kept = [i for i, path in enumerate(data.paths) if path in row]
-    failed = len(data.paths) - len(kept)
-    if not kept:
-        raise ValueError(f"none of the {len(data.paths)} images could be read; see {folder}/manifest.jsonl")
-    if failed:
-        logger.warning("%d of %d images could not be read; they are left out (see %s)", failed, len(data.paths), folder)
-    return kept, pooled[[row[data.paths[i]] for i in kept]]
 
 
 def evaluate_zeroshot(
@@ -106,18 +69,14 @@ def evaluate_zeroshot(
     An image that cannot be read is left out of the metrics and counted in ``dataset.failed`` (with a warning).
     """
     name = model.name_or_path or "unnamed model"
-    settings = ExtractSettings(model=name, pooled=True, batch_size=batch_size, device=device)
-    processor = processor or ImageProcessor(model.vision_model.processor_config)
-    folder = Path(features)
-    summary = extract(
-        list(data.paths), folder, model.vision_model, processor, settings, resume=has_output(folder),
+    kept, pooled, encoded = image_features(
+        model.vision_model, name, data.paths, features, processor=processor, batch_size=batch_size, device=device,
         num_workers=num_workers, progress=progress,
     )  # fmt: skip
-    kept, image_features = _read_features(folder, data)
     tokenizer = tokenizer or model.tokenizer
     labels = model.encode_labels(list(data.classes), tokenizer, templates, canonicalize=canonicalize)
     with torch.inference_mode():
-        logits = model.logits(image_features.to(model.device, torch.float32), labels.embeddings.to(model.device))
+        logits = model.logits(pooled.to(model.device, torch.float32), labels.embeddings.to(model.device))
     targets = torch.tensor([data.labels[i] for i in kept], device=logits.device)
     metrics = zeroshot_metrics(logits.float(), targets, data.classes)
     return {
@@ -136,8 +95,8 @@ def evaluate_zeroshot(
             "templates": list(labels.templates),
             "canonicalize": canonicalize,
             "text_preprocessing": tokenizer.preprocessing,
-            "features": str(folder),
-            "images_encoded_now": summary.done,
+            "features": str(features),
+            "images_encoded_now": encoded,
         },
         "versions": versions(),
     }
