@@ -285,3 +285,61 @@ def test_caption_files_in_three_layouts_and_the_eval_command(zero_shot_dir, capt
     assert json.loads(out.read_text())["settings"] == result["settings"] | {
         "text_preprocessing": "lower", "images_encoded_now": 0
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- probes
+
+
+def clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(5, 24, generator=torch.Generator().manual_seed(99))
+    labels = torch.randint(0, 5, (n,), generator=g)
+    return centres[labels] + 1.6 * torch.randn(n, 24, generator=g), labels
+
+
+def test_the_linear_probe_is_sklearns_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    from siglip2_encoder.eval.probe import fit_logistic, linear_probe
+
+    x, y = clusters(400, 0)
+    x_test, y_test = clusters(400, 1)
+    for penalty in (1e-3, 1e-1):
+        ours = fit_logistic(x, y, 5, penalty)
+        theirs = LogisticRegression(C=1 / (penalty * len(x)), max_iter=10_000, tol=1e-10).fit(x.double().numpy(), y)
+        with torch.no_grad():
+            probabilities = ours(x_test.double()).softmax(1).numpy()
+        np.testing.assert_allclose(probabilities, theirs.predict_proba(x_test.double().numpy()), atol=1e-3)
+    result = linear_probe(x, y, x_test, y_test, 5)
+    mean, std = x.double().mean(0), x.double().std(0)
+    sklearn = LogisticRegression(C=1 / (result["penalty"] * len(x)), max_iter=10_000).fit((x - mean) / std, y)
+    assert abs(result["top1"] - sklearn.score(((x_test - mean) / std).numpy(), y_test.numpy())) <= 0.01
+    assert 0.4 < result["top1"] < 1 and len(result["validation_top1"]) == 7
+
+
+def test_knn_is_dinos_weighted_vote_by_brute_force():
+    from siglip2_encoder.eval.probe import knn_predict
+
+    x, y = clusters(300, 2)
+    x_test, _ = clusters(50, 3)
+    for k in (10, 20):
+        got = knn_predict(x, y, x_test, 5, k, chunk=16)
+        a = x.numpy() / np.linalg.norm(x.numpy(), axis=1, keepdims=True)
+        b = x_test.numpy() / np.linalg.norm(x_test.numpy(), axis=1, keepdims=True)
+        for i, query in enumerate(b):
+            similarity = a @ query
+            nearest = np.argsort(-similarity)[:k]
+            votes = np.zeros(5)
+            np.add.at(votes, y.numpy()[nearest], np.exp(similarity[nearest] / 0.07))
+            assert got[i] == votes.argmax()
+
+
+def test_the_probe_command_on_folders(image_folder, tiny_checkpoint, tmp_path):
+    out = tmp_path / "probe.json"
+    command = ["eval", "probe", "--train", str(image_folder), "--test", str(image_folder), "-o", str(out)]
+    assert main([*command, "--model", str(tiny_checkpoint), "--workers", "0"]) == EXIT_OK
+    result = json.loads(out.read_text())
+    assert set(result["metrics"]) == {"linear_top1", "knn10_top1", "knn20_top1"}
+    assert result["dataset"]["train_images"] == result["dataset"]["test_images"] == 30
+    assert result["settings"]["images_encoded_now"] == 60
+    assert result["metrics"]["linear_top1"] > 0.5  # the same images: a linear probe fits them

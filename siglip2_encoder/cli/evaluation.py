@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from ..eval.datasets import load_labelled
+from ..eval.probe import evaluate_probes
 from ..eval.prompts import TEMPLATE_SETS, load_templates
 from ..eval.retrieval import evaluate_retrieval, load_captioned
 from ..eval.zeroshot import evaluate_zeroshot
@@ -18,10 +19,12 @@ from .common import (
     DEFAULT_MODEL,
     EXIT_OK,
     UsageError,
+    add_model_options,
     add_quiet,
     add_text_options,
     check_text_options,
     from_checkpoint,
+    load_model,
     load_tokenizer,
     non_negative_int,
     positive_int,
@@ -97,15 +100,41 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _task_options(p: argparse.ArgumentParser, text_default: str) -> None:
-    """What every task takes: the model, the result, the features folder, how images are encoded, texts, -q."""
+def cmd_probe(args: argparse.Namespace) -> int:
+    output, device = _prepare(args)
+    try:
+        train, test = load_labelled(args.train, args.class_names), load_labelled(args.test, args.class_names)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"{err}") from None
+    tower, processor = load_model(args.model, args.random_weights)
+    name = args.random_weights or args.model
+    logger.info("%d training, %d test images, %d classes -> %s", len(train.paths), len(test.paths), len(train.classes),
+                output)  # fmt: skip
+    try:
+        result = evaluate_probes(tower, name, train, test, processor=processor, **_run_options(args, output, device))
+    except ValueError as err:  # the two sets do not match
+        raise UsageError(f"--train / --test: {err}") from None
+    result["dataset"] |= {"train_source": str(args.train), "test_source": str(args.test)}
+    _write(result, output, {"linear": "linear_top1", "kNN-10": "knn10_top1", "kNN-20": "knn20_top1"})
+    return EXIT_OK
+
+
+def _task_options(p: argparse.ArgumentParser, text_default: str | None) -> None:
+    """What every task takes: the model, the result, the features folder, how images are encoded, texts (for the
+    tasks with texts), -q."""
     p.add_argument("-o", "--output", required=True, help="the JSON result to write")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"an image-text checkpoint (default {DEFAULT_MODEL})")
+    if text_default is None:  # image features only: any tower, random weights too
+        add_model_options(p)
+    else:
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"an image-text checkpoint (default {DEFAULT_MODEL})")
     p.add_argument("--features", help="the image features folder (default: OUTPUT without .json + .features)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images (and texts) per forward pass")
     p.add_argument("--workers", type=non_negative_int, help="image decoding processes (default min(4, CPUs))")
-    add_text_options(p, text_default)
+    if text_default is not None:
+        add_text_options(p, text_default)
+    else:
+        p.set_defaults(text_preprocessing=None, no_lowercase=False)
     add_quiet(p)
 
 
@@ -133,9 +162,19 @@ def _retrieval_command(tasks: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_retrieval)
 
 
+def _probe_command(tasks: argparse._SubParsersAction) -> None:
+    p = tasks.add_parser("probe", help="linear-probe and kNN accuracy of frozen pooled features")
+    p.add_argument("--train", required=True, help="training images: a folder per class, or a .csv / .jsonl table")
+    p.add_argument("--test", required=True, help="test images, with the same classes")
+    p.add_argument("--class-names", metavar="TXT", help="one readable name per class, in label order")
+    _task_options(p, None)
+    p.set_defaults(run=cmd_probe)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``eval`` and its tasks to the parser."""
-    p = commands.add_parser("eval", help="measure a model: zero-shot accuracy, retrieval recall (JSON and a table)")
+    p = commands.add_parser("eval", help="measure a model: zero-shot, retrieval, linear probe, kNN (JSON and a table)")
     tasks = p.add_subparsers(dest="task", required=True)
     _zeroshot_command(tasks)
     _retrieval_command(tasks)
+    _probe_command(tasks)
