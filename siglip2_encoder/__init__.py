@@ -6,7 +6,7 @@ only by the modules that use them (``models.lora``, ``integrations``).
 
 The package is grouped by concern, each folder importing only from those below it: the base (``config``,
 ``presets``, ``output``, ``files``), ``checkpoints``, ``data``, ``adapters``, ``models``, ``export``, ``pipeline``,
-``integrations``, ``serve`` and ``cli``; each folder's docstring says what lives there.
+``integrations``, ``eval``, ``serve`` and ``cli``; each folder's docstring says what lives there.
 """
 
 from .checkpoints.hf_format import (

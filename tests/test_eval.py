@@ -343,3 +343,53 @@ def test_the_probe_command_on_folders(image_folder, tiny_checkpoint, tmp_path):
     assert result["dataset"]["train_images"] == result["dataset"]["test_images"] == 30
     assert result["settings"]["images_encoded_now"] == 60
     assert result["metrics"]["linear_top1"] > 0.5  # the same images: a linear probe fits them
+
+
+# ---------------------------------------------------------------------------------------------- segmentation
+
+
+def blocks(root, count: int, seed: int):
+    """Images of 4 x 4 blocks of 16 px, each one of three colours (with noise); masks: the colour's index, and a
+    1-pixel border of 255 (ignored)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(seed)
+    colours = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]])
+    for i in range(count):
+        classes = rng.integers(0, 3, (4, 4))
+        mask = np.kron(classes, np.ones((16, 16), dtype=np.int64))
+        pixels = colours[mask] + rng.integers(-20, 20, (64, 64, 3))
+        mask[0, :] = 255
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / f"{i}.png")
+    return root
+
+
+def test_mean_iou_is_sklearns_jaccard_over_the_dataset():
+    from sklearn.metrics import jaccard_score
+
+    from siglip2_encoder.eval.segmentation import mean_iou
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 5000)
+    predicted = np.where(rng.random(5000) < 0.6, truth, rng.integers(0, 5, 5000))  # class 4: predicted only
+    confusion = torch.bincount(torch.tensor(truth * 6 + predicted), minlength=36).view(6, 6)
+    miou, per_class = mean_iou(confusion)
+    present = sorted(set(truth) | set(predicted))
+    assert miou == pytest.approx(jaccard_score(truth, predicted, labels=present, average="macro"), abs=1e-12)
+    assert per_class[5] is None and per_class[4] == 0.0
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "fixed_dir"])
+def test_a_linear_head_on_tokens_segments_generated_blocks(checkpoint, request, tmp_path, caplog):
+    train, test = blocks(tmp_path / "train", 16, 0), blocks(tmp_path / "test", 6, 1)
+    out = tmp_path / "seg.json"
+    command = ["eval", "segmentation", "--train", str(train), "--test", str(test), "--num-classes", "3"]
+    command += ["--model", str(request.getfixturevalue(checkpoint)), "-o", str(out), "--workers", "0"]
+    assert main([*command, "--epochs", "30", "--layer", "-2"]) == EXIT_OK
+    result = json.loads(out.read_text())
+    assert result["metrics"]["miou"] > 0.6, result  # chance is about 1/3 of that
+    assert result["settings"]["layer"] == -2 and result["dataset"]["test_images"] == 6
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(test / "masks" / "0.png")
+    assert main([*command, "--epochs", "1", "--layer", "-2"]) == EXIT_USAGE
+    assert "0.png: a mask holds one class index per pixel, below 3 or 255; got values [7]" in caplog.text

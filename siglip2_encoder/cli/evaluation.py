@@ -12,6 +12,7 @@ from ..eval.datasets import load_labelled
 from ..eval.probe import evaluate_probes
 from ..eval.prompts import TEMPLATE_SETS, load_templates
 from ..eval.retrieval import evaluate_retrieval, load_captioned
+from ..eval.segmentation import evaluate_segmentation, load_segmentation
 from ..eval.zeroshot import evaluate_zeroshot
 from ..files import write_atomic
 from ..models.joint import SigLIP2Model
@@ -119,6 +120,33 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_segmentation(args: argparse.Namespace) -> int:
+    output, device = _prepare(args)
+    try:
+        train, test = load_segmentation(args.train), load_segmentation(args.test)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"{err}") from None
+    tower, processor = load_model(args.model, args.random_weights)
+    name = args.random_weights or args.model
+    if args.layer is not None:
+        try:
+            tower.layer_index(args.layer)
+        except ValueError as err:
+            raise UsageError(f"--layer {args.layer}: {err}") from None
+    if args.max_num_patches is not None and not tower.config.naflex:
+        raise UsageError(f"--max-num-patches applies to NaFlex checkpoints; {name} has a fixed resolution")
+    options = _run_options(args, output, device) | dict(processor=processor, layer=args.layer, epochs=args.epochs)
+    try:
+        result = evaluate_segmentation(
+            tower, name, train, test, args.num_classes, max_num_patches=args.max_num_patches, **options
+        )
+    except ValueError as err:  # a mask with a class index out of range
+        raise UsageError(f"--num-classes {args.num_classes}: {err}") from None
+    result["dataset"] |= {"train_source": str(args.train), "test_source": str(args.test)}
+    _write(result, output, {"mIoU": "miou", "pixel acc": "pixel_accuracy"})
+    return EXIT_OK
+
+
 def _task_options(p: argparse.ArgumentParser, text_default: str | None) -> None:
     """What every task takes: the model, the result, the features folder, how images are encoded, texts (for the
     tasks with texts), -q."""
@@ -171,6 +199,18 @@ def _probe_command(tasks: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_probe)
 
 
+def _segmentation_command(tasks: argparse._SubParsersAction) -> None:
+    p = tasks.add_parser("segmentation", help="mIoU of a linear head on frozen patch tokens (the paper's probe)")
+    p.add_argument("--train", required=True, help="ROOT with images/<name>.<ext> and masks/<name>.png")
+    p.add_argument("--test", required=True, help="the test ROOT, the same layout")
+    p.add_argument("--num-classes", type=positive_int, required=True, help="class indices in the masks: 0 .. N-1")
+    p.add_argument("--layer", type=int, help="hidden state to probe (-2 = penultimate; default the final tokens)")
+    p.add_argument("--epochs", type=positive_int, default=10, help="passes over the training images (default 10)")
+    p.add_argument("--max-num-patches", type=positive_int, help="NaFlex patch budget per image")
+    _task_options(p, None)
+    p.set_defaults(run=cmd_segmentation)
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add ``eval`` and its tasks to the parser."""
     p = commands.add_parser("eval", help="measure a model: zero-shot, retrieval, linear probe, kNN (JSON and a table)")
@@ -178,3 +218,4 @@ def register(commands: argparse._SubParsersAction) -> None:
     _zeroshot_command(tasks)
     _retrieval_command(tasks)
     _probe_command(tasks)
+    _segmentation_command(tasks)

@@ -10,6 +10,7 @@ import platform
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,12 +20,12 @@ from ..pipeline.extract import extract
 from ..pipeline.settings import ExtractSettings
 from ..pipeline.store import ExtractedFeatures, has_output
 
-__all__ = ["image_features", "versions"]
+__all__ = ["encode_images", "image_features", "readable", "versions"]
 
 logger = logging.getLogger(__name__)
 
 
-def image_features(
+def encode_images(
     tower: SigLIP2Encoder,
     name: str,
     paths: Sequence[str],
@@ -35,28 +36,43 @@ def image_features(
     device: str = "cpu",
     num_workers: int = 0,
     progress: bool | None = None,
-) -> tuple[list[int], torch.Tensor, int]:
-    """The pooled features of ``paths`` by ``tower`` (checkpoint ``name``), through the features ``folder``:
-    (indices of the paths that could be read, their features (n, D), how many images were encoded now).
-
-    The images that could not be read are left out, with a warning; none readable is a ``ValueError``.
-    """
-    folder = Path(folder)
-    settings = ExtractSettings(model=name, pooled=True, batch_size=batch_size, device=device)
+    **features: Any,
+) -> tuple[ExtractedFeatures, int]:
+    """``extract`` of ``paths`` by ``tower`` (checkpoint ``name``) into ``folder``, resumed when it holds a run;
+    ``features`` are :class:`~siglip2_encoder.pipeline.settings.ExtractSettings` fields (``pooled``,
+    ``last_hidden_state``, ``layers``, ``max_num_patches``). Returns the folder, read back, and how many images
+    were encoded now."""
+    settings = ExtractSettings(model=name, batch_size=batch_size, device=device, **features)
     processor = processor or ImageProcessor(tower.processor_config)
     summary = extract(
-        list(paths), folder, tower, processor, settings, resume=has_output(folder), num_workers=num_workers,
+        list(paths), folder, tower, processor, settings, resume=has_output(Path(folder)), num_workers=num_workers,
         progress=progress,
     )  # fmt: skip
-    names, pooled = ExtractedFeatures.open(folder).pooled()
-    row = {path: i for i, path in enumerate(names)}
-    kept = [i for i, path in enumerate(paths) if path in row]
+    return ExtractedFeatures.open(folder), summary.done
+
+
+def readable(store: ExtractedFeatures, paths: Sequence[str]) -> list[int]:
+    """The indices of ``paths`` whose images were extracted; the others are left out, with a warning."""
+    done = {row["path"] for row in store.ok}
+    kept = [i for i, path in enumerate(paths) if path in done]
     if not kept:
-        raise ValueError(f"none of the {len(paths)} images could be read; see {folder}/manifest.jsonl")
+        raise ValueError(f"none of the {len(paths)} images could be read; see {store.folder}/manifest.jsonl")
     if len(kept) < len(paths):
         logger.warning("%d of %d images could not be read; they are left out (see %s)", len(paths) - len(kept),
-                       len(paths), folder)  # fmt: skip
-    return kept, pooled[[row[paths[i]] for i in kept]], summary.done
+                       len(paths), store.folder)  # fmt: skip
+    return kept
+
+
+def image_features(
+    tower: SigLIP2Encoder, name: str, paths: Sequence[str], folder: str | os.PathLike, **options: Any
+) -> tuple[list[int], torch.Tensor, int]:
+    """The pooled features of ``paths`` (``options`` as :func:`encode_images`'): (indices of the paths that could be
+    read, their features (n, D), how many images were encoded now)."""
+    store, encoded = encode_images(tower, name, paths, folder, pooled=True, **options)
+    names, pooled = store.pooled()
+    row = {path: i for i, path in enumerate(names)}
+    kept = readable(store, paths)
+    return kept, pooled[[row[paths[i]] for i in kept]], encoded
 
 
 def versions() -> dict[str, str]:
