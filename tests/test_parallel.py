@@ -137,7 +137,7 @@ def test_unused_parameters_are_those_past_the_projectors_layer():
 RING = """
 import sys, torch, torch.distributed as dist
 import torch.nn.functional as F
-from siglip2_encoder.models.loss import ring_sigmoid_loss, sigmoid_loss
+from siglip2_encoder.models.loss import ring_sigmoid_loss, sigmoid_loss_reference as sigmoid_loss
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -189,3 +189,45 @@ def test_the_ring_sigmoid_loss_equals_the_combined_batchs_loss_and_gradients(ran
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("RING EQUAL") == ranks
+
+
+RING_MEMORY = """
+import torch, torch.distributed as dist
+import torch.nn.functional as F
+from siglip2_encoder.models.loss import ring_sigmoid_loss
+
+dist.init_process_group("gloo")
+g = torch.Generator().manual_seed(dist.get_rank())
+image, text = (F.normalize(torch.randn(64, 32, generator=g), dim=-1).requires_grad_() for _ in range(2))
+scale, bias = torch.tensor([2.3], requires_grad=True), torch.tensor([-4.0], requires_grad=True)
+saved = 0
+
+def pack(tensor):
+    global saved
+    saved += tensor.numel() * tensor.element_size()
+    return tensor
+
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    loss = ring_sigmoid_loss(image, text, scale, bias, tile=16)
+loss.backward()
+print("SAVED", saved)
+dist.destroy_process_group()
+"""
+
+
+def test_the_rings_memory_per_rank_does_not_grow_with_the_ranks(tmp_path):
+    script = tmp_path / "ring_memory.py"
+    script.write_text(RING_MEMORY)
+    saved = {}
+    for ranks in (1, 2, 4):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        result = subprocess.run(
+            [*command, str(script)], capture_output=True, text=True, timeout=300,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        saved[ranks] = {int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("SAVED")}
+    assert all(len(values) == 1 for values in saved.values()), saved  # every rank keeps the same
+    sizes = [values.pop() for values in saved.values()]
+    assert max(sizes) <= 1.1 * min(sizes), sizes  # 1, 2 and 4 ranks: the same bytes per rank
+    assert max(sizes) <= 2 * 64 * 32 * 4 + 4096  # this rank's images and texts, and the scalars

@@ -8,7 +8,11 @@ otherwise), divided by the number of images.
 on the diagonal (:func:`sigmoid_loss`); across devices, each device adds its own block and then, for every other
 device's texts in turn, a block of negatives only (the paper's device-by-device scheme: no all-gather of the full
 similarity matrix). The sums are the same either way: :func:`ring_sigmoid_loss` is that scheme on the ranks of a
-torch.distributed job, texts passed to the next rank W - 1 times, gradients passed back the other way.
+torch.distributed job, texts passed to the next rank W - 1 times, and again in backward with their gradients.
+
+Both compute the logits in tiles and recompute them in backward (autograd Functions): what they keep for backward
+is the embeddings and two scalars, O(B x D) per rank, never B^2 and never more with more ranks.
+:func:`sigmoid_loss_reference` is the whole-matrix form, the readable reference the tests compare with.
 """
 
 from __future__ import annotations
@@ -48,6 +52,48 @@ def _signs(logits: torch.Tensor, rows: slice, cols: slice, diagonal: bool) -> to
     return torch.where(i == j, 1.0, -1.0).to(logits.dtype)
 
 
+def _scalars(logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(logit_scale) and logit_bias as fp32 0-d tensors."""
+    return logit_scale.float().exp().reshape(()), logit_bias.float().reshape(())
+
+
+def _block_sum(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, diagonal: bool, tile: int
+) -> torch.Tensor:
+    """The block's summed loss, fp32, one (tile x tile) piece of the logits at a time."""
+    total = torch.zeros((), dtype=torch.float32, device=image.device)
+    for rows, cols in _tiles(len(image), len(text), tile):
+        logits = image[rows].float() @ text[cols].float().T * scale + bias
+        total += -F.logsigmoid(_signs(logits, rows, cols, diagonal) * logits).sum()
+    return total
+
+
+def _block_grads(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, diagonal: bool, tile: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d(block sum) / d(image, text, logit_scale, logit_bias), fp32, each tile's logits recomputed."""
+    grad_image = torch.zeros(image.shape, dtype=torch.float32, device=image.device)
+    grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
+    grad_scale = torch.zeros((), dtype=torch.float32, device=image.device)
+    grad_bias = torch.zeros((), dtype=torch.float32, device=image.device)
+    for rows, cols in _tiles(len(image), len(text), tile):
+        x, y = image[rows].float(), text[cols].float()
+        cosine = x @ y.T
+        signs = _signs(cosine, rows, cols, diagonal)
+        # d/dlogit of -log sigmoid(s * logit) = -s * sigmoid(-s * logit); d logit / d logit_scale = exp(.) * cos
+        d_logits = -signs * torch.sigmoid(-signs * (cosine * scale + bias))
+        grad_image[rows] += d_logits @ y * scale
+        grad_text[cols] += d_logits.T @ x * scale
+        grad_scale += (d_logits * cosine).sum() * scale
+        grad_bias += d_logits.sum()
+    return grad_image, grad_text, grad_scale, grad_bias
+
+
+def _cast_grads(grad, grads, image, text, logit_scale, logit_bias):  # noqa: ANN001, ANN202
+    """``grad`` x each fp32 gradient, in its input's dtype and shape."""
+    return tuple((grad * g).reshape(x.shape).to(x.dtype) for g, x in zip(grads, (image, text, logit_scale, logit_bias)))
+
+
 class _TiledSigmoidLoss(torch.autograd.Function):
     """The summed sigmoid loss of an (images x texts) block, one (tile x tile) piece of the logits at a time, in
     fp32 whatever the inputs' precision. Backward recomputes each tile's logits instead of keeping them: what it
@@ -57,39 +103,13 @@ class _TiledSigmoidLoss(torch.autograd.Function):
     def forward(ctx, image, text, logit_scale, logit_bias, diagonal: bool, tile: int):  # noqa: ANN001
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
         ctx.diagonal, ctx.tile = diagonal, tile
-        scale, bias = logit_scale.float().exp().reshape(()), logit_bias.float().reshape(())
-        total = torch.zeros((), dtype=torch.float32, device=image.device)
-        for rows, cols in _tiles(len(image), len(text), tile):
-            logits = image[rows].float() @ text[cols].float().T * scale + bias
-            total += -F.logsigmoid(_signs(logits, rows, cols, diagonal) * logits).sum()
-        return total
+        return _block_sum(image, text, *_scalars(logit_scale, logit_bias), diagonal, tile)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         image, text, logit_scale, logit_bias = ctx.saved_tensors
-        scale, bias = logit_scale.float().exp().reshape(()), logit_bias.float().reshape(())
-        grad_image = torch.zeros(image.shape, dtype=torch.float32, device=image.device)
-        grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
-        grad_scale = torch.zeros((), dtype=torch.float32, device=image.device)
-        grad_bias = torch.zeros((), dtype=torch.float32, device=image.device)
-        for rows, cols in _tiles(len(image), len(text), ctx.tile):
-            x, y = image[rows].float(), text[cols].float()
-            cosine = x @ y.T
-            signs = _signs(cosine, rows, cols, ctx.diagonal)
-            # d/dlogit of -log sigmoid(s * logit) = -s * sigmoid(-s * logit)
-            d_logits = -signs * torch.sigmoid(-signs * (cosine * scale + bias))
-            grad_image[rows] += d_logits @ y * scale
-            grad_text[cols] += d_logits.T @ x * scale
-            grad_scale += (d_logits * cosine).sum() * scale
-            grad_bias += d_logits.sum()
-        return (
-            (grad * grad_image).to(image.dtype),
-            (grad * grad_text).to(text.dtype),
-            (grad * grad_scale).reshape(logit_scale.shape).to(logit_scale.dtype),
-            (grad * grad_bias).reshape(logit_bias.shape).to(logit_bias.dtype),
-            None,
-            None,
-        )
+        grads = _block_grads(image, text, *_scalars(logit_scale, logit_bias), ctx.diagonal, ctx.tile)
+        return (*_cast_grads(grad, grads, image, text, logit_scale, logit_bias), None, None)
 
 
 # The tile loop is Python over a batch-dependent number of tiles, which torch.compile would unroll for every batch
@@ -139,14 +159,6 @@ def sigmoid_loss(
     return block / image_embeds.shape[0]
 
 
-def _exchange(tensor: torch.Tensor, to: int, source: int) -> torch.Tensor:
-    received = torch.empty_like(tensor)
-    ops = [dist.P2POp(dist.isend, tensor.contiguous(), to), dist.P2POp(dist.irecv, received, source)]
-    for request in dist.batch_isend_irecv(ops):
-        request.wait()
-    return received
-
-
 def _check_same_shape(text_embeds: torch.Tensor) -> None:
     """Raise ValueError on every rank unless all ranks hold texts of one shape: the ring's receive buffers take the
     shape of the rank's own texts (gloo aborts on a mismatch; other backends may not notice)."""
@@ -161,40 +173,90 @@ def _check_same_shape(text_embeds: torch.Tensor) -> None:
         )
 
 
-class _PassOn(torch.autograd.Function):
-    """Send to the next rank, receive from the previous one; gradients travel back the opposite way."""
+def _start_exchange(tensor: torch.Tensor, to: int, source: int) -> tuple[torch.Tensor, list]:
+    """Send ``tensor`` to rank ``to`` and receive a tensor of its shape from ``source``, without waiting: (the
+    receive buffer, the requests to wait on)."""
+    received = torch.empty_like(tensor)
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), to), dist.P2POp(dist.irecv, received, source)]
+    return received, dist.batch_isend_irecv(ops)
+
+
+class _RingSigmoidLoss(torch.autograd.Function):
+    """This rank's images against every rank's texts, the texts passed round the ring one block at a time.
+
+    Forward keeps two text blocks at most (the one scored, the one arriving: the next transfer overlaps the tiles of
+    the current one) and saves only this rank's embeddings and the scalars. Backward sends the text blocks round
+    again, recomputing each block's tiles, with the gradient of each block travelling beside it; after the last hop
+    every block's gradient reaches its owner. Memory per rank does not grow with the number of ranks."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, image, text, logit_scale, logit_bias, tile: int):  # noqa: ANN001
+        ctx.save_for_backward(image, text, logit_scale, logit_bias)
+        ctx.tile = tile
         rank, world = dist.get_rank(), dist.get_world_size()
-        return _exchange(tensor, (rank + 1) % world, (rank - 1) % world)
+        scale, bias = _scalars(logit_scale, logit_bias)
+        total = torch.zeros((), dtype=torch.float32, device=image.device)
+        block, own = text, True
+        for _ in range(world - 1):
+            arriving, requests = _start_exchange(block, (rank + 1) % world, (rank - 1) % world)
+            total += _block_sum(image, block, scale, bias, own, tile)  # while the block moves on
+            for request in requests:
+                request.wait()
+            block, own = arriving, False
+        return total + _block_sum(image, block, scale, bias, own, tile)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        image, text, logit_scale, logit_bias = ctx.saved_tensors
         rank, world = dist.get_rank(), dist.get_world_size()
-        return _exchange(grad, (rank - 1) % world, (rank + 1) % world)
+        scale, bias = _scalars(logit_scale, logit_bias)
+        grad_image, grad_text, grad_scale, grad_bias = _block_grads(image, text, scale, bias, True, ctx.tile)
+        block, travelling = text, torch.zeros(text.shape, dtype=torch.float32, device=text.device)
+        to, source = (rank + 1) % world, (rank - 1) % world
+        for _ in range(world - 1):
+            block, requests = _start_exchange(block, to, source)
+            travelling, more = _start_exchange(travelling, to, source)
+            for request in requests + more:
+                request.wait()
+            d_image, d_text, d_scale, d_bias = _block_grads(image, block, scale, bias, False, ctx.tile)
+            grad_image += d_image
+            travelling += d_text  # this rank's images' gradient for the block's texts, carried to its owner
+            grad_scale += d_scale
+            grad_bias += d_bias
+        if world > 1:  # one more hop: each block's gradient, summed over the other ranks, reaches its owner
+            returned, requests = _start_exchange(travelling, to, source)
+            for request in requests:
+                request.wait()
+            grad_text += returned
+        grads = (grad_image, grad_text, grad_scale, grad_bias)
+        return (*_cast_grads(grad, grads, image, text, logit_scale, logit_bias), None)
 
 
 def ring_sigmoid_loss(
-    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    tile: int = 1024,
 ) -> torch.Tensor:
     """The sigmoid loss of the combined batch of every rank's matching pairs, computed device by device.
 
     Each rank scores its images against its own texts (matches on the diagonal), then against every other rank's
-    texts as they come round the ring (negatives only); no rank holds more than two rank-batches of texts, and no
-    full similarity matrix exists anywhere. Every rank must hold the same number of pairs (else ValueError).
+    texts as they come round the ring (negatives only), ``tile`` x ``tile`` logits at a time; backward passes the
+    texts round again, recomputing (see :class:`_RingSigmoidLoss`). Per rank, memory is this rank's embeddings and
+    two text blocks, whatever the number of ranks; no full similarity matrix exists anywhere. Every rank must hold
+    the same number of pairs (else ValueError), and every rank must call backward (the blocks travel in lockstep).
 
     Returns:
         This rank's share of the combined loss, times the number of ranks: the ranks' values average to the
         combined batch's loss, and DDP's averaging of gradients then gives exactly the combined batch's gradients
-        (tested against :func:`sigmoid_loss` on the whole batch, values and gradients).
+        (tested against :func:`sigmoid_loss_reference` on the whole batch, values and gradients).
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if world > 1:
-        _check_same_shape(text_embeds)
-    total = sigmoid_loss_block(image_embeds, text_embeds, logit_scale, logit_bias, matches_on_diagonal=True)
-    texts = text_embeds
-    for _ in range(world - 1):
-        texts = _PassOn.apply(texts)
-        total = total + sigmoid_loss_block(image_embeds, texts, logit_scale, logit_bias, matches_on_diagonal=False)
+    if world == 1:
+        return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, tile)
+    _check_same_shape(text_embeds)
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be a positive int, got tile={tile!r}")
+    total = _RingSigmoidLoss.apply(image_embeds, text_embeds, logit_scale, logit_bias, tile)
     return total / image_embeds.shape[0]  # = world * total / (world * batch)
