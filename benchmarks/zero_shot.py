@@ -137,9 +137,90 @@ def classify_section(num_images: int, num_labels: int) -> list[str]:
     ]
 
 
+def eval_section(num_images: int, num_labels: int, pipeline_images: int) -> list[str]:
+    """``eval zeroshot`` (cold: images extracted, labels x 80 templates encoded) vs CLIP_benchmark's zero-shot
+    classifier + classification loop on transformers' SiglipModel (the same work: texts once, images once), and the
+    pipeline, which can take one template: its time for ``pipeline_images`` images, extrapolated to all images and
+    the 80 templates."""
+    from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
+    from transformers import AutoModel, AutoTokenizer, pipeline
+
+    from siglip2_encoder.eval.datasets import load_labelled
+    from siglip2_encoder.eval.prompts import TEMPLATE_SETS
+    from siglip2_encoder.eval.zeroshot import evaluate_zeroshot
+
+    root = Path(tempfile.mkdtemp(prefix="eval_bench_"))
+    labels = [f"thing{i}" for i in range(num_labels)]
+    checkpoint(root / "model", labels)
+    rng = np.random.default_rng(0)
+    for i in range(num_images):
+        (root / "data" / labels[i % num_labels]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), np.uint8)).save(
+            root / "data" / labels[i % num_labels] / f"{i}.png"
+        )
+    data = load_labelled(root / "data")
+    templates = TEMPLATE_SETS["clip_paper"]
+    model = SigLIP2Model.from_pretrained(root / "model")
+    start = time.perf_counter()
+    ours = evaluate_zeroshot(model, data, templates, root / "features", canonicalize=False, num_workers=1)
+    t_ours = time.perf_counter() - start
+
+    theirs, processor = (
+        AutoModel.from_pretrained(root / "model").eval(),
+        SiglipImageProcessor.from_pretrained(root / "model"),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+
+    class Clip(torch.nn.Module):
+        def encode_image(self, pixels):
+            return theirs.get_image_features(pixel_values=pixels).pooler_output
+
+        def encode_text(self, tokens):
+            return theirs.get_text_features(**tokens).pooler_output
+
+    class Images(torch.utils.data.Dataset):
+        classes = data.classes
+
+        def __len__(self):
+            return len(data.paths)
+
+        def __getitem__(self, i):
+            pixels = processor(Image.open(data.paths[i]).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+            return pixels, data.labels[i]
+
+    start = time.perf_counter()
+    classifier = zero_shot_classifier(
+        Clip(), lambda t: tokenizer(t, padding="max_length", max_length=64, return_tensors="pt"), list(data.classes),
+        [t.replace("{}", "{c}") for t in templates], "cpu", amp=False,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(Images(), batch_size=32)
+    logits, targets = run_classification(Clip(), classifier, loader, "cpu", amp=False)
+    t_cb = time.perf_counter() - start
+    if int((logits.argmax(1) == targets).sum()) / len(targets) != ours["metrics"]["top1"]:
+        raise SystemExit("eval zeroshot's top-1 differs from CLIP_benchmark's on the same model and data")
+
+    classify = pipeline("zero-shot-image-classification", model=str(root / "model"))
+    images = [Image.open(p) for p in data.paths[:pipeline_images]]
+    classify(images[0], candidate_labels=list(data.classes))  # warm-up
+    start = time.perf_counter()
+    for image in images:
+        classify(image, candidate_labels=list(data.classes))
+    t_pipeline = (time.perf_counter() - start) / pipeline_images * num_images * len(templates)
+    return [
+        "| implementation | seconds | ours vs it |",
+        "|---|---|---|",
+        f"| ours: `eval zeroshot` (extract + {num_labels} x {len(templates)} texts + metrics) | {t_ours:.1f} | 1.00x |",
+        f"| CLIP_benchmark: zero_shot_classifier + run_classification, transformers' SiglipModel | {t_cb:.1f} | "
+        f"{t_cb / t_ours:.1f}x |",
+        f"| transformers pipeline, {len(templates)} templates (extrapolated from {pipeline_images} images x 1 "
+        f"template) | {t_pipeline:.0f} | {t_pipeline / t_ours:.0f}x |",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["text", "classify"], choices=["text", "classify"])
+    parser.add_argument("--sections", nargs="+", default=["text", "classify"], choices=["text", "classify", "eval"])
+    parser.add_argument("--pipeline-images", type=int, default=10, help="eval: images the pipeline is timed on")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--images", type=int, default=200)
@@ -159,6 +240,14 @@ def main() -> None:
         print(
             f"\n### Zero-shot classification: {args.images} images x {args.labels} labels, towers of width 384 and "
             f"6 layers, 224 px, cpu, fp32\n\n" + header + "\n"
+        )
+        print("\n".join(table))
+
+    if "eval" in args.sections:
+        table = eval_section(args.images, args.labels, args.pipeline_images)
+        print(
+            f"\n### eval zeroshot: {args.images} images x {args.labels} classes x 80 templates, towers of width 384 "
+            f"and 6 layers, 224 px, cpu, fp32\n\n" + header + "\n"
         )
         print("\n".join(table))
 
