@@ -146,6 +146,7 @@ def eval_section(num_images: int, num_labels: int, pipeline_images: int) -> list
     from transformers import AutoModel, AutoTokenizer, pipeline
 
     from siglip2_encoder.eval.datasets import load_labelled
+    from siglip2_encoder.eval.features import Encoding
     from siglip2_encoder.eval.prompts import TEMPLATE_SETS
     from siglip2_encoder.eval.zeroshot import evaluate_zeroshot
 
@@ -162,7 +163,8 @@ def eval_section(num_images: int, num_labels: int, pipeline_images: int) -> list
     templates = TEMPLATE_SETS["clip_paper"]
     model = SigLIP2Model.from_pretrained(root / "model")
     start = time.perf_counter()
-    ours = evaluate_zeroshot(model, data, templates, root / "features", canonicalize=False, num_workers=1)
+    encoding = Encoding(num_workers=1)
+    ours = evaluate_zeroshot(model, data, templates, root / "features", canonicalize=False, encoding=encoding)
     t_ours = time.perf_counter() - start
 
     theirs, processor = (

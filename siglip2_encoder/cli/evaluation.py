@@ -8,7 +8,9 @@ import logging
 import os
 from pathlib import Path
 
+from ..data.processor import ImageProcessor
 from ..eval.datasets import load_labelled
+from ..eval.features import Encoding
 from ..eval.probe import evaluate_probes
 from ..eval.prompts import TEMPLATE_SETS, load_templates
 from ..eval.retrieval import evaluate_retrieval, load_captioned
@@ -45,15 +47,16 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, str]:
     return output, device
 
 
-def _run_options(args: argparse.Namespace, output: Path, device: str) -> dict:
-    """How the images are encoded, and where their features are kept."""
-    return dict(
-        features=args.features or f"{output.with_suffix('')}.features",
+def _run_options(args: argparse.Namespace, output: Path, device: str, processor: ImageProcessor | None = None) -> dict:
+    """Where the image features are kept, and how the images are encoded."""
+    encoding = Encoding(
+        processor=processor,
         batch_size=args.batch_size,
         device=device,
         num_workers=args.workers if args.workers is not None else min(4, os.cpu_count() or 1),
         progress=None if not args.quiet else False,
     )
+    return dict(features=args.features or f"{output.with_suffix('')}.features", encoding=encoding)
 
 
 def _write(result: dict, output: Path, columns: dict[str, str]) -> None:
@@ -112,7 +115,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     logger.info("%d training, %d test images, %d classes -> %s", len(train.paths), len(test.paths), len(train.classes),
                 output)  # fmt: skip
     try:
-        result = evaluate_probes(tower, name, train, test, processor=processor, **_run_options(args, output, device))
+        result = evaluate_probes(tower, name, train, test, **_run_options(args, output, device, processor))
     except ValueError as err:  # the two sets do not match
         raise UsageError(f"--train / --test: {err}") from None
     result["dataset"] |= {"train_source": str(args.train), "test_source": str(args.test)}
@@ -135,7 +138,7 @@ def cmd_segmentation(args: argparse.Namespace) -> int:
             raise UsageError(f"--layer {args.layer}: {err}") from None
     if args.max_num_patches is not None and not tower.config.naflex:
         raise UsageError(f"--max-num-patches applies to NaFlex checkpoints; {name} has a fixed resolution")
-    options = _run_options(args, output, device) | dict(processor=processor, layer=args.layer, epochs=args.epochs)
+    options = _run_options(args, output, device, processor) | dict(layer=args.layer, epochs=args.epochs)
     try:
         result = evaluate_segmentation(
             tower, name, train, test, args.num_classes, max_num_patches=args.max_num_patches, **options

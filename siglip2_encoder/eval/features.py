@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,25 @@ from ..pipeline.extract import extract
 from ..pipeline.settings import ExtractSettings
 from ..pipeline.store import ExtractedFeatures, has_output
 
-__all__ = ["encode_images", "image_features", "readable", "versions"]
+__all__ = ["DEFAULT_ENCODING", "Encoding", "encode_images", "image_features", "readable", "versions"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How an evaluation encodes its images (``extract``'s options): the preprocessing (default the tower's own),
+    images per forward pass, the device, decoding worker processes, and a progress bar (None: when stderr is a
+    terminal)."""
+
+    processor: ImageProcessor | None = None
+    batch_size: int = 32
+    device: str = "cpu"
+    num_workers: int = 0
+    progress: bool | None = None
+
+
+DEFAULT_ENCODING = Encoding()
 
 
 def encode_images(
@@ -30,23 +47,19 @@ def encode_images(
     name: str,
     paths: Sequence[str],
     folder: str | os.PathLike,
-    *,
-    processor: ImageProcessor | None = None,
-    batch_size: int = 32,
-    device: str = "cpu",
-    num_workers: int = 0,
-    progress: bool | None = None,
+    encoding: Encoding = DEFAULT_ENCODING,
     **features: Any,
 ) -> tuple[ExtractedFeatures, int]:
-    """``extract`` of ``paths`` by ``tower`` (checkpoint ``name``) into ``folder``, resumed when it holds a run;
+    """``extract`` of ``paths`` by ``tower`` (checkpoint ``name``) into ``folder`` as ``encoding`` says, resumed
+    when it holds a run;
     ``features`` are :class:`~siglip2_encoder.pipeline.settings.ExtractSettings` fields (``pooled``,
     ``last_hidden_state``, ``layers``, ``max_num_patches``). Returns the folder, read back, and how many images
     were encoded now."""
-    settings = ExtractSettings(model=name, batch_size=batch_size, device=device, **features)
-    processor = processor or ImageProcessor(tower.processor_config)
+    settings = ExtractSettings(model=name, batch_size=encoding.batch_size, device=encoding.device, **features)
+    processor = encoding.processor or ImageProcessor(tower.processor_config)
     summary = extract(
-        list(paths), folder, tower, processor, settings, resume=has_output(Path(folder)), num_workers=num_workers,
-        progress=progress,
+        list(paths), folder, tower, processor, settings, resume=has_output(Path(folder)),
+        num_workers=encoding.num_workers, progress=encoding.progress,
     )  # fmt: skip
     return ExtractedFeatures.open(folder), summary.done
 
@@ -64,11 +77,15 @@ def readable(store: ExtractedFeatures, paths: Sequence[str]) -> list[int]:
 
 
 def image_features(
-    tower: SigLIP2Encoder, name: str, paths: Sequence[str], folder: str | os.PathLike, **options: Any
+    tower: SigLIP2Encoder,
+    name: str,
+    paths: Sequence[str],
+    folder: str | os.PathLike,
+    encoding: Encoding = DEFAULT_ENCODING,
 ) -> tuple[list[int], torch.Tensor, int]:
-    """The pooled features of ``paths`` (``options`` as :func:`encode_images`'): (indices of the paths that could be
-    read, their features (n, D), how many images were encoded now)."""
-    store, encoded = encode_images(tower, name, paths, folder, pooled=True, **options)
+    """The pooled features of ``paths`` (as :func:`encode_images`): (indices of the paths that could be read, their
+    features (n, D), how many images were encoded now)."""
+    store, encoded = encode_images(tower, name, paths, folder, encoding, pooled=True)
     names, pooled = store.pooled()
     row = {path: i for i, path in enumerate(names)}
     kept = readable(store, paths)

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.processor import ImageProcessor
 from ..models.model import SigLIP2Encoder
 from .datasets import LabelledImages
-from .features import image_features, versions
+from .features import DEFAULT_ENCODING, Encoding, image_features, versions
 
 __all__ = ["PENALTIES", "evaluate_probes", "fit_logistic", "knn_predict"]
 
@@ -105,23 +104,14 @@ def evaluate_probes(
     test: LabelledImages,
     features: str | os.PathLike,
     *,
-    processor: ImageProcessor | None = None,
-    batch_size: int = 32,
-    device: str = "cpu",
-    num_workers: int = 0,
-    progress: bool | None = None,
+    encoding: Encoding = DEFAULT_ENCODING,
 ) -> dict[str, Any]:
     """Linear-probe and kNN accuracy of ``tower``'s pooled features: a JSON-ready result. ``features`` is the folder
     holding ``train/`` and ``test/`` feature folders; the two sets must name the same classes."""
     if train.classes != test.classes:
         raise ValueError(f"train and test name different classes: {train.classes[:5]} ... vs {test.classes[:5]} ...")
-    options = dict(processor=processor, batch_size=batch_size, device=device, num_workers=num_workers)
-    kept_train, x_train, encoded = image_features(
-        tower, name, train.paths, f"{features}/train", **options, progress=progress
-    )
-    kept_test, x_test, encoded_test = image_features(
-        tower, name, test.paths, f"{features}/test", **options, progress=progress
-    )
+    kept_train, x_train, encoded = image_features(tower, name, train.paths, f"{features}/train", encoding)
+    kept_test, x_test, encoded_test = image_features(tower, name, test.paths, f"{features}/test", encoding)
     y_train = torch.tensor([train.labels[i] for i in kept_train])
     y_test = torch.tensor([test.labels[i] for i in kept_test])
     classes = len(train.classes)

@@ -19,11 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data.processor import ImageProcessor
 from ..data.tokenizer import TextTokenizer
 from ..models.joint import SigLIP2Model
 from .datasets import LabelledImages
-from .features import image_features, versions
+from .features import DEFAULT_ENCODING, Encoding, image_features, versions
 
 __all__ = ["CaptionedImages", "evaluate_retrieval", "load_captioned", "retrieval_metrics"]
 
@@ -122,11 +121,7 @@ def evaluate_retrieval(
     features: str | os.PathLike,
     *,
     tokenizer: TextTokenizer | None = None,
-    processor: ImageProcessor | None = None,
-    batch_size: int = 32,
-    device: str = "cpu",
-    num_workers: int = 0,
-    progress: bool | None = None,
+    encoding: Encoding = DEFAULT_ENCODING,
 ) -> dict[str, Any]:
     """Recall@1/5/10 both ways of ``model`` on ``data``: a JSON-ready result as :func:`evaluate_zeroshot`'s.
 
@@ -137,14 +132,11 @@ def evaluate_retrieval(
     An image that cannot be read is left out with its captions, and counted in ``dataset.failed``.
     """
     name = model.name_or_path or "unnamed model"
-    kept, pooled, encoded = image_features(
-        model.vision_model, name, data.paths, features, processor=processor, batch_size=batch_size, device=device,
-        num_workers=num_workers, progress=progress,
-    )  # fmt: skip
+    kept, pooled, encoded = image_features(model.vision_model, name, data.paths, features, encoding)
     tokenizer = tokenizer or model.tokenizer
     texts = [caption for i in kept for caption in data.captions[i]]
     text_image = torch.tensor([j for j, i in enumerate(kept) for _ in data.captions[i]])
-    text_features = _embed_texts(model.to(device), tokenizer, texts, batch_size)
+    text_features = _embed_texts(model.to(encoding.device), tokenizer, texts, encoding.batch_size)
     metrics = retrieval_metrics(F.normalize(pooled.float(), dim=-1), text_features, text_image)
     return {
         "task": "retrieval",

@@ -23,11 +23,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.images import image_extensions
-from ..data.processor import ImageProcessor
 from ..integrations.heads import LinearProbeHead
 from ..models.model import SigLIP2Encoder
 from ..pipeline.store import ExtractedFeatures
-from .features import encode_images, readable, versions
+from .features import DEFAULT_ENCODING, Encoding, encode_images, readable, versions
 
 __all__ = ["SegmentationSet", "evaluate_segmentation", "load_segmentation", "mean_iou"]
 
@@ -106,25 +105,20 @@ def evaluate_segmentation(
     layer: int | None = None,
     epochs: int = 10,
     max_num_patches: int | None = None,
-    processor: ImageProcessor | None = None,
-    batch_size: int = 32,
-    device: str = "cpu",
-    num_workers: int = 0,
-    progress: bool | None = None,
+    encoding: Encoding = DEFAULT_ENCODING,
 ) -> dict[str, Any]:
     """mIoU of a linear head on ``tower``'s tokens of ``layer`` (None: the final tokens after post-layernorm;
     ints: hidden states, -2 = penultimate), trained ``epochs`` times over ``train``: a JSON-ready result."""
     tokens = {"last_hidden_state": True} if layer is None else {"layers": (layer,)}
     feature = "last_hidden_state" if layer is None else f"hidden_state_{layer}"
-    options = dict(processor=processor, batch_size=batch_size, device=device, num_workers=num_workers)
-    options |= dict(progress=progress, pooled=False, max_num_patches=max_num_patches, **tokens)
-    train_store, encoded = encode_images(tower, name, train.images, f"{features}/train", **options)
-    test_store, encoded_test = encode_images(tower, name, test.images, f"{features}/test", **options)
+    options = dict(pooled=False, max_num_patches=max_num_patches, **tokens)
+    train_store, encoded = encode_images(tower, name, train.images, f"{features}/train", encoding, **options)
+    test_store, encoded_test = encode_images(tower, name, test.images, f"{features}/test", encoding, **options)
     kept_train, kept_test = readable(train_store, train.images), readable(test_store, test.images)
     train_masks = [_mask(train.masks[i], num_classes) for i in kept_train]
     maps = _maps(train_store, feature, train.images, kept_train)
     head = LinearProbeHead(maps[0].shape[0], num_classes)
-    show = progress if progress is not None else False
+    show = encoding.progress if encoding.progress is not None else False
     _train(head, maps, train_masks, epochs, show)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad():

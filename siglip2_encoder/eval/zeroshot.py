@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 
-from ..data.processor import ImageProcessor
 from ..data.tokenizer import TextTokenizer
 from ..models.joint import SigLIP2Model
 from .datasets import LabelledImages
-from .features import image_features, versions
+from .features import DEFAULT_ENCODING, Encoding, image_features, versions
 
 __all__ = ["evaluate_zeroshot", "zeroshot_metrics"]
 
@@ -50,11 +49,7 @@ def evaluate_zeroshot(
     *,
     tokenizer: TextTokenizer | None = None,
     canonicalize: bool = True,
-    processor: ImageProcessor | None = None,
-    batch_size: int = 32,
-    device: str = "cpu",
-    num_workers: int = 0,
-    progress: bool | None = None,
+    encoding: Encoding = DEFAULT_ENCODING,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of ``model`` on ``data`` with ``templates``: a JSON-ready result (``metrics``,
     ``per_class_recall``, ``model``, ``dataset`` with its fingerprint, ``settings``, ``versions``).
@@ -64,15 +59,12 @@ def evaluate_zeroshot(
             already (an ``extract`` folder of the same model: resumed, nothing re-encoded).
         tokenizer: default the checkpoint's own (``model.tokenizer``).
         canonicalize: class names and templates through big_vision's rule, as the SigLIP papers' evaluator.
-        batch_size, device, num_workers, progress: how the images are encoded (see ``extract``).
+        encoding: how the images are encoded (:class:`~.features.Encoding`).
 
     An image that cannot be read is left out of the metrics and counted in ``dataset.failed`` (with a warning).
     """
     name = model.name_or_path or "unnamed model"
-    kept, pooled, encoded = image_features(
-        model.vision_model, name, data.paths, features, processor=processor, batch_size=batch_size, device=device,
-        num_workers=num_workers, progress=progress,
-    )  # fmt: skip
+    kept, pooled, encoded = image_features(model.vision_model, name, data.paths, features, encoding)
     tokenizer = tokenizer or model.tokenizer
     labels = model.encode_labels(list(data.classes), tokenizer, templates, canonicalize=canonicalize)
     with torch.inference_mode():
