@@ -128,3 +128,12 @@ def test_one_option_on_every_command_recorded_in_the_results(zero_shot_dir, tmp_
     assert main([*command[:-1], str(tmp_path / "other"), "--no-lowercase"]) == EXIT_USAGE
     assert "--no-lowercase is --text-preprocessing raw since 0.2.0" in caplog.text
     assert main(["search", "a cat", "--features", str(tmp_path / "texts"), "--text-preprocessing", "lower"]) == 0
+
+
+def test_label_encoding_shows_progress_over_many_templates(zero_shot_dir, capsys):
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    model.encode_labels(["a cat", "a dog"], templates=["a photo of {}", "{}"], progress=True)
+    err = capsys.readouterr().err
+    assert "2/2" in err and "template" in err
+    model.encode_labels(["a cat", "a dog"], templates=["{}"], progress=True)  # one template: no bar
+    assert capsys.readouterr().err == ""

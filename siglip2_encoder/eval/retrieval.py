@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..data.tokenizer import TextTokenizer
 from ..models.joint import SigLIP2Model
@@ -105,10 +107,13 @@ def retrieval_metrics(
     return metrics
 
 
-def _embed_texts(model: SigLIP2Model, tokenizer: TextTokenizer, texts: list[str], batch_size: int) -> torch.Tensor:
+def _embed_texts(
+    model: SigLIP2Model, tokenizer: TextTokenizer, texts: list[str], batch_size: int, progress: bool | None
+) -> torch.Tensor:
     parts = []
+    show = sys.stderr.isatty() if progress is None else progress
     with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
+        for start in tqdm(range(0, len(texts), batch_size), unit="batch", desc="captions", disable=not show):
             tokens = tokenizer(texts[start : start + batch_size])
             mask = None if tokens.attention_mask is None else tokens.attention_mask.to(model.device)
             parts.append(model.get_text_features(tokens.input_ids.to(model.device), mask).float().cpu())
@@ -136,7 +141,7 @@ def evaluate_retrieval(
     tokenizer = tokenizer or model.tokenizer
     texts = [caption for i in kept for caption in data.captions[i]]
     text_image = torch.tensor([j for j, i in enumerate(kept) for _ in data.captions[i]])
-    text_features = _embed_texts(model.to(encoding.device), tokenizer, texts, encoding.batch_size)
+    text_features = _embed_texts(model.to(encoding.device), tokenizer, texts, encoding.batch_size, encoding.progress)
     metrics = retrieval_metrics(F.normalize(pooled.float(), dim=-1), text_features, text_image)
     return {
         "task": "retrieval",

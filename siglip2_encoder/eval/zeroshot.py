@@ -66,7 +66,9 @@ def evaluate_zeroshot(
     name = model.name_or_path or "unnamed model"
     kept, pooled, encoded = image_features(model.vision_model, name, data.paths, features, encoding)
     tokenizer = tokenizer or model.tokenizer
-    labels = model.encode_labels(list(data.classes), tokenizer, templates, canonicalize=canonicalize)
+    labels = model.encode_labels(
+        list(data.classes), tokenizer, templates, canonicalize=canonicalize, progress=encoding.progress
+    )
     with torch.inference_mode():
         logits = model.logits(pooled.to(model.device, torch.float32), labels.embeddings.to(model.device))
     targets = torch.tensor([data.labels[i] for i in kept], device=logits.device)

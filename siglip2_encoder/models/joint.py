@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..checkpoints.folders import read_model_checkpoint, write_model_checkpoint
 from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
@@ -240,6 +242,7 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
         templates: Sequence[str] = (DEFAULT_TEMPLATE,),
         *,
         canonicalize: bool = True,
+        progress: bool | None = None,
     ) -> LabelSet:
         """Each label's text embedding, averaged over ``templates`` (prompt ensembling) and normalised;
         ``tokenizer`` defaults to the checkpoint's own (:attr:`tokenizer`).
@@ -250,7 +253,8 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
         ``first_class_name_only``. ``canonicalize=False`` uses them as given: transformers' zero-shot pipeline.
 
         Computed once: pass the result to :meth:`classify` for any number of images and calls. It is a snapshot of
-        the text tower's weights: encode again after training them.
+        the text tower's weights: encode again after training them. ``progress``: a bar over the templates (None:
+        when stderr is a terminal and there are several).
         """
         _check_labels(labels, templates)
         tokenizer = tokenizer or self.tokenizer
@@ -261,7 +265,8 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
             _check_canonical(labels, texts)
         per_template = []
         with torch.inference_mode():
-            for template in templates:
+            show = (sys.stderr.isatty() if progress is None else progress) and len(templates) > 1
+            for template in tqdm(templates, unit="template", disable=not show):
                 tokens = tokenizer([template.format(text) for text in texts])
                 mask = None if tokens.attention_mask is None else tokens.attention_mask.to(self.text_model.device)
                 features = self.get_text_features(tokens.input_ids.to(self.text_model.device), mask)
