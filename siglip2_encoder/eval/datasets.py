@@ -8,12 +8,24 @@ import csv
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..data.images import image_extensions
 
-__all__ = ["LabelledImages", "load_labelled"]
+__all__ = ["LabelledImages", "fingerprint", "load_labelled"]
+
+
+def fingerprint(paths: Sequence[str], annotations: Sequence[Any], header: Any) -> str:
+    """sha256 of ``header`` (JSON) and every (path, its annotation, file size): equal fingerprints, equal data
+    (sizes catch a replaced file without reading it)."""
+    digest = hashlib.sha256(json.dumps(header).encode())
+    for path, annotation in zip(paths, annotations):
+        size = os.stat(path).st_size if os.path.isfile(path) else -1
+        digest.update(f"{path}\t{json.dumps(annotation)}\t{size}\n".encode())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -40,13 +52,8 @@ class LabelledImages:
             raise ValueError(f"labels must index the {len(self.classes)} classes, got {sorted(set(bad))[:5]}")
 
     def fingerprint(self) -> str:
-        """sha256 of every (path, label, file size) and the class names: equal fingerprints, equal data (sizes
-        catch a replaced file without reading it)."""
-        digest = hashlib.sha256(json.dumps(self.classes).encode())
-        for path, label in zip(self.paths, self.labels):
-            size = os.stat(path).st_size if os.path.isfile(path) else -1
-            digest.update(f"{path}\t{label}\t{size}\n".encode())
-        return digest.hexdigest()
+        """:func:`fingerprint` of the images with their labels and the class names."""
+        return fingerprint(self.paths, self.labels, self.classes)
 
     def with_classes(self, names: list[str]) -> LabelledImages:
         """The same images with the class names ``names`` (e.g. readable names for WordNet ids), in label order."""

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..data.tokenizer import TextTokenizer
 from ..models.joint import SigLIP2Model
-from .datasets import LabelledImages
+from .datasets import fingerprint
 from .features import DEFAULT_ENCODING, Encoding, image_features, versions
 
 __all__ = ["CaptionedImages", "evaluate_retrieval", "load_captioned", "retrieval_metrics"]
@@ -48,8 +48,8 @@ class CaptionedImages:
             raise ValueError(f"{len(empty)} images have no caption, e.g. {empty[0]}")
 
     def fingerprint(self) -> str:
-        """As :meth:`LabelledImages.fingerprint`, the captions in place of the labels."""
-        return LabelledImages(self.paths, (0,) * len(self.paths), (json.dumps(self.captions),)).fingerprint()
+        """:func:`~.datasets.fingerprint` of the images with their captions."""
+        return fingerprint(self.paths, self.captions, "captions")
 
 
 def load_captioned(annotations: str | os.PathLike, images: str | os.PathLike | None = None) -> CaptionedImages:

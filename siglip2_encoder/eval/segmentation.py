@@ -11,7 +11,7 @@ see each image at its own aspect ratio within the patch budget; fixed-resolution
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,18 +76,28 @@ def mean_iou(confusion: torch.Tensor) -> tuple[float, list[float | None]]:
     return sum(present) / len(present), per_class
 
 
-def _maps(store: ExtractedFeatures, name: str, paths: Sequence[str], kept: list[int]) -> list[torch.Tensor]:
-    return [store.feature_map(paths[i], name).float() for i in kept]
+def _pairs(
+    store: ExtractedFeatures, feature: str, data: SegmentationSet, num_classes: int, shuffle: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(token map (D, h, w), mask (H, W)) of each extracted image, read one shard at a time (never the whole set in
+    memory); with ``shuffle``, each shard's images in a random order."""
+    masks = dict(zip(data.images, data.masks))
+    for rows, tensor, offsets in store.iter_shards(feature):
+        order = range(len(rows)) if shuffle is None else torch.randperm(len(rows), generator=shuffle).tolist()
+        for k in order:
+            h, w = rows[k]["grid"]
+            tokens = tensor[int(offsets[k]) : int(offsets[k + 1])].float()
+            yield tokens.T.reshape(-1, h, w), _mask(masks[rows[k]["path"]], num_classes)
 
 
-def _train(head: LinearProbeHead, maps: list[torch.Tensor], masks: list[torch.Tensor], epochs: int, show: bool) -> None:
+def _train(head: LinearProbeHead, pairs: Callable[[torch.Generator], Iterable], epochs: int, show: bool) -> None:
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
     g = torch.Generator().manual_seed(0)
     head.train()
     for _ in tqdm(range(epochs), unit="epoch", disable=not show):
-        for i in torch.randperm(len(maps), generator=g).tolist():
-            logits = head([maps[i][None]], tuple(masks[i].shape))
-            loss = F.cross_entropy(logits, masks[i][None], ignore_index=IGNORE)
+        for fmap, mask in pairs(g):
+            logits = head([fmap[None]], tuple(mask.shape))
+            loss = F.cross_entropy(logits, mask[None], ignore_index=IGNORE)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -115,15 +125,12 @@ def evaluate_segmentation(
     train_store, encoded = encode_images(tower, name, train.images, f"{features}/train", encoding, **options)
     test_store, encoded_test = encode_images(tower, name, test.images, f"{features}/test", encoding, **options)
     kept_train, kept_test = readable(train_store, train.images), readable(test_store, test.images)
-    train_masks = [_mask(train.masks[i], num_classes) for i in kept_train]
-    maps = _maps(train_store, feature, train.images, kept_train)
-    head = LinearProbeHead(maps[0].shape[0], num_classes)
+    head = LinearProbeHead(train_store.dimension(feature), num_classes)
     show = encoding.progress if encoding.progress is not None else False
-    _train(head, maps, train_masks, epochs, show)
+    _train(head, lambda g: _pairs(train_store, feature, train, num_classes, g), epochs, show)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     with torch.no_grad():
-        for fmap, i in zip(_maps(test_store, feature, test.images, kept_test), kept_test):
-            mask = _mask(test.masks[i], num_classes)
+        for fmap, mask in _pairs(test_store, feature, test, num_classes, None):
             predicted = head([fmap[None]], tuple(mask.shape))[0].argmax(0)
             keep = mask != IGNORE
             confusion += torch.bincount(mask[keep] * num_classes + predicted[keep], minlength=num_classes**2).view(

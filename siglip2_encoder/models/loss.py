@@ -37,6 +37,11 @@ def sigmoid_loss_reference(
     return -F.logsigmoid(signs * logits).sum() / len(logits)
 
 
+def _check_tile(tile: int) -> None:
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be a positive int, got tile={tile!r}")
+
+
 def _tiles(rows: int, cols: int, tile: int) -> Iterator[tuple[slice, slice]]:
     for i in range(0, rows, tile):
         for j in range(0, cols, tile):
@@ -140,8 +145,7 @@ def sigmoid_loss_block(
     if matches_on_diagonal and len(image_embeds) != len(text_embeds):
         shape = (len(image_embeds), len(text_embeds))
         raise ValueError(f"a block with matches on its diagonal must be square, got {shape}")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"tile must be a positive int, got tile={tile!r}")
+    _check_tile(tile)
     return _TiledSigmoidLoss.apply(image_embeds, text_embeds, logit_scale, logit_bias, matches_on_diagonal, tile)
 
 
@@ -256,7 +260,6 @@ def ring_sigmoid_loss(
     if world == 1:
         return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, tile)
     _check_same_shape(text_embeds)
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"tile must be a positive int, got tile={tile!r}")
+    _check_tile(tile)
     total = _RingSigmoidLoss.apply(image_embeds, text_embeds, logit_scale, logit_bias, tile)
     return total / image_embeds.shape[0]  # = world * total / (world * batch)
