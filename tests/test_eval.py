@@ -148,7 +148,9 @@ def test_eval_command_writes_a_result_and_reuses_the_features(zero_shot_dir, ima
     assert second["settings"]["templates"] == ["This is a photo of {}."] and not second["settings"]["canonicalize"]
 
     assert main(["eval", "zeroshot", str(tmp_path / "nowhere"), "--model", str(zero_shot_dir), "-o", str(out)]) == 2
-    assert "give a folder per class (ROOT/<class>/<image>) or a .csv / .jsonl of path,label" in caplog.text
+    assert "give a folder per class (ROOT/<class>/<image>), a .csv / .jsonl of path,label or WebDataset shards" in (
+        caplog.text
+    )
     names = tmp_path / "names.txt"
     names.write_text("one\ntwo\n")
     assert main([*command, "--class-names", str(names)]) == EXIT_USAGE
@@ -172,6 +174,92 @@ def test_a_table_of_paths_and_labels(tmp_path, image_folder):
     with pytest.raises(ValueError, match=re.escape("bad.jsonl row 1: each row needs 'path' and 'label'")):
         load_labelled(tmp_path / "bad.jsonl")
     assert load_templates("class_name_only") == ("{}",)
+
+
+def clip_benchmark_shards(image_folder, root):
+    """The image folder as CLIP_benchmark's own converter writes it (clip_benchmark_export_wds): ROOT/test/{0..3}.tar
+    with cls labels, classnames.txt and the templates with {c}."""
+    from clip_benchmark.webdataset_builder import convert_dataset, path_to_bytes
+
+    folder = load_labelled(image_folder)
+
+    class Files(torch.utils.data.Dataset):
+        classes = CLASSES
+        templates = ["a photo of {c}.", "{c}"]
+
+        def __len__(self):
+            return len(folder.paths)
+
+        def __getitem__(self, i):
+            return folder.paths[i], folder.labels[i]
+
+    convert_dataset(Files(), "test", str(root), transform=path_to_bytes, max_count=8, verbose=False)
+    return root
+
+
+def test_clip_benchmark_shards_give_the_folders_numbers(zero_shot_dir, image_folder, tmp_path):
+    shards = load_labelled(clip_benchmark_shards(image_folder, tmp_path / "wds") / "test")
+    folder = load_labelled(image_folder).with_classes(CLASSES)
+    assert shards.classes == tuple(CLASSES) and shards.named and len(shards.shards) == 4
+    assert shards.labels == folder.labels and shards.paths[0] == f"{tmp_path}/wds/test/0.tar:s0000000"
+    templates = load_templates(tmp_path / "wds" / "zeroshot_classification_templates.txt")
+    assert templates == ("a photo of {}.", "{}")
+
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    want = evaluate_zeroshot(model, folder, templates, tmp_path / "folder-features")
+    got = evaluate_zeroshot(model, shards, templates, tmp_path / "shard-features")
+    assert got["metrics"] == want["metrics"] and got["per_class_recall"] == want["per_class_recall"]
+    assert got["dataset"]["evaluated"] == 30 and got["dataset"]["fingerprint"] != want["dataset"]["fingerprint"]
+    again = evaluate_zeroshot(model, shards, ("{}",), tmp_path / "shard-features")
+    assert again["settings"]["images_encoded_now"] == 0 and again["dataset"] == got["dataset"]
+
+
+def test_the_eval_commands_on_shards(zero_shot_dir, tiny_checkpoint, image_folder, tmp_path, caplog):
+    wds = clip_benchmark_shards(image_folder, tmp_path / "wds")
+    out = tmp_path / "result.json"
+    options = ["--model", str(zero_shot_dir), "-o", str(out), "--workers", "0"]
+    assert main(["eval", "zeroshot", str(wds / "test"), *options]) == EXIT_OK
+    assert json.loads(out.read_text())["dataset"]["evaluated"] == 30
+    assert main(["eval", "zeroshot", str(wds), *options]) == EXIT_USAGE
+    assert f"{wds} holds the splits test: give one, e.g. {wds}/test" in caplog.text
+    (wds / "classnames.txt").unlink()
+    assert main(["eval", "zeroshot", f"{wds}/test/{{0..3}}.tar", *options]) == EXIT_USAGE
+    assert "the shards have no classnames.txt beside their split folder; give --class-names FILE" in caplog.text
+
+    command = ["eval", "probe", "--train", f"{wds}/test/{{0..3}}.tar", "--test", str(image_folder), "-o", str(out)]
+    assert main([*command, "--model", str(tiny_checkpoint), "--workers", "0"]) == EXIT_USAGE  # names differ
+    assert "train and test name different classes: ('0', '1', '2', '3', '4')" in caplog.text
+    command[-3] = f"{wds}/test"
+    assert main([*command, "--model", str(tiny_checkpoint), "--workers", "0", "--class-names", str(wds)]) == 2
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(sorted(p.name for p in image_folder.iterdir())))
+    assert main([*command, "--model", str(tiny_checkpoint), "--workers", "0", "--class-names", str(names)]) == 0
+    result = json.loads(out.read_text())
+    assert result["dataset"]["train_images"] == result["dataset"]["test_images"] == 30
+    assert result["metrics"]["linear_top1"] > 0.5  # the same images
+
+
+def test_bad_shards_are_refused_naming_the_sample(tmp_path):
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "0.tar")) as sink:
+        sink.write({"__key__": "a", "png": b"x", "cls": b"0"})
+        sink.write({"__key__": "b", "png": b"x", "txt": b"a cat"})
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/0.tar:b: no 'cls' member (it has png, txt)")):
+        load_labelled(tmp_path / "0.tar")
+    with wds.TarWriter(str(tmp_path / "1.tar")) as sink:
+        sink.write({"__key__": "a", "png": b"x", "cls": b"cat"})
+    with pytest.raises(ValueError, match=re.escape("1.tar:a: the cls member must hold a class index, got b'cat'")):
+        load_labelled(tmp_path / "1.tar")
+    (tmp_path / "2.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/2.tar: cannot read the tar shard")):
+        load_labelled(tmp_path / "2.tar")
+    with pytest.raises(ValueError, match=re.escape("none-0.tar: cannot read the tar shard: [Errno 2] No such file")):
+        load_labelled(tmp_path / "none-{0..1}.tar")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "nshards.txt").write_text("0\n")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}/empty names no tar shard")):
+        load_labelled(tmp_path / "empty")
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
@@ -285,6 +373,29 @@ def test_caption_files_in_three_layouts_and_the_eval_command(zero_shot_dir, capt
     assert json.loads(out.read_text())["settings"] == result["settings"] | {
         "text_preprocessing": "lower", "images_encoded_now": 0
     }  # fmt: skip
+
+
+def test_retrieval_shards_as_clip_benchmark_writes_them(zero_shot_dir, captioned, tmp_path, caplog):
+    from clip_benchmark.webdataset_builder import convert_retrieval_dataset, path_to_bytes
+
+    from siglip2_encoder.eval.retrieval import evaluate_retrieval, load_captioned
+
+    files = load_captioned(captioned / "test.json")
+    pairs = [(path, list(captions)) for path, captions in zip(files.paths, files.captions)]
+    convert_retrieval_dataset(pairs, "test", str(tmp_path / "wds"), transform=path_to_bytes, max_count=4, verbose=False)
+    shards = load_captioned(tmp_path / "wds" / "test")
+    assert shards.captions == files.captions and len(shards.shards) == 2
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    want = evaluate_retrieval(model, files, tmp_path / "file-features")
+    got = evaluate_retrieval(model, shards, tmp_path / "shard-features")
+    assert got["metrics"] == want["metrics"] and got["dataset"]["evaluated_captions"] == 11
+
+    out = tmp_path / "result.json"
+    command = ["eval", "retrieval", str(tmp_path / "wds" / "test"), "--model", str(zero_shot_dir), "-o", str(out)]
+    assert main([*command, "--images", str(captioned)]) == EXIT_USAGE
+    assert "--images applies to JSON annotations; the shards" in caplog.text
+    assert main([*command, "--workers", "0", "--features", str(tmp_path / "shard-features")]) == EXIT_OK
+    assert json.loads(out.read_text())["settings"]["images_encoded_now"] == 0
 
 
 # ---------------------------------------------------------------------------------------------- probes

@@ -15,6 +15,7 @@ from ..eval.probe import evaluate_probes
 from ..eval.prompts import TEMPLATE_SETS, load_templates
 from ..eval.retrieval import evaluate_retrieval, load_captioned
 from ..eval.segmentation import evaluate_segmentation, load_segmentation
+from ..eval.shards import is_shard_spec
 from ..eval.zeroshot import evaluate_zeroshot
 from ..files import write_atomic
 from ..models.joint import SigLIP2Model
@@ -75,6 +76,11 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
         templates = load_templates(args.templates)
     except (ValueError, OSError) as err:
         raise UsageError(f"{err}") from None
+    if not data.named:
+        raise UsageError(
+            f"{args.data}: the shards have no classnames.txt beside their split folder; give --class-names FILE, "
+            f"one name per class in label order"
+        )
     model = from_checkpoint(lambda: SigLIP2Model.from_pretrained(args.model), args.model)
     preprocessing = args.text_preprocessing or "canonical"
     tokenizer = load_tokenizer(args.model, None if preprocessing == "canonical" else preprocessing)
@@ -90,6 +96,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
     output, device = _prepare(args)
+    if args.images is not None and is_shard_spec(args.annotations):
+        raise UsageError(f"--images applies to JSON annotations; the shards {args.annotations} hold their images")
     try:
         data = load_captioned(args.annotations, args.images)
     except (ValueError, OSError, KeyError) as err:
@@ -171,7 +179,11 @@ def _task_options(p: argparse.ArgumentParser, text_default: str | None) -> None:
 
 def _zeroshot_command(tasks: argparse._SubParsersAction) -> None:
     p = tasks.add_parser("zeroshot", help="zero-shot classification accuracy (top-1, top-5, mean per class)")
-    p.add_argument("data", help="a folder per class (ROOT/<class>/<image>), or a .csv / .jsonl of path,label rows")
+    p.add_argument(
+        "data",
+        help="a folder per class (ROOT/<class>/<image>), a .csv / .jsonl of path,label rows, or WebDataset shards "
+        "with cls labels (a CLIP_benchmark split folder DATASET/test, or shards-{000..009}.tar)",
+    )
     p.add_argument("--class-names", metavar="TXT", help="one readable name per class, in label order")
     p.add_argument(
         "--templates",
@@ -186,7 +198,8 @@ def _retrieval_command(tasks: argparse._SubParsersAction) -> None:
     p = tasks.add_parser("retrieval", help="image-text retrieval recall@1/5/10, both ways")
     p.add_argument(
         "annotations",
-        help="COCO captions JSON, a JSON list of {image, caption(s)} (Karpathy splits) or JSON lines of them",
+        help="COCO captions JSON, a JSON list of {image, caption(s)} (Karpathy splits), JSON lines of them, or "
+        "WebDataset shards with txt captions, one per line (a CLIP_benchmark split folder, or shard specs)",
     )
     p.add_argument("--images", metavar="ROOT", help="the folder image paths are relative to (default: the file's)")
     _task_options(p, "lower for SigLIP 2 checkpoints, raw for SigLIP 1 (as big_vision's retrieval evaluators)")
@@ -195,7 +208,9 @@ def _retrieval_command(tasks: argparse._SubParsersAction) -> None:
 
 def _probe_command(tasks: argparse._SubParsersAction) -> None:
     p = tasks.add_parser("probe", help="linear-probe and kNN accuracy of frozen pooled features")
-    p.add_argument("--train", required=True, help="training images: a folder per class, or a .csv / .jsonl table")
+    p.add_argument(
+        "--train", required=True, help="training images: a folder per class, a .csv / .jsonl table, or shards"
+    )
     p.add_argument("--test", required=True, help="test images, with the same classes")
     p.add_argument("--class-names", metavar="TXT", help="one readable name per class, in label order")
     _task_options(p, None)

@@ -19,7 +19,9 @@ from ..data.processor import ImageProcessor
 from ..models.model import SigLIP2Encoder
 from ..pipeline.extract import extract
 from ..pipeline.settings import ExtractSettings
+from ..pipeline.sources import TarSource
 from ..pipeline.store import ExtractedFeatures, has_output
+from .shards import sample_id
 
 __all__ = ["DEFAULT_ENCODING", "Encoding", "encode_images", "image_features", "readable", "versions"]
 
@@ -48,25 +50,28 @@ def encode_images(
     paths: Sequence[str],
     folder: str | os.PathLike,
     encoding: Encoding = DEFAULT_ENCODING,
+    shards: Sequence[str] = (),
     **features: Any,
 ) -> tuple[ExtractedFeatures, int]:
-    """``extract`` of ``paths`` by ``tower`` (checkpoint ``name``) into ``folder`` as ``encoding`` says, resumed
-    when it holds a run;
+    """``extract`` of ``paths`` (or of the WebDataset ``shards``, whose sample ids ``paths`` then are) by ``tower``
+    (checkpoint ``name``) into ``folder`` as ``encoding`` says, resumed when it holds a run;
     ``features`` are :class:`~siglip2_encoder.pipeline.settings.ExtractSettings` fields (``pooled``,
     ``last_hidden_state``, ``layers``, ``max_num_patches``). Returns the folder, read back, and how many images
     were encoded now."""
     settings = ExtractSettings(model=name, batch_size=encoding.batch_size, device=encoding.device, **features)
     processor = encoding.processor or ImageProcessor(tower.processor_config)
+    inputs = TarSource(shards) if shards else list(paths)
     summary = extract(
-        list(paths), folder, tower, processor, settings, resume=has_output(Path(folder)),
+        inputs, folder, tower, processor, settings, resume=has_output(Path(folder)),
         num_workers=encoding.num_workers, progress=encoding.progress,
     )  # fmt: skip
     return ExtractedFeatures.open(folder), summary.done
 
 
 def readable(store: ExtractedFeatures, paths: Sequence[str]) -> list[int]:
-    """The indices of ``paths`` whose images were extracted; the others are left out, with a warning."""
-    done = {row["path"] for row in store.ok}
+    """The indices of ``paths`` (image paths or sample ids) whose images were extracted; the others are left out,
+    with a warning."""
+    done = {sample_id(row) for row in store.ok}
     kept = [i for i, path in enumerate(paths) if path in done]
     if not kept:
         raise ValueError(f"none of the {len(paths)} images could be read; see {store.folder}/manifest.jsonl")
@@ -82,14 +87,18 @@ def image_features(
     paths: Sequence[str],
     folder: str | os.PathLike,
     encoding: Encoding = DEFAULT_ENCODING,
+    shards: Sequence[str] = (),
 ) -> tuple[list[int], torch.Tensor, int]:
     """The pooled features of ``paths`` (as :func:`encode_images`): (indices of the paths that could be read, their
     features (n, D), how many images were encoded now)."""
-    store, encoded = encode_images(tower, name, paths, folder, encoding, pooled=True)
-    names, pooled = store.pooled()
-    row = {path: i for i, path in enumerate(names)}
+    store, encoded = encode_images(tower, name, paths, folder, encoding, shards, pooled=True)
     kept = readable(store, paths)
-    return kept, pooled[[row[paths[i]] for i in kept]], encoded
+    ids, parts = [], []
+    for rows, tensor, _ in store.iter_shards("pooled"):
+        ids += [sample_id(row) for row in rows]
+        parts.append(tensor)
+    row = {path: i for i, path in enumerate(ids)}
+    return kept, torch.cat(parts)[[row[paths[i]] for i in kept]], encoded
 
 
 def versions() -> dict[str, str]:

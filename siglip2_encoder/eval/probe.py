@@ -110,8 +110,8 @@ def evaluate_probes(
     holding ``train/`` and ``test/`` feature folders; the two sets must name the same classes."""
     if train.classes != test.classes:
         raise ValueError(f"train and test name different classes: {train.classes[:5]} ... vs {test.classes[:5]} ...")
-    kept_train, x_train, encoded = image_features(tower, name, train.paths, f"{features}/train", encoding)
-    kept_test, x_test, encoded_test = image_features(tower, name, test.paths, f"{features}/test", encoding)
+    kept_train, x_train, encoded = image_features(tower, name, train.paths, f"{features}/train", encoding, train.shards)
+    kept_test, x_test, encoded_test = image_features(tower, name, test.paths, f"{features}/test", encoding, test.shards)
     y_train = torch.tensor([train.labels[i] for i in kept_train])
     y_test = torch.tensor([test.labels[i] for i in kept_test])
     classes = len(train.classes)

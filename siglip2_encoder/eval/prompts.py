@@ -121,7 +121,8 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
 
 
 def load_templates(name_or_file: str | os.PathLike) -> tuple[str, ...]:
-    """A named set of :data:`TEMPLATE_SETS`, or a text file with one template per line (empty lines skipped)."""
+    """A named set of :data:`TEMPLATE_SETS`, or a text file with one template per line (empty lines skipped), the
+    class name's place written ``{}`` or, as in CLIP_benchmark's files, ``{c}``."""
     if str(name_or_file) in TEMPLATE_SETS:
         return TEMPLATE_SETS[str(name_or_file)]
     path = Path(name_or_file)
@@ -130,7 +131,8 @@ def load_templates(name_or_file: str | os.PathLike) -> tuple[str, ...]:
             f"templates {str(name_or_file)!r} is neither a named set ({', '.join(TEMPLATE_SETS)}) nor a file of "
             f"templates, one per line"
         )
-    templates = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    # CLIP_benchmark's files (zeroshot_classification_templates.txt) write the class name's place as {c}
+    templates = tuple(line.strip().replace("{c}", "{}") for line in path.read_text().splitlines() if line.strip())
     if not templates:
         raise ValueError(f"{path} holds no templates; write one per line, each with {{}} for the class name")
     return templates

@@ -25,6 +25,7 @@ from ..data.tokenizer import TextTokenizer
 from ..models.joint import SigLIP2Model
 from .datasets import fingerprint
 from .features import DEFAULT_ENCODING, Encoding, image_features, versions
+from .shards import is_shard_spec, open_shards
 
 __all__ = ["CaptionedImages", "evaluate_retrieval", "load_captioned", "retrieval_metrics"]
 
@@ -37,6 +38,7 @@ class CaptionedImages:
 
     paths: tuple[str, ...]
     captions: tuple[tuple[str, ...], ...]
+    shards: tuple[str, ...] = ()  # the WebDataset shards holding the images, whose sample ids ``paths`` then are
 
     def __post_init__(self) -> None:
         if len(self.paths) != len(self.captions) or not self.paths:
@@ -48,15 +50,35 @@ class CaptionedImages:
             raise ValueError(f"{len(empty)} images have no caption, e.g. {empty[0]}")
 
     def fingerprint(self) -> str:
-        """:func:`~.datasets.fingerprint` of the images with their captions."""
-        return fingerprint(self.paths, self.captions, "captions")
+        """:func:`~.datasets.fingerprint` of the images with their captions (and the shards' sizes)."""
+        header = ["captions", {url: os.stat(url).st_size if os.path.isfile(url) else -1 for url in self.shards}]
+        return fingerprint(self.paths, self.captions, header if self.shards else "captions")
+
+
+def _shard_captions(spec: str | os.PathLike) -> CaptionedImages:
+    """Samples with an image and a ``txt`` member holding its captions, one per line (CLIP_benchmark's retrieval
+    shards)."""
+    shards = open_shards(spec)
+    ids, captions = [], []
+    for sample, data in shards.samples("txt"):
+        try:
+            captions.append(tuple(data.decode("utf-8").splitlines()))  # as CLIP_benchmark reads them
+        except UnicodeDecodeError:
+            raise ValueError(f"{sample}: the txt member is not UTF-8 text") from None
+        ids.append(sample)
+    return CaptionedImages(tuple(ids), tuple(captions), shards.urls)
 
 
 def load_captioned(annotations: str | os.PathLike, images: str | os.PathLike | None = None) -> CaptionedImages:
     """Captions from COCO's captions JSON (``images`` with ``id`` / ``file_name``, ``annotations`` with ``image_id``
     / ``caption``), a JSON list of ``{"image": path, "caption": text or [texts]}`` (the Karpathy-split files of
-    COCO and Flickr30k as BLIP and LAVIS ship them), or JSON lines of such rows (several rows per image allowed).
-    Relative image paths resolve against ``images`` (default: the annotation file's folder)."""
+    COCO and Flickr30k as BLIP and LAVIS ship them), JSON lines of such rows (several rows per image allowed), or
+    WebDataset shards whose ``txt`` members hold each image's captions, one per line (CLIP_benchmark's layout, see
+    :mod:`.shards`). Relative image paths resolve against ``images`` (default: the annotation file's folder)."""
+    if is_shard_spec(annotations):
+        if images is not None:
+            raise ValueError(f"the shards {annotations} hold their images; images={images!r} applies to JSON files")
+        return _shard_captions(annotations)
     file = Path(annotations)
     root = Path(images) if images is not None else file.parent
     text = file.read_text()
@@ -137,7 +159,7 @@ def evaluate_retrieval(
     An image that cannot be read is left out with its captions, and counted in ``dataset.failed``.
     """
     name = model.name_or_path or "unnamed model"
-    kept, pooled, encoded = image_features(model.vision_model, name, data.paths, features, encoding)
+    kept, pooled, encoded = image_features(model.vision_model, name, data.paths, features, encoding, data.shards)
     tokenizer = tokenizer or model.tokenizer
     texts = [caption for i in kept for caption in data.captions[i]]
     text_image = torch.tensor([j for j, i in enumerate(kept) for _ in data.captions[i]])

@@ -61,10 +61,18 @@ def evaluate_zeroshot(
         canonicalize: class names and templates through big_vision's rule, as the SigLIP papers' evaluator.
         encoding: how the images are encoded (:class:`~.features.Encoding`).
 
+    Raises:
+        ValueError: ``data`` has no class names (:attr:`~.datasets.LabelledImages.named`).
+
     An image that cannot be read is left out of the metrics and counted in ``dataset.failed`` (with a warning).
     """
+    if not data.named:
+        raise ValueError(
+            "the images' classes have no names (shards without classnames.txt) and zero-shot encodes the names: "
+            "give them with data.with_classes(names), one per class in label order"
+        )
     name = model.name_or_path or "unnamed model"
-    kept, pooled, encoded = image_features(model.vision_model, name, data.paths, features, encoding)
+    kept, pooled, encoded = image_features(model.vision_model, name, data.paths, features, encoding, data.shards)
     tokenizer = tokenizer or model.tokenizer
     labels = model.encode_labels(
         list(data.classes), tokenizer, templates, canonicalize=canonicalize, progress=encoding.progress
