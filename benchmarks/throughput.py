@@ -99,10 +99,12 @@ def hf_config(ours: SigLIP2Encoder, attn: str):
     return cls(**fields, attn_implementation=attn)
 
 
-def build(preset: str, device: torch.device, dtype: torch.dtype, peers: tuple[str, ...]):
-    """Ours and the requested peers with the same random weights, in eval mode, on ``device`` in ``dtype``."""
+def build(preset: str, device: torch.device, dtype: torch.dtype, peers: tuple[str, ...], layers: int | None = None):
+    """Ours and the requested peers with the same random weights, in eval mode, on ``device`` in ``dtype``
+    (``layers``: fewer encoder layers than the preset, for dry runs)."""
     torch.manual_seed(0)
-    ours = SigLIP2Encoder.from_preset(preset).to(device).eval()
+    ours = SigLIP2Encoder.from_preset(preset, **({} if layers is None else {"num_hidden_layers": layers}))
+    ours = ours.to(device).eval()
     naflex = ours.config.naflex
     models = {}
     for attn in ("sdpa", "eager"):
@@ -173,18 +175,26 @@ class Report:
 
 
 def check(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(ours.float(), ref.float(), atol=1e-4, rtol=0, msg=lambda m: f"{what}: {m}")
+    """fp32: equal within 1e-4. fp16 / bf16: a sanity check at the half type's rounding through a deep random tower
+    (5% of the reference's largest value); parity proper is tested in fp32 (tests/test_parity.py)."""
+    if ours.dtype == torch.float32:
+        atol, rtol = 1e-4, 0.0
+    else:
+        atol, rtol = 0.05 * max(1.0, ref.float().abs().max().item()), 0.05
+    torch.testing.assert_close(ours.float(), ref.float(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def fixed_sections(args, report: Report, device: torch.device, dtype: torch.dtype) -> None:
-    ours, peers = build(args.preset, device, dtype, ("prepacked", "transformers sdpa", "transformers eager", "timm"))
+    wanted = ("prepacked", "transformers sdpa", *args.eager, "timm")
+    ours, peers = build(args.preset, device, dtype, wanted, args.layers)
     prepacked = peers.pop("ours, prepacked", None)
     c = ours.config
     tokens = c.position_grid**2
     compiled = None
     if args.compile:
         torch.manual_seed(0)
-        compiled = SigLIP2Encoder.from_preset(args.preset).to(device).eval().compile_layers()
+        overrides = {} if args.layers is None else {"num_hidden_layers": args.layers}
+        compiled = SigLIP2Encoder.from_preset(args.preset, **overrides).to(device).eval().compile_layers()
     with torch.inference_mode():
         for batch in args.batch_sizes:
             # 378 for So400m/14-384: the pixels the 384 input's patches cover (timm's dynamic size wants a multiple).
@@ -242,7 +252,7 @@ def naflex_grid(budget: int, aspect: float) -> tuple[int, int]:
 
 
 def naflex_section(args, report: Report, device: torch.device, dtype: torch.dtype) -> None:
-    ours, peers = build(args.naflex_preset, device, dtype, ("prepacked", "transformers sdpa", "transformers eager"))
+    ours, peers = build(args.naflex_preset, device, dtype, ("prepacked", "transformers sdpa", *args.eager), args.layers)
     prepacked = peers.pop("ours, prepacked", None)
     c = ours.config
     grids = [naflex_grid(budget, aspect) for budget, aspect in NAFLEX_MIX]
@@ -293,17 +303,21 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile'd layers")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--no-eager", action="store_true", help="leave out transformers eager (slow at large batches)")
+    parser.add_argument("--layers", type=int, help="fewer encoder layers than the presets (dry runs)")
+    parser.add_argument("--gemm-size", type=int, default=2048, help="side of the square GEMM measured as the ceiling")
     args = parser.parse_args()
+    args.eager = () if args.no_eager else ("transformers eager",)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    gemm = gemm_gflops(device, dtype)
+    gemm = gemm_gflops(device, dtype, args.gemm_size)
     report = Report(args, device)
     if {"fixed", "llava", "scaling"} & set(args.sections):
         fixed_sections(args, report, device, dtype)
     if "naflex" in args.sections:
         naflex_section(args, report, device, dtype)
     # The roofline is the better of a measurement before and one after: a single one can catch a busy moment.
-    gemm = max(gemm, gemm_gflops(device, dtype))
+    gemm = max(gemm, gemm_gflops(device, dtype, args.gemm_size))
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(
@@ -313,9 +327,9 @@ def main() -> None:
                 "",
                 f"{date.today()}, {where}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
                 f"transformers {transformers.__version__}, timm {timm.__version__}. Same random weights and inputs "
-                f"for all; outputs checked equal (atol 1e-4) before timing. Median of {args.repeats} runs after a "
-                f"warm-up. Measured {args.dtype} GEMM (2048^3): {gemm:.0f} GFLOP/s. Sections: "
-                f"{' '.join(args.sections)}.",
+                f"for all; outputs checked equal before timing (fp32: atol 1e-4; fp16 / bf16: within 5%). Median "
+                f"of {args.repeats} runs after a warm-up. Measured {args.dtype} GEMM ({args.gemm_size}^3): "
+                f"{gemm:.0f} GFLOP/s. Sections: {' '.join(args.sections)}.",
                 "",
                 *report.markdown(gemm),
             ]

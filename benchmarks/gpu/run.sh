@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every CUDA path and every GPU figure, in one call to a lent GPU machine, within 8 minutes:
+#
+#   benchmarks/gpu/run.sh              # on the GPU machine: writes under $OUT (the device tool's folder)
+#   benchmarks/gpu/run.sh --dry-run    # the same steps on this CPU with tiny models (tests/test_gpu_script.py)
+#
+# Installs nothing and reaches no network: the package runs from the working tree (PYTHONPATH). Each step has its
+# own time limit and writes its output to $OUT/<step>.md (stderr to $OUT/log.txt); $OUT/summary.txt says each
+# step's exit status and seconds. A step that fails or runs out of time does not stop the next one.
+set -u
+cd "$(dirname "$0")/../.."
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+: > "$OUT/summary.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, stdout to $OUT/NAME.md
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "== $name: $*" >> "$OUT/log.txt"
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.md" 2>> "$OUT/log.txt"
+    echo "$name rc=$? seconds=$((SECONDS - start)) limit=$limit" >> "$OUT/summary.txt"
+}
+
+if [[ $DRY == 1 ]]; then
+    step versions 60 python benchmarks/gpu/versions.py --dry-run
+    step cuda_tests 120 python -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider
+    step so400m 120 python benchmarks/throughput.py --device cpu --dtype fp32 --layers 1 --no-eager \
+        --preset siglip2-base-patch16-224 --naflex-preset siglip2-base-patch16-naflex --sections fixed naflex \
+        --batch-sizes 1 2 --repeats 1 --gemm-size 256
+    step extract 120 python benchmarks/gpu/extract_jpeg.py --device cpu --dtype fp32 --layers 1 --images 16 \
+        --batch-size 8 --workers 1
+else
+    # 30 + 120 + 180 + 60 + 90 s at most: under 8 minutes.
+    step versions 30 python benchmarks/gpu/versions.py
+    step cuda_tests 120 python -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -rs
+    step so400m 180 python benchmarks/throughput.py --device cuda --dtype bf16 --no-eager \
+        --preset siglip2-so400m-patch14-384 --naflex-preset siglip2-so400m-patch16-naflex --sections fixed naflex \
+        --batch-sizes 1 64 256 --repeats 5 --gemm-size 8192
+    step b16 60 python benchmarks/throughput.py --device cuda --dtype bf16 --no-eager \
+        --preset siglip2-base-patch16-224 --sections fixed --batch-sizes 1 64 256 --repeats 5 --gemm-size 8192
+    step extract 90 python benchmarks/gpu/extract_jpeg.py --device cuda --dtype bf16 --images 8192 \
+        --batch-size 256 --workers 14
+fi
+cat "$OUT/summary.txt"
+! grep -qv " rc=0 " "$OUT/summary.txt"
