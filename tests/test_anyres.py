@@ -1,0 +1,141 @@
+"""AnyRes tiling against transformers' LLaVA-OneVision: its image processor (views, pixel for pixel), its processor's
+token count, and a tiny ``LlavaOnevisionModel``'s ``get_image_features`` (the reassembled LLM tokens)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_images
+from test_llava import LM, TOWER, make_tokenizer
+from transformers import (
+    LlamaConfig,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionModel,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+    SiglipVisionConfig,
+)
+
+from siglip2_encoder import ImageProcessor, ProcessorConfig, SigLIP2Encoder
+from siglip2_encoder.integrations.anyres import AnyResTiling
+
+TILE, PATCH = 32, 8  # a view of 4 x 4 tokens
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+GRIDS = [(r, c) for r in range(1, 7) for c in range(1, 7)]
+# (height, width): wide, tall, square, the issue's 1152x768 scaled down (2 x 3 tiles), small, and large enough to be
+# shrunk past anyres_max_9 (6 x 6 tiles).
+SIZES = [(40, 150), (170, 45), (64, 64), (64, 96), (20, 25), (190, 185), (100, 33), (33, 100), (150, 160)]
+
+
+def tiling(max_tiles: int = 9, tile: int = TILE) -> AnyResTiling:
+    return AnyResTiling.onevision(tile=tile, patch_size=PATCH, max_tiles=max_tiles, grids=GRIDS)
+
+
+def processors(tile: int = TILE):
+    ours = ImageProcessor(ProcessorConfig(image_size=(tile, tile), resample="bicubic", image_mean=MEAN, image_std=STD))
+    pinpoints = [[r * tile, c * tile] for r, c in GRIDS]
+    theirs = LlavaOnevisionImageProcessor(size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints)
+    return ours, theirs
+
+
+def test_views_equal_transformers_image_processor():
+    ours, theirs = processors()
+    images = random_images(0, SIZES)
+    want = theirs(images, return_tensors="pt")  # one image per sample: each is tiled
+    for i, image in enumerate(images):
+        got = tiling().views(image, ours)
+        assert want["image_sizes"][i].tolist() == list(image.shape[:2])
+        assert len(got) == tiling().num_views(*image.shape[:2]) > 1
+        torch.testing.assert_close(got, want["pixel_values"][i, : len(got)], atol=1e-5, rtol=0)
+    assert tiling().grid(64, 96) == (2, 3)  # the issue's 1152x768 image, scaled: 7 views
+
+    together = theirs([images[:3]], return_tensors="pt")  # three images in one sample: none is tiled
+    for i, image in enumerate(images[:3]):
+        got = tiling().views(image, ours, tiled=False)
+        assert got.shape == (1, 3, TILE, TILE)
+        torch.testing.assert_close(got, together["pixel_values"][i], atol=1e-5, rtol=0)  # (images, 1 view, ...)
+
+
+@pytest.mark.parametrize("max_tiles", [9, 2])
+def test_token_counts_equal_transformers_processor(max_tiles):
+    _, image_processor = processors()
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(),
+        num_image_tokens=(TILE // PATCH) ** 2,
+        vision_feature_select_strategy="full", vision_aspect_ratio=f"anyres_max_{max_tiles}",
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    sizes = SIZES + [tuple(int(v) for v in rng.integers(8, 400, 2)) for _ in range(40)]
+    shrunk = 0
+    for h, w in sizes:
+        want = processor._get_number_of_features(h, w, TILE, TILE)
+        assert tiling(max_tiles).num_tokens(h, w) == want, (h, w)
+        kept = tiling(max_tiles)._kept(h, w)
+        shrunk += kept[:2] != kept[2:]
+    assert shrunk > 3  # the shrink past anyres_max_N is exercised
+    assert tiling(max_tiles).num_tokens(100, 40, tiled=False) == processor.num_image_tokens + 1
+
+
+def onevision_model(max_tiles: int, tile: int) -> LlavaOnevisionModel:
+    torch.manual_seed(0)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**TOWER, image_size=tile, patch_size=PATCH).to_dict(),
+        text_config=LlamaConfig(vocab_size=64, **LM).to_dict(),
+        image_grid_pinpoints=[[r * tile, c * tile] for r, c in GRIDS],
+        vision_aspect_ratio=f"anyres_max_{max_tiles}",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    return LlavaOnevisionModel(config).eval()
+
+
+@pytest.mark.parametrize(("max_tiles", "tile"), [(9, TILE), (2, TILE), (2, 36)])
+def test_reassembled_features_equal_llava_onevision(max_tiles, tile, tmp_path):
+    """All views of all images through our tower in one forward, transformers' projector, our reassembly: the
+    features transformers' get_image_features gives for the same images (tiled alone, or three in a sample). Tile 36
+    with patch 8, like So400m/14 at 384: the tile is no multiple of the patch."""
+    theirs = onevision_model(max_tiles, tile)
+    theirs.vision_tower.save_pretrained(tmp_path)
+    tower = SigLIP2Encoder.from_pretrained(tmp_path).eval()
+    ours_processor, their_processor = processors(tile)
+    images = random_images(1, SIZES)
+    for samples in ([[image] for image in images], [images[:3]]):
+        inputs = their_processor(samples, return_tensors="pt")
+        with torch.no_grad():
+            want = theirs.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                batch_num_images=inputs["batch_num_images"], vision_feature_layer=-1,
+                vision_feature_select_strategy="full", vision_aspect_ratio=f"anyres_max_{max_tiles}",
+            ).pooler_output  # fmt: skip
+            tiled = len(samples[0]) == 1
+            flat = [image for sample in samples for image in sample]
+            assert len(want) == len(flat)
+            views = [tiling(max_tiles, tile).views(image, ours_processor, tiled=tiled) for image in flat]
+            tokens = tower(torch.cat(views), layers=[-1], return_pooled=False).hidden_states[-1]  # one forward
+            projected = theirs.multi_modal_projector(tokens).split([len(v) for v in views])
+            for image, features, expected in zip(flat, projected, want):
+                h, w = image.shape[:2]
+                got = tiling(max_tiles, tile).reassemble(features, h, w, theirs.image_newline, tiled=tiled)
+                assert len(got) == tiling(max_tiles, tile).num_tokens(h, w, tiled=tiled)
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_bad_settings_and_inputs_are_refused():
+    with pytest.raises(ValueError, match=re.escape("tile 6 is smaller than patch_size 8")):
+        AnyResTiling(6, 8, ((6, 6),))
+    with pytest.raises(ValueError, match=re.escape("grid_pinpoints must be (height, width) multiples of the tile 32")):
+        AnyResTiling(32, 8, ((32, 48),))
+    with pytest.raises(ValueError, match=re.escape("max_tiles must be a positive int, got max_tiles=0")):
+        AnyResTiling(32, 8, ((32, 32),), max_tiles=0)
+    ours, _ = processors()
+    wrong = ImageProcessor(ProcessorConfig(image_size=(48, 48)))
+    with pytest.raises(ValueError, match=re.escape("the processor makes (48, 48) images; the views are 32 px")):
+        tiling().views(random_images(0, [(40, 40)])[0], wrong)
+    with pytest.raises(ValueError, match=re.escape("a 64x96 image has 7 views of 16 tokens, got features of shape")):
+        tiling().reassemble(torch.zeros(6, 16, 48), 64, 96, torch.zeros(48))
