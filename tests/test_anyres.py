@@ -12,7 +12,9 @@ from conftest import random_images
 from test_llava import LM, TOWER, make_tokenizer
 from transformers import (
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessor,
     LlavaOnevisionModel,
     LlavaOnevisionProcessor,
@@ -21,7 +23,9 @@ from transformers import (
 )
 
 from siglip2_encoder import ImageProcessor, ProcessorConfig, SigLIP2Encoder
+from siglip2_encoder.adapters import MLPConfig, PixelShuffleConfig, build_projector
 from siglip2_encoder.integrations.anyres import AnyResTiling
+from siglip2_encoder.integrations.llava import VisionLanguageModel, VLMProcessor, add_image_token
 
 TILE, PATCH = 32, 8  # a view of 4 x 4 tokens
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -139,3 +143,89 @@ def test_bad_settings_and_inputs_are_refused():
         tiling().views(random_images(0, [(40, 40)])[0], wrong)
     with pytest.raises(ValueError, match=re.escape("a 64x96 image has 7 views of 16 tokens, got features of shape")):
         tiling().reassemble(torch.zeros(6, 16, 48), 64, 96, torch.zeros(48))
+
+
+def tiled_vlm_and_transformers(max_tiles: int, tmp_path):
+    """A tiny LlavaOnevisionForConditionalGeneration and our tiled VisionLanguageModel with its weights, our
+    processor with the OneVision image processor's settings, and transformers' image processor."""
+    tokenizer = make_tokenizer()
+    image_token_id = add_image_token(tokenizer)
+    torch.manual_seed(0)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**TOWER, image_size=TILE, patch_size=PATCH).to_dict(),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), **LM, tie_word_embeddings=False).to_dict(),
+        image_grid_pinpoints=[[r * TILE, c * TILE] for r, c in GRIDS],
+        vision_aspect_ratio=f"anyres_max_{max_tiles}",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_token_index=image_token_id,
+    )
+    theirs = LlavaOnevisionForConditionalGeneration(config).eval()
+    theirs.model.vision_tower.save_pretrained(tmp_path / "tower")
+    lm = LlamaForCausalLM(config.text_config)
+    lm.model.load_state_dict(theirs.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(theirs.lm_head.state_dict())
+    projector = build_projector(
+        MLPConfig(in_features=TOWER["hidden_size"], out_features=LM["hidden_size"], layers=(-1,))
+    )
+    linears = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
+    for ours, source in zip(linears, (theirs.model.multi_modal_projector.linear_1,
+                                      theirs.model.multi_modal_projector.linear_2), strict=True):  # fmt: skip
+        ours.load_state_dict(source.state_dict())
+    strategy = tiling(max_tiles)
+    model = VisionLanguageModel(SigLIP2Encoder.from_pretrained(tmp_path / "tower"), projector, lm.eval(),
+                                image_token_id, strategy).eval()  # fmt: skip
+    with torch.no_grad():
+        model.image_newline.copy_(theirs.model.image_newline)
+    image_processor, their_images = processors()
+    processor = VLMProcessor(tokenizer, image_processor, projector, PATCH, tiling=strategy)
+    return model, processor, theirs, their_images
+
+
+@pytest.mark.parametrize("max_tiles", [9, 2])
+def test_a_tiled_vlm_gives_llava_onevisions_logits_and_greedy_ids(max_tiles, tmp_path):
+    """Wide, tall and square images, one alone in each sample (tiled), two sharing a sample (not tiled), a text-only
+    sample; left-padded: logits on every real position and greedy ids equal transformers'."""
+    model, processor, theirs, their_images = tiled_vlm_and_transformers(max_tiles, tmp_path)
+    pics = random_images(4, [(40, 150), (170, 45), (64, 64), (100, 33), (33, 100)])
+    prompts = ["<image> describe image", "what is <image> it", "<image> what colour is <image>", "what shape",
+               "<image> the shape"]  # fmt: skip
+    images = [[pics[0]], [pics[1]], [pics[3], pics[4]], [], [pics[2]]]
+    batch = processor(prompts, images, padding_side="left")
+    assert batch["image_tiled"].tolist() == [True, True, False, False, True]
+    hf = their_images([sample for sample in images if sample], return_tensors="pt")
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        got = model(**batch).logits
+        want = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
+                      pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"],
+                      batch_num_images=hf["batch_num_images"]).logits  # fmt: skip
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)
+    ids = model.generate(**{k: v for k, v in batch.items() if k != "labels"}, max_new_tokens=5, do_sample=False)
+    their_ids = theirs.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"],
+                                batch_num_images=hf["batch_num_images"], max_new_tokens=5, do_sample=False)  # fmt: skip
+    assert ids.tolist() == their_ids[:, batch["input_ids"].shape[1] :].tolist()
+
+
+def test_a_tiled_vlm_saves_loads_and_refuses_the_single_view_exports(tmp_path):
+    from siglip2_encoder.integrations.llava_export import export_llava
+
+    model, processor, _, _ = tiled_vlm_and_transformers(9, tmp_path)
+    batch = processor(["<image> describe image"], [random_images(5, [(50, 120)])])
+    model.save_pretrained(tmp_path / "saved")
+    again = VisionLanguageModel.from_pretrained(tmp_path / "saved").eval()
+    assert again.tiling == model.tiling and torch.equal(again.image_newline, model.image_newline)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=re.escape("cannot export to LLaVA's format: this model tiles its images")):
+        export_llava(model, tmp_path / "export")
+    with pytest.raises(ValueError, match=re.escape("a model with AnyRes tiling takes images only")):
+        processor(["<video>"], [[]], videos=[[random_images(0, [(40, 40)])]])
+    with pytest.raises(ValueError, match=re.escape("needs image_sizes and image_tiled with its views")):
+        model(batch["input_ids"], pixel_values=batch["pixel_values"])
+    pooling = build_projector(PixelShuffleConfig(in_features=TOWER["hidden_size"], out_features=LM["hidden_size"]))
+    assert pooling.num_tokens((4, 4)) == 4
+    with pytest.raises(ValueError, match=re.escape("the pixel_shuffle projector turns a 4x4 view into 4 tokens")):
+        VisionLanguageModel(model.tower, pooling, model.language_model, model.image_token_id, model.tiling)

@@ -162,6 +162,21 @@ class AnyResTiling:
         ]
         return torch.stack([processor.process_one(view).pixels for view in [pixels, *tiles]])
 
+    def reassemble_all(
+        self,
+        features: torch.Tensor,
+        sizes: Sequence[tuple[int, int]],
+        tiled: Sequence[bool],
+        newline: torch.Tensor,
+    ) -> torch.Tensor:
+        """Every image's LLM tokens, concatenated: ``features`` (views, side^2, D) holds the views of the images of
+        ``sizes`` ((height, width) each), image after image, each tiled or not as ``tiled`` says."""
+        counts = [self.num_views(h, w, tiled=t) for (h, w), t in zip(sizes, tiled, strict=True)]
+        if sum(counts) != len(features):
+            raise ValueError(f"the {len(sizes)} images have {sum(counts)} views, got features of {len(features)}")
+        parts = features.split(counts)
+        return torch.cat([self.reassemble(f, h, w, newline, tiled=t) for f, (h, w), t in zip(parts, sizes, tiled)])
+
     def reassemble(
         self, features: torch.Tensor, height: int, width: int, newline: torch.Tensor, *, tiled: bool = True
     ) -> torch.Tensor:

@@ -16,27 +16,30 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import MLPConfig, Projector, ProjectorConfig, build_projector, load_projector
 from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
 from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
-from ..data.images import ImageInput
+from ..data.images import ImageInput, image_to_tensor
 from ..data.processor import ImageProcessor
 from ..files import write_atomic
 from ..models.lora import EncoderLoRAConfig, add_lora, trainable_parameters
 from ..models.model import SigLIP2Encoder
+from .anyres import AnyResTiling
 
 __all__ = [
     "IGNORE_INDEX",
@@ -53,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of positions without loss: prompt, image tokens, padding
 CONFIG_FILE = "vlm_config.json"
+NEWLINE_FILE = "image_newline.safetensors"
 
 
 def add_image_token(
@@ -92,6 +96,8 @@ class VLMProcessor:
         image_start: text before each image's (and each frame's) tokens, e.g. Idefics3's
             ``<fake_token_around_image><global-img>`` (see :mod:`.idefics3_export`); empty for LLaVA.
         image_end: text after each image's tokens, e.g. Idefics3's ``<fake_token_around_image>``.
+        tiling: LLaVA-OneVision's AnyRes tiling (the model's :attr:`VisionLanguageModel.tiling`): each image becomes
+            its views, and tiled only when it is its sample's one image (see :mod:`.anyres`).
     """
 
     def __init__(
@@ -104,10 +110,11 @@ class VLMProcessor:
         video_token: str = "<video>",
         image_start: str = "",
         image_end: str = "",
+        tiling: AnyResTiling | None = None,
     ) -> None:
         self.tokenizer, self.image_processor, self.projector = tokenizer, image_processor, projector
         self.patch_size, self.image_token, self.video_token = patch_size, image_token, video_token
-        self.image_start, self.image_end = image_start, image_end
+        self.image_start, self.image_end, self.tiling = image_start, image_end, tiling
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {image_token!r} token; call add_image_token(tokenizer, lm) first")
@@ -170,8 +177,9 @@ class VLMProcessor:
 
         Returns:
             ``input_ids``, ``attention_mask`` (B, T), ``labels`` (B, T) when targets are given, and the image
-            inputs (``pixel_values`` and, for NaFlex, ``spatial_shapes``, ``pixel_attention_mask``) when any:
-            images and frames in the order their placeholders appear.
+            inputs (``pixel_values`` and, for NaFlex, ``spatial_shapes``, ``pixel_attention_mask``; with tiling, the
+            views (V, 3, tile, tile) with ``image_sizes`` (N, 2) and ``image_tiled`` (N,)) when any: images and
+            frames in the order their placeholders appear.
         """
         images = images if images is not None else [[] for _ in prompts]
         videos = videos if videos is not None else [[] for _ in prompts]
@@ -187,15 +195,7 @@ class VLMProcessor:
         split = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
         pieces = [split.split(prompt) for prompt in prompts]  # text, placeholder, text, ...
         flat, frames_per_placeholder = self._visuals(pieces, images, videos)
-        batch: dict[str, Any] = {}
-        counts: list[int] = []
-        if flat:
-            kwargs = {"max_num_patches": max_num_patches} if max_num_patches else {}
-            inputs = self.image_processor(flat, **kwargs)
-            batch.update({key: inputs[key] for key in inputs.keys()})
-            grids = _grids(inputs.pixel_values, inputs.spatial_shapes, self.patch_size)
-            counts = [self.projector.num_tokens(grid) for grid in grids]
-
+        batch, counts = self._image_inputs(flat, images, videos, max_num_patches)
         remaining = iter(counts)  # each image's (or frame's) token count, in placeholder order
         samples = [
             self._sample_ids(parts, sizes, remaining, None if targets is None else targets[b])
@@ -206,6 +206,39 @@ class VLMProcessor:
         if targets is not None:
             batch["labels"] = labels
         return batch
+
+    def _image_inputs(
+        self,
+        flat: list[ImageInput],
+        images: Sequence[Sequence[ImageInput]],
+        videos: Sequence[Sequence[Sequence[ImageInput]]],
+        max_num_patches: int | None,
+    ) -> tuple[dict[str, Any], list[int]]:
+        """The model's image inputs for ``flat`` (every image and frame, in placeholder order) and each one's token
+        count."""
+        if not flat:
+            return {}, []
+        if self.tiling is not None:
+            if any(videos):
+                raise ValueError("a model with AnyRes tiling takes images only; give clips to a model without tiling")
+            return self._tiled(self.tiling, flat, [len(sample) == 1 for sample in images for _ in sample])
+        inputs = self.image_processor(flat, **({"max_num_patches": max_num_patches} if max_num_patches else {}))
+        grids = _grids(inputs.pixel_values, inputs.spatial_shapes, self.patch_size)
+        return {key: inputs[key] for key in inputs.keys()}, [self.projector.num_tokens(grid) for grid in grids]
+
+    def _tiled(
+        self, tiling: AnyResTiling, images: list[ImageInput], alone: list[bool]
+    ) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """The views of every image (tiled when alone in its sample), their sizes, and each image's token count."""
+        pixels = [image_to_tensor(image, i) for i, image in enumerate(images)]
+        sizes = [(int(p.shape[-2]), int(p.shape[-1])) for p in pixels]
+        views = [tiling.views(p, self.image_processor, tiled=t) for p, t in zip(pixels, alone)]
+        batch = {
+            "pixel_values": torch.cat(views),
+            "image_sizes": torch.tensor(sizes, dtype=torch.long),
+            "image_tiled": torch.tensor(alone),
+        }
+        return batch, [tiling.num_tokens(h, w, tiled=t) for (h, w), t in zip(sizes, alone)]
 
     def _sample_ids(
         self, parts: list[str], sizes: list[int], counts: Iterator[int], target: str | None
@@ -243,6 +276,31 @@ def _pad(
     return input_ids, attention_mask, labels
 
 
+def _check_tiling(tiling: AnyResTiling, tower: SigLIP2Encoder, projector: Projector) -> None:
+    """Refuse a tower or projector that AnyRes tiling cannot reassemble."""
+    config = tower.config
+    if config.naflex or config.image_size != tiling.tile or config.patch_size != tiling.patch_size:
+        raise ValueError(
+            f"AnyRes tiling of {tiling.tile} px tiles and patch {tiling.patch_size} needs a fixed-resolution tower of "
+            f"that input; this tower takes {'NaFlex patches' if config.naflex else config.image_size} with patch "
+            f"{config.patch_size}"
+        )
+    side = tiling.side
+    if projector.num_tokens((side, side)) != side * side:
+        raise ValueError(
+            f"AnyRes tiling reassembles one token per patch; the {projector.config.kind} projector turns a "
+            f"{side}x{side} view into {projector.num_tokens((side, side))} tokens: use a tokenwise one (mlp, linear)"
+        )
+
+
+def _tiling_inputs(
+    image_sizes: torch.Tensor | None, image_tiled: torch.Tensor | None
+) -> tuple[list[tuple[int, int]], list[bool]]:
+    if image_sizes is None or image_tiled is None:
+        raise ValueError("a model with AnyRes tiling needs image_sizes and image_tiled with its views (VLMProcessor)")
+    return [(int(h), int(w)) for h, w in image_sizes.tolist()], [bool(t) for t in image_tiled.tolist()]
+
+
 class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
     """vision tower -> projector -> language model, composed in plain code.
 
@@ -251,6 +309,9 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         projector: maps the tower's tokens to the LM's width; its ``config.layers`` picks the tower layers.
         language_model: any ``AutoModelForCausalLM`` (Llama, Qwen2, Gemma, ...).
         image_token_id: the placeholder token id (see :func:`add_image_token`).
+        tiling: LLaVA-OneVision's AnyRes tiling (:mod:`.anyres`): each image is seen as several views whose projected
+            tokens are reassembled, with a learned ``image_newline`` (D_lm,) after each row. It needs a
+            fixed-resolution tower whose input is the tile, and a projector that keeps one token per patch.
     """
 
     def __init__(
@@ -259,6 +320,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         projector: Projector,
         language_model: PreTrainedModel,
         image_token_id: int,
+        tiling: AnyResTiling | None = None,
     ) -> None:
         super().__init__()
         width = language_model.get_input_embeddings().embedding_dim
@@ -277,6 +339,10 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         self.language_model = language_model
         self.image_token_id = image_token_id
         self.name_or_path: str | None = None  # the folder or repo it was loaded from
+        self.tiling = tiling
+        self.image_newline = None if tiling is None else nn.Parameter(torch.randn(width) / math.sqrt(width))
+        if tiling is not None:
+            _check_tiling(tiling, vision_tower, projector)
 
     @classmethod
     def build(
@@ -286,6 +352,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         projector: ProjectorConfig | None = None,
         image_token: str = "<image>",
+        tiling: AnyResTiling | None = None,
     ) -> tuple[VisionLanguageModel, VLMProcessor]:
         """Assemble a model and its batch processor from names or objects.
 
@@ -295,6 +362,8 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             tokenizer: the LM's tokenizer; the image token (and a pad token) are added to it.
             projector: its config; widths are filled in when left at 0. Default: LLaVA's 2-layer MLP on layer -2.
             image_token: the placeholder string.
+            tiling: AnyRes tiling (e.g. ``AnyResTiling.onevision(tile, patch_size)`` for the tower's input and patch;
+                default: one view per image).
         """
         if not isinstance(vision_tower, SigLIP2Encoder):
             vision_tower = SigLIP2Encoder.from_pretrained(vision_tower)
@@ -305,13 +374,14 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         image_token_id = add_image_token(tokenizer, language_model, image_token)
         width = language_model.get_input_embeddings().embedding_dim
         config = projector or MLPConfig(in_features=vision_tower.config.hidden_size, out_features=width)
-        model = cls(vision_tower, build_projector(config), language_model, image_token_id)
+        model = cls(vision_tower, build_projector(config), language_model, image_token_id, tiling)
         processor = VLMProcessor(
             tokenizer,
             ImageProcessor(vision_tower.processor_config),
             model.projector,
             patch_size=vision_tower.config.patch_size,
             image_token=image_token,
+            tiling=tiling,
         )
         return model, processor
 
@@ -326,8 +396,11 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         pixel_values: torch.Tensor,
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_tiled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """All images' projected tokens, concatenated in image order: (sum of per-image counts, D_lm)."""
+        """All images' projected tokens, concatenated in image order: (sum of per-image counts, D_lm). With tiling,
+        ``pixel_values`` holds every image's views, all through the tower in one batch, reassembled per image."""
         out = self.vision_tower(
             pixel_values,
             spatial_shapes,
@@ -336,7 +409,11 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             return_last=False,
             return_pooled=False,
         )
-        return torch.cat(self.projector(out).per_image())
+        per_view = self.projector(out).per_image()
+        if self.tiling is None:
+            return torch.cat(per_view)
+        sizes, tiled = _tiling_inputs(image_sizes, image_tiled)
+        return self.tiling.reassemble_all(torch.stack(per_view), sizes, tiled, self.image_newline)
 
     def inputs_embeds(
         self,
@@ -344,6 +421,8 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         pixel_values: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_tiled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T, D_lm) LM input embeddings with the image tokens scattered over the placeholders.
 
@@ -351,20 +430,22 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         """
         placeholders = input_ids == self.image_token_id
         found = int(placeholders.sum())
-        expected = 0
-        if pixel_values is not None:
+        expected, images = 0, 0
+        if pixel_values is not None and self.tiling is not None:
+            sizes, tiled = _tiling_inputs(image_sizes, image_tiled)
+            expected, images = sum(self.tiling.num_tokens(h, w, tiled=t) for (h, w), t in zip(sizes, tiled)), len(sizes)
+        elif pixel_values is not None:
             grids = _grids(pixel_values, spatial_shapes, self.tower.config.patch_size)
-            expected = sum(self.projector.num_tokens(grid) for grid in grids)
+            expected, images = sum(self.projector.num_tokens(grid) for grid in grids), len(grids)
         if found != expected:
             raise ValueError(
-                f"input_ids hold {found} image placeholder tokens but the {0 if pixel_values is None else len(grids)} "
-                f"image(s) give {expected} tokens; build batches with VLMProcessor, which expands each <image> to "
-                f"its image's token count"
+                f"input_ids hold {found} image placeholder tokens but the {images} image(s) give {expected} tokens; "
+                f"build batches with VLMProcessor, which expands each <image> to its image's token count"
             )
         embed = self.language_model.get_input_embeddings()
         embeds = embed(input_ids.masked_fill(placeholders, 0))
         if expected:
-            features = self.image_features(pixel_values, spatial_shapes, pixel_attention_mask)
+            features = self.image_features(pixel_values, spatial_shapes, pixel_attention_mask, image_sizes, image_tiled)
             embeds = embeds.masked_scatter(placeholders[..., None], features.to(embeds.dtype))
         return embeds
 
@@ -376,10 +457,14 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         pixel_values: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_tiled: torch.Tensor | None = None,
         **lm_kwargs: Any,
     ) -> Any:
         """The language model's output (``loss`` when ``labels`` are given, ``logits``) on the merged inputs."""
-        embeds = self.inputs_embeds(input_ids, pixel_values, spatial_shapes, pixel_attention_mask)
+        embeds = self.inputs_embeds(
+            input_ids, pixel_values, spatial_shapes, pixel_attention_mask, image_sizes, image_tiled
+        )
         if attention_mask is not None and "position_ids" not in lm_kwargs:
             # Positions count real tokens only, so left-padded samples start at 0 like unpadded ones.
             lm_kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -393,6 +478,8 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         pixel_values: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_tiled: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Hugging Face ``generate`` on the merged inputs (any decoding: greedy, sampling, beams; KV cache).
@@ -400,7 +487,9 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         Returns:
             (B, new tokens): the generated ids only, without the prompt.
         """
-        embeds = self.inputs_embeds(input_ids, pixel_values, spatial_shapes, pixel_attention_mask)
+        embeds = self.inputs_embeds(
+            input_ids, pixel_values, spatial_shapes, pixel_attention_mask, image_sizes, image_tiled
+        )
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # ----------------------------------------------------------------------------------------------- save / load
@@ -423,6 +512,15 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
                 f"adapters with their own save_pretrained"
             )
 
+    def check_untiled(self, action: str) -> None:
+        """Refuse ``action`` (an export) for a model with AnyRes tiling, whose views and ``image_newline`` the
+        target format has no place for."""
+        if self.tiling is not None:
+            raise ValueError(
+                f"{action}: this model tiles its images (AnyRes) and learns an image_newline, which that format does "
+                f"not hold; save it with save_pretrained"
+            )
+
     def save_pretrained(self, directory: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         """Write ``vision_tower/``, ``projector/``, ``language_model/`` (and ``tokenizer/``) plus vlm_config.json."""
         self.check_merged("cannot save")
@@ -433,9 +531,11 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         self.language_model.save_pretrained(folder / "language_model")
         if tokenizer is not None:
             tokenizer.save_pretrained(folder / "tokenizer")
-        write_atomic(
-            folder / CONFIG_FILE, (json.dumps({"image_token_id": self.image_token_id}, indent=2) + "\n").encode()
-        )
+        config: dict[str, Any] = {"image_token_id": self.image_token_id}
+        if self.tiling is not None:
+            config["tiling"] = asdict(self.tiling)
+            save_file({"image_newline": self.image_newline.detach().contiguous()}, folder / NEWLINE_FILE)
+        write_atomic(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
 
     @property
     def base_checkpoint(self) -> str | None:
@@ -474,12 +574,17 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             raise ValueError(f"{folder} has no {CONFIG_FILE}; was it written by VisionLanguageModel.save_pretrained?")
         config = json.loads((folder / CONFIG_FILE).read_text())
         lm_config = AutoConfig.from_pretrained(folder / "language_model")
+        tiling = config.get("tiling")
         model = cls(
             SigLIP2Encoder.from_pretrained(folder / "vision_tower", dtype=dtype),
             load_projector(folder / "projector"),
             AutoModelForCausalLM.from_pretrained(folder / "language_model", config=lm_config, dtype=dtype),
             config["image_token_id"],
+            None if tiling is None else AnyResTiling(**tiling),
         )
+        if model.image_newline is not None:
+            with torch.no_grad():
+                model.image_newline.copy_(load_file(folder / NEWLINE_FILE)["image_newline"])
         return model if device is None else model.to(device)
 
 
