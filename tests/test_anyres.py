@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_images
+from PIL import Image
 from test_llava import LM, TOWER, make_tokenizer
 from transformers import (
     LlamaConfig,
@@ -40,7 +41,8 @@ def tiling(max_tiles: int = 9, tile: int = TILE) -> AnyResTiling:
 
 
 def processors(tile: int = TILE):
-    ours = ImageProcessor(ProcessorConfig(image_size=(tile, tile), resample="bicubic", image_mean=MEAN, image_std=STD))
+    config = ProcessorConfig((tile, tile), patch_size=PATCH, resample="bicubic", image_mean=MEAN, image_std=STD)
+    ours = ImageProcessor(config)
     pinpoints = [[r * tile, c * tile] for r, c in GRIDS]
     theirs = LlavaOnevisionImageProcessor(size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints)
     return ours, theirs
@@ -161,7 +163,9 @@ def tiled_vlm_and_transformers(max_tiles: int, tmp_path):
         image_token_index=image_token_id,
     )
     theirs = LlavaOnevisionForConditionalGeneration(config).eval()
+    image_processor, their_images = processors()
     theirs.model.vision_tower.save_pretrained(tmp_path / "tower")
+    their_images.save_pretrained(tmp_path / "tower")  # the tower's preprocessing: OneVision's (bicubic, CLIP's mean)
     lm = LlamaForCausalLM(config.text_config)
     lm.model.load_state_dict(theirs.model.language_model.state_dict())
     lm.lm_head.load_state_dict(theirs.lm_head.state_dict())
@@ -177,7 +181,7 @@ def tiled_vlm_and_transformers(max_tiles: int, tmp_path):
                                 image_token_id, strategy).eval()  # fmt: skip
     with torch.no_grad():
         model.image_newline.copy_(theirs.model.image_newline)
-    image_processor, their_images = processors()
+    assert model.tower.processor_config == image_processor.config
     processor = VLMProcessor(tokenizer, image_processor, projector, PATCH, tiling=strategy)
     return model, processor, theirs, their_images
 
@@ -219,7 +223,8 @@ def test_a_tiled_vlm_saves_loads_and_refuses_the_single_view_exports(tmp_path):
     assert again.tiling == model.tiling and torch.equal(again.image_newline, model.image_newline)
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, model(**batch).logits, atol=0, rtol=0)
-    with pytest.raises(ValueError, match=re.escape("cannot export to LLaVA's format: this model tiles its images")):
+    message = "cannot export to LLaVA's format (export_llava_onevision writes tiled models): this model tiles its"
+    with pytest.raises(ValueError, match=re.escape(message)):
         export_llava(model, tmp_path / "export")
     with pytest.raises(ValueError, match=re.escape("a model with AnyRes tiling takes images only")):
         processor(["<video>"], [[]], videos=[[random_images(0, [(40, 40)])]])
@@ -229,3 +234,38 @@ def test_a_tiled_vlm_saves_loads_and_refuses_the_single_view_exports(tmp_path):
     assert pooling.num_tokens((4, 4)) == 4
     with pytest.raises(ValueError, match=re.escape("the pixel_shuffle projector turns a 4x4 view into 4 tokens")):
         VisionLanguageModel(model.tower, pooling, model.language_model, model.image_token_id, model.tiling)
+
+
+def test_a_onevision_checkpoint_imports_whole_and_exports_back_to_run_in_transformers(tmp_path):
+    """transformers' checkpoint -> import_llava (tiling, image_newline, processor settings) -> the same logits; then
+    export_llava_onevision -> transformers alone (AutoProcessor + chat template + generate) gives our input ids,
+    views and greedy tokens."""
+    from test_llava import run_as_the_card_says
+
+    from siglip2_encoder.integrations.llava_export import export_llava_onevision, import_llava
+
+    model, processor, theirs, their_images = tiled_vlm_and_transformers(2, tmp_path)
+    theirs.save_pretrained(tmp_path / "onevision")
+    their_images.save_pretrained(tmp_path / "onevision")
+    imported = import_llava(tmp_path / "onevision").eval()
+    assert imported.tiling == model.tiling and torch.equal(imported.image_newline, model.image_newline)
+    assert imported.tower.processor_config == processor.image_processor.config  # bicubic, CLIP's mean and std
+    pics = random_images(6, [(60, 170), (90, 40)])
+    batch = processor(["<image> describe image", "what is <image> it"], [[pics[0]], [pics[1]]])
+    with torch.no_grad():
+        torch.testing.assert_close(imported(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+    export_llava_onevision(model, tmp_path / "exported", processor.tokenizer)
+    config = (tmp_path / "exported" / "config.json").read_text()
+    assert '"LlavaOnevisionForConditionalGeneration"' in config and '"anyres_max_2"' in config
+    image = Image.fromarray(random_images(7, [(50, 130)])[0])
+    inputs, generated = run_as_the_card_says(tmp_path / "exported", image, "what colour is the shape")
+    ours = processor(["<image> what colour is the shape"], [[image]])
+    assert inputs["input_ids"].tolist() == ours["input_ids"].tolist()
+    torch.testing.assert_close(inputs["pixel_values"][0], ours["pixel_values"], atol=1e-5, rtol=0)
+    assert generated == model.generate(**ours, max_new_tokens=8, do_sample=False).tolist()
+    again = import_llava(tmp_path / "exported").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=re.escape("the model has no AnyRes tiling: export it to LLaVA's format")):
+        export_llava_onevision(VisionLanguageModel(model.tower, model.projector, model.language_model, 5), tmp_path)

@@ -108,9 +108,10 @@ def read_config(source: CheckpointSource) -> EncoderConfig:
         raise CheckpointError(f"config.json of {source} is not a valid SigLIP config: {err}") from None
 
 
-def read_processor_config(source: CheckpointSource, tower: EncoderConfig) -> ProcessorConfig:
+def read_processor_config(source: CheckpointSource, tower: EncoderConfig, views: bool = False) -> ProcessorConfig:
     """The checkpoint's preprocessing, from whichever layout transformers wrote; SigLIP 2's defaults for the tower
-    (with a warning) only when the source has no processor file at all."""
+    (with a warning) only when the source has no processor file at all. ``views``: see
+    :func:`~.hf_format.processor_config_from_hf`."""
     for filename in PROCESSOR_FILES:
         settings = source.read_json(filename)
         if settings is None:
@@ -120,7 +121,7 @@ def read_processor_config(source: CheckpointSource, tower: EncoderConfig) -> Pro
             if not isinstance(settings, dict):
                 continue  # a processor file without image settings (e.g. a tokenizer-only processor)
         try:
-            return processor_config_from_hf(settings, tower)
+            return processor_config_from_hf(settings, tower, views)
         except CheckpointError as err:
             raise CheckpointError(f"{filename} of {source}: {err}") from None
     default = ProcessorConfig.default_for(tower)

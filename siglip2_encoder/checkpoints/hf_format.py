@@ -199,9 +199,10 @@ def text_config_to_hf(config: TextConfig, siglip2: bool) -> dict[str, Any]:
     return out | {name: value for name, value in config.to_dict().items() if value is not None}
 
 
-def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig) -> ProcessorConfig:
+def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views: bool = False) -> ProcessorConfig:
     """From transformers' image processor settings (SigLIP's and SigLIP 2's, and the VLM processors of
-    :data:`PROCESSOR_TYPES`: their single view, with a warning naming what else they do).
+    :data:`PROCESSOR_TYPES`: their single view, with a warning naming what else they do, unless ``views``: the caller
+    reproduces their other views, as a tiled VLM does).
 
     The tower decides the kind of preprocessing (a NaFlex tower needs NaFlex patches); ``image_processor_type``, when
     the file names one, must agree with it. Missing fields take transformers' defaults.
@@ -224,7 +225,7 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig) -> Pro
             f"not reproduce; set it false in the processor file to get the single resized view"
         )
     resample = hf.get("resample", kind.resample)
-    if kind.beyond:
+    if kind.beyond and not views:
         logger.warning("the image processor %s %s", name, kind.beyond)
         if resample == _LANCZOS:
             resample = 3

@@ -1,4 +1,5 @@
-"""Export to and import from transformers' ``LlavaForConditionalGeneration`` format.
+"""Export to and import from transformers' ``LlavaForConditionalGeneration`` format, and, for models with AnyRes
+tiling, ``LlavaOnevisionForConditionalGeneration``'s (the same parts plus ``image_newline`` and the tiling settings).
 
 What fits LLaVA's format, and why the rest does not:
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -29,6 +31,11 @@ from transformers import (
     AutoModelForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     LlavaProcessor,
     PreTrainedTokenizerBase,
     SiglipImageProcessor,
@@ -41,15 +48,15 @@ from ..checkpoints.hub import CheckpointSource
 from ..checkpoints.publish import HubMixin, ModelCardInfo
 from ..checkpoints.strict import build_loaded
 from ..models.model import SigLIP2Encoder
+from .anyres import AnyResTiling
 from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel
 
-__all__ = ["LlavaExport", "export_llava", "import_llava"]
+__all__ = ["LlavaExport", "export_llava", "export_llava_onevision", "import_llava"]
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
     model.check_merged("cannot export to LLaVA's format")
-    model.check_untiled("cannot export to LLaVA's format")
     if model.tower.config.naflex:
         raise ValueError(
             "NaFlex towers cannot be exported to LLaVA's format: LLaVA calls its vision tower with pixel_values "
@@ -100,30 +107,16 @@ def export_llava(
 
     Raises ``ValueError`` naming the reason for configurations LLaVA cannot express and for a tokenizer that does
     not fit the model."""
+    model.check_untiled("cannot export to LLaVA's format (export_llava_onevision writes tiled models)")
     _check_exportable(model)
-    tower, projector, lm = model.tower, model.projector, model.language_model
-    image_token = None if tokenizer is None else check_tokenizer(tokenizer, lm, model.image_token_id)
-    layers = list(projector.config.layers)
-    grid = tower.config.position_grid
-    config = LlavaConfig(
-        vision_config={k: v for k, v in config_to_hf(tower.config).items() if k != "architectures"},
-        text_config=text_config(lm),
-        image_token_index=model.image_token_id,
-        vision_feature_layer=layers[0] if len(layers) == 1 else layers,
-        vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
-        projector_hidden_act="gelu" if isinstance(projector, MLPProjector) else "linear",
-        image_seq_length=grid * grid,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
-    )
-    state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}
-    state |= _projector_weights(projector)
-    state |= language_model_weights(lm, "model.language_model.", config.tie_word_embeddings)
+    image_token = None if tokenizer is None else check_tokenizer(tokenizer, model.language_model, model.image_token_id)
+    tower = model.tower
+    config = LlavaConfig(**_config_fields(model), image_seq_length=tower.config.position_grid**2)
     write_export(
         directory,
         LlavaForConditionalGeneration,
         config,
-        state,
+        _weights(model, config.tie_word_embeddings),
         SiglipImageProcessor.from_dict(processor_config_to_hf(tower.processor_config)),
         LlavaProcessor,
         tokenizer,
@@ -133,6 +126,72 @@ def export_llava(
         image_token=image_token,
         chat_template=chat_template or (plain_chat_template(image_token) if image_token else None),
     )
+
+
+def export_llava_onevision(
+    model: VisionLanguageModel,
+    directory: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    chat_template: str | None = None,
+) -> None:
+    """Write a model with AnyRes tiling (:mod:`.anyres`) as a transformers LLaVA-OneVision checkpoint, which
+    ``AutoProcessor`` + ``apply_chat_template`` + ``LlavaOnevisionForConditionalGeneration.generate`` run as they are:
+    :func:`export_llava`'s files, with ``image_newline``, the pinpoints and ``anyres_max_N`` in the config, and the
+    OneVision image processor and processor (``num_image_tokens``, ``vision_aspect_ratio``). Same arguments and
+    refusals as :func:`export_llava`; a model without tiling is refused (export it with :func:`export_llava`)."""
+    tiling = model.tiling
+    if tiling is None:
+        raise ValueError("the model has no AnyRes tiling: export it to LLaVA's format with export_llava")
+    _check_exportable(model)
+    image_token = None if tokenizer is None else check_tokenizer(tokenizer, model.language_model, model.image_token_id)
+    pinpoints = [list(p) for p in tiling.grid_pinpoints]
+    config = LlavaOnevisionConfig(
+        **_config_fields(model),
+        # No video path here: an id no token has, so that no text is taken for a clip placeholder.
+        video_token_index=model.language_model.get_input_embeddings().num_embeddings,
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio=f"anyres_max_{tiling.max_tiles}",
+    )
+    state = _weights(model, config.tie_word_embeddings) | {"model.image_newline": model.image_newline.detach()}
+    settings = processor_config_to_hf(model.tower.processor_config) | {"image_grid_pinpoints": pinpoints}
+    write_export(
+        directory,
+        LlavaOnevisionForConditionalGeneration,
+        config,
+        state,
+        LlavaOnevisionImageProcessor.from_dict(settings),
+        LlavaOnevisionProcessor,
+        tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(),
+        num_image_tokens=tiling.side**2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=f"anyres_max_{tiling.max_tiles}",
+        image_token=image_token,
+        chat_template=chat_template or (plain_chat_template(image_token) if image_token else None),
+    )
+
+
+def _config_fields(model: VisionLanguageModel) -> dict:
+    """The config fields LLaVA and LLaVA-OneVision share: towers, image token, the projector's layers and kind."""
+    tower, projector, lm = model.tower, model.projector, model.language_model
+    layers = list(projector.config.layers)
+    return dict(
+        vision_config={k: v for k, v in config_to_hf(tower.config).items() if k != "architectures"},
+        text_config=text_config(lm),
+        image_token_index=model.image_token_id,
+        vision_feature_layer=layers[0] if len(layers) == 1 else layers,
+        vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
+        projector_hidden_act="gelu" if isinstance(projector, MLPProjector) else "linear",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+
+
+def _weights(model: VisionLanguageModel, tied: bool) -> dict[str, torch.Tensor]:
+    state = {f"model.vision_tower.{k}": v for k, v in model.tower.state_dict().items()}
+    state |= _projector_weights(model.projector)
+    return state | language_model_weights(model.language_model, "model.language_model.", tied)
 
 
 def _projector_weights(projector: LinearProjector | MLPProjector) -> dict[str, torch.Tensor]:
@@ -157,8 +216,6 @@ def _projector_weights(projector: LinearProjector | MLPProjector) -> dict[str, t
 # load their folders into LlavaForConditionalGeneration dropping it, with only a logged warning.
 _NOT_REPRESENTED = {
     "llava_next": "the learned image_newline token and anyres tiling (image_grid_pinpoints)",
-    "llava_onevision": "the learned image_newline token, anyres tiling (image_grid_pinpoints) and the bilinear "
-    "pooling of video frames",
     "llava_next_video": "the learned image_newline token, anyres tiling and the pooling of video frames",
 }
 
@@ -220,24 +277,29 @@ def import_llava(
     token: str | bool | None = None,
     local_files_only: bool = False,
 ) -> VisionLanguageModel:
-    """Load a transformers LLaVA checkpoint (``model_type="llava"``; a folder or a Hub repo) with a SigLIP vision
-    tower into a :class:`VisionLanguageModel`. LLaVA-NeXT / OneVision checkpoints are refused (their image_newline
-    and tiling have no place here); ``SigLIP2Encoder.from_pretrained`` loads their towers."""
+    """Load a transformers LLaVA (``model_type="llava"``) or LLaVA-OneVision (``"llava_onevision"``: with its
+    AnyRes tiling and ``image_newline``) checkpoint with a SigLIP vision tower - a folder or a Hub repo - into a
+    :class:`VisionLanguageModel`. LLaVA-NeXT checkpoints are refused (their tiling is not reproduced yet);
+    ``SigLIP2Encoder.from_pretrained`` loads their towers. OneVision's video path (frames pooled bilinearly) has no
+    place here: the imported model refuses clips."""
     source = CheckpointSource(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
     directory = source.snapshot() if not source.is_local else name_or_path
     config_file = Path(directory) / "config.json"
     model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
-    if model_type != "llava":
+    if model_type not in ("llava", "llava_onevision"):
         what = _NOT_REPRESENTED.get(model_type, "a different architecture")
         raise ValueError(
-            f"{directory} is a {model_type!r} checkpoint, not 'llava': importing it would drop {what}. Load its "
-            f"vision tower alone with SigLIP2Encoder.from_pretrained({str(directory)!r})"
+            f"{directory} is a {model_type!r} checkpoint, not 'llava' or 'llava_onevision': importing it would drop "
+            f"{what}. Load its vision tower alone with SigLIP2Encoder.from_pretrained({str(directory)!r})"
         )
-    llava = LlavaForConditionalGeneration.from_pretrained(directory, dtype=dtype or torch.float32)
+    onevision = model_type == "llava_onevision"
+    cls = LlavaOnevisionForConditionalGeneration if onevision else LlavaForConditionalGeneration
+    llava = cls.from_pretrained(directory, dtype=dtype or torch.float32)
     config = llava.config
     _check_importable(config)
+    tiling = _tiling(config) if onevision else None
     tower_config = config_from_hf(config.vision_config.to_dict())
-    processor = read_processor_config(CheckpointSource(directory), tower_config)
+    processor = read_processor_config(CheckpointSource(directory), tower_config, views=onevision)
     state = convert_hf_state_dict(llava.model.vision_tower.state_dict())
     tower = build_loaded(lambda: SigLIP2Encoder(tower_config, processor), state, f"{directory}", "vision tower")
     projector = _import_projector(config, llava.model.multi_modal_projector, tower_config.hidden_size)
@@ -246,7 +308,20 @@ def import_llava(
     state = {prefix + k: v for k, v in llava.model.language_model.state_dict().items()}
     state["lm_head.weight"] = llava.lm_head.weight
     lm.load_state_dict(state, strict=True)
-    return VisionLanguageModel(tower.to(llava.dtype), projector.to(llava.dtype), lm, config.image_token_id)
+    model = VisionLanguageModel(tower.to(llava.dtype), projector.to(llava.dtype), lm, config.image_token_id, tiling)
+    if tiling is not None:
+        model.image_newline = nn.Parameter(llava.model.image_newline.detach().clone())
+    return model
+
+
+def _tiling(config: LlavaOnevisionConfig) -> AnyResTiling:
+    """A OneVision config's tiling: its pinpoints, and N of ``anyres_max_N``."""
+    match = re.fullmatch(r"anyres_max_(\d+)", config.vision_aspect_ratio or "")
+    if match is None:
+        raise ValueError(f"vision_aspect_ratio={config.vision_aspect_ratio!r} is not of the form 'anyres_max_N'")
+    vision = config.vision_config
+    pinpoints = tuple(tuple(p) for p in config.image_grid_pinpoints)
+    return AnyResTiling(vision.image_size, vision.patch_size, pinpoints, int(match[1]))
 
 
 def _check_importable(config: LlavaConfig) -> None:
