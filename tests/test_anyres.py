@@ -3,6 +3,7 @@ token count, and a tiny ``LlavaOnevisionModel``'s ``get_image_features`` (the re
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -14,6 +15,10 @@ from test_llava import LM, TOWER, make_tokenizer
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessor,
@@ -88,6 +93,20 @@ def test_token_counts_equal_transformers_processor(max_tiles):
     assert tiling(max_tiles).num_tokens(100, 40, tiled=False) == processor.num_image_tokens + 1
 
 
+def test_next_token_counts_equal_transformers_processor():
+    pinpoints = [[r * TILE, c * TILE] for r, c in GRIDS]
+    images = LlavaNextImageProcessor(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                     image_grid_pinpoints=pinpoints)  # fmt: skip
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = LlavaNextProcessor(images, tokenizer, patch_size=PATCH, vision_feature_select_strategy="full")
+    strategy = AnyResTiling(TILE, PATCH, tuple(map(tuple, pinpoints)), "llava_next", None)
+    rng = np.random.default_rng(1)
+    for h, w in SIZES + [tuple(int(v) for v in rng.integers(8, 400, 2)) for _ in range(40)]:
+        assert strategy.num_tokens(h, w) == processor._get_number_of_features(h, w, TILE, TILE), (h, w)
+        assert strategy.tiles(alone=False)  # NeXT tiles images that share their sample too
+
+
 def onevision_model(max_tiles: int, tile: int) -> LlavaOnevisionModel:
     torch.manual_seed(0)
     config = LlavaOnevisionConfig(
@@ -147,36 +166,48 @@ def test_bad_settings_and_inputs_are_refused():
         tiling().reassemble(torch.zeros(6, 16, 48), 64, 96, torch.zeros(48))
 
 
-def tiled_vlm_and_transformers(max_tiles: int, tmp_path):
-    """A tiny LlavaOnevisionForConditionalGeneration and our tiled VisionLanguageModel with its weights, our
-    processor with the OneVision image processor's settings, and transformers' image processor."""
+# (family, max_tiles): OneVision at anyres_max_9 and _2 (its grid shrunk), LLaVA-NeXT (never shrunk).
+FAMILIES = [("llava_onevision", 9), ("llava_onevision", 2), ("llava_next", None)]
+
+
+def tiled_vlm_and_transformers(family: str, max_tiles: int | None, tmp_path):
+    """A tiny transformers LLaVA-OneVision or LLaVA-NeXT model and our tiled VisionLanguageModel with its weights,
+    our processor with the family's image processor settings, and transformers' image processor."""
     tokenizer = make_tokenizer()
     image_token_id = add_image_token(tokenizer)
     torch.manual_seed(0)
-    config = LlavaOnevisionConfig(
+    pinpoints = [[r * TILE, c * TILE] for r, c in GRIDS]
+    common = dict(
         vision_config=SiglipVisionConfig(**TOWER, image_size=TILE, patch_size=PATCH).to_dict(),
         text_config=LlamaConfig(vocab_size=len(tokenizer), **LM, tie_word_embeddings=False).to_dict(),
-        image_grid_pinpoints=[[r * TILE, c * TILE] for r, c in GRIDS],
-        vision_aspect_ratio=f"anyres_max_{max_tiles}",
+        image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
         image_token_index=image_token_id,
     )
-    theirs = LlavaOnevisionForConditionalGeneration(config).eval()
     image_processor, their_images = processors()
+    if family == "llava_next":
+        theirs = LlavaNextForConditionalGeneration(LlavaNextConfig(**common)).eval()
+        # NeXT's processor: shortest edge and crop at the tile (its defaults, 224, do not fit a SigLIP tower)
+        their_images = LlavaNextImageProcessor(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                               image_grid_pinpoints=pinpoints)  # fmt: skip
+        strategy = AnyResTiling(TILE, PATCH, tuple(map(tuple, pinpoints)), "llava_next", None)
+    else:
+        aspect = f"anyres_max_{max_tiles}"
+        theirs = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**common, vision_aspect_ratio=aspect))
+        theirs = theirs.eval()
+        strategy = tiling(max_tiles)
     theirs.model.vision_tower.save_pretrained(tmp_path / "tower")
-    their_images.save_pretrained(tmp_path / "tower")  # the tower's preprocessing: OneVision's (bicubic, CLIP's mean)
-    lm = LlamaForCausalLM(config.text_config)
+    their_images.save_pretrained(tmp_path / "tower")  # the tower's preprocessing: the family's (bicubic, CLIP's mean)
+    lm = LlamaForCausalLM(theirs.config.text_config)
     lm.model.load_state_dict(theirs.model.language_model.state_dict())
     lm.lm_head.load_state_dict(theirs.lm_head.state_dict())
-    projector = build_projector(
-        MLPConfig(in_features=TOWER["hidden_size"], out_features=LM["hidden_size"], layers=(-1,))
-    )
+    widths = dict(in_features=TOWER["hidden_size"], out_features=LM["hidden_size"])
+    projector = build_projector(MLPConfig(**widths, layers=(-1,)))
     linears = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
     for ours, source in zip(linears, (theirs.model.multi_modal_projector.linear_1,
                                       theirs.model.multi_modal_projector.linear_2), strict=True):  # fmt: skip
         ours.load_state_dict(source.state_dict())
-    strategy = tiling(max_tiles)
     model = VisionLanguageModel(SigLIP2Encoder.from_pretrained(tmp_path / "tower"), projector, lm.eval(),
                                 image_token_id, strategy).eval()  # fmt: skip
     with torch.no_grad():
@@ -186,46 +217,53 @@ def tiled_vlm_and_transformers(max_tiles: int, tmp_path):
     return model, processor, theirs, their_images
 
 
-@pytest.mark.parametrize("max_tiles", [9, 2])
-def test_a_tiled_vlm_gives_llava_onevisions_logits_and_greedy_ids(max_tiles, tmp_path):
-    """Wide, tall and square images, one alone in each sample (tiled), two sharing a sample (not tiled), a text-only
-    sample; left-padded: logits on every real position and greedy ids equal transformers'."""
-    model, processor, theirs, their_images = tiled_vlm_and_transformers(max_tiles, tmp_path)
+def their_inputs(family: str, their_images, images: list[list]) -> dict:
+    """transformers' image inputs for per-sample image lists (text-only samples have none)."""
+    samples = [sample for sample in images if sample]
+    if family == "llava_next":  # NeXT takes a flat list: every image is tiled
+        hf = their_images([image for sample in samples for image in sample], return_tensors="pt")
+        return {"pixel_values": hf["pixel_values"], "image_sizes": hf["image_sizes"]}
+    hf = their_images(samples, return_tensors="pt")
+    return {key: hf[key] for key in ("pixel_values", "image_sizes", "batch_num_images")}
+
+
+@pytest.mark.parametrize(("family", "max_tiles"), FAMILIES)
+def test_a_tiled_vlm_gives_transformers_logits_and_greedy_ids(family, max_tiles, tmp_path):
+    """Wide, tall and square images, one alone in each sample, two sharing a sample (tiled by NeXT, not by
+    OneVision), a text-only sample; left-padded: logits on every real position and greedy ids equal transformers'."""
+    model, processor, theirs, their_images = tiled_vlm_and_transformers(family, max_tiles, tmp_path)
     pics = random_images(4, [(40, 150), (170, 45), (64, 64), (100, 33), (33, 100)])
     prompts = ["<image> describe image", "what is <image> it", "<image> what colour is <image>", "what shape",
                "<image> the shape"]  # fmt: skip
     images = [[pics[0]], [pics[1]], [pics[3], pics[4]], [], [pics[2]]]
     batch = processor(prompts, images, padding_side="left")
-    assert batch["image_tiled"].tolist() == [True, True, False, False, True]
-    hf = their_images([sample for sample in images if sample], return_tensors="pt")
+    assert batch["image_tiled"].tolist() == [True, True, family == "llava_next", family == "llava_next", True]
+    hf = their_inputs(family, their_images, images)
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         got = model(**batch).logits
         want = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                      pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"],
-                      batch_num_images=hf["batch_num_images"]).logits  # fmt: skip
+                      **hf).logits  # fmt: skip
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)
     ids = model.generate(**{k: v for k, v in batch.items() if k != "labels"}, max_new_tokens=5, do_sample=False)
-    their_ids = theirs.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                pixel_values=hf["pixel_values"], image_sizes=hf["image_sizes"],
-                                batch_num_images=hf["batch_num_images"], max_new_tokens=5, do_sample=False)  # fmt: skip
+    their_ids = theirs.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **hf,
+                                max_new_tokens=5, do_sample=False)  # fmt: skip
     assert ids.tolist() == their_ids[:, batch["input_ids"].shape[1] :].tolist()
 
 
-def test_a_tiled_vlm_saves_loads_and_refuses_the_single_view_exports(tmp_path):
-    from siglip2_encoder.integrations.llava_export import export_llava
+def test_a_tiled_vlm_saves_loads_and_refuses_what_it_cannot_do(tmp_path):
+    from siglip2_encoder.integrations.idefics3_export import export_idefics3
 
-    model, processor, _, _ = tiled_vlm_and_transformers(9, tmp_path)
+    model, processor, _, _ = tiled_vlm_and_transformers("llava_onevision", 9, tmp_path)
     batch = processor(["<image> describe image"], [random_images(5, [(50, 120)])])
     model.save_pretrained(tmp_path / "saved")
     again = VisionLanguageModel.from_pretrained(tmp_path / "saved").eval()
     assert again.tiling == model.tiling and torch.equal(again.image_newline, model.image_newline)
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, model(**batch).logits, atol=0, rtol=0)
-    message = "cannot export to LLaVA's format (export_llava_onevision writes tiled models): this model tiles its"
-    with pytest.raises(ValueError, match=re.escape(message)):
-        export_llava(model, tmp_path / "export")
+    with pytest.raises(ValueError, match=re.escape("cannot export to Idefics3's format: this model tiles its images")):
+        export_idefics3(model, tmp_path / "export")
     with pytest.raises(ValueError, match=re.escape("a model with AnyRes tiling takes images only")):
         processor(["<video>"], [[]], videos=[[random_images(0, [(40, 40)])]])
     with pytest.raises(ValueError, match=re.escape("needs image_sizes and image_tiled with its views")):
@@ -234,20 +272,23 @@ def test_a_tiled_vlm_saves_loads_and_refuses_the_single_view_exports(tmp_path):
     assert pooling.num_tokens((4, 4)) == 4
     with pytest.raises(ValueError, match=re.escape("the pixel_shuffle projector turns a 4x4 view into 4 tokens")):
         VisionLanguageModel(model.tower, pooling, model.language_model, model.image_token_id, model.tiling)
+    with pytest.raises(ValueError, match=re.escape("give max_tiles=None with llava_next; got family='llava_next'")):
+        AnyResTiling(TILE, PATCH, ((TILE, TILE),), "llava_next", 9)
 
 
-def test_a_onevision_checkpoint_imports_whole_and_exports_back_to_run_in_transformers(tmp_path):
+@pytest.mark.parametrize(("family", "max_tiles"), [FAMILIES[1], FAMILIES[2]])
+def test_a_tiled_checkpoint_imports_whole_and_exports_back_to_run_in_transformers(family, max_tiles, tmp_path):
     """transformers' checkpoint -> import_llava (tiling, image_newline, processor settings) -> the same logits; then
-    export_llava_onevision -> transformers alone (AutoProcessor + chat template + generate) gives our input ids,
-    views and greedy tokens."""
+    export_llava -> transformers alone (AutoProcessor + chat template + generate) gives our input ids, views and
+    greedy tokens."""
     from test_llava import run_as_the_card_says
 
-    from siglip2_encoder.integrations.llava_export import export_llava_onevision, import_llava
+    from siglip2_encoder.integrations.llava_export import export_llava, import_llava
 
-    model, processor, theirs, their_images = tiled_vlm_and_transformers(2, tmp_path)
-    theirs.save_pretrained(tmp_path / "onevision")
-    their_images.save_pretrained(tmp_path / "onevision")
-    imported = import_llava(tmp_path / "onevision").eval()
+    model, processor, theirs, their_images = tiled_vlm_and_transformers(family, max_tiles, tmp_path)
+    theirs.save_pretrained(tmp_path / "checkpoint")
+    their_images.save_pretrained(tmp_path / "checkpoint")
+    imported = import_llava(tmp_path / "checkpoint").eval()
     assert imported.tiling == model.tiling and torch.equal(imported.image_newline, model.image_newline)
     assert imported.tower.processor_config == processor.image_processor.config  # bicubic, CLIP's mean and std
     pics = random_images(6, [(60, 170), (90, 40)])
@@ -255,9 +296,9 @@ def test_a_onevision_checkpoint_imports_whole_and_exports_back_to_run_in_transfo
     with torch.no_grad():
         torch.testing.assert_close(imported(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
 
-    export_llava_onevision(model, tmp_path / "exported", processor.tokenizer)
-    config = (tmp_path / "exported" / "config.json").read_text()
-    assert '"LlavaOnevisionForConditionalGeneration"' in config and '"anyres_max_2"' in config
+    export_llava(model, tmp_path / "exported", processor.tokenizer)
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["model_type"] == family and config.get("vision_aspect_ratio", "anyres_max_2") == "anyres_max_2"
     image = Image.fromarray(random_images(7, [(50, 130)])[0])
     inputs, generated = run_as_the_card_says(tmp_path / "exported", image, "what colour is the shape")
     ours = processor(["<image> what colour is the shape"], [[image]])
@@ -267,5 +308,14 @@ def test_a_onevision_checkpoint_imports_whole_and_exports_back_to_run_in_transfo
     again = import_llava(tmp_path / "exported").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match=re.escape("the model has no AnyRes tiling: export it to LLaVA's format")):
-        export_llava_onevision(VisionLanguageModel(model.tower, model.projector, model.language_model, 5), tmp_path)
+
+
+def test_a_next_processor_that_crops_its_views_is_refused(tmp_path):
+    from siglip2_encoder.integrations.llava_export import import_llava
+
+    _, _, theirs, _ = tiled_vlm_and_transformers("llava_next", None, tmp_path)
+    theirs.save_pretrained(tmp_path / "checkpoint")
+    pinpoints = [[r * TILE, c * TILE] for r, c in GRIDS]
+    LlavaNextImageProcessor(image_grid_pinpoints=pinpoints).save_pretrained(tmp_path / "checkpoint")  # crop 224
+    with pytest.raises(ValueError, match=re.escape("the LLaVA-NeXT image processor crops every view to")):
+        import_llava(tmp_path / "checkpoint")

@@ -1,17 +1,18 @@
-"""AnyRes tiling, as LLaVA-OneVision feeds a SigLIP tower: an image becomes a base view (the whole image, resized to
-the tower's input, aspect not kept) and tiles of the best-fitting "pinpoint" resolution (an aspect-preserving resize,
-black centred padding, row-major cuts); after the projector the tiles' tokens are reassembled at the LLM's width into
-one grid, the padding's tokens dropped, the grid shrunk when it holds more than ``max_tiles`` tiles' worth, and an
-``image_newline`` embedding appended to each row. The exact number of LLM tokens an image costs is known from its
-size alone, before any forward pass (:meth:`AnyResTiling.num_tokens`), so a processor can insert that many
-placeholders.
+"""AnyRes tiling, as LLaVA-OneVision and LLaVA-NeXT feed a SigLIP tower: an image becomes a base view (the whole
+image, resized to the tower's input, aspect not kept) and tiles of the best-fitting "pinpoint" resolution (an
+aspect-preserving resize, black centred padding, row-major cuts); after the projector the tiles' tokens are
+reassembled at the LLM's width into one grid, the padding's tokens dropped, (OneVision) the grid shrunk when it holds
+more than ``max_tiles`` tiles' worth, and an ``image_newline`` embedding appended to each row. The exact number of
+LLM tokens an image costs is known from its size alone, before any forward pass (:meth:`AnyResTiling.num_tokens`),
+so a processor can insert that many placeholders.
 
-The geometry follows transformers 5.25 (``LlavaOnevisionImageProcessor``, ``LlavaOnevisionModel.pack_image_features``
-and its processor's token count), which the tests compare against: views pixel for pixel, token counts, and the
-reassembled features of a tiny ``LlavaOnevisionModel``. Its quirks are kept on purpose: unpadding rounds with
-``int(round(x, 7))``, the shrink is a bilinear resize without antialiasing to ``int(h // ratio) x int(w // ratio)``
-once ``ratio = sqrt(h * w / (max_tiles * side^2)) > 1.1``, and an image that shares its sample with other images is
-not tiled: it is padded square with the mean colour and gets the base view and one newline only.
+The two families differ in two points: LLaVA-NeXT tiles every image and never shrinks its grid; OneVision shrinks
+it, and does not tile an image that shares its sample with other images (it is padded square with the mean colour
+and gets the base view and one newline only). The geometry follows transformers 5.25 (the families' image
+processors, ``pack_image_features`` and their processors' token counts), which the tests compare against: views
+pixel for pixel, token counts, reassembled features and whole models' logits. Its quirks are kept on purpose:
+unpadding rounds with ``int(round(x, 7))``, and OneVision's shrink is a bilinear resize without antialiasing to
+``int(h // ratio) x int(w // ratio)`` once ``ratio = sqrt(h * w / (max_tiles * side^2)) > 1.1``.
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ import torch.nn.functional as F
 from ..data.images import ImageInput, image_to_tensor
 from ..data.processor import ImageProcessor, resize
 
-__all__ = ["ONEVISION_GRIDS", "AnyResTiling"]
+__all__ = ["FAMILIES", "NEXT_GRIDS", "ONEVISION_GRIDS", "AnyResTiling"]
 
+FAMILIES = ("llava_onevision", "llava_next")  # transformers' model_type of each tiling
 # LLaVA-OneVision's default pinpoints: every grid of 1 to 6 tiles a side, (rows, cols).
 ONEVISION_GRIDS = tuple((rows, cols) for rows in range(1, 7) for cols in range(1, 7))
+# LLaVA-NeXT's default pinpoints (its processors' 336 px tiles), in tiles.
+NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
 
 
 def _square(pixels: torch.Tensor, mean: Sequence[float]) -> torch.Tensor:
@@ -46,7 +50,7 @@ def _square(pixels: torch.Tensor, mean: Sequence[float]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AnyResTiling:
-    """LLaVA-OneVision's AnyRes tiling for a tower whose input is ``tile`` x ``tile`` pixels.
+    """LLaVA-OneVision's or LLaVA-NeXT's AnyRes tiling for a tower whose input is ``tile`` x ``tile`` pixels.
 
     Attributes:
         tile: the side of every view, in pixels (the tower's input size, e.g. 384).
@@ -54,17 +58,26 @@ class AnyResTiling:
             the last 6 pixels of each side unread, as in the checkpoint's training).
         grid_pinpoints: the resolutions an image may be tiled at, (height, width) in pixels, multiples of ``tile``
             (transformers' ``image_grid_pinpoints``).
+        family: ``"llava_onevision"`` or ``"llava_next"`` (:data:`FAMILIES`, transformers' model types).
         max_tiles: OneVision's ``anyres_max_N``: the reassembled grid is shrunk once it holds more than 1.1 x N
-            tiles' worth of tokens.
+            tiles' worth of tokens. None for LLaVA-NeXT, which never shrinks it.
     """
 
     tile: int
     patch_size: int
     grid_pinpoints: tuple[tuple[int, int], ...]
-    max_tiles: int = 9
+    family: str = "llava_onevision"
+    max_tiles: int | None = 9
 
     def __post_init__(self) -> None:
-        for name in ("tile", "patch_size", "max_tiles"):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got family={self.family!r}")
+        if (self.max_tiles is None) != (self.family == "llava_next"):
+            raise ValueError(
+                f"max_tiles (OneVision's anyres_max_N) applies to llava_onevision, and LLaVA-NeXT never shrinks its "
+                f"grid: give max_tiles=None with llava_next; got family={self.family!r}, max_tiles={self.max_tiles!r}"
+            )
+        for name in ("tile", "patch_size") + (("max_tiles",) if self.max_tiles is not None else ()):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
@@ -87,7 +100,17 @@ class AnyResTiling:
         grids: Sequence[tuple[int, int]] = ONEVISION_GRIDS,
     ) -> AnyResTiling:
         """OneVision's settings: ``grids`` of (rows, cols) tiles (default 1x1 to 6x6), ``anyres_max_{max_tiles}``."""
-        return cls(tile, patch_size, tuple((rows * tile, cols * tile) for rows, cols in grids), max_tiles)
+        return cls(tile, patch_size, tuple((rows * tile, cols * tile) for rows, cols in grids), "llava_onevision",
+                   max_tiles)  # fmt: skip
+
+    @classmethod
+    def next(cls, tile: int = 384, patch_size: int = 14, grids: Sequence[tuple[int, int]] = NEXT_GRIDS) -> AnyResTiling:
+        """LLaVA-NeXT's settings: ``grids`` of (rows, cols) tiles (default its 1x2, 2x1, 2x2, 3x1, 1x3)."""
+        return cls(tile, patch_size, tuple((rows * tile, cols * tile) for rows, cols in grids), "llava_next", None)
+
+    def tiles(self, alone: bool) -> bool:
+        """Whether an image is tiled: always for LLaVA-NeXT; for OneVision only when alone in its sample."""
+        return alone or self.family == "llava_next"
 
     @property
     def side(self) -> int:
@@ -125,12 +148,14 @@ class AnyResTiling:
         else:
             padding = (w - int(round(width * (h / height), 7))) // 2
             w -= 2 * padding
+        if self.max_tiles is None:
+            return h, w, h, w
         ratio = math.sqrt(h * w / (self.max_tiles * self.side**2))
         return (h, w, int(h // ratio), int(w // ratio)) if ratio > 1.1 else (h, w, h, w)
 
     def num_tokens(self, height: int, width: int, *, tiled: bool = True) -> int:
         """LLM tokens the image costs, newlines included: the base view's side^2, then (tiled) one token per cell of
-        the reassembled grid and a newline per row; (not tiled) one newline."""
+        the reassembled grid and a newline per row; (not tiled: OneVision's shared images) one newline."""
         if not tiled:
             return self.side**2 + 1
         *_, h, w = self._kept(height, width)

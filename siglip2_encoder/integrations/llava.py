@@ -96,8 +96,8 @@ class VLMProcessor:
         image_start: text before each image's (and each frame's) tokens, e.g. Idefics3's
             ``<fake_token_around_image><global-img>`` (see :mod:`.idefics3_export`); empty for LLaVA.
         image_end: text after each image's tokens, e.g. Idefics3's ``<fake_token_around_image>``.
-        tiling: LLaVA-OneVision's AnyRes tiling (the model's :attr:`VisionLanguageModel.tiling`): each image becomes
-            its views, and tiled only when it is its sample's one image (see :mod:`.anyres`).
+        tiling: LLaVA-OneVision's or LLaVA-NeXT's AnyRes tiling (the model's :attr:`VisionLanguageModel.tiling`):
+            each image becomes its views (OneVision tiles only an image alone in its sample; see :mod:`.anyres`).
     """
 
     def __init__(
@@ -221,24 +221,25 @@ class VLMProcessor:
         if self.tiling is not None:
             if any(videos):
                 raise ValueError("a model with AnyRes tiling takes images only; give clips to a model without tiling")
-            return self._tiled(self.tiling, flat, [len(sample) == 1 for sample in images for _ in sample])
+            tiled = [self.tiling.tiles(len(sample) == 1) for sample in images for _ in sample]
+            return self._tiled(self.tiling, flat, tiled)
         inputs = self.image_processor(flat, **({"max_num_patches": max_num_patches} if max_num_patches else {}))
         grids = _grids(inputs.pixel_values, inputs.spatial_shapes, self.patch_size)
         return {key: inputs[key] for key in inputs.keys()}, [self.projector.num_tokens(grid) for grid in grids]
 
     def _tiled(
-        self, tiling: AnyResTiling, images: list[ImageInput], alone: list[bool]
+        self, tiling: AnyResTiling, images: list[ImageInput], tiled: list[bool]
     ) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """The views of every image (tiled when alone in its sample), their sizes, and each image's token count."""
+        """The views of every image (its tiles too where ``tiled``), their sizes, and each image's token count."""
         pixels = [image_to_tensor(image, i) for i, image in enumerate(images)]
         sizes = [(int(p.shape[-2]), int(p.shape[-1])) for p in pixels]
-        views = [tiling.views(p, self.image_processor, tiled=t) for p, t in zip(pixels, alone)]
+        views = [tiling.views(p, self.image_processor, tiled=t) for p, t in zip(pixels, tiled)]
         batch = {
             "pixel_values": torch.cat(views),
             "image_sizes": torch.tensor(sizes, dtype=torch.long),
-            "image_tiled": torch.tensor(alone),
+            "image_tiled": torch.tensor(tiled),
         }
-        return batch, [tiling.num_tokens(h, w, tiled=t) for (h, w), t in zip(sizes, alone)]
+        return batch, [tiling.num_tokens(h, w, tiled=t) for (h, w), t in zip(sizes, tiled)]
 
     def _sample_ids(
         self, parts: list[str], sizes: list[int], counts: Iterator[int], target: str | None
@@ -309,9 +310,9 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         projector: maps the tower's tokens to the LM's width; its ``config.layers`` picks the tower layers.
         language_model: any ``AutoModelForCausalLM`` (Llama, Qwen2, Gemma, ...).
         image_token_id: the placeholder token id (see :func:`add_image_token`).
-        tiling: LLaVA-OneVision's AnyRes tiling (:mod:`.anyres`): each image is seen as several views whose projected
-            tokens are reassembled, with a learned ``image_newline`` (D_lm,) after each row. It needs a
-            fixed-resolution tower whose input is the tile, and a projector that keeps one token per patch.
+        tiling: LLaVA-OneVision's or LLaVA-NeXT's AnyRes tiling (:mod:`.anyres`): each image is seen as several
+            views whose projected tokens are reassembled, with a learned ``image_newline`` (D_lm,) after each row. It
+            needs a fixed-resolution tower whose input is the tile, and a projector that keeps one token per patch.
     """
 
     def __init__(

@@ -1,5 +1,5 @@
 """Export to and import from transformers' ``LlavaForConditionalGeneration`` format, and, for models with AnyRes
-tiling, ``LlavaOnevisionForConditionalGeneration``'s (the same parts plus ``image_newline`` and the tiling settings).
+tiling, LLaVA-OneVision's and LLaVA-NeXT's (the same parts plus ``image_newline`` and the tiling settings).
 
 What fits LLaVA's format, and why the rest does not:
 
@@ -28,9 +28,14 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import (
+    AutoImageProcessor,
     AutoModelForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessor,
@@ -52,7 +57,7 @@ from .anyres import AnyResTiling
 from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel
 
-__all__ = ["LlavaExport", "export_llava", "export_llava_onevision", "import_llava"]
+__all__ = ["LlavaExport", "export_llava", "import_llava"]
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
@@ -93,9 +98,12 @@ def export_llava(
     *,
     chat_template: str | None = None,
 ) -> None:
-    """Write ``model`` as a transformers LLaVA checkpoint that ``AutoProcessor`` + ``apply_chat_template`` +
-    ``LlavaForConditionalGeneration.generate`` run as they are: the model's files as transformers writes them,
-    ``preprocessor_config.json`` and, given the tokenizer, the ``LlavaProcessor``'s files.
+    """Write ``model`` as a transformers checkpoint that ``AutoProcessor`` + ``apply_chat_template`` + ``generate`` run
+    as they are: the model's files as transformers writes them, ``preprocessor_config.json`` and, given the tokenizer,
+    the processor's files. The format follows the model: ``LlavaForConditionalGeneration`` for one view per image;
+    with AnyRes tiling, its family's (``LlavaOnevisionForConditionalGeneration`` or
+    ``LlavaNextForConditionalGeneration``: ``image_newline``, the pinpoints, OneVision's ``anyres_max_N``, the
+    family's image processor and processor).
 
     Args:
         model: a fixed-resolution VLM with a linear or 2-layer MLP projector on hidden states (LoRA merged).
@@ -107,69 +115,45 @@ def export_llava(
 
     Raises ``ValueError`` naming the reason for configurations LLaVA cannot express and for a tokenizer that does
     not fit the model."""
-    model.check_untiled("cannot export to LLaVA's format (export_llava_onevision writes tiled models)")
     _check_exportable(model)
     image_token = None if tokenizer is None else check_tokenizer(tokenizer, model.language_model, model.image_token_id)
-    tower = model.tower
-    config = LlavaConfig(**_config_fields(model), image_seq_length=tower.config.position_grid**2)
-    write_export(
-        directory,
-        LlavaForConditionalGeneration,
-        config,
-        _weights(model, config.tie_word_embeddings),
-        SiglipImageProcessor.from_dict(processor_config_to_hf(tower.processor_config)),
-        LlavaProcessor,
-        tokenizer,
-        patch_size=tower.config.patch_size,
-        vision_feature_select_strategy="full",
-        num_additional_image_tokens=0,
+    tower, tiling, fields = model.tower, model.tiling, _config_fields(model)
+    state = _weights(model, fields["tie_word_embeddings"])
+    settings = processor_config_to_hf(tower.processor_config)
+    options = dict(
+        vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
         image_token=image_token,
         chat_template=chat_template or (plain_chat_template(image_token) if image_token else None),
     )
-
-
-def export_llava_onevision(
-    model: VisionLanguageModel,
-    directory: str | os.PathLike,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    *,
-    chat_template: str | None = None,
-) -> None:
-    """Write a model with AnyRes tiling (:mod:`.anyres`) as a transformers LLaVA-OneVision checkpoint, which
-    ``AutoProcessor`` + ``apply_chat_template`` + ``LlavaOnevisionForConditionalGeneration.generate`` run as they are:
-    :func:`export_llava`'s files, with ``image_newline``, the pinpoints and ``anyres_max_N`` in the config, and the
-    OneVision image processor and processor (``num_image_tokens``, ``vision_aspect_ratio``). Same arguments and
-    refusals as :func:`export_llava`; a model without tiling is refused (export it with :func:`export_llava`)."""
-    tiling = model.tiling
     if tiling is None:
-        raise ValueError("the model has no AnyRes tiling: export it to LLaVA's format with export_llava")
-    _check_exportable(model)
-    image_token = None if tokenizer is None else check_tokenizer(tokenizer, model.language_model, model.image_token_id)
+        config = LlavaConfig(**fields, image_seq_length=tower.config.position_grid**2)
+        image_processor = SiglipImageProcessor.from_dict(settings)
+        patch = tower.config.patch_size
+        write_export(directory, LlavaForConditionalGeneration, config, state, image_processor, LlavaProcessor,
+                     tokenizer, patch_size=patch, num_additional_image_tokens=0, **options)  # fmt: skip
+        return
     pinpoints = [list(p) for p in tiling.grid_pinpoints]
+    state["model.image_newline"] = model.image_newline.detach()
+    settings |= {"image_grid_pinpoints": pinpoints}
+    if tiling.family == "llava_next":
+        config = LlavaNextConfig(**fields, image_grid_pinpoints=pinpoints, image_seq_length=tiling.side**2)
+        # NeXT's processor crops each view to crop_size (224 by default): here the views are the tiles themselves.
+        image_processor = LlavaNextImageProcessor.from_dict(settings | {"do_center_crop": False, "crop_size": None})
+        write_export(directory, LlavaNextForConditionalGeneration, config, state, image_processor, LlavaNextProcessor,
+                     tokenizer, patch_size=tiling.patch_size, num_additional_image_tokens=0, **options)  # fmt: skip
+        return
+    aspect = f"anyres_max_{tiling.max_tiles}"
     config = LlavaOnevisionConfig(
-        **_config_fields(model),
+        **fields,
         # No video path here: an id no token has, so that no text is taken for a clip placeholder.
         video_token_index=model.language_model.get_input_embeddings().num_embeddings,
         image_grid_pinpoints=pinpoints,
-        vision_aspect_ratio=f"anyres_max_{tiling.max_tiles}",
+        vision_aspect_ratio=aspect,
     )
-    state = _weights(model, config.tie_word_embeddings) | {"model.image_newline": model.image_newline.detach()}
-    settings = processor_config_to_hf(model.tower.processor_config) | {"image_grid_pinpoints": pinpoints}
-    write_export(
-        directory,
-        LlavaOnevisionForConditionalGeneration,
-        config,
-        state,
-        LlavaOnevisionImageProcessor.from_dict(settings),
-        LlavaOnevisionProcessor,
-        tokenizer,
-        video_processor=LlavaOnevisionVideoProcessor(),
-        num_image_tokens=tiling.side**2,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio=f"anyres_max_{tiling.max_tiles}",
-        image_token=image_token,
-        chat_template=chat_template or (plain_chat_template(image_token) if image_token else None),
-    )
+    image_processor = LlavaOnevisionImageProcessor.from_dict(settings)
+    write_export(directory, LlavaOnevisionForConditionalGeneration, config, state, image_processor,
+                 LlavaOnevisionProcessor, tokenizer, video_processor=LlavaOnevisionVideoProcessor(),
+                 num_image_tokens=tiling.side**2, vision_aspect_ratio=aspect, **options)  # fmt: skip
 
 
 def _config_fields(model: VisionLanguageModel) -> dict:
@@ -214,8 +198,12 @@ def _projector_weights(projector: LinearProjector | MLPProjector) -> dict[str, t
 
 # What the LLaVA variants add to LLaVA's vision path, which VisionLanguageModel does not represent; transformers would
 # load their folders into LlavaForConditionalGeneration dropping it, with only a logged warning.
+_MODEL_CLASSES = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+}
 _NOT_REPRESENTED = {
-    "llava_next": "the learned image_newline token and anyres tiling (image_grid_pinpoints)",
     "llava_next_video": "the learned image_newline token, anyres tiling and the pooling of video frames",
 }
 
@@ -277,29 +265,27 @@ def import_llava(
     token: str | bool | None = None,
     local_files_only: bool = False,
 ) -> VisionLanguageModel:
-    """Load a transformers LLaVA (``model_type="llava"``) or LLaVA-OneVision (``"llava_onevision"``: with its
-    AnyRes tiling and ``image_newline``) checkpoint with a SigLIP vision tower - a folder or a Hub repo - into a
-    :class:`VisionLanguageModel`. LLaVA-NeXT checkpoints are refused (their tiling is not reproduced yet);
-    ``SigLIP2Encoder.from_pretrained`` loads their towers. OneVision's video path (frames pooled bilinearly) has no
-    place here: the imported model refuses clips."""
+    """Load a transformers LLaVA (``model_type="llava"``), LLaVA-OneVision (``"llava_onevision"``) or LLaVA-NeXT
+    (``"llava_next"``) checkpoint with a SigLIP vision tower - a folder or a Hub repo - into a
+    :class:`VisionLanguageModel`, the latter two with their AnyRes tiling and ``image_newline``. Other families
+    (LLaVA-NeXT-Video, ...) are refused, naming what would be lost; ``SigLIP2Encoder.from_pretrained`` loads their
+    towers. OneVision's video path (frames pooled bilinearly) has no place here: the imported model refuses clips."""
     source = CheckpointSource(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
     directory = source.snapshot() if not source.is_local else name_or_path
     config_file = Path(directory) / "config.json"
     model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
-    if model_type not in ("llava", "llava_onevision"):
+    if model_type not in _MODEL_CLASSES:
         what = _NOT_REPRESENTED.get(model_type, "a different architecture")
         raise ValueError(
-            f"{directory} is a {model_type!r} checkpoint, not 'llava' or 'llava_onevision': importing it would drop "
+            f"{directory} is a {model_type!r} checkpoint, not one of {tuple(_MODEL_CLASSES)}: importing it would drop "
             f"{what}. Load its vision tower alone with SigLIP2Encoder.from_pretrained({str(directory)!r})"
         )
-    onevision = model_type == "llava_onevision"
-    cls = LlavaOnevisionForConditionalGeneration if onevision else LlavaForConditionalGeneration
-    llava = cls.from_pretrained(directory, dtype=dtype or torch.float32)
+    llava = _MODEL_CLASSES[model_type].from_pretrained(directory, dtype=dtype or torch.float32)
     config = llava.config
     _check_importable(config)
-    tiling = _tiling(config) if onevision else None
+    tiling = None if model_type == "llava" else _tiling(config, model_type, directory)
     tower_config = config_from_hf(config.vision_config.to_dict())
-    processor = read_processor_config(CheckpointSource(directory), tower_config, views=onevision)
+    processor = read_processor_config(CheckpointSource(directory), tower_config, views=tiling is not None)
     state = convert_hf_state_dict(llava.model.vision_tower.state_dict())
     tower = build_loaded(lambda: SigLIP2Encoder(tower_config, processor), state, f"{directory}", "vision tower")
     projector = _import_projector(config, llava.model.multi_modal_projector, tower_config.hidden_size)
@@ -314,14 +300,25 @@ def import_llava(
     return model
 
 
-def _tiling(config: LlavaOnevisionConfig) -> AnyResTiling:
-    """A OneVision config's tiling: its pinpoints, and N of ``anyres_max_N``."""
+def _tiling(config: LlavaOnevisionConfig | LlavaNextConfig, family: str, directory: str | os.PathLike) -> AnyResTiling:
+    """A OneVision or NeXT checkpoint's tiling: its pinpoints, and OneVision's N of ``anyres_max_N``. A NeXT image
+    processor that crops its views (``crop_size`` other than the tile) is refused: those views are not the tiles."""
+    vision = config.vision_config
+    pinpoints = tuple(tuple(p) for p in config.image_grid_pinpoints)
+    if family == "llava_next":
+        images = AutoImageProcessor.from_pretrained(directory)
+        crop = getattr(images, "crop_size", None) or {}
+        if images.do_center_crop and (crop.get("height"), crop.get("width")) != (vision.image_size,) * 2:
+            raise ValueError(
+                f"the LLaVA-NeXT image processor crops every view to {crop} but the tower takes "
+                f"{vision.image_size} px: its views are not the tiles; set do_center_crop false or crop_size to the "
+                f"tower's size in {directory}'s processor settings"
+            )
+        return AnyResTiling(vision.image_size, vision.patch_size, pinpoints, "llava_next", None)
     match = re.fullmatch(r"anyres_max_(\d+)", config.vision_aspect_ratio or "")
     if match is None:
         raise ValueError(f"vision_aspect_ratio={config.vision_aspect_ratio!r} is not of the form 'anyres_max_N'")
-    vision = config.vision_config
-    pinpoints = tuple(tuple(p) for p in config.image_grid_pinpoints)
-    return AnyResTiling(vision.image_size, vision.patch_size, pinpoints, int(match[1]))
+    return AnyResTiling(vision.image_size, vision.patch_size, pinpoints, "llava_onevision", int(match[1]))
 
 
 def _check_importable(config: LlavaConfig) -> None:
