@@ -74,11 +74,17 @@ def _block_sum(
 
 
 def _block_grads(
-    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, diagonal: bool, tile: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """d(block sum) / d(image, text, logit_scale, logit_bias), fp32, each tile's logits recomputed."""
-    grad_image = torch.zeros(image.shape, dtype=torch.float32, device=image.device)
-    grad_text = torch.zeros(text.shape, dtype=torch.float32, device=text.device)
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    diagonal: bool,
+    tile: int,
+    grad_image: torch.Tensor,
+    grad_text: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(block sum) / d(image, text) added into ``grad_image`` and ``grad_text`` (fp32, the inputs' shapes), each
+    tile's logits recomputed; returns d / d(logit_scale, logit_bias), fp32 scalars."""
     grad_scale = torch.zeros((), dtype=torch.float32, device=image.device)
     grad_bias = torch.zeros((), dtype=torch.float32, device=image.device)
     for rows, cols in _tiles(len(image), len(text), tile):
@@ -91,7 +97,11 @@ def _block_grads(
         grad_text[cols] += d_logits.T @ x * scale
         grad_scale += (d_logits * cosine).sum() * scale
         grad_bias += d_logits.sum()
-    return grad_image, grad_text, grad_scale, grad_bias
+    return grad_scale, grad_bias
+
+
+def _zeros(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
 
 
 def _cast_grads(grad, grads, image, text, logit_scale, logit_bias):  # noqa: ANN001, ANN202
@@ -113,7 +123,10 @@ class _TiledSigmoidLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         image, text, logit_scale, logit_bias = ctx.saved_tensors
-        grads = _block_grads(image, text, *_scalars(logit_scale, logit_bias), ctx.diagonal, ctx.tile)
+        grad_image, grad_text = _zeros(image), _zeros(text)
+        scalars = _block_grads(image, text, *_scalars(logit_scale, logit_bias), ctx.diagonal, ctx.tile, grad_image,
+                               grad_text)  # fmt: skip
+        grads = (grad_image, grad_text, *scalars)
         return (*_cast_grads(grad, grads, image, text, logit_scale, logit_bias), None, None)
 
 
@@ -177,12 +190,10 @@ def _check_same_shape(text_embeds: torch.Tensor) -> None:
         )
 
 
-def _start_exchange(tensor: torch.Tensor, to: int, source: int) -> tuple[torch.Tensor, list]:
-    """Send ``tensor`` to rank ``to`` and receive a tensor of its shape from ``source``, without waiting: (the
-    receive buffer, the requests to wait on)."""
-    received = torch.empty_like(tensor)
-    ops = [dist.P2POp(dist.isend, tensor.contiguous(), to), dist.P2POp(dist.irecv, received, source)]
-    return received, dist.batch_isend_irecv(ops)
+def _exchange(tensor: torch.Tensor, to: int, source: int, into: torch.Tensor) -> list:
+    """Send ``tensor`` to rank ``to`` and receive ``into`` (a buffer of its shape) from ``source``, without waiting:
+    the requests to wait on."""
+    return dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, to), dist.P2POp(dist.irecv, into, source)])
 
 
 class _RingSigmoidLoss(torch.autograd.Function):
@@ -191,45 +202,51 @@ class _RingSigmoidLoss(torch.autograd.Function):
     Forward keeps two text blocks at most (the one scored, the one arriving: the next transfer overlaps the tiles of
     the current one) and saves only this rank's embeddings and the scalars. Backward sends the text blocks round
     again, recomputing each block's tiles, with the gradient of each block travelling beside it; after the last hop
-    every block's gradient reaches its owner. Memory per rank does not grow with the number of ranks."""
+    every block's gradient reaches its owner. Blocks and travelling gradients arrive in two buffers each, used in
+    turn (a buffer is received into while the other is sent or scored), and gradients are accumulated in place: the
+    memory per rank does not grow with the number of ranks, allocations included."""
 
     @staticmethod
     def forward(ctx, image, text, logit_scale, logit_bias, tile: int):  # noqa: ANN001
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
         ctx.tile = tile
         rank, world = dist.get_rank(), dist.get_world_size()
+        to, source = (rank + 1) % world, (rank - 1) % world
         scale, bias = _scalars(logit_scale, logit_bias)
         total = torch.zeros((), dtype=torch.float32, device=image.device)
-        block, own = text, True
-        for _ in range(world - 1):
-            arriving, requests = _start_exchange(block, (rank + 1) % world, (rank - 1) % world)
-            total += _block_sum(image, block, scale, bias, own, tile)  # while the block moves on
+        block, buffers = text.contiguous(), (torch.empty_like(text), torch.empty_like(text))
+        for step in range(world - 1):
+            arriving = buffers[step % 2]
+            requests = _exchange(block, to, source, arriving)
+            total += _block_sum(image, block, scale, bias, step == 0, tile)  # while the block moves on
             for request in requests:
                 request.wait()
-            block, own = arriving, False
-        return total + _block_sum(image, block, scale, bias, own, tile)
+            block = arriving
+        return total + _block_sum(image, block, scale, bias, world == 1, tile)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         image, text, logit_scale, logit_bias = ctx.saved_tensors
         rank, world = dist.get_rank(), dist.get_world_size()
-        scale, bias = _scalars(logit_scale, logit_bias)
-        grad_image, grad_text, grad_scale, grad_bias = _block_grads(image, text, scale, bias, True, ctx.tile)
-        block, travelling = text, torch.zeros(text.shape, dtype=torch.float32, device=text.device)
         to, source = (rank + 1) % world, (rank - 1) % world
-        for _ in range(world - 1):
-            block, requests = _start_exchange(block, to, source)
-            travelling, more = _start_exchange(travelling, to, source)
-            for request in requests + more:
+        scale, bias = _scalars(logit_scale, logit_bias)
+        grad_image, grad_text = _zeros(image), _zeros(text)
+        grad_scale, grad_bias = _block_grads(image, text, scale, bias, True, ctx.tile, grad_image, grad_text)
+        block, buffers = text.contiguous(), (torch.empty_like(text), torch.empty_like(text))
+        travelling = (_zeros(text), _zeros(text))  # the block's gradient so far, beside it
+        for step in range(world - 1):
+            arriving, carried = buffers[step % 2], travelling[(step + 1) % 2]
+            requests = _exchange(block, to, source, arriving) + _exchange(travelling[step % 2], to, source, carried)
+            for request in requests:
                 request.wait()
-            d_image, d_text, d_scale, d_bias = _block_grads(image, block, scale, bias, False, ctx.tile)
-            grad_image += d_image
-            travelling += d_text  # this rank's images' gradient for the block's texts, carried to its owner
+            block = arriving
+            # this rank's images' gradient for the block's texts, added to what the block carries to its owner
+            d_scale, d_bias = _block_grads(image, block, scale, bias, False, ctx.tile, grad_image, carried)
             grad_scale += d_scale
             grad_bias += d_bias
         if world > 1:  # one more hop: each block's gradient, summed over the other ranks, reaches its owner
-            returned, requests = _start_exchange(travelling, to, source)
-            for request in requests:
+            returned = travelling[world % 2]
+            for request in _exchange(travelling[(world - 1) % 2], to, source, returned):
                 request.wait()
             grad_text += returned
         grads = (grad_image, grad_text, grad_scale, grad_bias)
