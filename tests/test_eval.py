@@ -454,6 +454,10 @@ def test_the_probe_command_on_folders(image_folder, tiny_checkpoint, tmp_path):
     assert result["dataset"]["train_images"] == result["dataset"]["test_images"] == 30
     assert result["settings"]["images_encoded_now"] == 60
     assert result["metrics"]["linear_top1"] > 0.5  # the same images: a linear probe fits them
+    # the task names run the same command, on the features already written
+    assert main(["eval", "knn", *command[2:], "--model", str(tiny_checkpoint)]) == EXIT_OK
+    again = json.loads(out.read_text())
+    assert again["metrics"] == result["metrics"] and again["settings"]["images_encoded_now"] == 0
 
 
 # ---------------------------------------------------------------------------------------------- segmentation

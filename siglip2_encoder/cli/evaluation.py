@@ -207,7 +207,9 @@ def _retrieval_command(tasks: argparse._SubParsersAction) -> None:
 
 
 def _probe_command(tasks: argparse._SubParsersAction) -> None:
-    p = tasks.add_parser("probe", help="linear-probe and kNN accuracy of frozen pooled features")
+    p = tasks.add_parser(
+        "probe", aliases=["linear-probe", "knn"], help="linear-probe and kNN accuracy of frozen pooled features (both)"
+    )
     p.add_argument(
         "--train", required=True, help="training images: a folder per class, a .csv / .jsonl table, or shards"
     )
@@ -218,7 +220,9 @@ def _probe_command(tasks: argparse._SubParsersAction) -> None:
 
 
 def _segmentation_command(tasks: argparse._SubParsersAction) -> None:
-    p = tasks.add_parser("segmentation", help="mIoU of a linear head on frozen patch tokens (the paper's probe)")
+    p = tasks.add_parser(
+        "segmentation", aliases=["seg-probe"], help="mIoU of a linear head on frozen patch tokens (the paper's probe)"
+    )
     p.add_argument("--train", required=True, help="ROOT with images/<name>.<ext> and masks/<name>.png")
     p.add_argument("--test", required=True, help="the test ROOT, the same layout")
     p.add_argument("--num-classes", type=positive_int, required=True, help="class indices in the masks: 0 .. N-1")
