@@ -35,7 +35,7 @@ __all__ = [
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 # transformers' Siglip2VisionConfig default: a 16x16 learned position grid.
 NAFLEX_NUM_PATCHES = 256
-RESAMPLE_FILTERS = ("bilinear", "bicubic")
+RESAMPLE_FILTERS = ("bilinear", "bicubic", "lanczos")  # lanczos: Idefics3 / SmolVLM (torchvision >= 0.27)
 # How a fixed-resolution tower finds position embeddings for a grid other than its native one: "interpolate" resizes
 # the table bicubically (SigLIP, transformers' interpolate_pos_encoding); "buckets" looks each patch's fractional
 # coordinate up in the table (NaViT's scheme, Idefics3's and SmolVLM's towers).

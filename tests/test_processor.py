@@ -133,7 +133,7 @@ def test_config_validation_and_hf_round_trip():
     with pytest.raises(ValueError, match="exactly one of image_size"):
         ProcessorConfig(image_size=None)
     with pytest.raises(ValueError, match="resample"):
-        ProcessorConfig(resample="lanczos")
+        ProcessorConfig(resample="nearest")
     with pytest.raises(ValueError, match="image_std"):
         ProcessorConfig(image_std=(0.5, 0.0, 0.5))
     fixed_tower = EncoderConfig(image_size=384, patch_size=14)
@@ -148,7 +148,7 @@ def test_config_validation_and_hf_round_trip():
 @pytest.mark.parametrize(
     ("settings", "naflex", "message"),
     [
-        ({"resample": 1}, False, r"resample=1; supported: \{2: 'bilinear', 3: 'bicubic'\}"),
+        ({"resample": 0}, False, r"resample=0; supported: \{1: 'lanczos', 2: 'bilinear', 3: 'bicubic'\}"),
         ({"image_processor_type": "CLIPImageProcessor"}, False, "the image processor is 'CLIPImageProcessor'"),
         ({"image_processor_type": "Siglip2ImageProcessor"}, False, "but the tower is fixed-resolution"),
         ({"image_processor_type": "SiglipImageProcessor"}, True, "but the tower is NaFlex"),

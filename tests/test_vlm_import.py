@@ -114,8 +114,8 @@ VIEWS = {
     "llava_next": ((32, 32), "bicubic"),
     "llava_onevision": ((32, 32), "bicubic"),
     "lfm2_vl": (24, "bilinear"),
-    "idefics3": ((32, 32), "bicubic"),
-    "smolvlm": ((32, 32), "bicubic"),
+    "idefics3": ((32, 32), "lanczos"),
+    "smolvlm": ((32, 32), "lanczos"),
 }
 
 

@@ -66,8 +66,8 @@ class ProcessorKind:
 
 
 _IDEFICS3_VIEWS = (
-    "splits each image into tiles after an aspect-preserving LANCZOS resize; here each image is resized (bicubic) to "
-    "one tile of max_image_size pixels, and images already of that size are preprocessed exactly as its tiles"
+    "splits each image into tiles after an aspect-preserving LANCZOS resize; here each image is resized (LANCZOS) "
+    "to one tile of max_image_size pixels, and images already of that size are preprocessed exactly as its tiles"
 )
 _ANYRES_VIEWS = (
     "adds anyres tiles (image_grid_pinpoints) to the base view; here the base view only: the image resized to the "

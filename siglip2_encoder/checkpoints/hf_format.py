@@ -48,8 +48,7 @@ logger = logging.getLogger(__name__)
 
 # EncoderConfig field -> transformers' name, where they differ.
 _HF_FIELD_NAMES = {"use_head": "vision_use_head"}
-_PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers stores them
-_LANCZOS = 1
+_PIL_RESAMPLE = {1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers stores them
 
 VISION_PREFIX = "vision_model."
 TEXT_PREFIX = "text_model."
@@ -227,8 +226,6 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
     resample = hf.get("resample", kind.resample)
     if kind.beyond and not views:
         logger.warning("the image processor %s %s", name, kind.beyond)
-        if resample == _LANCZOS:
-            resample = 3
     if resample not in _PIL_RESAMPLE:
         raise CheckpointError(f"the image processor has resample={resample!r}; supported: {_PIL_RESAMPLE} (PIL codes)")
     names = ("image_mean", "image_std", "rescale_factor", "do_resize", "do_rescale", "do_normalize")

@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
@@ -30,7 +31,13 @@ from .images import ImageInput, image_to_tensor
 
 __all__ = ["ImageProcessor", "ProcessedImage", "ProcessedImages", "naflex_size", "patchify", "resize"]
 
-_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+_INTERPOLATION = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "lanczos": InterpolationMode.LANCZOS,
+}
+# torchvision resizes tensors with LANCZOS from 0.27 on (what transformers' processors use there, on the CPU).
+_TENSOR_LANCZOS = tuple(int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2]) >= (0, 27)
 
 
 def resize(image: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
@@ -42,6 +49,11 @@ def resize(image: torch.Tensor, size: tuple[int, int], resample: str) -> torch.T
     height is reduced on its own first. The extra step rounds once more in between (uint8: at most 1/255 from the
     single call); every other image takes the single call, identical to transformers.
     """
+    if resample == "lanczos" and not _TENSOR_LANCZOS:
+        raise ValueError(
+            f"lanczos resizing needs torchvision >= 0.27 (installed {torchvision.__version__}); upgrade it, or use a "
+            f"processor with resample='bicubic' (what older transformers fell back to)"
+        )
     (height, width), (new_height, new_width) = image.shape[-2:], size
     if new_height < height and height * new_width > 4 * max(height * width, new_height * new_width):
         image = tvF.resize(image, [new_height, width], interpolation=_INTERPOLATION[resample], antialias=True)

@@ -1,0 +1,64 @@
+"""Idefics3 / SmolVLM image splitting against transformers: ``Idefics3ImageProcessor(do_image_splitting=True)``
+(views pixel for pixel, rows and columns) and ``Idefics3Processor`` (the prompt around each image)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import random_images
+from test_llava import make_tokenizer
+from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+from siglip2_encoder import ImageProcessor, ProcessorConfig
+from siglip2_encoder.integrations.splitting import ImageSplitting
+
+TILE, PATCH = 32, 8
+# wide, tall, square, tiny (upscaled), one tile exactly, odd sizes
+SIZES = [(40, 150), (170, 45), (64, 64), (9, 13), (32, 32), (33, 100), (101, 37), (200, 199)]
+
+
+def processors(tile: int = TILE, longest: int = 4 * TILE):
+    ours = ImageProcessor(ProcessorConfig((tile, tile), patch_size=PATCH, resample="lanczos"))
+    theirs = Idefics3ImageProcessor(size={"longest_edge": longest}, max_image_size={"longest_edge": tile},
+                                    do_image_splitting=True)  # fmt: skip
+    return ours, theirs
+
+
+@pytest.mark.parametrize("longest", [4 * TILE, 3 * TILE + 5, TILE])
+def test_views_equal_transformers_image_processor(longest):
+    ours, theirs = processors(longest=longest)
+    splitting = ImageSplitting(TILE, longest)
+    images = random_images(0, SIZES)
+    want = theirs([[image] for image in images], return_tensors="pt", return_row_col_info=True)
+    split = 0
+    for i, image in enumerate(images):
+        got = splitting.views(image, ours)
+        rows, cols = splitting.grid(*image.shape[:2])
+        assert (rows, cols) == (want["rows"][i][0], want["cols"][i][0])
+        assert len(got) == splitting.num_views(*image.shape[:2])
+        torch.testing.assert_close(got, want["pixel_values"][i, : len(got)], atol=1e-5, rtol=0)
+        split += rows > 0
+    assert split == (len(images) if longest > TILE else 0)  # a longest edge of one tile splits nothing
+
+
+def test_the_prompt_is_idefics3_processors():
+    _, image_processor = processors()
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<global-img>"]})
+    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=4)
+    splitting = ImageSplitting(TILE, 4 * TILE)
+    for h, w in SIZES:
+        rows, cols = splitting.grid(h, w)
+        before, after = splitting.prompt(rows, cols)
+        assert len(before) == splitting.num_views(h, w)
+        ours = "".join(text + "<image>" * 4 for text in before) + after
+        assert ours == processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
+
+
+def test_bad_settings_and_inputs_are_refused():
+    with pytest.raises(ValueError, match=re.escape("tile must be a positive int, got tile=0")):
+        ImageSplitting(0, 128)
+    with pytest.raises(ValueError, match=re.escape("the processor makes (48, 48) images; the views are 32 px")):
+        ImageSplitting(TILE, 128).views(random_images(0, [(40, 40)])[0], ImageProcessor(ProcessorConfig((48, 48))))
