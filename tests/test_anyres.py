@@ -264,7 +264,7 @@ def test_a_tiled_vlm_saves_loads_and_refuses_what_it_cannot_do(tmp_path):
         torch.testing.assert_close(again(**batch).logits, model(**batch).logits, atol=0, rtol=0)
     with pytest.raises(ValueError, match=re.escape("cannot export to Idefics3's format: this model tiles its images")):
         export_idefics3(model, tmp_path / "export")
-    with pytest.raises(ValueError, match=re.escape("a model with AnyRes tiling takes images only")):
+    with pytest.raises(ValueError, match=re.escape("a model with tiling or splitting takes images only")):
         processor(["<video>"], [[]], videos=[[random_images(0, [(40, 40)])]])
     with pytest.raises(ValueError, match=re.escape("needs image_sizes and image_tiled with its views")):
         model(batch["input_ids"], pixel_values=batch["pixel_values"])

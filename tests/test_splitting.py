@@ -62,3 +62,43 @@ def test_bad_settings_and_inputs_are_refused():
         ImageSplitting(0, 128)
     with pytest.raises(ValueError, match=re.escape("the processor makes (48, 48) images; the views are 32 px")):
         ImageSplitting(TILE, 128).views(random_images(0, [(40, 40)])[0], ImageProcessor(ProcessorConfig((48, 48))))
+
+
+def split_vlm(longest: int):
+    """A VLM built for Idefics3's format with image splitting: Idefics3's tokens and row / column tags."""
+    from conftest import perturb
+    from test_llava import make_vlm
+
+    from siglip2_encoder.integrations.idefics3_export import add_idefics3_tokens
+    from siglip2_encoder.integrations.llava import VisionLanguageModel, VLMProcessor
+
+    built, _, tokenizer = make_vlm(projector="idefics3")
+    splitting = ImageSplitting(TILE, longest)
+    image_token_id = add_idefics3_tokens(tokenizer, built.language_model, splitting)
+    model = VisionLanguageModel(built.tower, built.projector, built.language_model, image_token_id, splitting=splitting)
+    perturb(model, seed=3)
+    image_processor = ImageProcessor(model.tower.processor_config)
+    return model, VLMProcessor(tokenizer, image_processor, model.projector, PATCH, splitting=splitting), tokenizer
+
+
+@pytest.mark.parametrize("size", [(40, 150), (170, 45), (20, 20)])
+def test_a_split_idefics3_export_runs_in_transformers_end_to_end(size, tmp_path):
+    """The export with splitting: transformers alone (AutoProcessor + chat template + generate) gives our input ids,
+    every view's pixels and our greedy tokens; saved and loaded, the model keeps its splitting."""
+    from PIL import Image
+    from test_llava import run_as_the_card_says
+
+    from siglip2_encoder.integrations.idefics3_export import export_idefics3
+    from siglip2_encoder.integrations.llava import VisionLanguageModel
+
+    model, processor, tokenizer = split_vlm(3 * TILE)
+    export_idefics3(model, tmp_path / "exported", tokenizer)
+    image = Image.fromarray(random_images(8, [size])[0])
+    inputs, generated = run_as_the_card_says(tmp_path / "exported", image, "what colour is the shape")
+    ours = processor(["<image> what colour is the shape"], [[image]])
+    assert inputs["input_ids"].tolist() == ours["input_ids"].tolist()
+    assert len(ours["pixel_values"]) == ImageSplitting(TILE, 3 * TILE).num_views(*size) > 1  # small ones upscaled
+    torch.testing.assert_close(inputs["pixel_values"][0], ours["pixel_values"], atol=1e-5, rtol=0)
+    assert generated == model.generate(**ours, max_new_tokens=8, do_sample=False).tolist()
+    model.save_pretrained(tmp_path / "saved")
+    assert VisionLanguageModel.from_pretrained(tmp_path / "saved").splitting == model.splitting

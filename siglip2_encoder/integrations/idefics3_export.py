@@ -21,8 +21,9 @@ export refuses a tokenizer without them.
 
 Exported folders run in transformers alone - ``AutoProcessor`` + ``apply_chat_template`` +
 ``Idefics3ForConditionalGeneration.generate`` - and give the same prompt tokens, pixels and generated tokens as the
-model they came from (tested with a Llama language model). The processor is written without image splitting
-(``do_image_splitting=False``): each image is one view resized to the tower's size, as here.
+model they came from (tested with a Llama language model). The processor splits images as the model does: with the
+model's :class:`~.splitting.ImageSplitting` (``do_image_splitting=True``: tiles, a global view, row / column tags),
+else without (each image one view resized to the tower's size).
 
 llama.cpp's ``convert_hf_to_gguf.py`` converts the folder as it is: the language model, and with ``--mmproj`` the
 tower and connector (``text_config.architectures`` names the LM's class, as real SmolVLM repos do). llama.cpp's own
@@ -48,25 +49,30 @@ from ..checkpoints.hf_format import config_to_hf, processor_config_to_hf
 from ..models.model import SigLIP2Encoder
 from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel, add_image_token
+from .splitting import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, ImageSplitting
 
 __all__ = ["IMAGE_END", "IMAGE_START", "add_idefics3_tokens", "export_idefics3"]
 
 logger = logging.getLogger(__name__)
 
 # The tokens Idefics3's processor writes (transformers' Idefics3Processor): around each image, and after each turn.
-FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
-GLOBAL_IMAGE_TOKEN = "<global-img>"
 END_OF_UTTERANCE = "<end_of_utterance>"
 IMAGE_TOKEN = "<image>"  # Idefics3's processor knows no other placeholder
 IMAGE_START = FAKE_IMAGE_TOKEN + GLOBAL_IMAGE_TOKEN  # before an unsplit image's tokens
 IMAGE_END = FAKE_IMAGE_TOKEN  # after them
 
 
-def add_idefics3_tokens(tokenizer: PreTrainedTokenizerBase, language_model: PreTrainedModel | None = None) -> int:
-    """Add Idefics3's special tokens (``<fake_token_around_image>``, ``<global-img>``, ``<end_of_utterance>``) and
-    the ``<image>`` placeholder to ``tokenizer``, resize the LM's embeddings, and return the image token's id. Build
-    the batches with ``VLMProcessor(..., image_start=IMAGE_START, image_end=IMAGE_END)``."""
-    tokenizer.add_tokens([FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE], special_tokens=True)
+def add_idefics3_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    language_model: PreTrainedModel | None = None,
+    splitting: ImageSplitting | None = None,
+) -> int:
+    """Add Idefics3's special tokens (``<fake_token_around_image>``, ``<global-img>``, ``<end_of_utterance>``, with
+    ``splitting`` its ``<row_r_col_c>`` tags) and the ``<image>`` placeholder to ``tokenizer``, resize the LM's
+    embeddings, and return the image token's id. Build the batches with ``VLMProcessor(..., image_start=IMAGE_START,
+    image_end=IMAGE_END)``, or ``VLMProcessor(..., splitting=splitting)``."""
+    tags = [] if splitting is None else splitting.row_col_tokens()
+    tokenizer.add_tokens([FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE, *tags], special_tokens=True)
     return add_image_token(tokenizer, language_model, IMAGE_TOKEN)
 
 
@@ -96,18 +102,19 @@ def _check_exportable(model: VisionLanguageModel) -> None:
         )
 
 
-def _image_processor(tower: SigLIP2Encoder) -> Idefics3ImageProcessor:
-    """Idefics3's image processor doing what ours does: one view per image, resized to the tower's size (no
-    aspect-preserving resize first, no tiles), then rescaled and normalised as the tower's checkpoint says."""
+def _image_processor(tower: SigLIP2Encoder, splitting: ImageSplitting | None) -> Idefics3ImageProcessor:
+    """Idefics3's image processor doing what ours does: with ``splitting``, the longest-edge resize, the tiles and the
+    global view; without, one view per image, resized to the tower's size (no aspect-preserving resize first, no
+    tiles); then rescaled and normalised as the tower's checkpoint says."""
     settings = processor_config_to_hf(tower.processor_config)
     kept = ("resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
     edge = {"longest_edge": tower.config.image_size}
     return Idefics3ImageProcessor(
         **{k: settings[k] for k in kept},
         do_convert_rgb=True,
-        do_resize=False,
-        size=edge,
-        do_image_splitting=False,
+        do_resize=splitting is not None,
+        size=edge if splitting is None else {"longest_edge": splitting.longest_edge},
+        do_image_splitting=splitting is not None,
         max_image_size=edge,
     )
 
@@ -135,8 +142,9 @@ def export_idefics3(
     _check_exportable(model)
     tower, projector, lm = model.tower, model.projector, model.language_model
     if tokenizer is not None:
+        tags = [] if model.splitting is None else model.splitting.row_col_tokens()
         image_token = check_tokenizer(
-            tokenizer, lm, model.image_token_id, (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE)
+            tokenizer, lm, model.image_token_id, (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE, *tags)
         )
         if image_token != IMAGE_TOKEN:
             raise ValueError(
@@ -169,7 +177,7 @@ def export_idefics3(
         Idefics3ForConditionalGeneration,
         config,
         state,
-        _image_processor(tower),
+        _image_processor(tower, model.splitting),
         Idefics3Processor,
         tokenizer,
         image_seq_len=grid * grid,

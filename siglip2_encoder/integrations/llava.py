@@ -40,6 +40,7 @@ from ..files import write_atomic
 from ..models.lora import EncoderLoRAConfig, add_lora, trainable_parameters
 from ..models.model import SigLIP2Encoder
 from .anyres import AnyResTiling
+from .splitting import ImageSplitting
 
 __all__ = [
     "IGNORE_INDEX",
@@ -98,6 +99,9 @@ class VLMProcessor:
         image_end: text after each image's tokens, e.g. Idefics3's ``<fake_token_around_image>``.
         tiling: LLaVA-OneVision's or LLaVA-NeXT's AnyRes tiling (the model's :attr:`VisionLanguageModel.tiling`):
             each image becomes its views (OneVision tiles only an image alone in its sample; see :mod:`.anyres`).
+        splitting: Idefics3's image splitting (the model's :attr:`VisionLanguageModel.splitting`): each image becomes
+            its tiles and a global view, each an image to the tower, with Idefics3's text around them (see
+            :mod:`.splitting`); ``image_start`` / ``image_end`` stay empty, the splitting writes that text.
     """
 
     def __init__(
@@ -111,10 +115,16 @@ class VLMProcessor:
         image_start: str = "",
         image_end: str = "",
         tiling: AnyResTiling | None = None,
+        splitting: ImageSplitting | None = None,
     ) -> None:
         self.tokenizer, self.image_processor, self.projector = tokenizer, image_processor, projector
         self.patch_size, self.image_token, self.video_token = patch_size, image_token, video_token
-        self.image_start, self.image_end, self.tiling = image_start, image_end, tiling
+        self.image_start, self.image_end, self.tiling, self.splitting = image_start, image_end, tiling, splitting
+        if splitting is not None and (image_start or image_end or tiling is not None):
+            raise ValueError(
+                "splitting writes Idefics3's own text around each view and is a tiling of its own: leave image_start, "
+                "image_end and tiling unset"
+            )
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {image_token!r} token; call add_image_token(tokenizer, lm) first")
@@ -195,8 +205,8 @@ class VLMProcessor:
         split = re.compile(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})")
         pieces = [split.split(prompt) for prompt in prompts]  # text, placeholder, text, ...
         flat, frames_per_placeholder = self._visuals(pieces, images, videos)
-        batch, counts = self._image_inputs(flat, images, videos, max_num_patches)
-        remaining = iter(counts)  # each image's (or frame's) token count, in placeholder order
+        batch, image_ids = self._image_inputs(flat, images, videos, max_num_patches)
+        remaining = iter(image_ids)  # each image's (or frame's) ids, in placeholder order
         samples = [
             self._sample_ids(parts, sizes, remaining, None if targets is None else targets[b])
             for b, (parts, sizes) in enumerate(zip(pieces, frames_per_placeholder))
@@ -213,19 +223,37 @@ class VLMProcessor:
         images: Sequence[Sequence[ImageInput]],
         videos: Sequence[Sequence[Sequence[ImageInput]]],
         max_num_patches: int | None,
-    ) -> tuple[dict[str, Any], list[int]]:
-        """The model's image inputs for ``flat`` (every image and frame, in placeholder order) and each one's token
-        count."""
+    ) -> tuple[dict[str, Any], list[list[int]]]:
+        """The model's image inputs for ``flat`` (every image and frame, in placeholder order) and, for each, the
+        ids that stand for it in the prompt (its image tokens and the text around them)."""
         if not flat:
             return {}, []
+        if (self.tiling is not None or self.splitting is not None) and any(videos):
+            raise ValueError("a model with tiling or splitting takes images only; give clips to a model without them")
+        if self.splitting is not None:
+            return self._split(self.splitting, flat)
+        start, end = self._text_ids(self.image_start), self._text_ids(self.image_end)
         if self.tiling is not None:
-            if any(videos):
-                raise ValueError("a model with AnyRes tiling takes images only; give clips to a model without tiling")
             tiled = [self.tiling.tiles(len(sample) == 1) for sample in images for _ in sample]
-            return self._tiled(self.tiling, flat, tiled)
-        inputs = self.image_processor(flat, **({"max_num_patches": max_num_patches} if max_num_patches else {}))
-        grids = _grids(inputs.pixel_values, inputs.spatial_shapes, self.patch_size)
-        return {key: inputs[key] for key in inputs.keys()}, [self.projector.num_tokens(grid) for grid in grids]
+            batch, counts = self._tiled(self.tiling, flat, tiled)
+        else:
+            inputs = self.image_processor(flat, **({"max_num_patches": max_num_patches} if max_num_patches else {}))
+            grids = _grids(inputs.pixel_values, inputs.spatial_shapes, self.patch_size)
+            batch, counts = {key: inputs[key] for key in inputs.keys()}, [self.projector.num_tokens(g) for g in grids]
+        return batch, [start + [self.image_token_id] * count + end for count in counts]
+
+    def _split(self, splitting: ImageSplitting, images: list[ImageInput]) -> tuple[dict[str, Any], list[list[int]]]:
+        """Every image's views (each an image to the tower) and its ids: Idefics3's text around each view's tokens."""
+        side = splitting.tile // self.patch_size
+        count = self.projector.num_tokens((side, side))
+        views, ids = [], []
+        for i, image in enumerate(images):
+            pixels = image_to_tensor(image, i)
+            views.append(splitting.views(pixels, self.image_processor))
+            before, after = splitting.prompt(*splitting.grid(*pixels.shape[-2:]))
+            tokens = [t for text in before for t in self._text_ids(text) + [self.image_token_id] * count]
+            ids.append(tokens + self._text_ids(after))
+        return {"pixel_values": torch.cat(views)}, ids
 
     def _tiled(
         self, tiling: AnyResTiling, images: list[ImageInput], tiled: list[bool]
@@ -242,17 +270,16 @@ class VLMProcessor:
         return batch, [tiling.num_tokens(h, w, tiled=t) for (h, w), t in zip(sizes, tiled)]
 
     def _sample_ids(
-        self, parts: list[str], sizes: list[int], counts: Iterator[int], target: str | None
+        self, parts: list[str], sizes: list[int], image_ids: Iterator[list[int]], target: str | None
     ) -> tuple[list[int], list[int]]:
-        """One sample's (ids, labels): BOS, its texts with each placeholder's image tokens between them (the next
-        ``sizes[i]`` of ``counts`` for placeholder i), then the target and EOS, the only tokens with labels."""
+        """One sample's (ids, labels): BOS, its texts with each placeholder's image ids between them (the next
+        ``sizes[i]`` of ``image_ids`` for placeholder i), then the target and EOS, the only tokens with labels."""
         tok = self.tokenizer
-        start, end = self._text_ids(self.image_start), self._text_ids(self.image_end)
         ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
         for i, segment in enumerate(parts[0::2]):
-            if i:  # the placeholder before this text: its images' (or frames') tokens
-                for count in itertools.islice(counts, sizes[i - 1]):
-                    ids += start + [self.image_token_id] * count + end
+            if i:  # the placeholder before this text: its images' (or frames') ids
+                for visual in itertools.islice(image_ids, sizes[i - 1]):
+                    ids += visual
             ids += self._text_ids(segment)
         labels = [IGNORE_INDEX] * len(ids)
         if target is not None:
@@ -313,6 +340,8 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         tiling: LLaVA-OneVision's or LLaVA-NeXT's AnyRes tiling (:mod:`.anyres`): each image is seen as several
             views whose projected tokens are reassembled, with a learned ``image_newline`` (D_lm,) after each row. It
             needs a fixed-resolution tower whose input is the tile, and a projector that keeps one token per patch.
+        splitting: Idefics3's image splitting (:mod:`.splitting`), which the model's processor applies: the views are
+            images to the model, which keeps the setting so that its saves and exports preprocess as it was trained.
     """
 
     def __init__(
@@ -322,6 +351,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         language_model: PreTrainedModel,
         image_token_id: int,
         tiling: AnyResTiling | None = None,
+        splitting: ImageSplitting | None = None,
     ) -> None:
         super().__init__()
         width = language_model.get_input_embeddings().embedding_dim
@@ -340,10 +370,15 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         self.language_model = language_model
         self.image_token_id = image_token_id
         self.name_or_path: str | None = None  # the folder or repo it was loaded from
-        self.tiling = tiling
+        self.tiling, self.splitting = tiling, splitting
         self.image_newline = None if tiling is None else nn.Parameter(torch.randn(width) / math.sqrt(width))
         if tiling is not None:
             _check_tiling(tiling, vision_tower, projector)
+        if splitting is not None and (tiling is not None or vision_tower.config.image_size != splitting.tile):
+            raise ValueError(
+                f"image splitting into {splitting.tile} px views needs a fixed-resolution tower of that input and no "
+                f"tiling; this tower takes {vision_tower.config.image_size or 'NaFlex patches'}"
+            )
 
     @classmethod
     def build(
@@ -354,6 +389,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         projector: ProjectorConfig | None = None,
         image_token: str = "<image>",
         tiling: AnyResTiling | None = None,
+        splitting: ImageSplitting | None = None,
     ) -> tuple[VisionLanguageModel, VLMProcessor]:
         """Assemble a model and its batch processor from names or objects.
 
@@ -365,6 +401,8 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             image_token: the placeholder string.
             tiling: AnyRes tiling (e.g. ``AnyResTiling.onevision(tile, patch_size)`` for the tower's input and patch;
                 default: one view per image).
+            splitting: Idefics3's image splitting (``ImageSplitting(tile=<the tower's input>, longest_edge=...)``;
+                add Idefics3's tokens to the tokenizer first, :func:`~.idefics3_export.add_idefics3_tokens`).
         """
         if not isinstance(vision_tower, SigLIP2Encoder):
             vision_tower = SigLIP2Encoder.from_pretrained(vision_tower)
@@ -375,7 +413,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         image_token_id = add_image_token(tokenizer, language_model, image_token)
         width = language_model.get_input_embeddings().embedding_dim
         config = projector or MLPConfig(in_features=vision_tower.config.hidden_size, out_features=width)
-        model = cls(vision_tower, build_projector(config), language_model, image_token_id, tiling)
+        model = cls(vision_tower, build_projector(config), language_model, image_token_id, tiling, splitting)
         processor = VLMProcessor(
             tokenizer,
             ImageProcessor(vision_tower.processor_config),
@@ -383,6 +421,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             patch_size=vision_tower.config.patch_size,
             image_token=image_token,
             tiling=tiling,
+            splitting=splitting,
         )
         return model, processor
 
@@ -533,6 +572,8 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(folder / "tokenizer")
         config: dict[str, Any] = {"image_token_id": self.image_token_id}
+        if self.splitting is not None:
+            config["splitting"] = asdict(self.splitting)
         if self.tiling is not None:
             config["tiling"] = asdict(self.tiling)
             save_file({"image_newline": self.image_newline.detach().contiguous()}, folder / NEWLINE_FILE)
@@ -575,13 +616,14 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             raise ValueError(f"{folder} has no {CONFIG_FILE}; was it written by VisionLanguageModel.save_pretrained?")
         config = json.loads((folder / CONFIG_FILE).read_text())
         lm_config = AutoConfig.from_pretrained(folder / "language_model")
-        tiling = config.get("tiling")
+        tiling, splitting = config.get("tiling"), config.get("splitting")
         model = cls(
             SigLIP2Encoder.from_pretrained(folder / "vision_tower", dtype=dtype),
             load_projector(folder / "projector"),
             AutoModelForCausalLM.from_pretrained(folder / "language_model", config=lm_config, dtype=dtype),
             config["image_token_id"],
             None if tiling is None else AnyResTiling(**tiling),
+            None if splitting is None else ImageSplitting(**splitting),
         )
         if model.image_newline is not None:
             with torch.no_grad():

@@ -45,6 +45,15 @@ class ImageSplitting:
     def __post_init__(self) -> None:
         check_positive_ints(self, "tile", "longest_edge")
 
+    @property
+    def max_grid(self) -> int:
+        """The most tiles along a side: the longest edge's."""
+        return math.ceil(self.longest_edge / self.tile)
+
+    def row_col_tokens(self) -> list[str]:
+        """The ``<row_r_col_c>`` tags the prompt can hold, for the tokenizer."""
+        return [f"<row_{r + 1}_col_{c + 1}>" for r in range(self.max_grid) for c in range(self.max_grid)]
+
     def sizes(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """The image's size after the longest-edge resize, and after the stretch to tile multiples."""
         aspect = width / height
