@@ -102,3 +102,29 @@ def test_a_split_idefics3_export_runs_in_transformers_end_to_end(size, tmp_path)
     assert generated == model.generate(**ours, max_new_tokens=8, do_sample=False).tolist()
     model.save_pretrained(tmp_path / "saved")
     assert VisionLanguageModel.from_pretrained(tmp_path / "saved").splitting == model.splitting
+
+
+@pytest.mark.parametrize("splitting", [True, False])
+def test_an_idefics3_checkpoint_imports_whole(splitting, tmp_path):
+    """export_idefics3 (which transformers runs as ours, tests above) -> import_idefics3: the tower with its
+    preprocessing, the connector, the LM, the image token and the splitting come back; the same logits."""
+    from test_idefics3_export import make_idefics3_vlm
+
+    from siglip2_encoder.integrations.idefics3_export import IMAGE_END, IMAGE_START, export_idefics3, import_idefics3
+    from siglip2_encoder.integrations.llava import VLMProcessor
+
+    model, processor, tokenizer = split_vlm(3 * TILE) if splitting else make_idefics3_vlm()
+    export_idefics3(model, tmp_path, tokenizer)
+    imported = import_idefics3(tmp_path).eval()
+    assert imported.splitting == model.splitting and imported.image_token_id == model.image_token_id
+    assert imported.tower.processor_config == model.tower.processor_config
+    framing = {} if splitting else dict(image_start=IMAGE_START, image_end=IMAGE_END)
+    again = VLMProcessor(tokenizer, ImageProcessor(imported.tower.processor_config), imported.projector, PATCH,
+                         splitting=imported.splitting, **framing)  # fmt: skip
+    pics = random_images(9, [(40, 90), (64, 30)])
+    batch = processor(["<image> describe image", "what is <image> it"], [[pics[0]], [pics[1]]])
+    assert again(["<image> describe image", "what is <image> it"], [[pics[0]], [pics[1]]])["input_ids"].equal(
+        batch["input_ids"]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(imported(**batch).logits, model.eval()(**batch).logits, atol=1e-5, rtol=0)

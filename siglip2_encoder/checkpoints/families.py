@@ -63,6 +63,9 @@ class ProcessorKind:
     # What the processor does beyond one SigLIP view (tiles, aspect-preserving resizes), which is not reproduced: this
     # library preprocesses the single view named here, exactly, and says so in a warning when loading.
     beyond: str = ""
+    # The view is resized to its size whatever do_resize says (Idefics3's: do_resize is only the longest-edge resize
+    # before it, and without splitting every image is then resized to max_image_size).
+    always_resized: bool = False
 
 
 _IDEFICS3_VIEWS = (
@@ -79,8 +82,8 @@ for _name, _kind in {
     "SiglipImageProcessor": ProcessorKind(False, 3),
     "Siglip2ImageProcessor": ProcessorKind(True, 2),
     "Gemma3ImageProcessor": ProcessorKind(False, 2),  # SigLIP's, bilinear, plus an optional pan-and-scan
-    "Idefics3ImageProcessor": ProcessorKind(False, 1, _IDEFICS3_VIEWS),
-    "SmolVLMImageProcessor": ProcessorKind(False, 1, _IDEFICS3_VIEWS),
+    "Idefics3ImageProcessor": ProcessorKind(False, 1, _IDEFICS3_VIEWS, always_resized=True),
+    "SmolVLMImageProcessor": ProcessorKind(False, 1, _IDEFICS3_VIEWS, always_resized=True),
     "LlavaNextImageProcessor": ProcessorKind(False, 3, _ANYRES_VIEWS),
     "LlavaOnevisionImageProcessor": ProcessorKind(False, 3, _ANYRES_VIEWS),
     "Lfm2VlImageProcessor": ProcessorKind(

@@ -173,13 +173,15 @@ def _read_tensors(files: list[Path], select: KeyMap) -> Iterator[tuple[str, torc
             yield from ((name, value) for key, value in state.items() if (name := select(key)) is not None)
 
 
-def read_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = None) -> Checkpoint:
+def read_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = None, views: bool = False) -> Checkpoint:
     """Read a transformers SigLIP / SigLIP 2 checkpoint's vision tower, or the SigLIP tower of a VLM checkpoint
-    (:data:`VLM_TYPES`: only the shards holding it are read); ``dtype=None`` keeps the stored dtype."""
+    (:data:`VLM_TYPES`: only the shards holding it are read); ``dtype=None`` keeps the stored dtype. ``views``: the
+    caller reproduces the VLM processor's other views (see :func:`read_processor_config`)."""
     config = read_config(source)
     prefixes = VLM_TYPES.get(source.read_json("config.json").get("model_type"))
     select = vlm_tower_keys(prefixes) if prefixes else vision_key
-    return Checkpoint(config, read_state_dict(source, select, dtype), read_processor_config(source, config))
+    processor = read_processor_config(source, config, views)
+    return Checkpoint(config, read_state_dict(source, select, dtype), processor)
 
 
 def read_text_config(source: CheckpointSource) -> TextConfig:

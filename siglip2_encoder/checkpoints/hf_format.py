@@ -230,6 +230,8 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
         raise CheckpointError(f"the image processor has resample={resample!r}; supported: {_PIL_RESAMPLE} (PIL codes)")
     names = ("image_mean", "image_std", "rescale_factor", "do_resize", "do_rescale", "do_normalize")
     common = {name: hf[name] for name in names if hf.get(name) is not None}
+    if kind.always_resized:
+        common["do_resize"] = True
     try:
         if tower.naflex:
             patch = hf.get("patch_size", hf.get("encoder_patch_size", tower.patch_size))

@@ -34,8 +34,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
+import torch
 from transformers import (
+    AutoModelForCausalLM,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessor,
@@ -44,14 +47,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..adapters import PixelShuffleProjector
+from ..adapters import PixelShuffleConfig, PixelShuffleProjector, build_projector
+from ..checkpoints.folders import read_checkpoint
 from ..checkpoints.hf_format import config_to_hf, processor_config_to_hf
+from ..checkpoints.hub import CheckpointSource
+from ..checkpoints.strict import build_loaded
 from ..models.model import SigLIP2Encoder
 from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel, add_image_token
 from .splitting import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, ImageSplitting
 
-__all__ = ["IMAGE_END", "IMAGE_START", "add_idefics3_tokens", "export_idefics3"]
+__all__ = ["IMAGE_END", "IMAGE_START", "add_idefics3_tokens", "export_idefics3", "import_idefics3"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,3 +189,52 @@ def export_idefics3(
         image_seq_len=grid * grid,
         chat_template=chat_template or (plain_chat_template(IMAGE_TOKEN) if tokenizer is not None else None),
     )
+
+
+def import_idefics3(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> VisionLanguageModel:
+    """Load a transformers Idefics3 checkpoint (``model_type="idefics3"``; a folder or a Hub repo) whole into a
+    :class:`VisionLanguageModel`: the tower (with the image processor's settings), the connector as a pixel-shuffle
+    projector, the language model, the image token, and the image splitting its processor does
+    (``do_image_splitting``: :attr:`VisionLanguageModel.splitting`). Build its batches with
+    ``VLMProcessor(tokenizer, ImageProcessor(model.tower.processor_config), model.projector, patch_size,
+    splitting=model.splitting)`` (without splitting: ``image_start=IMAGE_START, image_end=IMAGE_END``)."""
+    source = CheckpointSource(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
+    directory = source.snapshot() if not source.is_local else Path(name_or_path)
+    model_type = (source.read_json("config.json") or {}).get("model_type")
+    if model_type != "idefics3":
+        raise ValueError(f"{directory} is a {model_type!r} checkpoint, not 'idefics3'")
+    images = Idefics3ImageProcessor.from_pretrained(directory)
+    edge = images.max_image_size["longest_edge"]
+    splitting = ImageSplitting(edge, images.size["longest_edge"]) if images.do_image_splitting else None
+    if splitting is None and images.do_resize and images.size.get("longest_edge") != edge:
+        raise ValueError(
+            f"{directory}'s processor resizes the longest edge to {images.size['longest_edge']} px before its one "
+            f"view of {edge} px, which is not reproduced; set do_resize false or size to max_image_size there"
+        )
+    idefics = Idefics3ForConditionalGeneration.from_pretrained(directory, dtype=dtype or torch.float32)
+    config = idefics.config
+    # Either way the processor is reproduced (its splitting, or its one view): no "not reproduced" warning.
+    stored = read_checkpoint(CheckpointSource(directory), dtype=idefics.dtype, views=True)
+    tower = build_loaded(lambda: SigLIP2Encoder(stored.config, stored.processor_config), stored.state_dict,
+                         str(directory), "vision tower")  # fmt: skip
+    if tower.config.image_size != edge:
+        raise ValueError(f"the tower takes {tower.config.image_size} px but the processor's views are {edge} px")
+    factor, width = config.scale_factor, tower.config.hidden_size
+    projector = build_projector(PixelShuffleConfig(
+        in_features=width, out_features=config.text_config.hidden_size, factor=factor, depth=1, bias=False,
+        layers=(None,),
+    ))  # fmt: skip
+    (linear,) = projector.proj
+    linear.load_state_dict(idefics.model.connector.modality_projection.proj.state_dict())
+    lm = AutoModelForCausalLM.from_config(config.text_config, dtype=idefics.dtype)
+    state = {f"{lm.base_model_prefix}.{k}": v for k, v in idefics.model.text_model.state_dict().items()}
+    state["lm_head.weight"] = idefics.lm_head.weight
+    lm.load_state_dict(state, strict=True)
+    return VisionLanguageModel(tower, projector.to(idefics.dtype), lm, config.image_token_id, splitting=splitting)
