@@ -128,3 +128,29 @@ def test_an_idefics3_checkpoint_imports_whole(splitting, tmp_path):
     )
     with torch.no_grad():
         torch.testing.assert_close(imported(**batch).logits, model.eval()(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_split_batches_give_transformers_logits(tmp_path):
+    """Two samples, one with two images, left-padded: transformers' processor on the export gives our ids and
+    Idefics3ForConditionalGeneration our logits on every real position."""
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    from siglip2_encoder.integrations.idefics3_export import export_idefics3
+
+    model, processor, tokenizer = split_vlm(3 * TILE)
+    export_idefics3(model, tmp_path, tokenizer)
+    theirs_processor = AutoProcessor.from_pretrained(tmp_path)
+    theirs = Idefics3ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    pics = random_images(10, [(40, 150), (90, 60), (20, 30)])
+    prompts = ["<image> describe image", "what is <image> and <image>"]
+    images = [[pics[0]], [pics[1], pics[2]]]
+    ours = processor(prompts, images, padding_side="left")
+    texts = ["<s>" + prompt for prompt in prompts]  # BOS as text, as the chat template writes it
+    inputs = theirs_processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    assert inputs["input_ids"].tolist() == ours["input_ids"].tolist()
+    positions = (ours["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        got = model.eval()(**ours).logits
+        want = theirs(**inputs, position_ids=positions).logits
+    real = ours["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)
