@@ -83,8 +83,7 @@ def add_idefics3_tokens(
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
-    model.check_merged("cannot export to Idefics3's format")
-    model.check_untiled("cannot export to Idefics3's format")
+    model.check_exportable("cannot export to Idefics3's format", tiling=False)
     tower = model.tower.config
     if tower.naflex:
         raise ValueError("NaFlex towers cannot be exported to Idefics3's format, whose tower is fixed-resolution")

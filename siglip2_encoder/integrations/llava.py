@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..adapters import MLPConfig, Projector, ProjectorConfig, build_projector, load_projector
+from ..adapters import MLPConfig, Projector, ProjectorConfig, VisionFeatures, build_projector, load_projector
 from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
 from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
 from ..data.images import ImageInput, image_to_tensor
@@ -40,6 +40,7 @@ from ..files import write_atomic
 from ..models.lora import EncoderLoRAConfig, add_lora, trainable_parameters
 from ..models.model import SigLIP2Encoder
 from .anyres import AnyResTiling
+from .reduction import TokenPruning
 from .splitting import ImageSplitting
 
 __all__ = [
@@ -102,6 +103,7 @@ class VLMProcessor:
         splitting: Idefics3's image splitting (the model's :attr:`VisionLanguageModel.splitting`): each image becomes
             its tiles and a global view, each an image to the tower, with Idefics3's text around them (see
             :mod:`.splitting`); ``image_start`` / ``image_end`` stay empty, the splitting writes that text.
+        reduction: the model's :attr:`VisionLanguageModel.reduction`: each image costs its reduced token count.
     """
 
     def __init__(
@@ -116,8 +118,10 @@ class VLMProcessor:
         image_end: str = "",
         tiling: AnyResTiling | None = None,
         splitting: ImageSplitting | None = None,
+        reduction: TokenPruning | None = None,
     ) -> None:
         self.tokenizer, self.image_processor, self.projector = tokenizer, image_processor, projector
+        self.reduction = reduction
         self.patch_size, self.image_token, self.video_token = patch_size, image_token, video_token
         self.image_start, self.image_end, self.tiling, self.splitting = image_start, image_end, tiling, splitting
         if splitting is not None and (image_start or image_end or tiling is not None):
@@ -240,6 +244,8 @@ class VLMProcessor:
             inputs = self.image_processor(flat, **({"max_num_patches": max_num_patches} if max_num_patches else {}))
             grids = _grids(inputs.pixel_values, inputs.spatial_shapes, self.patch_size)
             batch, counts = {key: inputs[key] for key in inputs.keys()}, [self.projector.num_tokens(g) for g in grids]
+            if self.reduction is not None:
+                counts = [self.reduction.num_tokens(count) for count in counts]
         return batch, [start + [self.image_token_id] * count + end for count in counts]
 
     def _split(self, splitting: ImageSplitting, images: list[ImageInput]) -> tuple[dict[str, Any], list[list[int]]]:
@@ -321,6 +327,19 @@ def _check_tiling(tiling: AnyResTiling, tower: SigLIP2Encoder, projector: Projec
         )
 
 
+def _check_reduction(
+    tower: SigLIP2Encoder, projector: Projector, tiling: AnyResTiling | None, splitting: ImageSplitting | None
+) -> None:
+    """Refuse what token reduction cannot serve: no pooling head to rank by, a projector that needs the grid."""
+    if not tower.config.use_head:
+        raise ValueError("token reduction ranks tokens by the tower's pooling head, and this tower has none")
+    if projector.num_tokens((2, 3)) != 6 or tiling is not None or splitting is not None:
+        raise ValueError(
+            f"token reduction leaves tokens without a grid: it needs a tokenwise projector (mlp, linear; got "
+            f"{projector.config.kind}) and no tiling or splitting"
+        )
+
+
 def _tiling_inputs(
     image_sizes: torch.Tensor | None, image_tiled: torch.Tensor | None
 ) -> tuple[list[tuple[int, int]], list[bool]]:
@@ -342,6 +361,8 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             needs a fixed-resolution tower whose input is the tile, and a projector that keeps one token per patch.
         splitting: Idefics3's image splitting (:mod:`.splitting`), which the model's processor applies: the views are
             images to the model, which keeps the setting so that its saves and exports preprocess as it was trained.
+        reduction: fewer tokens per image for the LLM, after the tower (:mod:`.reduction`): it needs the tower's
+            pooling head (it ranks tokens by its attention) and a tokenwise projector.
     """
 
     def __init__(
@@ -352,6 +373,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         image_token_id: int,
         tiling: AnyResTiling | None = None,
         splitting: ImageSplitting | None = None,
+        reduction: TokenPruning | None = None,
     ) -> None:
         super().__init__()
         width = language_model.get_input_embeddings().embedding_dim
@@ -370,7 +392,9 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         self.language_model = language_model
         self.image_token_id = image_token_id
         self.name_or_path: str | None = None  # the folder or repo it was loaded from
-        self.tiling, self.splitting = tiling, splitting
+        self.tiling, self.splitting, self.reduction = tiling, splitting, reduction
+        if reduction is not None:
+            _check_reduction(vision_tower, projector, tiling, splitting)
         self.image_newline = None if tiling is None else nn.Parameter(torch.randn(width) / math.sqrt(width))
         if tiling is not None:
             _check_tiling(tiling, vision_tower, projector)
@@ -390,6 +414,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         image_token: str = "<image>",
         tiling: AnyResTiling | None = None,
         splitting: ImageSplitting | None = None,
+        reduction: TokenPruning | None = None,
     ) -> tuple[VisionLanguageModel, VLMProcessor]:
         """Assemble a model and its batch processor from names or objects.
 
@@ -403,6 +428,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
                 default: one view per image).
             splitting: Idefics3's image splitting (``ImageSplitting(tile=<the tower's input>, longest_edge=...)``;
                 add Idefics3's tokens to the tokenizer first, :func:`~.idefics3_export.add_idefics3_tokens`).
+            reduction: token reduction after the tower (``TokenPruning(dominant, contextual)``).
         """
         if not isinstance(vision_tower, SigLIP2Encoder):
             vision_tower = SigLIP2Encoder.from_pretrained(vision_tower)
@@ -413,7 +439,8 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         image_token_id = add_image_token(tokenizer, language_model, image_token)
         width = language_model.get_input_embeddings().embedding_dim
         config = projector or MLPConfig(in_features=vision_tower.config.hidden_size, out_features=width)
-        model = cls(vision_tower, build_projector(config), language_model, image_token_id, tiling, splitting)
+        built = build_projector(config)
+        model = cls(vision_tower, built, language_model, image_token_id, tiling, splitting, reduction)
         processor = VLMProcessor(
             tokenizer,
             ImageProcessor(vision_tower.processor_config),
@@ -422,6 +449,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             image_token=image_token,
             tiling=tiling,
             splitting=splitting,
+            reduction=reduction,
         )
         return model, processor
 
@@ -446,9 +474,14 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             spatial_shapes,
             pixel_attention_mask,
             layers=self.projector.config.layers,
-            return_last=False,
+            return_last=self.reduction is not None,
             return_pooled=False,
         )
+        if self.reduction is not None:
+            config = self.projector.config
+            features = VisionFeatures.from_output(out, config.layers, config.combine)
+            weights = self.tower.head.probe_weights(out.last_hidden_state, out.attention_mask)
+            return torch.cat(self.projector(self.reduction.reduce_batch(features, weights)).per_image())
         per_view = self.projector(out).per_image()
         if self.tiling is None:
             return torch.cat(per_view)
@@ -476,7 +509,10 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             expected, images = sum(self.tiling.num_tokens(h, w, tiled=t) for (h, w), t in zip(sizes, tiled)), len(sizes)
         elif pixel_values is not None:
             grids = _grids(pixel_values, spatial_shapes, self.tower.config.patch_size)
-            expected, images = sum(self.projector.num_tokens(grid) for grid in grids), len(grids)
+            counts = [self.projector.num_tokens(grid) for grid in grids]
+            if self.reduction is not None:
+                counts = [self.reduction.num_tokens(count) for count in counts]
+            expected, images = sum(counts), len(grids)
         if found != expected:
             raise ValueError(
                 f"input_ids hold {found} image placeholder tokens but the {images} image(s) give {expected} tokens; "
@@ -552,10 +588,16 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
                 f"adapters with their own save_pretrained"
             )
 
-    def check_untiled(self, action: str) -> None:
-        """Refuse ``action`` (an export) for a model with AnyRes tiling, whose views and ``image_newline`` the
-        target format has no place for."""
-        if self.tiling is not None:
+    def check_exportable(self, action: str, *, tiling: bool) -> None:
+        """Refuse ``action`` (an export) for what transformers' VLM of that format cannot do: unmerged LoRA, token
+        reduction after the tower, and (unless ``tiling``) AnyRes tiling with its ``image_newline``."""
+        self.check_merged(action)
+        if self.reduction is not None:
+            raise ValueError(
+                f"{action}: this model reduces its image tokens after the tower ({self.reduction}), which that "
+                f"format's model does not do: its LLM would get other tokens; save it with save_pretrained"
+            )
+        if self.tiling is not None and not tiling:
             raise ValueError(
                 f"{action}: this model tiles its images (AnyRes) and learns an image_newline, which that format does "
                 f"not hold; save it with save_pretrained"
@@ -574,6 +616,8 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         config: dict[str, Any] = {"image_token_id": self.image_token_id}
         if self.splitting is not None:
             config["splitting"] = asdict(self.splitting)
+        if self.reduction is not None:
+            config["reduction"] = asdict(self.reduction)
         if self.tiling is not None:
             config["tiling"] = asdict(self.tiling)
             save_file({"image_newline": self.image_newline.detach().contiguous()}, folder / NEWLINE_FILE)
@@ -616,7 +660,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             raise ValueError(f"{folder} has no {CONFIG_FILE}; was it written by VisionLanguageModel.save_pretrained?")
         config = json.loads((folder / CONFIG_FILE).read_text())
         lm_config = AutoConfig.from_pretrained(folder / "language_model")
-        tiling, splitting = config.get("tiling"), config.get("splitting")
+        tiling, splitting, reduction = config.get("tiling"), config.get("splitting"), config.get("reduction")
         model = cls(
             SigLIP2Encoder.from_pretrained(folder / "vision_tower", dtype=dtype),
             load_projector(folder / "projector"),
@@ -624,6 +668,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             config["image_token_id"],
             None if tiling is None else AnyResTiling(**tiling),
             None if splitting is None else ImageSplitting(**splitting),
+            None if reduction is None else TokenPruning(**reduction),
         )
         if model.image_newline is not None:
             with torch.no_grad():

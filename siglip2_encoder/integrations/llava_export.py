@@ -61,7 +61,7 @@ __all__ = ["LlavaExport", "export_llava", "import_llava"]
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
-    model.check_merged("cannot export to LLaVA's format")
+    model.check_exportable("cannot export to LLaVA's format", tiling=True)
     if model.tower.config.naflex:
         raise ValueError(
             "NaFlex towers cannot be exported to LLaVA's format: LLaVA calls its vision tower with pixel_values "

@@ -73,6 +73,22 @@ class MultiheadAttentionPoolingHead(nn.Module):
         for part in (self.attention, self.layernorm, self.mlp):
             part.reset_parameters()
 
+    def probe_weights(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """How much attention the probe pays each token, averaged over heads: (B, N) final tokens (after the
+        post-layernorm; ``mask`` (B, N) True for real ones) -> (B, N) weights, each image's summing to 1 (0 on
+        padding), as ``nn.MultiheadAttention``'s ``need_weights=True, average_attn_weights=True``."""
+        attention = self.attention
+        b, n, d = tokens.shape
+        heads = attention.num_heads
+        w_q, w_k, _ = attention.in_proj_weight.split([d, d, d])
+        b_q, b_k, _ = attention.in_proj_bias.split([d, d, d])
+        q = F.linear(self.probe[0, 0], w_q, b_q).view(heads, d // heads)
+        k = F.linear(tokens, w_k, b_k).view(b, n, heads, d // heads)
+        scores = torch.einsum("hc,bnhc->bhn", q, k) / (d // heads) ** 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        return scores.softmax(-1).mean(1)
+
     def forward(self, tokens: torch.Tensor, packing: Packing) -> torch.Tensor:
         """(T, D) packed tokens after post-layernorm -> (B, D) pooled features in input order."""
         x = self.attention(self.probe[0, 0], tokens, packing)
