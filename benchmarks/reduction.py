@@ -63,7 +63,7 @@ def main() -> None:
     with torch.inference_mode():
         base, base_logits, tokens = run(None)
         rows = [f"| none | {tokens} | {base:.2f} | 1.00x | 1.000 |"]
-        for kept, (dominant, contextual) in VISIONZIP.items():
+        for dominant, contextual in VISIONZIP:
             seconds, logits, count = run(TokenPruning(dominant, contextual))
             cosine = torch.nn.functional.cosine_similarity(logits, base_logits, dim=0)
             rows.append(
