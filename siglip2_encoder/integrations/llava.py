@@ -39,6 +39,7 @@ from ..data.processor import ImageProcessor
 from ..files import write_atomic
 from ..models.lora import EncoderLoRAConfig, add_lora, trainable_parameters
 from ..models.model import SigLIP2Encoder
+from ..models.token_merging import TokenMerging, merged_forward
 from .anyres import AnyResTiling
 from .reduction import TokenPruning
 from .splitting import ImageSplitting
@@ -59,6 +60,8 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label of positions without loss: prompt, image tokens, padding
 CONFIG_FILE = "vlm_config.json"
 NEWLINE_FILE = "image_newline.safetensors"
+# How a saved model names its token reduction (vlm_config.json's "reduction" "kind").
+REDUCTIONS: dict[str, type[TokenPruning] | type[TokenMerging]] = {"pruning": TokenPruning, "merging": TokenMerging}
 
 
 def add_image_token(
@@ -118,7 +121,7 @@ class VLMProcessor:
         image_end: str = "",
         tiling: AnyResTiling | None = None,
         splitting: ImageSplitting | None = None,
-        reduction: TokenPruning | None = None,
+        reduction: TokenPruning | TokenMerging | None = None,
     ) -> None:
         self.tokenizer, self.image_processor, self.projector = tokenizer, image_processor, projector
         self.reduction = reduction
@@ -328,10 +331,28 @@ def _check_tiling(tiling: AnyResTiling, tower: SigLIP2Encoder, projector: Projec
 
 
 def _check_reduction(
-    tower: SigLIP2Encoder, projector: Projector, tiling: AnyResTiling | None, splitting: ImageSplitting | None
+    reduction: TokenPruning | TokenMerging,
+    tower: SigLIP2Encoder,
+    projector: Projector,
+    tiling: AnyResTiling | None,
+    splitting: ImageSplitting | None,
 ) -> None:
-    """Refuse what token reduction cannot serve: no pooling head to rank by, a projector that needs the grid."""
-    if not tower.config.use_head:
+    """Refuse what token reduction cannot serve: no pooling head to rank by, a projector that needs the grid; for
+    merging, several layers or a depth other than the projector's layer."""
+    if isinstance(reduction, TokenMerging):
+        layers = projector.config.layers
+        if len(layers) != 1 or tower.config.naflex:
+            raise ValueError(
+                f"token merging gives one hidden state of a fixed-resolution tower; the projector reads {layers} of a "
+                f"{'NaFlex' if tower.config.naflex else 'fixed-resolution'} tower"
+            )
+        depth = tower.config.num_hidden_layers if layers[0] is None else tower.layer_index(layers[0])
+        if reduction.depth != depth:
+            raise ValueError(
+                f"the projector reads hidden state {depth} (layer {layers[0]}), merged {depth} times; build the "
+                f"merging with TokenMerging({reduction.r}, depth={depth}), got depth={reduction.depth}"
+            )
+    elif not tower.config.use_head:
         raise ValueError("token reduction ranks tokens by the tower's pooling head, and this tower has none")
     if projector.num_tokens((2, 3)) != 6 or tiling is not None or splitting is not None:
         raise ValueError(
@@ -361,8 +382,9 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             needs a fixed-resolution tower whose input is the tile, and a projector that keeps one token per patch.
         splitting: Idefics3's image splitting (:mod:`.splitting`), which the model's processor applies: the views are
             images to the model, which keeps the setting so that its saves and exports preprocess as it was trained.
-        reduction: fewer tokens per image for the LLM, after the tower (:mod:`.reduction`): it needs the tower's
-            pooling head (it ranks tokens by its attention) and a tokenwise projector.
+        reduction: fewer tokens per image for the LLM: after the tower (:class:`~.reduction.TokenPruning`, which
+            needs the tower's pooling head) or inside it (:class:`~siglip2_encoder.models.token_merging.TokenMerging`,
+            ToMe, whose ``depth`` must be the projector's layer); either needs a tokenwise projector.
     """
 
     def __init__(
@@ -373,7 +395,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         image_token_id: int,
         tiling: AnyResTiling | None = None,
         splitting: ImageSplitting | None = None,
-        reduction: TokenPruning | None = None,
+        reduction: TokenPruning | TokenMerging | None = None,
     ) -> None:
         super().__init__()
         width = language_model.get_input_embeddings().embedding_dim
@@ -394,7 +416,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         self.name_or_path: str | None = None  # the folder or repo it was loaded from
         self.tiling, self.splitting, self.reduction = tiling, splitting, reduction
         if reduction is not None:
-            _check_reduction(vision_tower, projector, tiling, splitting)
+            _check_reduction(reduction, vision_tower, projector, tiling, splitting)
         self.image_newline = None if tiling is None else nn.Parameter(torch.randn(width) / math.sqrt(width))
         if tiling is not None:
             _check_tiling(tiling, vision_tower, projector)
@@ -414,7 +436,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         image_token: str = "<image>",
         tiling: AnyResTiling | None = None,
         splitting: ImageSplitting | None = None,
-        reduction: TokenPruning | None = None,
+        reduction: TokenPruning | TokenMerging | None = None,
     ) -> tuple[VisionLanguageModel, VLMProcessor]:
         """Assemble a model and its batch processor from names or objects.
 
@@ -469,15 +491,19 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
     ) -> torch.Tensor:
         """All images' projected tokens, concatenated in image order: (sum of per-image counts, D_lm). With tiling,
         ``pixel_values`` holds every image's views, all through the tower in one batch, reassembled per image."""
+        if isinstance(self.reduction, TokenMerging):
+            merged = merged_forward(self.tower, pixel_values, self.reduction, self.projector.config.layers[0])
+            features = VisionFeatures(merged.tokens, [(1, merged.tokens.shape[1])] * len(merged.tokens))
+            return torch.cat(self.projector(features).per_image())
         out = self.vision_tower(
             pixel_values,
             spatial_shapes,
             pixel_attention_mask,
             layers=self.projector.config.layers,
-            return_last=self.reduction is not None,
+            return_last=isinstance(self.reduction, TokenPruning),
             return_pooled=False,
         )
-        if self.reduction is not None:
+        if isinstance(self.reduction, TokenPruning):
             config = self.projector.config
             features = VisionFeatures.from_output(out, config.layers, config.combine)
             weights = self.tower.head.probe_weights(out.last_hidden_state, out.attention_mask)
@@ -617,7 +643,8 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         if self.splitting is not None:
             config["splitting"] = asdict(self.splitting)
         if self.reduction is not None:
-            config["reduction"] = asdict(self.reduction)
+            kind = next(k for k, cls in REDUCTIONS.items() if isinstance(self.reduction, cls))
+            config["reduction"] = {"kind": kind, **asdict(self.reduction)}
         if self.tiling is not None:
             config["tiling"] = asdict(self.tiling)
             save_file({"image_newline": self.image_newline.detach().contiguous()}, folder / NEWLINE_FILE)
@@ -668,7 +695,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
             config["image_token_id"],
             None if tiling is None else AnyResTiling(**tiling),
             None if splitting is None else ImageSplitting(**splitting),
-            None if reduction is None else TokenPruning(**reduction),
+            None if reduction is None else REDUCTIONS[reduction.pop("kind")](**reduction),
         )
         if model.image_newline is not None:
             with torch.no_grad():
