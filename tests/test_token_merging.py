@@ -123,3 +123,19 @@ def test_a_vlm_with_merging_feeds_the_merged_tokens_with_exact_counts(tmp_path):
     assert VisionLanguageModel.from_pretrained(tmp_path).reduction == merging
     with pytest.raises(ValueError, match=re.escape("build the merging with TokenMerging(3, depth=2), got depth=3")):
         VisionLanguageModel(built.tower, built.projector, built.language_model, 5, reduction=TokenMerging(3, 3))
+
+
+def test_the_in_place_path_equals_the_reference_path(fixed_dir):
+    """Without autograd, merged_forward runs the tower's in-place GEMMs; with it, the plain modules: the same."""
+    tower = SigLIP2Encoder.from_pretrained(fixed_dir)
+    x = torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(4))
+    merging = TokenMerging(2)
+    with torch.no_grad():
+        fast = merged_forward(tower, x, merging, layer=-2)
+        fast_pooled = merged_forward(tower, x, merging, layer=1, return_pooled=True)
+    reference = merged_forward(tower, x.requires_grad_(), merging, layer=-2)
+    reference_pooled = merged_forward(tower, x, merging, layer=1, return_pooled=True)
+    torch.testing.assert_close(fast.tokens, reference.tokens.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_pooled.tokens, reference_pooled.tokens.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_pooled.pooled, reference_pooled.pooled.detach(), atol=1e-5, rtol=0)
+    assert torch.equal(fast.sizes, reference.sizes)

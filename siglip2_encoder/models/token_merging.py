@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..config import check_positive_ints
 from .head import MultiheadAttentionPoolingHead
 from .inputs import parse_inputs
-from .layers import EncoderLayer
+from .layers import EncoderLayer, InPlaceGemms, Workspace
 from .model import SigLIP2Encoder
 
 __all__ = ["MergedTokens", "TokenMerging", "bipartite_merge", "merged_forward", "merged_layer", "merged_pooling"]
@@ -108,9 +108,14 @@ def _proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
-def merged_layer(layer: EncoderLayer, x: torch.Tensor, size: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merged_layer(
+    layer: EncoderLayer, x: torch.Tensor, size: torch.Tensor, r: int, workspace: Workspace | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One encoder layer with proportional attention, then ToMe's merge of ``r`` tokens, then the MLP: (B, N, D)
-    tokens and (B, N) sizes -> (B, N - r', D), (B, N - r')."""
+    tokens and (B, N) sizes -> (B, N - r', D), (B, N - r'). With a ``workspace`` (only when autograd records
+    nothing) and a plain layer, the tower's in-place inference GEMMs run it (``x`` is overwritten)."""
+    if workspace is not None and not layer.training and layer.is_plain():
+        return _fast_merged_layer(layer, x, size, r, workspace)
     attention = layer.self_attn
     b, n, _ = x.shape
     h = layer.layer_norm1(x)
@@ -121,6 +126,25 @@ def merged_layer(layer: EncoderLayer, x: torch.Tensor, size: torch.Tensor, r: in
     x = x + attention.out_proj(_proportional_attention(q, k, v, size).transpose(1, 2).reshape(b, n, -1))
     x, size = bipartite_merge(x, k.mean(1), size, r)
     return x + layer.mlp(layer.layer_norm2(x)), size
+
+
+def _fast_merged_layer(
+    layer: EncoderLayer, x: torch.Tensor, size: torch.Tensor, r: int, workspace: Workspace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merged_layer` on :class:`~.layers.InPlaceGemms`: residual adds inside the GEMMs, GELU in place, q / k /
+    v and MLP buffers reused across layers."""
+    attention = layer.self_attn
+    gemms = InPlaceGemms(attention, layer.mlp, workspace)
+    b, n, d = x.shape
+    flat = x.reshape(b * n, d)
+    heads = (attention.num_heads, attention.head_dim)
+    q, k, v = (t.view(b, n, *heads).transpose(1, 2) for t in gemms.qkv(layer.layer_norm1(flat)))
+    attended = _proportional_attention(q, k, v, size).transpose(1, 2).reshape(b * n, d)
+    flat = gemms.out_residual(attended, flat)
+    merged, size = bipartite_merge(flat.view(b, n, d), k.mean(1), size, r)
+    flat = merged.reshape(-1, d)
+    flat = gemms.fc2_residual(gemms.fc1_gelu(layer.layer_norm2(flat)), flat)
+    return flat.view(b, -1, d), size
 
 
 def merged_pooling(head: MultiheadAttentionPoolingHead, tokens: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
@@ -158,8 +182,11 @@ def merged_forward(
     x = tower.embed(inputs).to(tower.encoder_dtype).view(len(pixel_values), -1, tower.config.hidden_size)
     size = torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
     wanted = (x, size) if layer is not None and tower.layer_index(layer) == 0 else None
+    recording = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in tower.parameters()))
+    workspace = None if recording else Workspace()
     for i, block in enumerate(layers[:stop], start=1):
-        x, size = merged_layer(block, x, size, merging.r)
+        kept = workspace is not None and wanted is not None and wanted[0] is x  # the fast path overwrites x
+        x, size = merged_layer(block, x.clone() if kept else x, size, merging.r, workspace)
         if layer is not None and tower.layer_index(layer) == i:
             wanted = (x, size)
     final = tower.post_layernorm(x) if layer is None or return_pooled else None
