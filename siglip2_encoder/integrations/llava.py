@@ -124,9 +124,9 @@ class VLMProcessor:
         reduction: TokenPruning | TokenMerging | None = None,
     ) -> None:
         self.tokenizer, self.image_processor, self.projector = tokenizer, image_processor, projector
-        self.reduction = reduction
         self.patch_size, self.image_token, self.video_token = patch_size, image_token, video_token
-        self.image_start, self.image_end, self.tiling, self.splitting = image_start, image_end, tiling, splitting
+        self.image_start, self.image_end = image_start, image_end
+        self.tiling, self.splitting, self.reduction = tiling, splitting, reduction
         if splitting is not None and (image_start or image_end or tiling is not None):
             raise ValueError(
                 "splitting writes Idefics3's own text around each view and is a tiling of its own: leave image_start, "
