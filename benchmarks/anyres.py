@@ -12,26 +12,16 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from datetime import date
 
 import numpy as np
 import torch
 import transformers
+from timing import median_seconds
 from transformers import LlamaConfig, LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionModel
 
 from siglip2_encoder import ImageProcessor, ProcessorConfig, SigLIP2Encoder, config_to_hf
 from siglip2_encoder.integrations.anyres import AnyResTiling
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -87,9 +77,9 @@ def main() -> None:
         want = theirs()
         torch.testing.assert_close(ours_packed(), want, atol=1e-4, rtol=0)
         seconds = {
-            "ours, all views packed in one forward": timed(ours_packed, args.repeats),
-            "ours, one view at a time": timed(ours_one_at_a_time, args.repeats),
-            "transformers LlavaOnevisionModel.get_image_features": timed(theirs, args.repeats),
+            "ours, all views packed in one forward": median_seconds(ours_packed, args.repeats),
+            "ours, one view at a time": median_seconds(ours_one_at_a_time, args.repeats),
+            "transformers LlavaOnevisionModel.get_image_features": median_seconds(theirs, args.repeats),
         }
     base = seconds["ours, all views packed in one forward"]
     depth = f"{c.num_hidden_layers} layers" + (" (fewer than the preset's)" if args.layers else "")

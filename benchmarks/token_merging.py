@@ -14,25 +14,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 from datetime import date
 
 import torch
 import torch.nn.functional as F
+from timing import median_seconds
 
 from siglip2_encoder import SigLIP2Encoder
 from siglip2_encoder.models.flops import encoder_flops
 from siglip2_encoder.models.token_merging import TokenMerging, merged_forward
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -51,13 +41,15 @@ def main() -> None:
     with torch.inference_mode():
         for batch in args.batch_sizes:
             x = torch.randn(batch, 3, c.image_size, c.image_size)
-            base = timed(lambda x=x: tower(x, layers=[-2], return_last=False, return_pooled=False), args.repeats)
+            base = median_seconds(
+                lambda x=x: tower(x, layers=[-2], return_last=False, return_pooled=False), args.repeats
+            )
             pooled = tower(x).pooler_output
             rows.append(f"| {batch} | none | {n} | {base:.2f} | 1.00x | 1.00x | 1.000 |")
             for r in args.r:
                 merging = TokenMerging(r)
                 counts = merging.counts(n, depth)
-                seconds = timed(lambda x=x, m=merging: merged_forward(tower, x, m, layer=-2), args.repeats)
+                seconds = median_seconds(lambda x=x, m=merging: merged_forward(tower, x, m, layer=-2), args.repeats)
                 merged = merged_forward(tower, x, merging, return_pooled=True).pooled
                 cosine = F.cosine_similarity(merged, pooled, dim=-1).mean()
                 # per layer, the cost of its input tokens relative to the full count (linear + attention terms)
