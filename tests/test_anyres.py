@@ -293,6 +293,9 @@ def test_a_tiled_checkpoint_imports_whole_and_exports_back_to_run_in_transformer
     assert imported.tower.processor_config == processor.image_processor.config  # bicubic, CLIP's mean and std
     pics = random_images(6, [(60, 170), (90, 40)])
     batch = processor(["<image> describe image", "what is <image> it"], [[pics[0]], [pics[1]]])
+    for_model = VLMProcessor.for_model(imported, processor.tokenizer)  # the imported model's own processor
+    again_batch = for_model(["<image> describe image", "what is <image> it"], [[pics[0]], [pics[1]]])
+    assert all(torch.equal(again_batch[k], batch[k]) for k in batch)
     with torch.no_grad():
         torch.testing.assert_close(imported(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
 

@@ -119,8 +119,7 @@ def test_an_idefics3_checkpoint_imports_whole(splitting, tmp_path):
     assert imported.splitting == model.splitting and imported.image_token_id == model.image_token_id
     assert imported.tower.processor_config == model.tower.processor_config
     framing = {} if splitting else dict(image_start=IMAGE_START, image_end=IMAGE_END)
-    again = VLMProcessor(tokenizer, ImageProcessor(imported.tower.processor_config), imported.projector, PATCH,
-                         splitting=imported.splitting, **framing)  # fmt: skip
+    again = VLMProcessor.for_model(imported, tokenizer, **framing)
     pics = random_images(9, [(40, 90), (64, 30)])
     batch = processor(["<image> describe image", "what is <image> it"], [[pics[0]], [pics[1]]])
     assert again(["<image> describe image", "what is <image> it"], [[pics[0]], [pics[1]]])["input_ids"].equal(

@@ -138,6 +138,17 @@ class VLMProcessor:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; add_image_token adds one")
 
+    @classmethod
+    def for_model(cls, model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase, **options: Any) -> VLMProcessor:
+        """The processor of ``model``: its tower's preprocessing, projector and patch size, and its tiling, splitting
+        and token reduction, so that none can differ from the model's (``options``: ``image_token``,
+        ``video_token``, ``image_start`` / ``image_end``)."""
+        tower = model.tower
+        return cls(
+            tokenizer, ImageProcessor(tower.processor_config), model.projector, tower.config.patch_size,
+            tiling=model.tiling, splitting=model.splitting, reduction=model.reduction, **options,
+        )  # fmt: skip
+
     def _text_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
@@ -463,17 +474,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         config = projector or MLPConfig(in_features=vision_tower.config.hidden_size, out_features=width)
         built = build_projector(config)
         model = cls(vision_tower, built, language_model, image_token_id, tiling, splitting, reduction)
-        processor = VLMProcessor(
-            tokenizer,
-            ImageProcessor(vision_tower.processor_config),
-            model.projector,
-            patch_size=vision_tower.config.patch_size,
-            image_token=image_token,
-            tiling=tiling,
-            splitting=splitting,
-            reduction=reduction,
-        )
-        return model, processor
+        return model, VLMProcessor.for_model(model, tokenizer, image_token=image_token)
 
     @property
     def tower(self) -> SigLIP2Encoder:
