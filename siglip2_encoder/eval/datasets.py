@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.images import image_extensions
-from .shards import is_shard_spec, open_shards
+from .shards import is_shard_spec, open_shards, shard_sizes
 
 __all__ = ["LabelledImages", "fingerprint", "load_labelled"]
 
@@ -59,7 +59,7 @@ class LabelledImages:
 
     def fingerprint(self) -> str:
         """:func:`fingerprint` of the images with their labels and the class names (and the shards' sizes)."""
-        header = [self.classes, {url: os.stat(url).st_size if os.path.isfile(url) else -1 for url in self.shards}]
+        header = [self.classes, shard_sizes(self.shards)]
         return fingerprint(self.paths, self.labels, header if self.shards else self.classes)
 
     def with_classes(self, names: list[str]) -> LabelledImages:

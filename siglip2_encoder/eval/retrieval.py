@@ -25,7 +25,7 @@ from ..data.tokenizer import TextTokenizer
 from ..models.joint import SigLIP2Model
 from .datasets import fingerprint
 from .features import DEFAULT_ENCODING, Encoding, image_features, versions
-from .shards import is_shard_spec, open_shards
+from .shards import is_shard_spec, open_shards, shard_sizes
 
 __all__ = ["CaptionedImages", "evaluate_retrieval", "load_captioned", "retrieval_metrics"]
 
@@ -51,7 +51,7 @@ class CaptionedImages:
 
     def fingerprint(self) -> str:
         """:func:`~.datasets.fingerprint` of the images with their captions (and the shards' sizes)."""
-        header = ["captions", {url: os.stat(url).st_size if os.path.isfile(url) else -1 for url in self.shards}]
+        header = ["captions", shard_sizes(self.shards)]
         return fingerprint(self.paths, self.captions, header if self.shards else "captions")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..pipeline.sources import expand_tar_specs
 
-__all__ = ["ShardSet", "is_shard_spec", "open_shards", "sample_id"]
+__all__ = ["ShardSet", "is_shard_spec", "open_shards", "sample_id", "shard_sizes"]
 
 
 def sample_id(row: dict[str, Any]) -> str:
@@ -66,9 +66,10 @@ class ShardSet:
             return None
         return [line.strip() for line in file.read_text().splitlines() if line.strip()]
 
-    def sizes(self) -> dict[str, int]:
-        """Each shard's size in bytes (-1: not a local file), for fingerprints."""
-        return {url: os.stat(url).st_size if os.path.isfile(url) else -1 for url in self.urls}
+
+def shard_sizes(urls: tuple[str, ...]) -> dict[str, int]:
+    """Each shard's size in bytes (-1: not a local file), for fingerprints."""
+    return {url: os.stat(url).st_size if os.path.isfile(url) else -1 for url in urls}
 
 
 def _split_shards(folder: Path) -> list[str]:
@@ -104,8 +105,8 @@ def open_shards(spec: str | os.PathLike) -> ShardSet:
         ValueError: a dataset folder was given instead of its split folder, or the spec names no shard.
     """
     path = Path(spec)
-    if path.is_dir() and not _holds_shards(path) and _splits(path):
-        splits = _splits(path)
+    splits = _splits(path) if path.is_dir() and not _holds_shards(path) else []
+    if splits:
         raise ValueError(f"{spec} holds the splits {', '.join(splits)}: give one, e.g. {path / splits[0]}")
     if path.is_dir():
         urls, metadata = _split_shards(path), path.parent
