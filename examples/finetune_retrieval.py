@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from siglip2_encoder import EncoderConfig, ImageProcessor, SigLIP2Model, TextConfig, TextTokenizer
 from siglip2_encoder.models.lora import EncoderLoRAConfig, add_lora
-from siglip2_encoder.models.loss import ring_sigmoid_loss
+from siglip2_encoder.models.loss import loss_backend_names, ring_sigmoid_loss
 from siglip2_encoder.pipeline.distributed import Ranks
 from siglip2_encoder.pipeline.retrieval import top_k
 
@@ -116,7 +116,7 @@ def recall(model, tokenizer, processor, images, captions) -> dict[str, float]:
     return {"image_to_text_r1": float(image_to_text), "text_to_image_r5": float(text_to_image)}
 
 
-def train(model, tokenizer, processor, images, captions, steps: int, batch: int, lr: float, ranks: Ranks):
+def train(model, tokenizer, processor, images, captions, steps: int, batch: int, lr: float, ranks: Ranks, backend: str):
     """AdamW on what is trainable (the adapters), the sigmoid loss on random batches of distinct captions: two
     images with one caption in a batch would be told they do not match each other's text. Returns the losses of
     the combined batches."""
@@ -139,7 +139,8 @@ def train(model, tokenizer, processor, images, captions, steps: int, batch: int,
             pixel_values=processor([images[i] for i in index]).pixel_values,
             attention_mask=tokens.attention_mask,
         )
-        loss = ring_sigmoid_loss(outputs.image_embeds, outputs.text_embeds, model.logit_scale, model.logit_bias)
+        embeds = outputs.image_embeds, outputs.text_embeds
+        loss = ring_sigmoid_loss(*embeds, model.logit_scale, model.logit_bias, backend=backend)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--loss-backend", choices=loss_backend_names(), default="torch", help="what computes the loss's tiles"
+    )
     parser.add_argument("--towers", nargs="+", default=["vision", "text"], choices=["vision", "text"])
     parser.add_argument("--out", help="folder for the fine-tuned model (default: a new temporary folder)")
     args = parser.parse_args(argv)
@@ -182,7 +186,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = EncoderLoRAConfig(r=args.rank, alpha=2.0 * args.rank, modules=("q_proj", "v_proj", "fc1", "fc2"))
     lora = add_lora(model, config, towers=args.towers)
     losses = train(
-        lora, tokenizer, processor, train_images, train_captions, args.steps, args.batch_size, args.lr, ranks
+        lora,
+        tokenizer,
+        processor,
+        train_images,
+        train_captions,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        ranks,
+        args.loss_backend,
     )
     results = {"first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:]))}
     if not ranks.main:  # the ranks hold the same weights: rank 0 evaluates and saves

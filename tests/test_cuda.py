@@ -134,9 +134,10 @@ def test_extract_on_cuda_equals_itself_at_a_batch_size_and_cpu_across_batch_size
     torch.testing.assert_close(cpu, first, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("batch", [7, 1000])
-def test_the_tiled_loss_on_cuda_equals_the_cpu_reference(dtype, batch):
+def test_the_tiled_loss_on_cuda_equals_the_cpu_reference(dtype, batch, backend):
     generator = torch.Generator().manual_seed(batch)
     images = torch.nn.functional.normalize(torch.randn(batch, 64, generator=generator), dim=-1)
     texts = torch.nn.functional.normalize(torch.randn(batch, 64, generator=generator), dim=-1)
@@ -145,7 +146,7 @@ def test_the_tiled_loss_on_cuda_equals_the_cpu_reference(dtype, batch):
     want = sigmoid_loss_reference(*inputs)
     want.backward()
     on_gpu = [t.to("cuda", dtype if t.dim() else torch.float32).detach().requires_grad_() for t in inputs]
-    got = sigmoid_loss(*on_gpu, tile=256)
+    got = sigmoid_loss(*on_gpu, tile=256, backend=backend)  # triton: the kernels compiled for the GPU
     got.backward()
     atol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float().cpu(), want.detach(), atol=atol * max(1.0, want.item()), rtol=0)

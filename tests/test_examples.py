@@ -90,7 +90,7 @@ def test_lora_classification_example_under_torchrun_and_accelerate_takes_the_sin
 
 
 @pytest.mark.slow
-def test_finetune_retrieval_example_under_torchrun_takes_the_single_process_steps():
+def test_finetune_retrieval_example_under_torchrun_takes_the_single_process_steps(monkeypatch):
     # Two ranks of 6 pairs each, the ring loss: every image still meets all 12 texts.
     args = ["--train-pairs", "60", "--test-pairs", "24", "--steps", "50"]
     alone, shared = run_example("finetune_retrieval.py", args), run_example("finetune_retrieval.py", args, ranks=2)
@@ -98,6 +98,9 @@ def test_finetune_retrieval_example_under_torchrun_takes_the_single_process_step
     assert "data-parallel (DDP) over 2 ranks" in shared
     assert logged_losses(shared) == pytest.approx(logged_losses(alone), abs=2e-4)
     assert logged_losses(shared)[-1] < logged_losses(shared)[0]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton tile kernels, run by Triton's CPU interpreter
+    triton = run_example("finetune_retrieval.py", [*args, "--loss-backend", "triton"], ranks=2)
+    assert logged_losses(triton) == pytest.approx(logged_losses(alone), abs=2e-4)
 
 
 @pytest.mark.slow
@@ -120,5 +123,5 @@ def test_finetune_retrieval_refuses_a_batch_the_ranks_cannot_share_evenly():
     from siglip2_encoder.pipeline.distributed import Ranks
 
     with pytest.raises(ValueError) as error:
-        finetune_retrieval.train(None, None, None, [], finetune_retrieval.CAPTIONS, 1, 12, 1e-3, Ranks(0, 5))
+        finetune_retrieval.train(None, None, None, [], finetune_retrieval.CAPTIONS, 1, 12, 1e-3, Ranks(0, 5), "torch")
     assert str(error.value) == "--batch-size 12 does not split evenly over 5 ranks; make it a multiple of 5"

@@ -20,10 +20,12 @@ def test_the_gpu_script_runs_every_step_on_cpu(tmp_path):
     log = (tmp_path / "log.txt").read_text() if (tmp_path / "log.txt").exists() else ""
     assert result.returncode == 0, result.stdout + log[-3000:]
     steps = dict(line.split(" ", 1) for line in (tmp_path / "summary.txt").read_text().splitlines())
-    assert list(steps) == ["versions", "cuda_tests", "so400m", "extract"]
+    assert list(steps) == ["versions", "cuda_tests", "so400m", "extract", "loss"]
     assert all(status.startswith("rc=0 ") for status in steps.values()), steps
     assert "torch varlen attention:" in (tmp_path / "versions.md").read_text()
     assert "skipped" in (tmp_path / "cuda_tests.md").read_text()  # no CUDA here: each cuda test skips, none fails
     throughput = (tmp_path / "so400m.md").read_text()
     assert "| NaFlex mixed | 8 |" in throughput and "| tokens + pooled | 2 | 196 | timm |" in throughput
     assert "| decode_jpeg on the cpu + resize there |" in (tmp_path / "extract.md").read_text()
+    loss = (tmp_path / "loss.md").read_text()  # the triton kernels by Triton's interpreter, each against the reference
+    assert "| tiled 64, triton |" in loss and "| tiled 64, torch |" in loss and "| reference (whole matrix) |" in loss

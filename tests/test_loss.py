@@ -1,14 +1,20 @@
 """The tiled sigmoid loss: values and gradients equal the whole-matrix reference (itself equal to transformers'
-loss, tests/test_joint.py) for any batch and tile size, fp32 and bf16, and what it keeps for backward grows with
-B x D, never B^2 (counted with autograd's saved-tensor hooks)."""
+loss, tests/test_joint.py) for any batch and tile size, fp32 and bf16, with either tile backend (the Triton kernels
+run by Triton's CPU interpreter here), and what it keeps for backward grows with B x D, never B^2 (counted with
+autograd's saved-tensor hooks)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from siglip2_encoder.models.loss import sigmoid_loss, sigmoid_loss_reference
+from siglip2_encoder.models.loss import select_loss_backend, sigmoid_loss, sigmoid_loss_reference
 
 
 def inputs(batch: int, width: int = 16, seed: int = 0, bias: float = -10.0, dtype=torch.float32):
@@ -25,26 +31,70 @@ def value_and_grads(loss_fn, image, text, scale, bias, **kwargs):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize(("batch", "tile"), [(1, 1), (7, 3), (7, 7), (64, 16), (64, 24), (1000, 256), (1000, 1024)])
-@pytest.mark.parametrize("bias", [-10.0, 0.0], ids=["bias", "no bias"])
-def test_values_and_gradients_equal_the_reference(batch, tile, bias):
+CASES = [(1, 1), (7, 3), (7, 7), (64, 16), (64, 24), (1000, 256), (1000, 1024)]
+
+
+def check_against_the_reference(batch, tile, bias, backend):
     args = inputs(batch, bias=bias)
     want, want_grads = value_and_grads(sigmoid_loss_reference, *args)
-    got, got_grads = value_and_grads(sigmoid_loss, *args, tile=tile)
+    got, got_grads = value_and_grads(sigmoid_loss, *args, tile=tile, backend=backend)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
-def test_bf16_inputs_accumulate_in_fp32():
+@pytest.mark.parametrize(("batch", "tile"), CASES)
+@pytest.mark.parametrize("bias", [-10.0, 0.0], ids=["bias", "no bias"])
+def test_values_and_gradients_equal_the_reference(batch, tile, bias):
+    check_against_the_reference(batch, tile, bias, "torch")
+
+
+def check_bf16(backend: str, grad_tolerance: float):
     args = inputs(300, width=32, dtype=torch.bfloat16)
-    got, grads = value_and_grads(sigmoid_loss, *args, tile=128)
+    got, grads = value_and_grads(sigmoid_loss, *args, tile=128, backend=backend)
     exact = [a.detach().float().requires_grad_() for a in args]  # the same bf16 values, computed in fp32
     want, want_grads = value_and_grads(sigmoid_loss_reference, *exact)
     assert got.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # fp32 accumulation: no bf16 error in the value
     for g, w in zip(grads, want_grads):
-        torch.testing.assert_close(g.float(), w, atol=1e-2, rtol=1e-2)  # rounded to bf16 once, at the end
+        torch.testing.assert_close(g.float(), w, atol=grad_tolerance, rtol=grad_tolerance)
+
+
+def test_bf16_inputs_accumulate_in_fp32():
+    check_bf16("torch", 1e-2)  # rounded to bf16 once, at the end
+
+
+def test_the_triton_kernels_run_by_tritons_interpreter_equal_the_reference():
+    """tests/triton_interpreted.py in a process of its own: Triton reads TRITON_INTERPRET once, when it is imported."""
+    script = Path(__file__).with_name("triton_interpreted.py")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)], capture_output=True, text=True,
+        timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    assert f"{2 * len(CASES) + 2} passed" in result.stdout, result.stdout[-2000:]
+
+
+def test_loss_backends_refuse_what_they_cannot_run(monkeypatch):
+    args = inputs(4)
+    with pytest.raises(ValueError, match="^unknown loss backend 'cuda'; choose one of torch, triton$"):
+        sigmoid_loss(*args, backend="cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    message = (
+        "loss backend 'triton' needs a CUDA device, got cpu (TRITON_INTERPRET=1 runs it on the CPU, slowly, for "
+        "tests); use backend='torch'"
+    )
+    with pytest.raises(ValueError, match=f"^{message.replace('(', '[(]').replace(')', '[)]')}$"):
+        select_loss_backend("triton", torch.device("cpu"))
+    from siglip2_encoder.models import loss_triton
+
+    rows = torch.zeros(46341, 1)  # 46341^2 > 2^31
+    message = (
+        "^the triton loss backend indexes with 32-bit offsets: a tile of 46341 x 46341 logits of width 1 is too "
+        "large; use tile <= 32768$"
+    )
+    with pytest.raises(ValueError, match=message):
+        loss_triton.tile_sum(rows, rows, torch.tensor(1.0), torch.tensor(0.0), None)
 
 
 def saved_bytes(loss_fn, *args, **kwargs) -> int:

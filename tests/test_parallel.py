@@ -154,7 +154,7 @@ scale.grad = bias.grad = None
 
 mine = slice(4 * rank, 4 * rank + 4)
 local = (images[mine].clone().requires_grad_(), texts[mine].clone().requires_grad_())
-loss = ring_sigmoid_loss(*local, scale, bias)
+loss = ring_sigmoid_loss(*local, scale, bias, backend=sys.argv[1])
 loss.backward()
 mean = loss.detach().clone()
 dist.all_reduce(mean)
@@ -179,14 +179,14 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_the_ring_sigmoid_loss_equals_the_combined_batchs_loss_and_gradients(ranks, tmp_path):
+@pytest.mark.parametrize(("ranks", "backend"), [(2, "torch"), (3, "torch"), (2, "triton")])
+def test_the_ring_sigmoid_loss_equals_the_combined_batchs_loss_and_gradients(ranks, backend, tmp_path):
     script = tmp_path / "ring.py"
     script.write_text(RING)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", str(script)]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    # the triton kernels as Triton's CPU interpreter runs them
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1" if backend == "triton" else "0"}
+    result = subprocess.run([*command, str(script), backend], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("RING EQUAL") == ranks
 

@@ -4,7 +4,9 @@
 #   benchmarks/gpu/run.sh              # on the GPU machine: writes under $OUT (the device tool's folder)
 #   benchmarks/gpu/run.sh --dry-run    # the same steps on this CPU with tiny models (tests/test_gpu_script.py)
 #
-# Installs nothing and reaches no network: the package runs from the working tree (PYTHONPATH). Each step has its
+# Installs nothing and reaches no network: the package runs from the working tree (PYTHONPATH), and the peers the
+# machine lacks come as wheels in benchmarks/gpu/wheels/ (benchmarks/gpu/fetch_wheels.sh, run here first; carry that
+# folder), unpacked into a temporary folder on PYTHONPATH. Each step has its
 # own time limit and writes its output to $OUT/<step>.md (stderr to $OUT/log.txt); $OUT/summary.txt says each
 # step's exit status and seconds. A step that fails or runs out of time does not stop the next one.
 set -u
@@ -14,6 +16,10 @@ DRY=0
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+WHEELS=$(mktemp -d)
+for wheel in benchmarks/gpu/wheels/*.whl; do
+    [[ -e $wheel ]] && python -m zipfile -e "$wheel" "$WHEELS" && PYTHONPATH="$PYTHONPATH:$WHEELS"
+done
 : > "$OUT/summary.txt"
 
 step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, stdout to $OUT/NAME.md
@@ -32,17 +38,21 @@ if [[ $DRY == 1 ]]; then
         --batch-sizes 1 2 --repeats 1 --gemm-size 256
     step extract 120 python benchmarks/gpu/extract_jpeg.py --device cpu --dtype fp32 --layers 1 --images 16 \
         --batch-size 8 --workers 1
+    step loss 120 env TRITON_INTERPRET=1 python benchmarks/gpu/loss.py --device cpu --dtype fp32 --batch 256 \
+        --check-batch 64 --width 32 --tile 64 --repeats 1
 else
-    # 30 + 120 + 180 + 60 + 90 s at most: under 8 minutes.
+    # 30 + 120 + 150 + 60 + 75 + 45 s at most: under 8 minutes.
     step versions 30 python benchmarks/gpu/versions.py
     step cuda_tests 120 python -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -rs
-    step so400m 180 python benchmarks/throughput.py --device cuda --dtype bf16 --no-eager \
+    step so400m 150 python benchmarks/throughput.py --device cuda --dtype bf16 --no-eager \
         --preset siglip2-so400m-patch14-384 --naflex-preset siglip2-so400m-patch16-naflex --sections fixed naflex \
         --batch-sizes 1 64 256 --repeats 5 --gemm-size 8192
     step b16 60 python benchmarks/throughput.py --device cuda --dtype bf16 --no-eager \
         --preset siglip2-base-patch16-224 --sections fixed --batch-sizes 1 64 256 --repeats 5 --gemm-size 8192
-    step extract 90 python benchmarks/gpu/extract_jpeg.py --device cuda --dtype bf16 --images 8192 \
+    step extract 75 python benchmarks/gpu/extract_jpeg.py --device cuda --dtype bf16 --images 8192 \
         --batch-size 256 --workers 14
+    step loss 45 python benchmarks/gpu/loss.py --device cuda --dtype bf16 --batch 65536 --check-batch 8192 \
+        --width 768 --tile 4096 --repeats 3
 fi
 cat "$OUT/summary.txt"
 ! grep -qv " rc=0 " "$OUT/summary.txt"

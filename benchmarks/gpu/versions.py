@@ -32,7 +32,8 @@ def main() -> int:
         f"- GPU: {torch.cuda.get_device_name(0) if cuda else 'none'}; CUDA {torch.version.cuda}; "
         f"Python {platform.python_version()}; siglip2-encoder from {siglip2_encoder.__file__}",
         "- " + ", ".join(f"{name} {version(name)}" for name in
-                         ("torch", "torchvision", "transformers", "timm", "peft", "triton", "onnxruntime")),
+                         ("torch", "torchvision", "transformers", "timm", "peft", "triton", "onnxruntime",
+                          "siglip-kernel")),
         f"- torch varlen attention: {importlib.util.find_spec('torch.nn.attention.varlen') is not None}; "
         f"flash-attn: {version('flash-attn')}; NCCL: {torch.distributed.is_nccl_available()}",
     ]  # fmt: skip

@@ -13,17 +13,38 @@ torch.distributed job, texts passed to the next rank W - 1 times, and again in b
 Both compute the logits in tiles and recompute them in backward (autograd Functions): what they keep for backward
 is the embeddings and two scalars, O(B x D) per rank, never B^2 and never more with more ranks.
 :func:`sigmoid_loss_reference` is the whole-matrix form, the readable reference the tests compare with.
+
+What one tile computes comes from a registry of :class:`LossBackend` s, as attention's kernels do (``backend=``):
+
+* ``"torch"``: fp32 matrix products and element-wise ops (the default; any device).
+* ``"triton"``: one Triton kernel per tile for the logits and the loss (forward) or the logits' gradient (backward),
+  the products in the inputs' precision with fp32 accumulation (bf16 tensor cores); the gradient's two products are
+  cuBLAS's (:mod:`~siglip2_encoder.models.loss_triton`). Needs CUDA and triton, or Triton's CPU interpreter
+  (``TRITON_INTERPRET=1``), which is how it is tested here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["ring_sigmoid_loss", "sigmoid_loss", "sigmoid_loss_block", "sigmoid_loss_reference"]
+__all__ = [
+    "LOSS_BACKENDS",
+    "LossBackend",
+    "loss_backend_names",
+    "register_loss_backend",
+    "ring_sigmoid_loss",
+    "select_loss_backend",
+    "sigmoid_loss",
+    "sigmoid_loss_block",
+    "sigmoid_loss_reference",
+]
 
 
 def sigmoid_loss_reference(
@@ -48,28 +69,150 @@ def _tiles(rows: int, cols: int, tile: int) -> Iterator[tuple[slice, slice]]:
             yield slice(i, min(i + tile, rows)), slice(j, min(j + tile, cols))
 
 
-def _signs(logits: torch.Tensor, rows: slice, cols: slice, diagonal: bool) -> torch.Tensor:
-    """+1 where text j matches image i (j == i, with ``diagonal``), -1 elsewhere, for one tile."""
-    if not diagonal or rows.stop <= cols.start or cols.stop <= rows.start:  # the tile misses the diagonal
-        return -torch.ones_like(logits)
-    i = torch.arange(rows.start, rows.stop, device=logits.device)[:, None]
-    j = torch.arange(cols.start, cols.stop, device=logits.device)[None, :]
-    return torch.where(i == j, 1.0, -1.0).to(logits.dtype)
-
-
 def _scalars(logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """exp(logit_scale) and logit_bias as fp32 0-d tensors."""
     return logit_scale.float().exp().reshape(()), logit_bias.float().reshape(())
 
 
+# One tile: images x (m, D), texts y (n, D), the fp32 0-d scale (exp of logit_scale) and bias, and where the matches
+# lie: text j matches image i when j - i == offset, no match in the tile when offset is None.
+TileSum = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int | None], torch.Tensor]
+# -> (d_logits (m, n), sum(d_logits * cosine), sum(d_logits)): the tile's loss differentiated by its logits.
+TileGrads = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int | None],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+]
+
+
+@dataclass(frozen=True)
+class LossBackend:
+    """How one (images x texts) tile of the sigmoid loss is computed; the tile loop, the recomputation in backward
+    and the ring are the same for every backend.
+
+    Attributes:
+        name: the registry key, the ``backend=`` of :func:`sigmoid_loss` and :func:`ring_sigmoid_loss`.
+        tile_sum: the tile's summed loss, an fp32 0-d tensor.
+        tile_grads: the tile's d(loss)/d(logits) (fp32, or the inputs' half precision for half-precision products)
+            with its sums weighted by the cosines and plain, both fp32 0-d tensors.
+        cuda_only: runs on CUDA tensors only (or on the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``).
+        module: a module that must be importable, and how to get it.
+    """
+
+    name: str
+    tile_sum: TileSum
+    tile_grads: TileGrads
+    cuda_only: bool = False
+    module: tuple[str, str] | None = None
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on ``device``, or None if it can."""
+        if self.module is not None and importlib.util.find_spec(self.module[0]) is None:
+            return f"needs {self.module[0]} ({self.module[1]})"
+        if self.cuda_only and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"needs a CUDA device, got {device.type} (TRITON_INTERPRET=1 runs it on the CPU, slowly, for tests)"
+        return None
+
+
+LOSS_BACKENDS: dict[str, LossBackend] = {}
+
+
+def register_loss_backend(backend: LossBackend) -> LossBackend:
+    """Make ``backend`` selectable by its name."""
+    LOSS_BACKENDS[backend.name] = backend
+    return backend
+
+
+def loss_backend_names() -> tuple[str, ...]:
+    """The registered backends' names: the choices of ``backend=``."""
+    return tuple(LOSS_BACKENDS)
+
+
+def select_loss_backend(name: str, device: torch.device) -> LossBackend:
+    """The backend called ``name``, if it can run on ``device``; ValueError naming the choices or the reason."""
+    if name not in LOSS_BACKENDS:
+        raise ValueError(f"unknown loss backend {name!r}; choose one of {', '.join(LOSS_BACKENDS)}")
+    reason = LOSS_BACKENDS[name].unavailable(device)
+    if reason is not None:
+        raise ValueError(f"loss backend {name!r} {reason}; use backend='torch'")
+    return LOSS_BACKENDS[name]
+
+
+def _signs(logits: torch.Tensor, offset: int | None) -> torch.Tensor:
+    """+1 where text j matches image i (j - i == offset), -1 elsewhere, for one tile."""
+    if offset is None:
+        return -torch.ones_like(logits)
+    i = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    j = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    return torch.where(j - i == offset, 1.0, -1.0).to(logits.dtype)
+
+
+def _torch_tile_sum(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int | None
+) -> torch.Tensor:
+    logits = x.float() @ y.float().T * scale + bias
+    return -F.logsigmoid(_signs(logits, offset) * logits).sum()
+
+
+def _torch_tile_grads(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cosine = x.float() @ y.float().T
+    signs = _signs(cosine, offset)
+    # d/dlogit of -log sigmoid(s * logit) = -s * sigmoid(-s * logit)
+    d_logits = -signs * torch.sigmoid(-signs * (cosine * scale + bias))
+    return d_logits, (d_logits * cosine).sum(), d_logits.sum()
+
+
+def _triton_tile_sum(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int | None
+) -> torch.Tensor:
+    from . import loss_triton  # imports triton: only when this backend runs
+
+    return loss_triton.tile_sum(x, y, scale, bias, offset)
+
+
+def _triton_tile_grads(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import loss_triton
+
+    return loss_triton.tile_grads(x, y, scale, bias, offset)
+
+
+register_loss_backend(LossBackend("torch", _torch_tile_sum, _torch_tile_grads))
+register_loss_backend(
+    LossBackend("triton", _triton_tile_sum, _triton_tile_grads, cuda_only=True, module=("triton", "pip install triton"))
+)
+
+
+def _match_offset(rows: slice, cols: slice, diagonal: bool) -> int | None:
+    """Where a tile's matches lie (see TileSum), None when the block has none or the tile misses its diagonal."""
+    if not diagonal or rows.stop <= cols.start or cols.stop <= rows.start:
+        return None
+    return rows.start - cols.start
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b accumulated and returned in fp32: half-precision products on CUDA (cuBLAS with fp32 output), else
+    the operands in fp32."""
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _block_sum(
-    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, diagonal: bool, tile: int
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    diagonal: bool,
+    tile: int,
+    backend: LossBackend,
 ) -> torch.Tensor:
     """The block's summed loss, fp32, one (tile x tile) piece of the logits at a time."""
     total = torch.zeros((), dtype=torch.float32, device=image.device)
     for rows, cols in _tiles(len(image), len(text), tile):
-        logits = image[rows].float() @ text[cols].float().T * scale + bias
-        total += -F.logsigmoid(_signs(logits, rows, cols, diagonal) * logits).sum()
+        total += backend.tile_sum(image[rows], text[cols], scale, bias, _match_offset(rows, cols, diagonal))
     return total
 
 
@@ -80,6 +223,7 @@ def _block_grads(
     bias: torch.Tensor,
     diagonal: bool,
     tile: int,
+    backend: LossBackend,
     grad_image: torch.Tensor,
     grad_text: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,15 +232,12 @@ def _block_grads(
     grad_scale = torch.zeros((), dtype=torch.float32, device=image.device)
     grad_bias = torch.zeros((), dtype=torch.float32, device=image.device)
     for rows, cols in _tiles(len(image), len(text), tile):
-        x, y = image[rows].float(), text[cols].float()
-        cosine = x @ y.T
-        signs = _signs(cosine, rows, cols, diagonal)
-        # d/dlogit of -log sigmoid(s * logit) = -s * sigmoid(-s * logit); d logit / d logit_scale = exp(.) * cos
-        d_logits = -signs * torch.sigmoid(-signs * (cosine * scale + bias))
-        grad_image[rows] += d_logits @ y * scale
-        grad_text[cols] += d_logits.T @ x * scale
-        grad_scale += (d_logits * cosine).sum() * scale
-        grad_bias += d_logits.sum()
+        x, y = image[rows], text[cols]
+        d_logits, d_cosine_sum, d_sum = backend.tile_grads(x, y, scale, bias, _match_offset(rows, cols, diagonal))
+        grad_image[rows] += _mm(d_logits, y) * scale
+        grad_text[cols] += _mm(d_logits.T, x) * scale
+        grad_scale += d_cosine_sum * scale  # d logit / d logit_scale = exp(logit_scale) * cosine
+        grad_bias += d_sum
     return grad_scale, grad_bias
 
 
@@ -115,19 +256,19 @@ class _TiledSigmoidLoss(torch.autograd.Function):
     saves is the two embedding matrices and the two scalars, O(B x D), nothing of size B^2."""
 
     @staticmethod
-    def forward(ctx, image, text, logit_scale, logit_bias, diagonal: bool, tile: int):  # noqa: ANN001
+    def forward(ctx, image, text, logit_scale, logit_bias, diagonal: bool, tile: int, backend: LossBackend):  # noqa: ANN001
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
-        ctx.diagonal, ctx.tile = diagonal, tile
-        return _block_sum(image, text, *_scalars(logit_scale, logit_bias), diagonal, tile)
+        ctx.diagonal, ctx.tile, ctx.backend = diagonal, tile, backend
+        return _block_sum(image, text, *_scalars(logit_scale, logit_bias), diagonal, tile, backend)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         image, text, logit_scale, logit_bias = ctx.saved_tensors
         grad_image, grad_text = _zeros(image), _zeros(text)
-        scalars = _block_grads(image, text, *_scalars(logit_scale, logit_bias), ctx.diagonal, ctx.tile, grad_image,
-                               grad_text)  # fmt: skip
+        scale, bias = _scalars(logit_scale, logit_bias)
+        scalars = _block_grads(image, text, scale, bias, ctx.diagonal, ctx.tile, ctx.backend, grad_image, grad_text)
         grads = (grad_image, grad_text, *scalars)
-        return (*_cast_grads(grad, grads, image, text, logit_scale, logit_bias), None, None)
+        return (*_cast_grads(grad, grads, image, text, logit_scale, logit_bias), None, None, None)
 
 
 # The tile loop is Python over a batch-dependent number of tiles, which torch.compile would unroll for every batch
@@ -140,6 +281,7 @@ def sigmoid_loss_block(
     logit_bias: torch.Tensor,
     matches_on_diagonal: bool,
     tile: int = 1024,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Sum over an (images x texts) block of ``-log sigmoid(z * (exp(logit_scale) * cos + logit_bias))``, computed
     ``tile`` x ``tile`` logits at a time and recomputed in backward (memory O((B + C) x D), not O(B x C)).
@@ -151,6 +293,7 @@ def sigmoid_loss_block(
         matches_on_diagonal: text i belongs to image i (B == C); False for a block of another device's texts,
             which are all negatives.
         tile: rows and columns of logits computed at once (memory per tile: a few tile^2 fp32 values).
+        backend: what computes a tile, a name in :data:`LOSS_BACKENDS` (``"torch"``, ``"triton"``).
 
     Returns:
         A scalar, fp32: the block's summed loss (divide by the number of images of the whole batch).
@@ -159,7 +302,10 @@ def sigmoid_loss_block(
         shape = (len(image_embeds), len(text_embeds))
         raise ValueError(f"a block with matches on its diagonal must be square, got {shape}")
     _check_tile(tile)
-    return _TiledSigmoidLoss.apply(image_embeds, text_embeds, logit_scale, logit_bias, matches_on_diagonal, tile)
+    chosen = select_loss_backend(backend, image_embeds.device)
+    return _TiledSigmoidLoss.apply(
+        image_embeds, text_embeds, logit_scale, logit_bias, matches_on_diagonal, tile, chosen
+    )
 
 
 def sigmoid_loss(
@@ -168,11 +314,12 @@ def sigmoid_loss(
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
     tile: int = 1024,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """The loss of a batch of matching pairs (image i with text i): summed over pairs, divided by the batch size,
     as transformers' ``SiglipModel(..., return_loss=True)``; tiled (see :func:`sigmoid_loss_block`), so the memory
     it keeps for backward grows with B x D, never B^2."""
-    block = sigmoid_loss_block(image_embeds, text_embeds, logit_scale, logit_bias, True, tile)
+    block = sigmoid_loss_block(image_embeds, text_embeds, logit_scale, logit_bias, True, tile, backend)
     return block / image_embeds.shape[0]
 
 
@@ -207,9 +354,9 @@ class _RingSigmoidLoss(torch.autograd.Function):
     memory per rank does not grow with the number of ranks, allocations included."""
 
     @staticmethod
-    def forward(ctx, image, text, logit_scale, logit_bias, tile: int):  # noqa: ANN001
+    def forward(ctx, image, text, logit_scale, logit_bias, tile: int, backend: LossBackend):  # noqa: ANN001
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
-        ctx.tile = tile
+        ctx.tile, ctx.backend = tile, backend
         rank, world = dist.get_rank(), dist.get_world_size()
         to, source = (rank + 1) % world, (rank - 1) % world
         scale, bias = _scalars(logit_scale, logit_bias)
@@ -218,11 +365,11 @@ class _RingSigmoidLoss(torch.autograd.Function):
         for step in range(world - 1):
             arriving = buffers[step % 2]
             requests = _exchange(block, to, source, arriving)
-            total += _block_sum(image, block, scale, bias, step == 0, tile)  # while the block moves on
+            total += _block_sum(image, block, scale, bias, step == 0, tile, backend)  # while the block moves on
             for request in requests:
                 request.wait()
             block = arriving
-        return total + _block_sum(image, block, scale, bias, world == 1, tile)
+        return total + _block_sum(image, block, scale, bias, world == 1, tile, backend)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
@@ -231,7 +378,9 @@ class _RingSigmoidLoss(torch.autograd.Function):
         to, source = (rank + 1) % world, (rank - 1) % world
         scale, bias = _scalars(logit_scale, logit_bias)
         grad_image, grad_text = _zeros(image), _zeros(text)
-        grad_scale, grad_bias = _block_grads(image, text, scale, bias, True, ctx.tile, grad_image, grad_text)
+        grad_scale, grad_bias = _block_grads(
+            image, text, scale, bias, True, ctx.tile, ctx.backend, grad_image, grad_text
+        )
         block, buffers = text.contiguous(), (torch.empty_like(text), torch.empty_like(text))
         travelling = (_zeros(text), _zeros(text))  # the block's gradient so far, beside it
         for step in range(world - 1):
@@ -241,7 +390,7 @@ class _RingSigmoidLoss(torch.autograd.Function):
                 request.wait()
             block = arriving
             # this rank's images' gradient for the block's texts, added to what the block carries to its owner
-            d_scale, d_bias = _block_grads(image, block, scale, bias, False, ctx.tile, grad_image, carried)
+            d_scale, d_bias = _block_grads(image, block, scale, bias, False, ctx.tile, ctx.backend, grad_image, carried)
             grad_scale += d_scale
             grad_bias += d_bias
         if world > 1:  # one more hop: each block's gradient, summed over the other ranks, reaches its owner
@@ -250,7 +399,7 @@ class _RingSigmoidLoss(torch.autograd.Function):
                 request.wait()
             grad_text += returned
         grads = (grad_image, grad_text, grad_scale, grad_bias)
-        return (*_cast_grads(grad, grads, image, text, logit_scale, logit_bias), None)
+        return (*_cast_grads(grad, grads, image, text, logit_scale, logit_bias), None, None)
 
 
 def ring_sigmoid_loss(
@@ -259,6 +408,7 @@ def ring_sigmoid_loss(
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
     tile: int = 1024,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """The sigmoid loss of the combined batch of every rank's matching pairs, computed device by device.
 
@@ -275,8 +425,9 @@ def ring_sigmoid_loss(
     """
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:
-        return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, tile)
+        return sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, tile, backend)
     _check_same_shape(text_embeds)
     _check_tile(tile)
-    total = _RingSigmoidLoss.apply(image_embeds, text_embeds, logit_scale, logit_bias, tile)
+    chosen = select_loss_backend(backend, image_embeds.device)
+    total = _RingSigmoidLoss.apply(image_embeds, text_embeds, logit_scale, logit_bias, tile, chosen)
     return total / image_embeds.shape[0]  # = world * total / (world * batch)
