@@ -49,19 +49,19 @@ def test_values_and_gradients_equal_the_reference(batch, tile, bias):
     check_against_the_reference(batch, tile, bias, "torch")
 
 
-def check_bf16(backend: str, grad_tolerance: float):
-    args = inputs(300, width=32, dtype=torch.bfloat16)
+def check_half(backend: str, dtype: torch.dtype, grad_tolerance: float):
+    args = inputs(300, width=32, dtype=dtype)
     got, grads = value_and_grads(sigmoid_loss, *args, tile=128, backend=backend)
-    exact = [a.detach().float().requires_grad_() for a in args]  # the same bf16 values, computed in fp32
+    exact = [a.detach().float().requires_grad_() for a in args]  # the same half values, computed in fp32
     want, want_grads = value_and_grads(sigmoid_loss_reference, *exact)
-    assert got.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # fp32 accumulation: no bf16 error in the value
+    assert got.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # fp32 accumulation: no half error in the value
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g.float(), w, atol=grad_tolerance, rtol=grad_tolerance)
 
 
 def test_bf16_inputs_accumulate_in_fp32():
-    check_bf16("torch", 1e-2)  # rounded to bf16 once, at the end
+    check_half("torch", torch.bfloat16, 1e-2)  # rounded to bf16 once, at the end
 
 
 def test_the_triton_kernels_run_by_tritons_interpreter_equal_the_reference():
@@ -72,7 +72,7 @@ def test_the_triton_kernels_run_by_tritons_interpreter_equal_the_reference():
         timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
-    assert f"{2 * len(CASES) + 2} passed" in result.stdout, result.stdout[-2000:]
+    assert f"{2 * len(CASES) + 3} passed" in result.stdout, result.stdout[-2000:]
 
 
 def test_loss_backends_refuse_what_they_cannot_run(monkeypatch):

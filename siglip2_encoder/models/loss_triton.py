@@ -65,7 +65,8 @@ def _softplus(z):
     return tl.maximum(z, 0.0) + log1p
 
 
-@triton.jit
+# A batch's last tile is smaller and the diagonal's offset moves: one compiled kernel for every size and offset.
+@triton.jit(do_not_specialize=["m", "n", "offset"])
 def _tile_kernel(
     x_ptr, y_ptr, scale_ptr, bias_ptr, d_ptr, partial_ptr, m, n, width, offset,
     GRADS: tl.constexpr, MATCHES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
