@@ -450,3 +450,26 @@ def test_a_few_sigmoid_loss_steps_with_lora_on_both_towers_lower_the_loss(image_
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_the_models_loss_keeps_nothing_of_size_batch_squared_for_backward(image_text_dir):
+    # The returned logits are (B, B), but nothing of that size may stay in the graph: the tiled loss keeps O(B x D),
+    # and the logits' own graph (a gradient for logit_scale) would otherwise keep their (B, B) product.
+    model, batch = SigLIP2Model.from_pretrained(image_text_dir).train(), 37
+    x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    ids = IDS[:1].repeat(batch, 1)
+    ids[:, 0] = torch.arange(batch)
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model(input_ids=ids, pixel_values=x, return_loss=True)
+    assert shapes and not [s for s in shapes if s.count(batch) == 2], shapes  # none is (B, B)
+    logits = output.logits_per_image
+    scale_grad, bias_grad = torch.autograd.grad(logits.sum(), (model.logit_scale, model.logit_bias))
+    cosines = torch.nn.functional.normalize(output.image_embeds, dim=-1) @ output.text_embeds.T
+    torch.testing.assert_close(scale_grad, (cosines * model.logit_scale.exp()).sum().reshape(1), rtol=1e-5, atol=1e-4)
+    assert bias_grad.item() == batch * batch

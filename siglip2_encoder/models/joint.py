@@ -231,9 +231,11 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """(B_images, B_texts) logits of image and text features (normalised here; already normalised ones stay
-        the same): ``cos * exp(logit_scale) + logit_bias``, the one place they are computed."""
+        the same): ``cos * exp(logit_scale) + logit_bias``, the one place they are computed. The scale multiplies
+        the texts before the product, not the (B, B) product after it: backward then keeps O(B x D) of this graph,
+        not the product (for the scale's gradient) - what the tiled loss saves would be moot beside it."""
         image, text = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
-        return image @ text.T.to(image.dtype) * self.logit_scale.exp() + self.logit_bias
+        return image @ (text * self.logit_scale.exp()).to(image.dtype).T + self.logit_bias
 
     def encode_labels(
         self,
