@@ -118,3 +118,35 @@ def test_memory_kept_for_backward_has_no_batch_squared_term():
     assert saved_bytes(sigmoid_loss_reference, *args) > 4 * batch * batch * 4  # the test can fail: B^2 terms
     with pytest.raises(ValueError, match="tile must be a positive int, got tile=0"):
         sigmoid_loss(*args, tile=0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "capability", "multiplier"),
+    [(torch.bfloat16, 90, "wgmma.mma_async"), (torch.float16, 80, "mma.sync"), (torch.float32, 90, None)],
+    ids=["bf16-hopper", "fp16-ampere", "fp32-hopper"],
+)
+@pytest.mark.parametrize("grads", [False, True], ids=["forward", "backward"])
+def test_the_triton_kernels_compile_for_hopper_and_ampere(dtype, capability, multiplier, grads, tmp_path):
+    """Compiled here as a launch would on a GPU (Triton's LLVM and the ptxas its wheel carries): the compiled path
+    builds, half products run on tensor cores with fp32 accumulation, fp32 ones in full fp32 (no TF32), the loads are
+    pipelined, and nothing spills from registers."""
+    import triton
+
+    from siglip2_encoder.models.loss_triton import compile_tile_kernel
+
+    kernel = compile_tile_kernel(dtype, grads=grads, capability=capability)
+    ptx = kernel.asm["ptx"]
+    if multiplier is None:
+        assert "mma" not in ptx and "tf32" not in ptx
+    else:
+        operand = {torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+        assert multiplier in ptx and f".f32.{operand}.{operand}" in ptx
+    assert "cp.async" in ptx and kernel.metadata.shared <= 160 * 1024  # fits an A100's shared memory too
+    (tmp_path / "kernel.ptx").write_text(ptx)
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    arch = "sm_90a" if capability == 90 else f"sm_{capability}"
+    info = subprocess.run(
+        [str(ptxas), "-arch", arch, "-v", str(tmp_path / "kernel.ptx"), "-o", str(tmp_path / "kernel.cubin")],
+        capture_output=True, text=True, check=True,
+    ).stderr  # fmt: skip
+    assert "0 bytes spill stores, 0 bytes spill loads" in info, info

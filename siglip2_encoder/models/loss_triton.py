@@ -15,12 +15,15 @@ whole-matrix reference, exactly as written; a GPU compiles the same code).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-__all__ = ["tile_grads", "tile_sum"]
+__all__ = ["compile_tile_kernel", "tile_grads", "tile_sum"]
 
 
 @triton.jit
@@ -102,12 +105,18 @@ def _launch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
             f"the triton loss backend indexes with 32-bit offsets: a tile of {len(x)} x {len(y)} logits of width "
             f"{x.shape[1]} is too large; use tile <= 32768"
         )
-    half = x.dtype != torch.float32
+    return x.contiguous(), y.contiguous(), _settings(x.dtype)
+
+
+def _settings(dtype: torch.dtype) -> dict:
+    """The kernel's block sizes and precision flags for ``dtype``, with its launch options (tl.dot needs blocks of at
+    least 16)."""
+    half = dtype != torch.float32
     # Triton's interpreter holds bf16 as uint16 and multiplies those in tl.dot (measured: errors of 1e10)
-    widen = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    widen = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     blocks = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8} if half else {
         "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}  # fmt: skip
-    return x.contiguous(), y.contiguous(), {**blocks, "IEEE": not half or widen, "WIDEN": widen, "num_stages": 3}
+    return {**blocks, "IEEE": not half or widen, "WIDEN": widen, "num_stages": 3}
 
 
 def _run(
@@ -144,3 +153,30 @@ def tile_grads(
     d_logits, partial = _run(x, y, scale, bias, offset, grads=True)
     d_cosine_sum, d_sum = partial.sum(0)
     return d_logits, d_cosine_sum, d_sum
+
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_tile_kernel(dtype: torch.dtype, *, grads: bool, matches: bool = True, capability: int = 90) -> Any:
+    """The tile kernel compiled ahead of time, with the settings a launch on ``dtype`` embeddings uses, for an NVIDIA
+    GPU of compute ``capability`` (90: Hopper, 80: Ampere) and a width divisible by 16, on any machine, GPU or not
+    (Triton's LLVM and the ptxas its wheel carries). Returns Triton's compiled kernel: ``.asm["ptx"]``,
+    ``.asm["cubin"]``, ``.metadata.shared``. How the tests check, without a GPU, that the compiled path builds and
+    what it multiplies on."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise ValueError("TRITON_INTERPRET=1 runs the kernels in Triton's interpreter; unset it to compile them")
+    settings = _settings(dtype)
+    options = {"num_warps": settings.pop("num_warps"), "num_stages": settings.pop("num_stages")}
+    constants = {**settings, "GRADS": grads, "MATCHES": matches}
+    names = _tile_kernel.arg_names
+    signature = {
+        name: "constexpr" if name in constants else f"*{_TRITON_TYPES[dtype]}" if name in ("x_ptr", "y_ptr", "d_ptr")
+        else "*fp32" if name.endswith("_ptr") else "i32"
+        for name in names
+    }  # fmt: skip
+    # As a launch specialises them: 16-byte aligned tensors and a width divisible by 16 (768, 1152, ...)
+    aligned = {(names.index(k),): [["tt.divisibility", 16]] for k in names if k.endswith("_ptr") or k == "width"}
+    constexprs = {(names.index(k),): v for k, v in constants.items()}
+    source = ASTSource(_tile_kernel, signature, constexprs=constexprs, attrs=aligned)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
