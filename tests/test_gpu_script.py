@@ -29,3 +29,15 @@ def test_the_gpu_script_runs_every_step_on_cpu(tmp_path):
     assert "| decode_jpeg on the cpu + resize there |" in (tmp_path / "extract.md").read_text()
     loss = (tmp_path / "loss.md").read_text()  # the triton kernels by Triton's interpreter, each against the reference
     assert "| tiled 64, triton |" in loss and "| tiled 64, torch |" in loss and "| reference (whole matrix) |" in loss
+
+
+def test_the_gpu_script_reruns_only_the_steps_named(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = ["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--dry-run", "--only", "versions,loss"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [line.split(" ", 1)[0] for line in (tmp_path / "summary.txt").read_text().splitlines()]
+    assert steps == ["versions", "loss"]
+    wrong = subprocess.run([*command[:3], "--only", "loss,speed"], capture_output=True, text=True, timeout=60, env=env)
+    assert wrong.returncode == 2
+    assert wrong.stderr == "--only speed: no such step; the steps are versions,cuda_tests,so400m,b16,extract,loss\n"

@@ -3,6 +3,7 @@
 #
 #   benchmarks/gpu/run.sh              # on the GPU machine: writes under $OUT (the device tool's folder)
 #   benchmarks/gpu/run.sh --dry-run    # the same steps on this CPU with tiny models (tests/test_gpu_script.py)
+#   benchmarks/gpu/run.sh --only cuda_tests,loss   # just these steps: a rerun of what failed, in less device time
 #
 # Installs nothing and reaches no network: the package runs from the working tree (PYTHONPATH), and the peers the
 # machine lacks come as wheels in benchmarks/gpu/wheels/ (benchmarks/gpu/fetch_wheels.sh, run here first; carry that
@@ -11,8 +12,22 @@
 # step's exit status and seconds. A step that fails or runs out of time does not stop the next one.
 set -u
 cd "$(dirname "$0")/../.."
-DRY=0
-[[ "${1:-}" == "--dry-run" ]] && DRY=1
+STEPS=",versions,cuda_tests,so400m,b16,extract,loss,"
+DRY=0 ONLY=""
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --dry-run) DRY=1 ;;
+        --only) ONLY=",${2:-},"; shift ;;
+        *) echo "unknown option $1: use --dry-run and/or --only STEP[,STEP...]" >&2; exit 2 ;;
+    esac
+    shift
+done
+for name in ${ONLY//,/ }; do
+    if [[ $STEPS != *",$name,"* ]]; then
+        echo "--only $name: no such step; the steps are ${STEPS:1:-1}" >&2
+        exit 2
+    fi
+done
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -24,6 +39,7 @@ done
 
 step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, stdout to $OUT/NAME.md
     local name=$1 limit=$2 start=$SECONDS
+    [[ -n $ONLY && $ONLY != *",$name,"* ]] && return 0
     shift 2
     echo "== $name: $*" >> "$OUT/log.txt"
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.md" 2>> "$OUT/log.txt"
