@@ -30,6 +30,7 @@ import argparse
 import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -155,6 +156,9 @@ class Report:
             rate = flops / seconds[name] / 1e9
             cells = [task, str(batch), tokens, name, f"{batch / seconds[name]:.2f}", f"{rate:.0f}"]
             self.table.append((cells + [f"{memory[name]:.0f}", f"{seconds[name] / seconds['ours']:.2f}x"], rate))
+            # The table prints at the end (its "% of GEMM" waits for the last roofline measurement): each row also
+            # goes to stderr now, so a run stopped by a time limit still leaves its figures in the log.
+            print(" | ".join(self.table[-1][0]), file=sys.stderr, flush=True)
         return memory
 
     def memory_ratio(self, task: str, batch: int, tokens: str, ratio: float) -> None:

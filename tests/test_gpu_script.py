@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_the_gpu_script_runs_every_step_on_cpu(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "2", "PYTHON": sys.executable}
     result = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--dry-run"], capture_output=True,
                             text=True, timeout=600, env=env)  # fmt: skip
     log = (tmp_path / "log.txt").read_text() if (tmp_path / "log.txt").exists() else ""
@@ -32,7 +33,7 @@ def test_the_gpu_script_runs_every_step_on_cpu(tmp_path):
 
 
 def test_the_gpu_script_reruns_only_the_steps_named(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     command = ["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--dry-run", "--only", "versions,loss"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -4,6 +4,7 @@ to the same pixels as PyAV's own frame-by-frame decoding; an unreadable video is
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 import av
 import numpy as np
@@ -52,6 +53,18 @@ def test_a_seeked_frame_equals_pyavs_sequential_decoding(video):
     path, decoded = video
     for time in (0.0, 0.35, 1.25, 2.4):
         assert np.array_equal(read_frame(VideoFrame(str(path), time)), first_at_or_after(decoded, time))
+
+
+def test_a_frame_decodes_in_a_worker_forked_after_this_process_converted_frames(video):
+    """extract's decoding workers are forked. PyAV 19 keeps one frame converter per thread, with FFmpeg's slice
+    threads: a process forked after its parent converted a frame inherits the converter without its threads, and
+    PyAV's own ``to_ndarray`` there waits for them forever. ``read_frame`` converts with a converter of its own."""
+    path, decoded = video
+    with av.open(str(path)) as container:
+        next(container.decode(video=0)).to_ndarray(format="rgb24")  # this process's converter, with its threads
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        pixels = pool.apply_async(read_frame, (VideoFrame(str(path), 1.25),)).get(timeout=60)
+    assert np.array_equal(pixels, first_at_or_after(decoded, 1.25))
 
 
 def test_extract_takes_video_frames_as_rows_with_their_times(video, tiny_checkpoint, tmp_path):

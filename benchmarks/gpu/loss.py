@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -92,7 +93,12 @@ def errors(loss: Loss, inputs: list[torch.Tensor]) -> tuple[float, float]:
     return abs(got.item() - want.item()) / abs(want.item()), grad_error
 
 
-def main() -> None:
+def failed(error: Exception) -> str:
+    """A table cell: the error's type and the first line of its message."""
+    return f"failed: {type(error).__name__}: {error}".splitlines()[0][:160].replace("|", "/")
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -112,15 +118,30 @@ def main() -> None:
     print("|---|---|---|---|---|")
     big = embeddings(args.batch, args.width, dtype, args.device)
     small = embeddings(args.check_batch, args.width, dtype, args.device, seed=1)
+    status = 0
     for name, loss in found.items():
-        if name.startswith("reference") and args.batch > args.reference_up_to:
-            timing = "not run (--reference-up-to) | -"
-        else:
-            seconds, peak = measure(loss, big, args.device, args.repeats)
-            timing = f"{seconds * 1e3:,.1f} | {'-' if peak is None else f'{peak:,.0f}'}"
-        loss_error, grad_error = errors(loss, small)
-        print(f"| {name} | {timing} | {loss_error:.1e} | {grad_error:.1e} |", flush=True)
+        # One device call runs every row: a row that fails (out of memory, a peer's kernel that does not build on
+        # this Triton) says why in its cells, the next row still runs, and the exit status is 1.
+        try:
+            if name.startswith("reference") and args.batch > args.reference_up_to:
+                timing = "not run (--reference-up-to) | -"
+            else:
+                seconds, peak = measure(loss, big, args.device, args.repeats)
+                timing = f"{seconds * 1e3:,.1f} | {'-' if peak is None else f'{peak:,.0f}'}"
+        except Exception as error:
+            timing, status = f"{failed(error)} | -", 1
+        try:
+            loss_error, grad_error = errors(loss, small)
+            checked = f"{loss_error:.1e} | {grad_error:.1e}"
+        except Exception as error:
+            checked, status = f"{failed(error)} | -", 1
+        for t in big + small:
+            t.grad = None
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"| {name} | {timing} | {checked} |", flush=True)
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,11 +29,12 @@ for name in ${ONLY//,/ }; do
     fi
 done
 OUT=${OUT:-$(mktemp -d)}
+PY=${PYTHON:-python3}  # the GPU machine's torch is its python3 (it may have no `python`)
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 WHEELS=$(mktemp -d)
 for wheel in benchmarks/gpu/wheels/*.whl; do
-    [[ -e $wheel ]] && python -m zipfile -e "$wheel" "$WHEELS" && PYTHONPATH="$PYTHONPATH:$WHEELS"
+    [[ -e $wheel ]] && "$PY" -m zipfile -e "$wheel" "$WHEELS" && PYTHONPATH="$PYTHONPATH:$WHEELS"
 done
 : > "$OUT/summary.txt"
 
@@ -47,27 +48,27 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, stdout 
 }
 
 if [[ $DRY == 1 ]]; then
-    step versions 60 python benchmarks/gpu/versions.py --dry-run
-    step cuda_tests 120 python -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider
-    step so400m 120 python benchmarks/throughput.py --device cpu --dtype fp32 --layers 1 --no-eager \
+    step versions 60 "$PY" benchmarks/gpu/versions.py --dry-run
+    step cuda_tests 120 "$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider
+    step so400m 120 "$PY" benchmarks/throughput.py --device cpu --dtype fp32 --layers 1 --no-eager \
         --preset siglip2-base-patch16-224 --naflex-preset siglip2-base-patch16-naflex --sections fixed naflex \
         --batch-sizes 1 2 --repeats 1 --gemm-size 256
-    step extract 120 python benchmarks/gpu/extract_jpeg.py --device cpu --dtype fp32 --layers 1 --images 16 \
+    step extract 120 "$PY" benchmarks/gpu/extract_jpeg.py --device cpu --dtype fp32 --layers 1 --images 16 \
         --batch-size 8 --workers 1
-    step loss 120 env TRITON_INTERPRET=1 python benchmarks/gpu/loss.py --device cpu --dtype fp32 --batch 256 \
+    step loss 120 env TRITON_INTERPRET=1 "$PY" benchmarks/gpu/loss.py --device cpu --dtype fp32 --batch 256 \
         --check-batch 64 --width 32 --tile 64 --repeats 1
 else
     # 30 + 120 + 150 + 60 + 75 + 45 s at most: under 8 minutes.
-    step versions 30 python benchmarks/gpu/versions.py
-    step cuda_tests 120 python -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -rs
-    step so400m 150 python benchmarks/throughput.py --device cuda --dtype bf16 --no-eager \
+    step versions 30 "$PY" benchmarks/gpu/versions.py
+    step cuda_tests 120 "$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -rs
+    step so400m 150 "$PY" benchmarks/throughput.py --device cuda --dtype bf16 --no-eager \
         --preset siglip2-so400m-patch14-384 --naflex-preset siglip2-so400m-patch16-naflex --sections fixed naflex \
         --batch-sizes 1 64 256 --repeats 5 --gemm-size 8192
-    step b16 60 python benchmarks/throughput.py --device cuda --dtype bf16 --no-eager \
+    step b16 60 "$PY" benchmarks/throughput.py --device cuda --dtype bf16 --no-eager \
         --preset siglip2-base-patch16-224 --sections fixed --batch-sizes 1 64 256 --repeats 5 --gemm-size 8192
-    step extract 75 python benchmarks/gpu/extract_jpeg.py --device cuda --dtype bf16 --images 8192 \
+    step extract 75 "$PY" benchmarks/gpu/extract_jpeg.py --device cuda --dtype bf16 --images 8192 \
         --batch-size 256 --workers 14
-    step loss 45 python benchmarks/gpu/loss.py --device cuda --dtype bf16 --batch 65536 --check-batch 8192 \
+    step loss 45 "$PY" benchmarks/gpu/loss.py --device cuda --dtype bf16 --batch 65536 --check-batch 8192 \
         --width 768 --tile 4096 --repeats 3
 fi
 cat "$OUT/summary.txt"

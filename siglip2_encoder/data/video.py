@@ -71,6 +71,8 @@ def read_frame(frame: VideoFrame) -> np.ndarray:
     if frame.error is not None:
         raise ValueError(f"{frame.path}: {frame.error}")
     av = _av()
+    from av.video.reformatter import VideoReformatter
+
     try:
         with av.open(frame.path) as container:
             stream = container.streams.video[0]
@@ -83,6 +85,10 @@ def read_frame(frame: VideoFrame) -> np.ndarray:
                     break
             if last is None:
                 raise ValueError(f"{frame}: no frame could be decoded")
-            return last.to_ndarray(format="rgb24")
+            # A converter of our own, on one thread, not PyAV's `to_ndarray(format=...)`: PyAV 19 keeps one
+            # converter per thread with FFmpeg's slice threads, and extract's forked workers would inherit their
+            # parent's without the threads (swscale then waits for them forever). Frames spread over the workers.
+            rgb = VideoReformatter().reformat(last, format="rgb24", threads=1)
+            return rgb.to_ndarray()
     except av.error.FFmpegError as err:
         raise ValueError(f"{frame}: cannot decode the frame: {err}") from None
