@@ -52,6 +52,16 @@ def keep_only_shards_of(folder: Path, prefix: str) -> None:
         (folder / shard).unlink()
 
 
+def triton_interpreter_refusal() -> str | None:
+    """Why the ``"triton"`` loss backend cannot run under Triton's CPU interpreter (``TRITON_INTERPRET=1``) with the
+    installed versions, or None: the tests that run the kernels that way skip with it."""
+    from siglip2_encoder.models.loss import LOSS_BACKENDS
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        return LOSS_BACKENDS["triton"].unavailable(torch.device("cpu"))
+
+
 def random_images(seed: int, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
     """uint8 (H, W, 3) images with smooth structure plus noise, so resizing filters matter."""
     rng = np.random.default_rng(seed)

@@ -9,11 +9,14 @@ import os
 import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import triton_interpreter_refusal
 
 from siglip2_encoder.models.loss import select_loss_backend, sigmoid_loss, sigmoid_loss_reference
 
@@ -67,6 +70,8 @@ def test_bf16_inputs_accumulate_in_fp32():
 
 def test_the_triton_kernels_run_by_tritons_interpreter_equal_the_reference():
     """tests/triton_interpreted.py in a process of its own: Triton reads TRITON_INTERPRET once, when it is imported."""
+    if reason := triton_interpreter_refusal():
+        pytest.skip(f"the triton loss backend {reason}")
     script = Path(__file__).with_name("triton_interpreted.py")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(script)], capture_output=True, text=True,
@@ -96,6 +101,23 @@ def test_loss_backends_refuse_what_they_cannot_run(monkeypatch):
     )
     with pytest.raises(ValueError, match=message):
         loss_triton.tile_sum(rows, rows, torch.tensor(1.0), torch.tensor(0.0), None)
+
+
+def test_the_triton_backend_refuses_an_interpreter_that_cannot_run_it(monkeypatch):
+    """Triton < 3.7's CPU interpreter under NumPy >= 2.5 stops in the kernels' first loop: refused before, naming
+    both versions. (Nothing here imports triton: the kernels must not be decorated under TRITON_INTERPRET=1.)"""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(numpy, "__version__", "2.5.0")
+    installed = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "3.6.0" if name == "triton" else installed(name))
+    message = (
+        "loss backend 'triton' under TRITON_INTERPRET=1 needs triton >= 3.7 or numpy < 2.5 (installed: triton 3.6.0, "
+        "numpy 2.5.0; older interpreters cannot run under NumPy 2.5); use backend='torch'"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        select_loss_backend("triton", torch.device("cpu"))
+    monkeypatch.setattr(numpy, "__version__", "2.4.6")
+    assert select_loss_backend("triton", torch.device("cpu")).name == "triton"
 
 
 def saved_bytes(loss_fn, *args, **kwargs) -> int:

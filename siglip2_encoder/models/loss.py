@@ -29,7 +29,9 @@ import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import metadata
 
+import numpy
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -96,6 +98,7 @@ class LossBackend:
             with its sums weighted by the cosines and plain, both fp32 0-d tensors.
         cuda_only: runs on CUDA tensors only (or on the CPU under Triton's interpreter, ``TRITON_INTERPRET=1``).
         module: a module that must be importable, and how to get it.
+        check: a further reason the backend cannot run on a device (installed versions, say), or None if it can.
     """
 
     name: str
@@ -103,6 +106,7 @@ class LossBackend:
     tile_grads: TileGrads
     cuda_only: bool = False
     module: tuple[str, str] | None = None
+    check: Callable[[torch.device], str | None] | None = None
 
     def unavailable(self, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device``, or None if it can."""
@@ -110,7 +114,7 @@ class LossBackend:
             return f"needs {self.module[0]} ({self.module[1]})"
         if self.cuda_only and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return f"needs a CUDA device, got {device.type} (TRITON_INTERPRET=1 runs it on the CPU, slowly, for tests)"
-        return None
+        return None if self.check is None else self.check(device)
 
 
 LOSS_BACKENDS: dict[str, LossBackend] = {}
@@ -179,9 +183,38 @@ def _triton_tile_grads(
     return loss_triton.tile_grads(x, y, scale, bias, offset)
 
 
+def _triton_interpreter_refusal(device: torch.device) -> str | None:
+    """Triton's CPU interpreter before 3.7 turns scalar kernel arguments into 1-element arrays and calls int() on
+    them, which NumPy 2.5 refuses: the kernels would stop with an InterpreterError on their first loop."""
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    for distribution in ("triton", "pytorch-triton"):  # PyTorch's nightly builds ship the latter
+        try:
+            triton_version = metadata.version(distribution)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    else:
+        return None
+    old_triton = tuple(int(part) for part in triton_version.split(".")[:2]) < (3, 7)
+    if old_triton and tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 5):
+        return (
+            f"under TRITON_INTERPRET=1 needs triton >= 3.7 or numpy < 2.5 (installed: triton {triton_version}, "
+            f"numpy {numpy.__version__}; older interpreters cannot run under NumPy 2.5)"
+        )
+    return None
+
+
 register_loss_backend(LossBackend("torch", _torch_tile_sum, _torch_tile_grads))
 register_loss_backend(
-    LossBackend("triton", _triton_tile_sum, _triton_tile_grads, cuda_only=True, module=("triton", "pip install triton"))
+    LossBackend(
+        "triton",
+        _triton_tile_sum,
+        _triton_tile_grads,
+        cuda_only=True,
+        module=("triton", "pip install triton"),
+        check=_triton_interpreter_refusal,
+    )
 )
 
 
