@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -183,6 +184,12 @@ def _triton_tile_grads(
     return loss_triton.tile_grads(x, y, scale, bias, offset)
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    """(3, 6) for "3.6.0", "3.6.0+git1234" or "3.6rc1"."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
 def _triton_interpreter_refusal(device: torch.device) -> str | None:
     """Triton's CPU interpreter before 3.7 turns scalar kernel arguments into 1-element arrays and calls int() on
     them, which NumPy 2.5 refuses: the kernels would stop with an InterpreterError on their first loop."""
@@ -196,8 +203,7 @@ def _triton_interpreter_refusal(device: torch.device) -> str | None:
             continue
     else:
         return None
-    old_triton = tuple(int(part) for part in triton_version.split(".")[:2]) < (3, 7)
-    if old_triton and tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 5):
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy.__version__) >= (2, 5):
         return (
             f"under TRITON_INTERPRET=1 needs triton >= 3.7 or numpy < 2.5 (installed: triton {triton_version}, "
             f"numpy {numpy.__version__}; older interpreters cannot run under NumPy 2.5)"
