@@ -6,36 +6,32 @@
 
 Its batches come from :class:`~.vlm_processor.VLMProcessor` (with :func:`~.vlm_processor.add_image_token`; both
 importable from here too, as the model's own); export to / import from transformers'
-``LlavaForConditionalGeneration`` lives in :mod:`.llava_export`.
+``LlavaForConditionalGeneration`` lives in :mod:`.llava_export`, saving and loading in this library's format in
+:mod:`.vlm_io`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..adapters import MLPConfig, Projector, ProjectorConfig, VisionFeatures, build_projector, load_projector
-from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
-from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
-from ..files import write_atomic
+from ..adapters import MLPConfig, Projector, ProjectorConfig, VisionFeatures, build_projector
 from ..models.lora import EncoderLoRAConfig, add_lora, trainable_parameters
 from ..models.model import SigLIP2Encoder
 from ..models.token_merging import TokenMerging, merged_forward
 from .anyres import AnyResTiling
 from .reduction import TokenPruning
 from .splitting import ImageSplitting
+from .vlm_io import VLMIOMixin
 from .vlm_processor import IGNORE_INDEX, VLMProcessor, add_image_token, image_grids
 
 __all__ = [
@@ -50,11 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "vlm_config.json"
-NEWLINE_FILE = "image_newline.safetensors"
-# How a saved model names its token reduction (vlm_config.json's "reduction" "kind").
-REDUCTIONS: dict[str, type[TokenPruning] | type[TokenMerging]] = {"pruning": TokenPruning, "merging": TokenMerging}
 
 
 def _check_tiling(tiling: AnyResTiling, tower: SigLIP2Encoder, projector: Projector) -> None:
@@ -113,7 +104,7 @@ def _tiling_inputs(
     return [(int(h), int(w)) for h, w in image_sizes.tolist()], [bool(t) for t in image_tiled.tolist()]
 
 
-class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
+class VisionLanguageModel(VLMIOMixin, nn.Module):
     """vision tower -> projector -> language model, composed in plain code.
 
     Args:
@@ -208,12 +199,6 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         built = build_projector(config)
         model = cls(vision_tower, built, language_model, image_token_id, tiling, splitting, reduction)
         return model, VLMProcessor.for_model(model, tokenizer, image_token=image_token)
-
-    @property
-    def tower(self) -> SigLIP2Encoder:
-        """The encoder itself, inside a LoRA wrapper if there is one."""
-        tower = self.vision_tower
-        return tower.get_base_model() if isinstance(tower, PeftModel) else tower
 
     def image_features(
         self,
@@ -328,7 +313,7 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         )
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
-    # ----------------------------------------------------------------------------------------------- save / load
+    # ---------------------------------------------------------------------------------------------- adapters
 
     def merge_lora(self) -> VisionLanguageModel:
         """Fold LoRA adapters of the tower and the LM into their weights (for saving or fast inference)."""
@@ -337,16 +322,6 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
         if isinstance(self.language_model, PeftModel):
             self.language_model = self.language_model.merge_and_unload()
         return self
-
-    def check_merged(self, action: str) -> None:
-        """Refuse ``action`` (``"cannot save"``, ...) while the tower or the LM holds LoRA adapters: their weights
-        are not yet in the layout a checkpoint has."""
-        wrapped = [name for name in ("vision_tower", "language_model") if isinstance(getattr(self, name), PeftModel)]
-        if wrapped:
-            raise ValueError(
-                f"{action}: the {' and the '.join(wrapped)} hold LoRA adapters; call merge_lora() first, or save the "
-                f"adapters with their own save_pretrained"
-            )
 
     def check_exportable(self, action: str, *, tiling: bool) -> None:
         """Refuse ``action`` (an export) for what transformers' VLM of that format cannot do: unmerged LoRA, token
@@ -362,79 +337,6 @@ class VisionLanguageModel(FromPretrainedMixin, HubMixin, nn.Module):
                 f"{action}: this model tiles its images (AnyRes) and learns an image_newline, which that format does "
                 f"not hold; save it with save_pretrained"
             )
-
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
-        """Write ``vision_tower/``, ``projector/``, ``language_model/`` (and ``tokenizer/``) plus vlm_config.json."""
-        self.check_merged("cannot save")
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.vision_tower.save_pretrained(folder / "vision_tower")
-        self.projector.save_pretrained(folder / "projector")
-        self.language_model.save_pretrained(folder / "language_model")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder / "tokenizer")
-        config: dict[str, Any] = {"image_token_id": self.image_token_id}
-        if self.splitting is not None:
-            config["splitting"] = asdict(self.splitting)
-        if self.reduction is not None:
-            kind = next(k for k, cls in REDUCTIONS.items() if isinstance(self.reduction, cls))
-            config["reduction"] = {"kind": kind, **asdict(self.reduction)}
-        if self.tiling is not None:
-            config["tiling"] = asdict(self.tiling)
-            save_file({"image_newline": self.image_newline.detach().contiguous()}, folder / NEWLINE_FILE)
-        write_atomic(folder / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode())
-
-    @property
-    def base_checkpoint(self) -> str | None:
-        """The language model's checkpoint: a VLM carries its LM's license."""
-        return getattr(self.language_model, "name_or_path", None) or None
-
-    def model_card_info(self) -> ModelCardInfo:
-        """What :meth:`push_to_hub`'s model card says of this VLM (its own format; ``export_llava`` for
-        transformers')."""
-        projector = self.projector.config
-        return ModelCardInfo(
-            title=f"LLaVA-style VLM: SigLIP tower + {projector.kind} projector + {type(self.language_model).__name__}",
-            summary="A vision-language model built with siglip2-encoder: a SigLIP vision tower, a projector and a "
-            "causal language model, saved in this library's format (vision_tower/, projector/, language_model/).",
-            details=[
-                ("vision tower", self.tower.name_or_path or "none (random initialisation)"),
-                ("projector", f"{projector.kind}, tower layers {projector.layers}"),
-                ("language model", self.base_checkpoint or "none (random initialisation)"),
-                ("image token id", str(self.image_token_id)),
-            ],
-            snippet="from siglip2_encoder.integrations.llava import VisionLanguageModel\n\n"
-            'model = VisionLanguageModel.from_pretrained("{repo_id}")\n',
-            base_model=hub_id(self.base_checkpoint),
-            tags=("siglip", "image-text-to-text", "llava"),
-            pipeline_tag="image-text-to-text",
-        )
-
-    @classmethod
-    def from_source(
-        cls, source: CheckpointSource, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
-    ) -> VisionLanguageModel:
-        """A folder written by :meth:`save_pretrained` (``from_pretrained(name_or_path)``: the folder, or a Hub repo
-        of one, its cache first)."""
-        folder = source.snapshot()
-        if not (folder / CONFIG_FILE).is_file():
-            raise ValueError(f"{folder} has no {CONFIG_FILE}; was it written by VisionLanguageModel.save_pretrained?")
-        config = json.loads((folder / CONFIG_FILE).read_text())
-        lm_config = AutoConfig.from_pretrained(folder / "language_model")
-        tiling, splitting, reduction = config.get("tiling"), config.get("splitting"), config.get("reduction")
-        model = cls(
-            SigLIP2Encoder.from_pretrained(folder / "vision_tower", dtype=dtype),
-            load_projector(folder / "projector"),
-            AutoModelForCausalLM.from_pretrained(folder / "language_model", config=lm_config, dtype=dtype),
-            config["image_token_id"],
-            None if tiling is None else AnyResTiling(**tiling),
-            None if splitting is None else ImageSplitting(**splitting),
-            None if reduction is None else REDUCTIONS[reduction.pop("kind")](**reduction),
-        )
-        if model.image_newline is not None:
-            with torch.no_grad():
-                model.image_newline.copy_(load_file(folder / NEWLINE_FILE)["image_newline"])
-        return model if device is None else model.to(device)
 
 
 # --------------------------------------------------------------------------------------------------- stages
