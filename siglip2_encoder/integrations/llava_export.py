@@ -6,7 +6,8 @@ What fits LLaVA's format, and why the rest does not:
 * the tower must be fixed-resolution: LLaVA calls its vision tower with ``pixel_values`` alone, while NaFlex
   towers need ``spatial_shapes`` and a patch mask;
 * the projector must be ``mlp`` with depth 2 and hidden width = the LM's width (LLaVA's ``linear_1``, GELU,
-  ``linear_2``), or ``linear`` (written as ``linear_1`` = the layer, activation "linear", ``linear_2`` = identity).
+  ``linear_2``), or ``linear`` (written as ``linear_1`` = the layer, activation "linear", ``linear_2`` = identity;
+  transformers runs it, vLLM's LLaVA does not: its activation registry has no "linear").
   Pixel-shuffle, pooling and resampler projectors change the token count, which LLaVA's projector cannot;
 * the projector must read hidden states (integer layers, concatenated): LLaVA selects ``hidden_states[layer]``,
   which never holds the post-layernorm ``last_hidden_state``;
@@ -21,6 +22,7 @@ llama.cpp would preprocess its images as LLaVA-1.5's (padded square), not as Sig
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -59,6 +61,8 @@ from .llava import VisionLanguageModel
 
 __all__ = ["LlavaExport", "export_llava", "import_llava"]
 
+logger = logging.getLogger(__name__)
+
 
 def _check_exportable(model: VisionLanguageModel) -> None:
     model.check_exportable("cannot export to LLaVA's format", tiling=True)
@@ -78,6 +82,11 @@ def _check_exportable(model: VisionLanguageModel) -> None:
         raise ValueError(
             f"a {config.kind!r} projector cannot be exported to LLaVA's format, whose projector keeps one token per "
             f"patch (linear or 2-layer MLP only); use VisionLanguageModel.save_pretrained"
+        )
+    if isinstance(model.projector, LinearProjector):
+        logger.warning(
+            "a linear projector exports with projector_hidden_act='linear', which transformers runs and vLLM's LLaVA "
+            "refuses ('Activation function linear is not supported'); for vLLM, build the model with an mlp projector"
         )
     if None in config.layers or config.combine != "concat":
         raise ValueError(
