@@ -1,10 +1,18 @@
 """The VLM exports through llama.cpp's own converter (``convert_hf_to_gguf.py`` from the llama-cpp-python sdist, which
-README's test command fetches into .venv/llama.cpp): the Idefics3 export converts to a text GGUF and an mmproj GGUF,
+README's test command puts into .venv/llama.cpp): the Idefics3 export converts to a text GGUF and an mmproj GGUF,
 the LLaVA export to a text GGUF, each holding our weights under llama.cpp's names (read back with llama.cpp's own
-gguf-py); the LLaVA export's SigLIP mmproj is refused by the converter, as docs/vlm.md says."""
+gguf-py); the LLaVA export's SigLIP mmproj is refused by the converter, as docs/vlm.md says.
+
+Then llama.cpp runs them: llama-cpp-python, built from the same sdist by README's test command, binds llama.cpp's
+libllama (the text GGUF's logits) and libmtmd (its multimodal library: the image's views, the text between them and
+each view's features from the mmproj GGUF), the code llama.cpp's own ``llama-mtmd-cli`` and server run."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import dataclasses
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +20,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import perturb
 from test_idefics3_export import make_idefics3_vlm
-from test_llava import WORDS, make_vlm
+from test_llava import WORDS, images, make_vlm
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from siglip2_encoder.integrations.idefics3_export import export_idefics3
+from siglip2_encoder.integrations.idefics3_export import add_idefics3_tokens, export_idefics3, llama_cpp_differences
+from siglip2_encoder.integrations.llava import VisionLanguageModel, VLMProcessor
 from siglip2_encoder.integrations.llava_export import export_llava
+from siglip2_encoder.integrations.splitting import ImageSplitting
 
 LLAMA_CPP = Path(__file__).resolve().parents[1] / ".venv" / "llama.cpp"
 
@@ -126,3 +137,156 @@ def test_a_llava_export_converts_its_language_model_and_not_its_siglip_mmproj(gg
     # llama.cpp maps transformers' LLaVA vision towers of Pixtral only (docs/vlm.md: why no mmproj is written here)
     result = convert(tmp_path / "hf", tmp_path / "mmproj.gguf", "--mmproj")
     assert result.returncode != 0 and "Unsupported model type: siglip_vision_model" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------- llama.cpp runs them
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama-cpp-python's bindings of libllama and libmtmd (README's test command builds them)."""
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    llama_cpp.llama_backend_init()
+    return llama_cpp, mtmd_cpp
+
+
+def split_vlm(resample: str) -> tuple[VisionLanguageModel, VLMProcessor, PreTrainedTokenizerFast]:
+    """A VLM built for Idefics3 as SmolVLM is: 32 px tiles of images resized to a longest edge of 96 px, a global
+    view, ``resample`` resizing; a Llama-style tokenizer, which the converter reads."""
+    built, _, tokenizer = make_vlm(projector="idefics3", tokenizer=llama_tokenizer())
+    tower = built.tower
+    tower.processor_config = dataclasses.replace(tower.processor_config, resample=resample)
+    splitting = ImageSplitting(32, 96)
+    image_token_id = add_idefics3_tokens(tokenizer, built.language_model, splitting)
+    model = VisionLanguageModel(tower, built.projector, built.language_model, image_token_id, splitting=splitting)
+    perturb(model, seed=3)
+    return model.eval(), VLMProcessor.for_model(model, tokenizer), tokenizer
+
+
+def export_and_convert(model, tokenizer, folder: Path) -> tuple[Path, Path]:
+    """The Idefics3 export converted by llama.cpp: (text GGUF, mmproj GGUF)."""
+    export_idefics3(model, folder / "hf", tokenizer)
+    for options, out in [((), "text.gguf"), (("--mmproj",), "mmproj.gguf")]:
+        result = convert(folder / "hf", folder / out, *options)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return folder / "text.gguf", folder / "mmproj.gguf"
+
+
+@contextlib.contextmanager
+def mtmd_context(llama_cpp, text: Path, mmproj: Path):
+    """libmtmd's context on the two GGUFs, on the CPU: (context, the LM's width)."""
+    lib, mtmd = llama_cpp
+    lm = lib.llama_model_load_from_file(str(text).encode(), lib.llama_model_default_params())
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.warmup = False, 2, False
+    context = mtmd.mtmd_init_from_file(str(mmproj).encode(), lm, params)
+    assert lm and context, "llama.cpp could not load the GGUFs"
+    try:
+        yield context, lib.llama_model_n_embd(lm)
+    finally:
+        mtmd.mtmd_free(context)
+        lib.llama_model_free(lm)
+
+
+def mtmd_prompt(mtmd, context, width: int, image: np.ndarray) -> tuple[list[np.ndarray], list[list[int]]]:
+    """libmtmd's prompt for one (H, W, 3) uint8 image: each view's features (tokens, D_lm), in prompt order, and the
+    text chunks' token ids (-1 where llama.cpp found no vocabulary entry)."""
+    height, wide, _ = image.shape
+    bitmap = mtmd.mtmd_bitmap_init(wide, height, (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes()))
+    chunks = mtmd.mtmd_input_chunks_init()
+    marker = mtmd.mtmd_default_marker()
+    text = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+    views, texts = [], []
+    try:
+        assert mtmd.mtmd_tokenize(context, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                assert mtmd.mtmd_encode_chunk(context, chunk) == 0
+                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(context), shape=(n * width,))
+                views.append(out.reshape(n, width).copy())
+            else:
+                count = ctypes.c_size_t()
+                ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+                texts.append([ids[j] for j in range(count.value)])
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+    return views, texts
+
+
+def our_views(model, processor, image: np.ndarray) -> tuple[torch.Tensor, list[int]]:
+    """Our features per view (views, tokens, D_lm) and our prompt's ids for ``image`` alone."""
+    batch = processor(["<image>"], [[image]])
+    with torch.no_grad():
+        features = model.image_features(batch["pixel_values"])
+    return features.view(len(batch["pixel_values"]), -1, features.shape[-1]), batch["input_ids"][0].tolist()
+
+
+def test_llama_cpp_runs_a_split_idefics3_export_with_our_views_and_features(llama_cpp, tmp_path):
+    """libmtmd on the export of a model with splitting and Lanczos resizing: as many views as ours, in our order
+    (tiles row by row, the global view last), with our row / column tags, each view's features ours within 3e-2
+    (values up to ~3; measured 1.9e-2: llama.cpp's Lanczos is Pillow's, ours transformers' (torchvision's), 1-2
+    levels apart on these random pixels) and within 5e-3 where the tiles are cut without resizing (measured 2.3e-3:
+    ggml's kernels)."""
+    model, processor, tokenizer = split_vlm("lanczos")
+    text, mmproj = export_and_convert(model, tokenizer, tmp_path)
+    tags = set(tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<global-img>"]))
+    tags |= set(tokenizer.convert_tokens_to_ids(model.splitting.row_col_tokens()))
+    with mtmd_context(llama_cpp, text, mmproj) as (context, width):
+        for size in [(96, 96), (40, 150), (170, 45), (300, 200), (20, 20)]:
+            image = images(1, 9, sizes=[size])[0]
+            views, texts = mtmd_prompt(llama_cpp[1], context, width, image)
+            ours, ids = our_views(model, processor, image)
+            assert len(views) == len(ours) > 1, size
+            assert [i for chunk in texts for i in chunk if i in tags] == [i for i in ids if i in tags], size
+            for i, (theirs, want) in enumerate(zip(views, ours)):
+                unresized = size == (96, 96) and i < len(ours) - 1
+                np.testing.assert_allclose(theirs, want, atol=5e-3 if unresized else 3e-2, rtol=0, err_msg=f"{size}")
+    # This Llama-2-style vocabulary has no "\n\n" entry: llama.cpp writes an invalid id before the global view,
+    # which is what llama_cpp_differences warns of (a SmolVLM tokenizer has both entries).
+    assert texts[-2][0] == -1
+    (difference,) = llama_cpp_differences(model, tokenizer)
+    assert "the tokenizer does not write '\\n' or '\\n\\n' as one token" in difference
+
+
+def test_llama_cpp_resizes_with_lanczos_whatever_the_processor_says_and_the_export_warns(llama_cpp, tmp_path, caplog):
+    """A tower resizing bilinearly: llama.cpp's views get other pixels (features off by far more than the Lanczos
+    model's 3e-2; measured 0.5 to 2.4), which the export logs; a model without splitting is warned of too
+    (llama.cpp always splits)."""
+    model, processor, tokenizer = split_vlm("bilinear")
+    with caplog.at_level(logging.WARNING, logger="siglip2_encoder.integrations.idefics3_export"):
+        text, mmproj = export_and_convert(model, tokenizer, tmp_path)
+    assert "llama.cpp would run this export otherwise than transformers: the tower's processor resizes with " in (
+        caplog.text
+    )
+    image = images(1, 9, sizes=[(40, 150)])[0]
+    with mtmd_context(llama_cpp, text, mmproj) as (context, width):
+        views, _ = mtmd_prompt(llama_cpp[1], context, width, image)
+    ours, _ = our_views(model, processor, image)
+    assert len(views) == len(ours) and max(np.abs(v - o.numpy()).max() for v, o in zip(views, ours)) > 0.2
+    unsplit, _, tokenizer = make_idefics3_vlm(llama_tokenizer())
+    assert any("llama.cpp always splits it" in d for d in llama_cpp_differences(unsplit, tokenizer))
+
+
+def test_llama_cpp_runs_the_text_gguf_with_our_language_models_logits(llama_cpp, tmp_path):
+    """libllama on the text GGUF of the Idefics3 export: the logits of our language model on the same ids (fp32
+    GGUF and KV cache; 1e-5, measured 5e-7)."""
+    model, _, tokenizer = make_idefics3_vlm(llama_tokenizer())
+    text, _ = export_and_convert(model, tokenizer, tmp_path)
+    ids = tokenizer("what colour is the shape")["input_ids"]
+    from llama_cpp import Llama
+
+    f32 = llama_cpp[0].GGML_TYPE_F32  # the KV cache in fp32 (llama.cpp's default, f16, rounds keys and values)
+    llm = Llama(model_path=str(text), n_ctx=32, logits_all=True, n_threads=2, type_k=f32, type_v=f32, verbose=False)
+    try:
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = model.language_model(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)

@@ -26,8 +26,9 @@ model's :class:`~.splitting.ImageSplitting` (``do_image_splitting=True``: tiles,
 else without (each image one view resized to the tower's size).
 
 llama.cpp's ``convert_hf_to_gguf.py`` converts the folder as it is: the language model, and with ``--mmproj`` the
-tower and connector (``text_config.architectures`` names the LM's class, as real SmolVLM repos do). llama.cpp's own
-Idefics3 preprocessing always tiles, which this model was not trained with (docs/vlm.md: llama.cpp).
+tower and connector (``text_config.architectures`` names the LM's class, as real SmolVLM repos do), and llama.cpp
+runs them: for a model with splitting and Lanczos resizing, its views and their features are ours. What it would do
+otherwise for a given model, :func:`llama_cpp_differences` says, and the export logs (docs/vlm.md: llama.cpp).
 """
 
 from __future__ import annotations
@@ -57,7 +58,14 @@ from .hf_export import check_tokenizer, language_model_weights, plain_chat_templ
 from .llava import VisionLanguageModel, add_image_token
 from .splitting import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, ImageSplitting
 
-__all__ = ["IMAGE_END", "IMAGE_START", "add_idefics3_tokens", "export_idefics3", "import_idefics3"]
+__all__ = [
+    "IMAGE_END",
+    "IMAGE_START",
+    "add_idefics3_tokens",
+    "export_idefics3",
+    "import_idefics3",
+    "llama_cpp_differences",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +88,36 @@ def add_idefics3_tokens(
     tags = [] if splitting is None else splitting.row_col_tokens()
     tokenizer.add_tokens([FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE, *tags], special_tokens=True)
     return add_image_token(tokenizer, language_model, IMAGE_TOKEN)
+
+
+def llama_cpp_differences(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | None = None) -> list[str]:
+    """What llama.cpp's Idefics3 path (``libmtmd``) would do differently from transformers with this model's export,
+    one sentence each; empty when it runs the model as transformers does (tested against llama.cpp's own code:
+    tests/test_gguf.py).
+
+    llama.cpp does not read the processor's settings: it always splits (tiles plus a global view, at the longest
+    edge the converter writes), always resizes with Lanczos, and writes the text between the views as single
+    vocabulary entries it looks up by their text (``"\\n"`` after a row, ``"\\n\\n"`` before the global view)."""
+    differences = []
+    if model.splitting is None:
+        differences.append(
+            "the model sees each image as one view, and llama.cpp always splits it into tiles plus a global view: "
+            "build it with ImageSplitting (docs/vlm.md: Idefics3 image splitting)"
+        )
+    resample = model.tower.processor_config.resample
+    if resample != "lanczos":
+        differences.append(
+            f"the tower's processor resizes with {resample!r}, and llama.cpp always resizes with Lanczos: its views "
+            f"get other pixels; train with resample='lanczos', as Idefics3 and SmolVLM do"
+        )
+    if tokenizer is not None:
+        split = [text for text in ("\n", "\n\n") if len(tokenizer.encode(text, add_special_tokens=False)) != 1]
+        if split:
+            differences.append(
+                f"the tokenizer does not write {' or '.join(map(repr, split))} as one token, which llama.cpp looks "
+                f"up as one vocabulary entry (an entry it lacks becomes an invalid token): its prompts hold other ids"
+            )
+    return differences
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
@@ -163,6 +201,8 @@ def export_idefics3(
             tower.config.image_size,
             tower.config.image_size,
         )
+    for difference in llama_cpp_differences(model, tokenizer):
+        logger.warning("llama.cpp would run this export otherwise than transformers: %s", difference)
     vision = config_to_hf(tower.config.replace(use_head=False, position_lookup="buckets"))
     config = Idefics3Config(
         vision_config={k: v for k, v in vision.items() if k != "architectures"},
