@@ -16,6 +16,7 @@ import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,16 +47,18 @@ def gguf_reader():
     return GGUFReader
 
 
-def llama_tokenizer() -> PreTrainedTokenizerFast:
+def llama_tokenizer(newlines: bool = False) -> PreTrainedTokenizerFast:
     """A Llama-2-style tokenizer (BPE with byte fallback, the 256 byte tokens), trained offline on the tests' words:
-    llama.cpp's converter reads its vocabulary (a word-level one it cannot)."""
+    llama.cpp's converter reads its vocabulary (a word-level one it cannot). With ``newlines``, ``"\\n"`` and
+    ``"\\n\\n"`` are entries of their own, before the byte tokens, as in vocabularies with newline tokens
+    (SmolVLM's)."""
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    special = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    special = ["<unk>", "<s>", "</s>", *(["\n", "\n\n"] if newlines else []), *(f"<0x{i:02X}>" for i in range(256))]
     backend.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(special_tokens=special, show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -152,10 +155,10 @@ def llama_cpp():
     return llama_cpp, mtmd_cpp
 
 
-def split_vlm(resample: str) -> tuple[VisionLanguageModel, VLMProcessor, PreTrainedTokenizerFast]:
+def split_vlm(resample: str, tokenizer=None) -> tuple[VisionLanguageModel, VLMProcessor, PreTrainedTokenizerFast]:
     """A VLM built for Idefics3 as SmolVLM is: 32 px tiles of images resized to a longest edge of 96 px, a global
     view, ``resample`` resizing; a Llama-style tokenizer, which the converter reads."""
-    built, _, tokenizer = make_vlm(projector="idefics3", tokenizer=llama_tokenizer())
+    built, _, tokenizer = make_vlm(projector="idefics3", tokenizer=tokenizer or llama_tokenizer())
     tower = built.tower
     tower.processor_config = dataclasses.replace(tower.processor_config, resample=resample)
     splitting = ImageSplitting(32, 96)
@@ -174,48 +177,109 @@ def export_and_convert(model, tokenizer, folder: Path) -> tuple[Path, Path]:
     return folder / "text.gguf", folder / "mmproj.gguf"
 
 
+@dataclasses.dataclass
+class LlamaCpp:
+    """llama.cpp on the two GGUFs, on the CPU: the bindings, libmtmd's context, the LM's context (fp32 KV cache)."""
+
+    lib: Any
+    mtmd: Any
+    context: Any
+    lm_context: Any
+    width: int
+    vocab: int
+
+
 @contextlib.contextmanager
-def mtmd_context(llama_cpp, text: Path, mmproj: Path):
-    """libmtmd's context on the two GGUFs, on the CPU: (context, the LM's width)."""
+def load_llama_cpp(llama_cpp, text: Path, mmproj: Path):
     lib, mtmd = llama_cpp
     lm = lib.llama_model_load_from_file(str(text).encode(), lib.llama_model_default_params())
     params = mtmd.mtmd_context_params_default()
     params.use_gpu, params.n_threads, params.warmup = False, 2, False
     context = mtmd.mtmd_init_from_file(str(mmproj).encode(), lm, params)
-    assert lm and context, "llama.cpp could not load the GGUFs"
+    lm_params = lib.llama_context_default_params()
+    lm_params.n_ctx = lm_params.n_batch = 256
+    lm_params.type_k = lm_params.type_v = lib.GGML_TYPE_F32  # llama.cpp's default, f16, rounds keys and values
+    lm_params.n_threads = lm_params.n_threads_batch = 2
+    lm_context = lib.llama_init_from_model(lm, lm_params)
+    assert lm and context and lm_context, "llama.cpp could not load the GGUFs"
+    vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(lm))
     try:
-        yield context, lib.llama_model_n_embd(lm)
+        yield LlamaCpp(lib, mtmd, context, lm_context, lib.llama_model_n_embd(lm), vocab)
     finally:
+        lib.llama_free(lm_context)
         mtmd.mtmd_free(context)
         lib.llama_model_free(lm)
 
 
-def mtmd_prompt(mtmd, context, width: int, image: np.ndarray) -> tuple[list[np.ndarray], list[list[int]]]:
-    """libmtmd's prompt for one (H, W, 3) uint8 image: each view's features (tokens, D_lm), in prompt order, and the
-    text chunks' token ids (-1 where llama.cpp found no vocabulary entry)."""
+@contextlib.contextmanager
+def mtmd_chunks(run: LlamaCpp, image: np.ndarray, prompt: str = "", add_special: bool = False):
+    """libmtmd's prompt for ``prompt`` with one (H, W, 3) uint8 image before it: its chunks (text or image), as
+    (is_image, chunk) in prompt order, and the chunk list."""
+    mtmd = run.mtmd
     height, wide, _ = image.shape
     bitmap = mtmd.mtmd_bitmap_init(wide, height, (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes()))
     chunks = mtmd.mtmd_input_chunks_init()
-    marker = mtmd.mtmd_default_marker()
-    text = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
-    views, texts = [], []
+    full = mtmd.mtmd_default_marker() + prompt.encode()
+    text = mtmd.mtmd_input_text(text=full, text_len=len(full), add_special=add_special, parse_special=True)
+    bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
     try:
-        assert mtmd.mtmd_tokenize(context, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        assert mtmd.mtmd_tokenize(run.context, chunks, ctypes.byref(text), bitmaps, 1) == 0
+        parts = []
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                assert mtmd.mtmd_encode_chunk(context, chunk) == 0
-                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                out = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(context), shape=(n * width,))
-                views.append(out.reshape(n, width).copy())
-            else:
-                count = ctypes.c_size_t()
-                ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
-                texts.append([ids[j] for j in range(count.value)])
+            parts.append((mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE, chunk))
+        yield parts, chunks
     finally:
         mtmd.mtmd_input_chunks_free(chunks)
         mtmd.mtmd_bitmap_free(bitmap)
+
+
+def text_ids(run: LlamaCpp, chunk) -> list[int]:
+    """A text chunk's token ids (-1 where llama.cpp found no vocabulary entry)."""
+    count = ctypes.c_size_t()
+    ids = run.mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(count))
+    return [ids[j] for j in range(count.value)]
+
+
+def mtmd_views(run: LlamaCpp, image: np.ndarray) -> tuple[list[np.ndarray], list[list[int]]]:
+    """libmtmd on one image: each view's features (tokens, D_lm) in prompt order, and the text chunks' ids."""
+    views, texts = [], []
+    with mtmd_chunks(run, image) as (parts, _):
+        for is_image, chunk in parts:
+            if not is_image:
+                texts.append(text_ids(run, chunk))
+                continue
+            assert run.mtmd.mtmd_encode_chunk(run.context, chunk) == 0
+            n = run.mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            out = np.ctypeslib.as_array(run.mtmd.mtmd_get_output_embd(run.context), shape=(n * run.width,))
+            views.append(out.reshape(n, run.width).copy())
     return views, texts
+
+
+def mtmd_generate(
+    run: LlamaCpp, image: np.ndarray, prompt: str, image_token_id: int, steps: int
+) -> tuple[list[int], np.ndarray, list[int]]:
+    """llama.cpp's run of an image then ``prompt`` (BOS first), as llama-mtmd-cli runs it: the prompt's ids (with
+    ``image_token_id`` for each image embedding), the logits after it, and ``steps`` greedy tokens."""
+    lib = run.lib
+    lib.llama_memory_clear(lib.llama_get_memory(run.lm_context), True)
+
+    def logits() -> np.ndarray:
+        return np.ctypeslib.as_array(lib.llama_get_logits_ith(run.lm_context, -1), shape=(run.vocab,)).copy()
+
+    with mtmd_chunks(run, image, prompt, add_special=True) as (parts, chunks):
+        ids = []
+        for is_image, chunk in parts:
+            count = run.mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            ids += [image_token_id] * count if is_image else text_ids(run, chunk)
+        end = ctypes.byref(lib.llama_pos(0))
+        assert run.mtmd.mtmd_helper_eval_chunks(run.context, run.lm_context, chunks, 0, 0, 256, True, end) == 0
+    first = logits()
+    generated = [int(first.argmax())]
+    for _ in range(steps - 1):
+        assert lib.llama_decode(run.lm_context, lib.llama_batch_get_one((lib.llama_token * 1)(generated[-1]), 1)) == 0
+        generated.append(int(logits().argmax()))
+    return ids, first, generated
 
 
 def our_views(model, processor, image: np.ndarray) -> tuple[torch.Tensor, list[int]]:
@@ -236,10 +300,10 @@ def test_llama_cpp_runs_a_split_idefics3_export_with_our_views_and_features(llam
     text, mmproj = export_and_convert(model, tokenizer, tmp_path)
     tags = set(tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<global-img>"]))
     tags |= set(tokenizer.convert_tokens_to_ids(model.splitting.row_col_tokens()))
-    with mtmd_context(llama_cpp, text, mmproj) as (context, width):
+    with load_llama_cpp(llama_cpp, text, mmproj) as run:
         for size in [(96, 96), (40, 150), (170, 45), (300, 200), (20, 20)]:
             image = images(1, 9, sizes=[size])[0]
-            views, texts = mtmd_prompt(llama_cpp[1], context, width, image)
+            views, texts = mtmd_views(run, image)
             ours, ids = our_views(model, processor, image)
             assert len(views) == len(ours) > 1, size
             assert [i for chunk in texts for i in chunk if i in tags] == [i for i in ids if i in tags], size
@@ -250,7 +314,7 @@ def test_llama_cpp_runs_a_split_idefics3_export_with_our_views_and_features(llam
     # which is what llama_cpp_differences warns of (a SmolVLM tokenizer has both entries).
     assert texts[-2][0] == -1
     (difference,) = llama_cpp_differences(model, tokenizer)
-    assert "the tokenizer does not write '\\n' or '\\n\\n' as one token" in difference
+    assert "the tokenizer does not write '\\n' or '\\n\\n' as the one token llama.cpp puts there" in difference
 
 
 def test_llama_cpp_resizes_with_lanczos_whatever_the_processor_says_and_the_export_warns(llama_cpp, tmp_path, caplog):
@@ -264,12 +328,47 @@ def test_llama_cpp_resizes_with_lanczos_whatever_the_processor_says_and_the_expo
         caplog.text
     )
     image = images(1, 9, sizes=[(40, 150)])[0]
-    with mtmd_context(llama_cpp, text, mmproj) as (context, width):
-        views, _ = mtmd_prompt(llama_cpp[1], context, width, image)
+    with load_llama_cpp(llama_cpp, text, mmproj) as run:
+        views, _ = mtmd_views(run, image)
     ours, _ = our_views(model, processor, image)
     assert len(views) == len(ours) and max(np.abs(v - o.numpy()).max() for v, o in zip(views, ours)) > 0.2
     unsplit, _, tokenizer = make_idefics3_vlm(llama_tokenizer())
     assert any("llama.cpp always splits it" in d for d in llama_cpp_differences(unsplit, tokenizer))
+
+
+@pytest.mark.parametrize("newlines", ["first", "added"])
+def test_where_llama_cpp_differences_is_empty_llama_cpp_runs_our_whole_prompt(llama_cpp, tmp_path, newlines):
+    """libmtmd + libllama on an image then text, as llama-mtmd-cli runs them. With "\\n" and "\\n\\n" as the first
+    vocabulary entries reading so (as SmolVLM's vocabulary has them), llama_cpp_differences is empty, and on one row
+    of tiles, several rows, several rows and columns llama.cpp's prompt is ours id for id, its logits after it ours
+    within 5e-3 (measured 2e-3: the views' features) and its 6 greedy tokens ours. With those entries added after the
+    byte tokens, llama.cpp writes a row's "\\n" as the byte token "<0x0A>": the function names it, and a prompt with
+    several rows of tiles holds other ids than ours."""
+    tokenizer = llama_tokenizer(newlines=newlines == "first")
+    if newlines == "added":
+        tokenizer.add_tokens(["\n", "\n\n"])
+    model, processor, tokenizer = split_vlm("lanczos", tokenizer)
+    differences = llama_cpp_differences(model, tokenizer)
+    text, mmproj = export_and_convert(model, tokenizer, tmp_path)
+    prompt = " what colour is the shape"
+    with load_llama_cpp(llama_cpp, text, mmproj) as run:
+        for size in [(40, 150), (170, 45), (300, 200)]:
+            image = images(1, 9, sizes=[size])[0]
+            ids, logits, generated = mtmd_generate(run, image, prompt, model.image_token_id, steps=6)
+            batch = processor([f"<image>{prompt}"], [[image]])
+            if differences:
+                assert (ids == batch["input_ids"][0].tolist()) == (size == (40, 150)), size  # one row: no "\\n"
+                continue
+            assert ids == batch["input_ids"][0].tolist(), size
+            with torch.no_grad():
+                ours = model(**batch).logits[0, -1].numpy()
+            np.testing.assert_allclose(logits, ours, atol=5e-3, rtol=0, err_msg=f"{size}")
+            assert generated == model.generate(**batch, max_new_tokens=6, do_sample=False)[0].tolist(), size
+    if newlines == "added":
+        (difference,) = differences
+        assert difference.startswith("the tokenizer does not write '\\n' as the one token llama.cpp puts there")
+    else:
+        assert differences == []
 
 
 def test_llama_cpp_runs_the_text_gguf_with_our_language_models_logits(llama_cpp, tmp_path):

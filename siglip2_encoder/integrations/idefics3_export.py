@@ -111,13 +111,21 @@ def llama_cpp_differences(model: VisionLanguageModel, tokenizer: PreTrainedToken
             f"get other pixels; train with resample='lanczos', as Idefics3 and SmolVLM do"
         )
     if tokenizer is not None:
-        split = [text for text in ("\n", "\n\n") if len(tokenizer.encode(text, add_special_tokens=False)) != 1]
-        if split:
+        other = [text for text in ("\n", "\n\n") if not _llama_cpp_token(tokenizer, text)]
+        if other:
             differences.append(
-                f"the tokenizer does not write {' or '.join(map(repr, split))} as one token, which llama.cpp looks "
-                f"up as one vocabulary entry (an entry it lacks becomes an invalid token): its prompts hold other ids"
+                f"the tokenizer does not write {' or '.join(map(repr, other))} as the one token llama.cpp puts there "
+                f"(the first vocabulary entry that reads so; an invalid id where none does): its prompts hold other "
+                f"ids"
             )
     return differences
+
+
+def _llama_cpp_token(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
+    """Whether ``tokenizer`` writes ``text`` as the token llama.cpp's Idefics3 path inserts for it: one token, and no
+    entry before it that reads ``text`` (llama.cpp takes the first)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return len(ids) == 1 and text not in tokenizer.batch_decode([[i] for i in range(ids[0])])
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
