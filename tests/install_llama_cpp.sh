@@ -4,7 +4,7 @@
 # - its HF -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py) into DEST;
 # - llama-cpp-python itself, built from that sdist into the active environment: its bindings load libllama and
 #   libmtmd (llama.cpp's multimodal library), which the tests run the converted GGUFs with. The build takes about
-#   3 minutes on 2 cores; it is skipped when that version is installed.
+#   5 minutes on 2 cores (a C++ compiler and CMake); it is skipped when that version is installed.
 # Usage: bash tests/install_llama_cpp.sh DEST (default .venv/llama.cpp)
 set -euo pipefail
 version=0.3.36

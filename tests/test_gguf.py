@@ -50,8 +50,8 @@ def gguf_reader():
 def llama_tokenizer(newlines: bool = False) -> PreTrainedTokenizerFast:
     """A Llama-2-style tokenizer (BPE with byte fallback, the 256 byte tokens), trained offline on the tests' words:
     llama.cpp's converter reads its vocabulary (a word-level one it cannot). With ``newlines``, ``"\\n"`` and
-    ``"\\n\\n"`` are entries of their own, before the byte tokens, as in vocabularies with newline tokens
-    (SmolVLM's)."""
+    ``"\\n\\n"`` are entries of their own, before the byte tokens, as in vocabularies with newline tokens (byte-level
+    BPE ones; llama.cpp's Idefics3 path is written for SmolVLM's)."""
     backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
@@ -63,11 +63,12 @@ def llama_tokenizer(newlines: bool = False) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def convert(folder: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
-    """llama.cpp's converter on ``folder``, weights kept in fp32 so they compare exactly."""
+def convert(folder: Path, out: Path, *options: str, outtype: str = "f32") -> subprocess.CompletedProcess:
+    """llama.cpp's converter on ``folder``, weights kept in fp32 (so that they compare exactly) unless ``outtype``
+    says otherwise (the converter's own default is f16)."""
     command = [sys.executable, str(LLAMA_CPP / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(out)]
     return subprocess.run(
-        [*command, "--outtype", "f32", *options], capture_output=True, text=True, timeout=300, check=False
+        [*command, "--outtype", outtype, *options], capture_output=True, text=True, timeout=300, check=False
     )
 
 
@@ -168,11 +169,11 @@ def split_vlm(resample: str, tokenizer=None) -> tuple[VisionLanguageModel, VLMPr
     return model.eval(), VLMProcessor.for_model(model, tokenizer), tokenizer
 
 
-def export_and_convert(model, tokenizer, folder: Path) -> tuple[Path, Path]:
+def export_and_convert(model, tokenizer, folder: Path, outtype: str = "f32") -> tuple[Path, Path]:
     """The Idefics3 export converted by llama.cpp: (text GGUF, mmproj GGUF)."""
     export_idefics3(model, folder / "hf", tokenizer)
     for options, out in [((), "text.gguf"), (("--mmproj",), "mmproj.gguf")]:
-        result = convert(folder / "hf", folder / out, *options)
+        result = convert(folder / "hf", folder / out, *options, outtype=outtype)
         assert result.returncode == 0, result.stderr[-2000:]
     return folder / "text.gguf", folder / "mmproj.gguf"
 
@@ -336,20 +337,20 @@ def test_llama_cpp_resizes_with_lanczos_whatever_the_processor_says_and_the_expo
     assert any("llama.cpp always splits it" in d for d in llama_cpp_differences(unsplit, tokenizer))
 
 
-@pytest.mark.parametrize("newlines", ["first", "added"])
-def test_where_llama_cpp_differences_is_empty_llama_cpp_runs_our_whole_prompt(llama_cpp, tmp_path, newlines):
+@pytest.mark.parametrize(("newlines", "outtype"), [("first", "f32"), ("first", "f16"), ("added", "f32")])
+def test_where_llama_cpp_differences_is_empty_llama_cpp_runs_our_whole_prompt(llama_cpp, tmp_path, newlines, outtype):
     """libmtmd + libllama on an image then text, as llama-mtmd-cli runs them. With "\\n" and "\\n\\n" as the first
-    vocabulary entries reading so (as SmolVLM's vocabulary has them), llama_cpp_differences is empty, and on one row
-    of tiles, several rows, several rows and columns llama.cpp's prompt is ours id for id, its logits after it ours
-    within 5e-3 (measured 2e-3: the views' features) and its 6 greedy tokens ours. With those entries added after the
-    byte tokens, llama.cpp writes a row's "\\n" as the byte token "<0x0A>": the function names it, and a prompt with
-    several rows of tiles holds other ids than ours."""
+    vocabulary entries reading so (as byte-level BPE vocabularies have them), llama_cpp_differences is empty, and on one
+    row of tiles, several rows, several rows and columns llama.cpp's prompt is ours id for id, its logits after it ours
+    within 5e-3 (measured 2e-3: the views' features; 2.4e-3 from the converter's default f16 GGUFs) and its 6 greedy
+    tokens ours. With those entries added after the byte tokens, llama.cpp writes a row's "\\n" as the byte token
+    "<0x0A>": the function names it, and a prompt with several rows of tiles holds other ids than ours."""
     tokenizer = llama_tokenizer(newlines=newlines == "first")
     if newlines == "added":
         tokenizer.add_tokens(["\n", "\n\n"])
     model, processor, tokenizer = split_vlm("lanczos", tokenizer)
     differences = llama_cpp_differences(model, tokenizer)
-    text, mmproj = export_and_convert(model, tokenizer, tmp_path)
+    text, mmproj = export_and_convert(model, tokenizer, tmp_path, outtype)
     prompt = " what colour is the shape"
     with load_llama_cpp(llama_cpp, text, mmproj) as run:
         for size in [(40, 150), (170, 45), (300, 200)]:
@@ -369,6 +370,15 @@ def test_where_llama_cpp_differences_is_empty_llama_cpp_runs_our_whole_prompt(ll
         assert difference.startswith("the tokenizer does not write '\\n' as the one token llama.cpp puts there")
     else:
         assert differences == []
+
+
+def test_llama_cpp_differences_names_unnormalised_pixels():
+    """llama.cpp maps pixels to [0, 1] and normalises whatever the processor says."""
+    model, _, _ = split_vlm("lanczos")
+    model.tower.processor_config = dataclasses.replace(model.tower.processor_config, do_normalize=False)
+    (difference,) = llama_cpp_differences(model)
+    assert difference.startswith("the tower's processor has do_rescale=True, rescale_factor=0.00392156862745098, ")
+    assert "do_normalize=False, and llama.cpp always divides pixels by 255 and normalises them" in difference
 
 
 def test_llama_cpp_runs_the_text_gguf_with_our_language_models_logits(llama_cpp, tmp_path):

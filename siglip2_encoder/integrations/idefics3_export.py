@@ -34,6 +34,7 @@ otherwise for a given model, :func:`llama_cpp_differences` says, and the export 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -96,19 +97,26 @@ def llama_cpp_differences(model: VisionLanguageModel, tokenizer: PreTrainedToken
     tests/test_gguf.py).
 
     llama.cpp does not read the processor's settings: it always splits (tiles plus a global view, at the longest
-    edge the converter writes), always resizes with Lanczos, and writes the text between the views as single
-    vocabulary entries it looks up by their text (``"\\n"`` after a row, ``"\\n\\n"`` before the global view)."""
+    edge the converter writes), always resizes with Lanczos, always divides by 255 and normalises, and writes the
+    text between the views as the first vocabulary entries that read so (``"\\n"`` after a row, ``"\\n\\n"`` before
+    the global view)."""
     differences = []
     if model.splitting is None:
         differences.append(
             "the model sees each image as one view, and llama.cpp always splits it into tiles plus a global view: "
             "build it with ImageSplitting (docs/vlm.md: Idefics3 image splitting)"
         )
-    resample = model.tower.processor_config.resample
-    if resample != "lanczos":
+    processor = model.tower.processor_config
+    if processor.resample != "lanczos":
         differences.append(
-            f"the tower's processor resizes with {resample!r}, and llama.cpp always resizes with Lanczos: its views "
-            f"get other pixels; train with resample='lanczos', as Idefics3 and SmolVLM do"
+            f"the tower's processor resizes with {processor.resample!r}, and llama.cpp always resizes with Lanczos: "
+            f"its views get other pixels; train with resample='lanczos', as Idefics3 and SmolVLM do"
+        )
+    if not (processor.do_rescale and processor.do_normalize and math.isclose(processor.rescale_factor, 1 / 255)):
+        differences.append(
+            f"the tower's processor has do_rescale={processor.do_rescale}, rescale_factor={processor.rescale_factor}, "
+            f"do_normalize={processor.do_normalize}, and llama.cpp always divides pixels by 255 and normalises them "
+            f"with the exported mean and std: its views get other values"
         )
     if tokenizer is not None:
         other = [text for text in ("\n", "\n\n") if not _llama_cpp_token(tokenizer, text)]
@@ -128,7 +136,21 @@ def _llama_cpp_token(tokenizer: PreTrainedTokenizerBase, text: str) -> bool:
     return len(ids) == 1 and text not in tokenizer.batch_decode([[i] for i in range(ids[0])])
 
 
-def _check_exportable(model: VisionLanguageModel) -> None:
+def _warn_of_differences(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Log what Idefics3's tower in transformers and llama.cpp would compute otherwise than this model."""
+    tower = model.tower.config
+    if tower.position_lookup != "buckets":
+        logger.warning(
+            "Idefics3's tower looks positions up by buckets for images smaller than %dx%d pixels, where this tower "
+            "interpolates: the export is exact at the native size (each tile of Idefics3's processor)",
+            tower.image_size,
+            tower.image_size,
+        )
+    for difference in llama_cpp_differences(model, tokenizer):
+        logger.warning("llama.cpp would run this export otherwise than transformers: %s", difference)
+
+
+def _check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
     model.check_exportable("cannot export to Idefics3's format", tiling=False)
     tower = model.tower.config
     if tower.naflex:
@@ -151,6 +173,19 @@ def _check_exportable(model: VisionLanguageModel) -> None:
             f"Idefics3 shuffles a square grid by scale_factor; the tower's {tower.position_grid}x"
             f"{tower.position_grid} grid is not divisible by factor={config.factor}"
         )
+    if tokenizer is not None:
+        tags = [] if model.splitting is None else model.splitting.row_col_tokens()
+        image_token = check_tokenizer(
+            tokenizer,
+            model.language_model,
+            model.image_token_id,
+            (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE, *tags),
+        )
+        if image_token != IMAGE_TOKEN:
+            raise ValueError(
+                f"the model's image token is {image_token!r}, but Idefics3's processor writes {IMAGE_TOKEN!r}; build "
+                f"the model with add_idefics3_tokens(tokenizer, language_model)"
+            )
 
 
 def _image_processor(tower: SigLIP2Encoder, splitting: ImageSplitting | None) -> Idefics3ImageProcessor:
@@ -190,27 +225,9 @@ def export_idefics3(
 
     Raises ``ValueError`` naming the reason for configurations Idefics3 cannot express and for a tokenizer that
     does not fit the model."""
-    _check_exportable(model)
+    _check_exportable(model, tokenizer)
+    _warn_of_differences(model, tokenizer)
     tower, projector, lm = model.tower, model.projector, model.language_model
-    if tokenizer is not None:
-        tags = [] if model.splitting is None else model.splitting.row_col_tokens()
-        image_token = check_tokenizer(
-            tokenizer, lm, model.image_token_id, (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, END_OF_UTTERANCE, *tags)
-        )
-        if image_token != IMAGE_TOKEN:
-            raise ValueError(
-                f"the model's image token is {image_token!r}, but Idefics3's processor writes {IMAGE_TOKEN!r}; build "
-                f"the model with add_idefics3_tokens(tokenizer, language_model)"
-            )
-    if tower.config.position_lookup != "buckets":
-        logger.warning(
-            "Idefics3's tower looks positions up by buckets for images smaller than %dx%d pixels, where this tower "
-            "interpolates: the export is exact at the native size (each tile of Idefics3's processor)",
-            tower.config.image_size,
-            tower.config.image_size,
-        )
-    for difference in llama_cpp_differences(model, tokenizer):
-        logger.warning("llama.cpp would run this export otherwise than transformers: %s", difference)
     vision = config_to_hf(tower.config.replace(use_head=False, position_lookup="buckets"))
     config = Idefics3Config(
         vision_config={k: v for k, v in vision.items() if k != "architectures"},
