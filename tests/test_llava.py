@@ -22,6 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    pipeline,
 )
 
 from siglip2_encoder import ImageProcessor, SigLIP2Encoder
@@ -248,15 +249,19 @@ def test_export_to_transformers_llava_gives_the_same_logits_and_generation(
 
 def run_as_the_card_says(folder, image, text: str) -> tuple[dict, list[list[int]]]:
     """transformers alone on an exported folder: AutoProcessor + chat template + generate; its inputs and the
-    generated tokens."""
+    generated tokens. The image-text-to-text pipeline (what the Hub offers for the card's pipeline tag) must say the
+    same text."""
     processor = AutoProcessor.from_pretrained(folder)
     conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
     inputs = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    return inputs, generated[:, inputs["input_ids"].shape[1] :].tolist()
+    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)[:, inputs["input_ids"].shape[1] :]
+    pipe = pipeline("image-text-to-text", model=str(folder))
+    (said,) = pipe(text=conversation, generate_kwargs={"max_new_tokens": 8, "do_sample": False}, return_full_text=False)
+    assert said["generated_text"].strip() == processor.decode(generated[0], skip_special_tokens=True).strip() != ""
+    return inputs, generated.tolist()
 
 
 def test_a_llava_export_runs_in_transformers_end_to_end(tmp_path):
