@@ -21,16 +21,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import perturb
 from test_idefics3_export import make_idefics3_vlm
 from test_llava import WORDS, images, make_vlm
+from test_splitting import split_vlm as splitting_vlm
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from siglip2_encoder.integrations.idefics3_export import add_idefics3_tokens, export_idefics3, llama_cpp_differences
+from siglip2_encoder.integrations.idefics3_export import export_idefics3, llama_cpp_differences
 from siglip2_encoder.integrations.llava import VisionLanguageModel, VLMProcessor
 from siglip2_encoder.integrations.llava_export import export_llava
-from siglip2_encoder.integrations.splitting import ImageSplitting
 
 LLAMA_CPP = Path(__file__).resolve().parents[1] / ".venv" / "llama.cpp"
 
@@ -157,16 +156,10 @@ def llama_cpp():
 
 
 def split_vlm(resample: str, tokenizer=None) -> tuple[VisionLanguageModel, VLMProcessor, PreTrainedTokenizerFast]:
-    """A VLM built for Idefics3 as SmolVLM is: 32 px tiles of images resized to a longest edge of 96 px, a global
-    view, ``resample`` resizing; a Llama-style tokenizer, which the converter reads."""
-    built, _, tokenizer = make_vlm(projector="idefics3", tokenizer=tokenizer or llama_tokenizer())
-    tower = built.tower
-    tower.processor_config = dataclasses.replace(tower.processor_config, resample=resample)
-    splitting = ImageSplitting(32, 96)
-    image_token_id = add_idefics3_tokens(tokenizer, built.language_model, splitting)
-    model = VisionLanguageModel(tower, built.projector, built.language_model, image_token_id, splitting=splitting)
-    perturb(model, seed=3)
-    return model.eval(), VLMProcessor.for_model(model, tokenizer), tokenizer
+    """test_splitting's VLM built for Idefics3 as SmolVLM is (32 px tiles of images resized to a longest edge of 96
+    px, a global view), with ``resample`` resizing and a Llama-style tokenizer, which the converter reads."""
+    model, processor, tokenizer = splitting_vlm(96, tokenizer or llama_tokenizer(), resample)
+    return model.eval(), processor, tokenizer
 
 
 def export_and_convert(model, tokenizer, folder: Path, outtype: str = "f32") -> tuple[Path, Path]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -64,15 +65,18 @@ def test_bad_settings_and_inputs_are_refused():
         ImageSplitting(TILE, 128).views(random_images(0, [(40, 40)])[0], ImageProcessor(ProcessorConfig((48, 48))))
 
 
-def split_vlm(longest: int):
-    """A VLM built for Idefics3's format with image splitting: Idefics3's tokens and row / column tags."""
+def split_vlm(longest: int, tokenizer=None, resample: str | None = None):
+    """A VLM built for Idefics3's format with image splitting: Idefics3's tokens and row / column tags; ``tokenizer``
+    and the tower's ``resample`` filter replace the tests' defaults when given."""
     from conftest import perturb
     from test_llava import make_vlm
 
     from siglip2_encoder.integrations.idefics3_export import add_idefics3_tokens
     from siglip2_encoder.integrations.llava import VisionLanguageModel, VLMProcessor
 
-    built, _, tokenizer = make_vlm(projector="idefics3")
+    built, _, tokenizer = make_vlm(projector="idefics3", tokenizer=tokenizer)
+    if resample is not None:
+        built.tower.processor_config = dataclasses.replace(built.tower.processor_config, resample=resample)
     splitting = ImageSplitting(TILE, longest)
     image_token_id = add_idefics3_tokens(tokenizer, built.language_model, splitting)
     model = VisionLanguageModel(built.tower, built.projector, built.language_model, image_token_id, splitting=splitting)
