@@ -5,22 +5,33 @@ gguf-py); the LLaVA export's SigLIP mmproj is refused by the converter, as docs/
 
 Then llama.cpp runs them: llama-cpp-python, built from the same sdist by README's test command, binds llama.cpp's
 libllama (the text GGUF's logits) and libmtmd (its multimodal library: the image's views, the text between them and
-each view's features from the mmproj GGUF), the code llama.cpp's own ``llama-mtmd-cli`` and server run."""
+each view's features from the mmproj GGUF), the code llama.cpp's own ``llama-mtmd-cli`` and server run; and the two
+programs themselves, built from the same tree, answer as users run them."""
 
 from __future__ import annotations
 
+import base64
+import codecs
 import contextlib
 import ctypes
 import dataclasses
+import io
 import logging
+import os
+import re
+import select
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_idefics3_export import make_idefics3_vlm
 from test_llava import WORDS, images, make_vlm
 from test_splitting import split_vlm as splitting_vlm
@@ -32,6 +43,8 @@ from siglip2_encoder.integrations.llava import VisionLanguageModel, VLMProcessor
 from siglip2_encoder.integrations.llava_export import export_llava
 
 LLAMA_CPP = Path(__file__).resolve().parents[1] / ".venv" / "llama.cpp"
+MTMD_CLI = LLAMA_CPP / "bin" / "llama-mtmd-cli"
+SERVER = LLAMA_CPP / "bin" / "llama-server"
 
 
 @pytest.fixture(scope="module")
@@ -392,3 +405,149 @@ def test_llama_cpp_runs_the_text_gguf_with_our_language_models_logits(llama_cpp,
     with torch.no_grad():
         ours = model.language_model(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------- llama.cpp's program, as users run it
+
+
+NO_GDB = {"GGML_NO_BACKTRACE": "1"}  # on an abort ggml would attach gdb to print the backtrace
+
+
+def converse(command: list[str], lines: list[str], timeout: float = 120) -> list[bytes]:
+    """``llama-mtmd-cli`` in its chat mode: each of ``lines`` typed once the program asks for one (``"\\n> "``); what
+    it wrote before each question, the last after the last line. (Its single-turn mode, ``-p`` with ``--image``,
+    exits without waiting for its logging thread, which writes the answer: with stdout a pipe, 6 of 8 runs here lost
+    some or all of it. In chat mode it waits for the next line with everything written.)"""
+    process = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=os.environ | NO_GDB
+    )
+    deadline, replies, out = time.monotonic() + timeout, [], b""
+    try:
+        for line in [*lines, None]:
+            while not out.endswith(b"\n> "):
+                if not select.select([process.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    raise AssertionError(f"llama-mtmd-cli asked nothing within {timeout} s after {out!r}")
+                chunk = os.read(process.stdout.fileno(), 4096)
+                if not chunk:
+                    raise AssertionError(f"llama-mtmd-cli exited with {process.wait()} after {out!r}")
+                out += chunk
+            replies.append(out)
+            out = b""
+            if line is not None:
+                process.stdin.write(line.encode() + b"\n")
+                process.stdin.flush()
+    finally:
+        process.stdin.close()  # end of input: the program leaves its chat loop
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    return replies
+
+
+def printed(tokenizer, ids: list[int]) -> bytes:
+    """What llama.cpp prints for ``ids`` of the tests' Llama-style vocabulary: a byte token's byte, any other token's
+    text with its "▁" as a space (transformers' ``decode`` writes U+FFFD for a byte that is not UTF-8 on its own)."""
+    pieces = []
+    for token in tokenizer.convert_ids_to_tokens(ids):
+        byte = re.fullmatch(r"<0x([0-9A-F]{2})>", token)
+        pieces.append(bytes([int(byte.group(1), 16)]) if byte else token.replace("▁", " ").encode())
+    return b"".join(pieces)
+
+
+@pytest.fixture(scope="module")
+def f16_export(tmp_path_factory) -> tuple[VisionLanguageModel, VLMProcessor, PreTrainedTokenizerFast, Path, Path]:
+    """A model for which llama_cpp_differences is empty, its processor and tokenizer, and its export converted to
+    GGUFs as the converter does by default (f16): (..., text GGUF, mmproj GGUF)."""
+    model, processor, tokenizer = split_vlm("lanczos", llama_tokenizer(newlines=True))
+    assert llama_cpp_differences(model, tokenizer) == []
+    text, mmproj = export_and_convert(model, tokenizer, tmp_path_factory.mktemp("f16"), outtype="f16")
+    return model, processor, tokenizer, text, mmproj
+
+
+def test_llama_mtmd_cli_answers_with_our_greedy_tokens(f16_export, tmp_path):
+    """llama.cpp's own program on the converter's default (f16) GGUFs of a model for which llama_cpp_differences is
+    empty, with its defaults (f16 KV cache) but greedy and 6 tokens, as a user runs it: ``llama-mtmd-cli -m text.gguf
+    --mmproj mmproj.gguf --jinja``, then ``/image <file>`` and a question. On one row of tiles, several rows, and rows
+    and columns its answer is our model's ``generate`` on ``<image>`` + the question, byte for byte: the exported chat
+    template rendered by llama.cpp's Jinja engine, its image marker and its BOS give our prompt."""
+    model, processor, tokenizer, text, mmproj = f16_export
+    command = [str(MTMD_CLI), "-m", str(text), "--mmproj", str(mmproj), "--jinja", "--temp", "0", "-n", "6", "-t", "2"]
+    question = "what colour is the shape"
+    for size in [(40, 150), (170, 45), (300, 200)]:
+        image = images(1, 9, sizes=[size])[0]
+        path = tmp_path / f"{size[0]}x{size[1]}.png"
+        Image.fromarray(image).save(path)
+        ours = model.generate(**processor([f"<image>{question}"], [[image]]), max_new_tokens=6, do_sample=False)
+        *_, answer = converse(command, [f"/image {path}", question])
+        assert answer == f"{question}\n\n".encode() + printed(tokenizer, ours[0].tolist()) + b"\n> ", size  # echo first
+
+
+def test_llama_mtmd_cli_needs_jinja_for_the_exported_chat_template(f16_export, tmp_path):
+    """Without ``--jinja`` llama-mtmd-cli formats prompts with its built-in templates only, which do not include the
+    export's (``<image> question``, the way VLMProcessor writes prompts): it stops, naming the flag."""
+    *_, text, mmproj = f16_export
+    path = tmp_path / "image.png"
+    Image.fromarray(images(1, 9, sizes=[(40, 150)])[0]).save(path)
+    command = [str(MTMD_CLI), "-m", str(text), "--mmproj", str(mmproj), "--image", str(path), "-p", "what colour"]
+    result = subprocess.run(command, capture_output=True, timeout=120, check=False, env=os.environ | NO_GDB)
+    assert result.returncode != 0
+    assert b"this custom template is not supported, try using --jinja" in result.stderr
+
+
+@contextlib.contextmanager
+def llama_server(text: Path, mmproj: Path):
+    """llama-server on the two GGUFs with its defaults (Jinja chat templates, f16 KV cache, prompt caching), on a free
+    loopback port; its address once it is ready."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(SERVER), "-m", str(text), "--mmproj", str(mmproj), "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(
+        [*command, "-t", "2", "-c", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | NO_GDB
+    )
+    address = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{address}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "llama-server did not come up within 60 s"
+            time.sleep(0.2)
+        yield address
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_llama_server_answers_openai_chat_requests_with_our_greedy_tokens(f16_export):
+    """llama-server, llama.cpp's OpenAI-compatible server, on the converter's default (f16) GGUFs with its defaults:
+    a chat completion of one user message, an image part then a text part (greedy, 6 tokens). The server puts the
+    image's marker where the image part is and the text right after it, and renders the message with the exported
+    template: the text " what colour is the shape" gives our prompt ``<image> what colour is the shape`` (what
+    transformers' ``apply_chat_template`` writes for an image then "what colour is the shape"), "what colour is the
+    shape" ours without the space. Its prompt has as many tokens as ours, its answer is our ``generate``'s, on one row
+    of tiles, several rows, and rows and columns (as text: a byte that is not UTF-8 is U+FFFD, and the server leaves
+    out a character the answer ends before finishing)."""
+    model, processor, tokenizer, text, mmproj = f16_export
+    cases = [((40, 150), " what colour is the shape"), ((170, 45), " what colour is the shape")]
+    cases += [((300, 200), " what colour is the shape"), ((40, 150), "what colour is the shape")]
+    with llama_server(text, mmproj) as address:
+        for size, question in cases:
+            image = images(1, 9, sizes=[size])[0]
+            png = io.BytesIO()
+            Image.fromarray(image).save(png, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+            parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+            request = {"messages": [{"role": "user", "content": parts}], "temperature": 0, "max_tokens": 6}
+            reply = httpx.post(f"{address}/v1/chat/completions", json=request, timeout=120).json()
+            batch = processor([f"<image>{question}"], [[image]])
+            ours = model.generate(**batch, max_new_tokens=6, do_sample=False)[0].tolist()
+            assert reply["usage"]["prompt_tokens"] == batch["input_ids"].shape[1], (size, question)
+            answer = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(printed(tokenizer, ours))
+            assert reply["choices"][0]["message"]["content"] == answer, (size, question)

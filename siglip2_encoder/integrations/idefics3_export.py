@@ -27,8 +27,10 @@ else without (each image one view resized to the tower's size).
 
 llama.cpp's ``convert_hf_to_gguf.py`` converts the folder as it is: the language model, and with ``--mmproj`` the
 tower and connector (``text_config.architectures`` names the LM's class, as real SmolVLM repos do), and llama.cpp
-runs them: for a model with splitting and Lanczos resizing, its views and their features are ours. What it would do
-otherwise for a given model, :func:`llama_cpp_differences` says, and the export logs (docs/vlm.md: llama.cpp).
+runs them: for a model with splitting and Lanczos resizing, its views and their features are ours, and
+``llama-mtmd-cli --jinja`` and ``llama-server`` answer as the model does (without ``--jinja`` the command line refuses
+the exported chat template). What it would do otherwise for a given model, :func:`llama_cpp_differences` says, and
+the export logs (docs/vlm.md: llama.cpp).
 """
 
 from __future__ import annotations
