@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import perturb
 from PIL import Image
+from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForImageTextToText,
@@ -271,6 +272,9 @@ def test_a_llava_export_runs_in_transformers_end_to_end(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["LlavaForConditionalGeneration"]  # what vLLM and llama.cpp dispatch on
     assert "architectures" not in config["vision_config"]
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:  # the Hub's names, which vLLM reads
+        towers = {key.split(".")[1] for key in weights.keys() if key.startswith("vision_tower.")}
+    assert towers == {"vision_model"}
     image = Image.fromarray(images(1, 5, sizes=[(30, 50)])[0])
     inputs, theirs = run_as_the_card_says(tmp_path, image, "what colour is the shape")
     batch = processor(["<image> what colour is the shape"], [[image]])

@@ -14,12 +14,21 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import (
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    Siglip2VisionModel,
+    SiglipVisionModel,
+)
 from transformers.image_processing_utils import BaseImageProcessor
 
 __all__ = ["check_tokenizer", "language_model_weights", "plain_chat_template", "text_config", "write_export"]
 
 logger = logging.getLogger(__name__)
+
+_SIGLIP_VISION_MODELS = (SiglipVisionModel, Siglip2VisionModel)
 
 
 def language_model_weights(lm: PreTrainedModel, prefix: str, tied: bool) -> dict[str, torch.Tensor]:
@@ -103,7 +112,19 @@ def _save_model(
     untouched = sorted(name for name, p in model.named_parameters() if p.is_meta)
     if untouched:
         raise ValueError(f"the export gives no values for {model_class.__name__}'s weights {untouched}")
-    model.eval().save_pretrained(folder)
+    model.eval().save_pretrained(folder, state_dict=_hub_layout(model))
+
+
+def _hub_layout(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """``model``'s weights under the names the Hub's checkpoints use. transformers 5 holds a SigLIP vision model's
+    weights without its ``vision_model.`` level and saves them so (``vision_tower.embeddings...``); it reads both, but
+    vLLM (0.32) reads only the Hub's ``vision_tower.vision_model.embeddings...`` and refuses the other."""
+    towers = [f"{name}." for name, module in model.named_modules() if isinstance(module, _SIGLIP_VISION_MODELS)]
+    state = {}
+    for key, value in model.state_dict().items():
+        tower = next((t for t in towers if key.startswith(t)), None)
+        state[key if tower is None else f"{tower}vision_model.{key[len(tower) :]}"] = value
+    return state
 
 
 def write_export(

@@ -86,7 +86,8 @@ def _check_exportable(model: VisionLanguageModel) -> None:
     if isinstance(model.projector, LinearProjector):
         logger.warning(
             "a linear projector exports with projector_hidden_act='linear', which transformers runs and vLLM's LLaVA "
-            "refuses ('Activation function linear is not supported'); for vLLM, build the model with an mlp projector"
+            "refuses (\"Activation function 'linear' is not supported.\"); for vLLM, build the model with an mlp "
+            "projector"
         )
     if None in config.layers or config.combine != "concat":
         raise ValueError(
