@@ -170,16 +170,17 @@ def test_bad_settings_and_inputs_are_refused():
 FAMILIES = [("llava_onevision", 9), ("llava_onevision", 2), ("llava_next", None)]
 
 
-def tiled_vlm_and_transformers(family: str, max_tiles: int | None, tmp_path):
-    """A tiny transformers LLaVA-OneVision or LLaVA-NeXT model and our tiled VisionLanguageModel with its weights,
-    our processor with the family's image processor settings, and transformers' image processor."""
+def tiled_vlm_and_transformers(family: str, max_tiles: int | None, tmp_path, lm_sizes: dict = LM):
+    """A tiny transformers LLaVA-OneVision or LLaVA-NeXT model (``lm_sizes``: its Llama's) and our tiled
+    VisionLanguageModel with its weights, our processor with the family's image processor settings, and transformers'
+    image processor."""
     tokenizer = make_tokenizer()
     image_token_id = add_image_token(tokenizer)
     torch.manual_seed(0)
     pinpoints = [[r * TILE, c * TILE] for r, c in GRIDS]
     common = dict(
         vision_config=SiglipVisionConfig(**TOWER, image_size=TILE, patch_size=PATCH).to_dict(),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), **LM, tie_word_embeddings=False).to_dict(),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), **lm_sizes, tie_word_embeddings=False).to_dict(),
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -202,7 +203,7 @@ def tiled_vlm_and_transformers(family: str, max_tiles: int | None, tmp_path):
     lm = LlamaForCausalLM(theirs.config.text_config)
     lm.model.load_state_dict(theirs.model.language_model.state_dict())
     lm.lm_head.load_state_dict(theirs.lm_head.state_dict())
-    widths = dict(in_features=TOWER["hidden_size"], out_features=LM["hidden_size"])
+    widths = dict(in_features=TOWER["hidden_size"], out_features=lm_sizes["hidden_size"])
     projector = build_projector(MLPConfig(**widths, layers=(-1,)))
     linears = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]
     for ours, source in zip(linears, (theirs.model.multi_modal_projector.linear_1,

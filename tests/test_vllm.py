@@ -1,10 +1,12 @@
-"""The LLaVA export in vLLM, the server many users deploy VLMs with: its offline ``LLM.chat`` (the chat template,
-the processor and the model its OpenAI server runs) on the exported folder, in vLLM's own environment (README's test
-command makes it: tests/install_vllm.sh, vLLM 0.32.0 built for CPUs), against our model on the same image and text."""
+"""The LLaVA exports (LLaVA, LLaVA-OneVision, LLaVA-NeXT) in vLLM, the server many users deploy VLMs with: its
+offline ``LLM.chat`` (the chat template, the processor and the model its OpenAI server runs) on the exported folder,
+in vLLM's own environment (README's test command makes it: tests/install_vllm.sh, vLLM 0.32.0 built for CPUs),
+against our model on the same images and text."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -22,15 +24,20 @@ from siglip2_encoder.adapters import LinearConfig, MLPConfig, build_projector
 from siglip2_encoder.integrations.llava import VisionLanguageModel, VLMProcessor, add_image_token
 from siglip2_encoder.integrations.llava_export import export_llava
 
+pytestmark = pytest.mark.slow  # each test starts vLLM: ~35 s
+
 VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv" / "vllm" / "bin" / "python"
 # vLLM's CPU attention takes head sizes of 32 and up: the LM's heads are 32 wide here (test_llava's are 12)
 LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 
 
-def vllm_chat(folder: Path, conversations: list[tuple[Path, str]], tmp_path: Path, tokens: int) -> list[dict]:
-    """vLLM's chat on ``folder``: for each (image file, text), the prompt's ids and ``tokens`` greedy ids."""
+def vllm_chat(
+    folder: Path, conversations: list[tuple[Path, str]], tmp_path: Path, tokens: int, **options
+) -> list[dict]:
+    """vLLM's chat on ``folder`` (``options``: more of ``vllm.LLM``'s arguments): for each (image file, text), the
+    prompt's ids and ``tokens`` greedy ids."""
     assert VLLM_PYTHON.is_file(), "README's test command makes vLLM's environment (tests/install_vllm.sh)"
-    request = {"model": str(folder), "max_tokens": tokens}
+    request = {"model": str(folder), "max_tokens": tokens, "options": options}
     request["conversations"] = [{"image": str(image), "text": text} for image, text in conversations]
     (tmp_path / "request.json").write_text(json.dumps(request))
     command = [str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_chat.py"))]
@@ -38,7 +45,7 @@ def vllm_chat(folder: Path, conversations: list[tuple[Path, str]], tmp_path: Pat
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}  # 1 GiB (its default takes 4)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, env=env)
     output = (result.stdout + result.stderr).splitlines()  # vLLM logs to stdout, its engine's errors too
-    errors = dict.fromkeys(line.split("] ")[-1].strip() for line in output if "Error" in line)  # the causes
+    errors = dict.fromkeys(line.strip() for line in output if "Error" in line)  # the causes, not the whole log
     assert result.returncode == 0, "\n".join(errors)
     return json.loads((tmp_path / "result.json").read_text())
 
@@ -63,15 +70,22 @@ def test_vllm_chats_with_a_llava_export_as_our_model_does(tmp_path):
     model, processor, tokenizer = llava_vlm(MLPConfig(in_features=32, out_features=64, layers=(-2,)))
     export_llava(model, tmp_path / "export", tokenizer)
 
+    conversations, ours = ask(model, processor, [(30, 50), (64, 64)], tmp_path)
+    assert vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=6) == ours
+
+
+def ask(model, processor, sizes: list[tuple[int, int]], tmp_path: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """An image of each size then "what colour is the shape": the conversations for vLLM (image files, text) and
+    our model's prompt ids and 6 greedy tokens for each."""
     question, conversations, ours = "what colour is the shape", [], []
-    for i, size in enumerate([(30, 50), (64, 64)]):
+    for i, size in enumerate(sizes):
         image = images(1, 5 + i, sizes=[size])[0]
         Image.fromarray(image).save(tmp_path / f"{i}.png")
         conversations.append((tmp_path / f"{i}.png", question))
         batch = processor([f"<image> {question}"], [[image]])
         generated = model.generate(**batch, max_new_tokens=6, do_sample=False)[0].tolist()
         ours.append({"prompt": batch["input_ids"][0].tolist(), "generated": generated})
-    assert vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=6) == ours
+    return conversations, ours
 
 
 def test_vllm_refuses_a_linear_projector_as_export_llava_warns(tmp_path):
@@ -83,3 +97,46 @@ def test_vllm_refuses_a_linear_projector_as_export_llava_warns(tmp_path):
     Image.fromarray(images(1, 5)[0]).save(image)
     with pytest.raises(AssertionError, match="Activation function 'linear' is not supported"):
         vllm_chat(tmp_path / "export", [(image, "what colour is the shape")], tmp_path, tokens=1)
+
+
+NO_VIDEO = {"limit_mm_per_prompt": {"video": 0}}  # what export_llava's warning tells OneVision users
+
+
+def tiled_export(family: str, max_tiles: int | None, tmp_path: Path, caplog) -> tuple[VisionLanguageModel, Any]:
+    """test_anyres's tiled model (32 px tiles, grids up to 6 x 6) with this file's LM, exported with export_llava."""
+    from test_anyres import tiled_vlm_and_transformers
+
+    model, processor, _, _ = tiled_vlm_and_transformers(family, max_tiles, tmp_path, lm_sizes=LM)
+    perturb(model, seed=2)  # greedy tokens that differ between the images
+    with caplog.at_level(logging.WARNING, logger="siglip2_encoder.integrations.llava_export"):
+        export_llava(model, tmp_path / "export", processor.tokenizer)
+    return model, processor
+
+
+@pytest.mark.parametrize(("family", "max_tiles"), [("llava_onevision", 9), ("llava_next", None)])
+def test_vllm_chats_with_tiled_exports_as_our_model_does(family, max_tiles, tmp_path, caplog):
+    """LLaVA-OneVision (anyres_max_9) and LLaVA-NeXT exports: on a wide image (2 x 5 tiles, unpadded) and a square one,
+    vLLM's prompt is ours id for id (the base view's, the tiles' and the row ends' tokens) and its 6 greedy tokens
+    ours. OneVision runs with videos off, as the export's warning says."""
+    model, processor = tiled_export(family, max_tiles, tmp_path, caplog)
+    assert ("limit_mm_per_prompt={'video': 0}" in caplog.text) == (family == "llava_onevision")
+    conversations, ours = ask(model, processor, [(50, 130), (64, 64)], tmp_path)
+    assert vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=6, **NO_VIDEO) == ours
+
+
+def test_vllm_onevision_stops_at_start_up_without_videos_off(tmp_path, caplog):
+    """vLLM's start-up measures a video prompt, for which the OneVision export has no token: as the export warns."""
+    model, processor = tiled_export("llava_onevision", 9, tmp_path, caplog)
+    conversations, _ = ask(model, processor, [(64, 64)], tmp_path)
+    with pytest.raises(AssertionError, match="Mismatch in `video` token count"):
+        vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=1)
+
+
+def test_vllm_reduces_onevision_tokens_as_anyres_max_9_as_the_export_warns(tmp_path, caplog):
+    """With anyres_max_2, transformers and we reduce a 2 x 5 tile image's tokens to about 2 tiles' worth; vLLM reduces
+    them as anyres_max_9 (not at all here), so its prompt is longer than ours, with no error."""
+    model, processor = tiled_export("llava_onevision", 2, tmp_path, caplog)
+    assert "reduces image tokens as anyres_max_9 whatever vision_aspect_ratio says: with anyres_max_2" in caplog.text
+    conversations, ours = ask(model, processor, [(50, 130)], tmp_path)
+    (theirs,) = vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=1, **NO_VIDEO)
+    assert len(theirs["prompt"]) > len(ours[0]["prompt"])

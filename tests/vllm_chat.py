@@ -1,8 +1,9 @@
 """vLLM on an exported folder, for tests/test_vllm.py, run by the Python of vLLM's own environment (README's test
 command makes it with tests/install_vllm.sh: vLLM pins a torch other than the project's). Usage:
-``python vllm_chat.py REQUEST.json RESULT.json``. The request names the folder, the greedy token count and the
-conversations (an image file, then a text); for each, vLLM's ``LLM.chat`` - its chat template, processor and model,
-as its OpenAI server runs them - gives the prompt's token ids and the generated ones, written to the result file."""
+``python vllm_chat.py REQUEST.json RESULT.json``. The request names the folder, more of ``vllm.LLM``'s options, the
+greedy token count and the conversations (an image file, then a text); for each, vLLM's ``LLM.chat`` - its chat
+template, processor and model, as its OpenAI server runs them - gives the prompt's token ids and the generated ones,
+written to the result file."""
 
 import json
 import sys
@@ -13,7 +14,8 @@ def main() -> None:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=request["model"], dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+    options = dict(dtype="float32", enforce_eager=True, max_model_len=512, seed=0) | request["options"]
+    llm = LLM(model=request["model"], **options)
     greedy = SamplingParams(temperature=0, max_tokens=request["max_tokens"])
     results = []
     for conversation in request["conversations"]:

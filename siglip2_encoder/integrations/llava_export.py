@@ -153,6 +153,7 @@ def export_llava(
                      tokenizer, patch_size=tiling.patch_size, num_additional_image_tokens=0, **options)  # fmt: skip
         return
     aspect = f"anyres_max_{tiling.max_tiles}"
+    _warn_of_vllm_onevision(tiling.max_tiles)
     config = LlavaOnevisionConfig(
         **fields,
         # No video path here: an id no token has, so that no text is taken for a clip placeholder.
@@ -164,6 +165,24 @@ def export_llava(
     write_export(directory, LlavaOnevisionForConditionalGeneration, config, state, image_processor,
                  LlavaOnevisionProcessor, tokenizer, video_processor=LlavaOnevisionVideoProcessor(),
                  num_image_tokens=tiling.side**2, vision_aspect_ratio=aspect, **options)  # fmt: skip
+
+
+def _warn_of_vllm_onevision(max_tiles: int) -> None:
+    """What vLLM's LLaVA-OneVision (0.32, tested) does with a OneVision export: it also takes videos, for which the
+    export has no token, and it counts and merges image tokens as anyres_max_9 whatever the config says."""
+    logger.warning(
+        "vLLM's LLaVA-OneVision also takes videos, which this export has no token for: start vLLM with "
+        "limit_mm_per_prompt={'video': 0} (--limit-mm-per-prompt '{\"video\": 0}'), or its start-up stops with "
+        "'Mismatch in `video` token count'"
+    )
+    if max_tiles != 9:
+        logger.warning(
+            "vLLM's LLaVA-OneVision reduces image tokens as anyres_max_9 whatever vision_aspect_ratio says: with "
+            "anyres_max_%d, an image whose tiles hold more tokens than %d tiles do is reduced to other token counts "
+            "in vLLM than in transformers, with no error; build the tiling with max_tiles=9 for vLLM",
+            max_tiles,
+            min(max_tiles, 9),
+        )
 
 
 def _config_fields(model: VisionLanguageModel) -> dict:
