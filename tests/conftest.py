@@ -5,8 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -30,6 +35,28 @@ NAFLEX_BUDGET = 24
 # Image-text checkpoints: a text tower and a vision tower of the same width.
 TEXT = dict(TINY, vocab_size=50, max_position_embeddings=16)
 VISION = dict(TINY, num_hidden_layers=2, patch_size=8)
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, log: Callable[[], str], timeout: float = 60) -> None:
+    """Poll ``url`` until it answers 200; fail with ``log()`` if ``process`` (its server) exits first, or after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, log()
+        assert time.monotonic() < deadline, f"{url} did not answer within {timeout} s"
+        time.sleep(0.2)
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

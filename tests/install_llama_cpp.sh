@@ -33,8 +33,9 @@ if ! $built; then
     options=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF
         -DLLAMA_USE_PREBUILT_UI=OFF)
-    cmake -S "$tmp/$tree" -B "$tmp/build" "${options[@]}" > "$tmp/cmake.log" || { tail -50 "$tmp/cmake.log"; exit 1; }
-    cmake --build "$tmp/build" --target "${programs[@]}" -j "$jobs" > "$tmp/build.log" ||
+    cmake -S "$tmp/$tree" -B "$tmp/build" "${options[@]}" > "$tmp/cmake.log" 2>&1 ||
+        { tail -50 "$tmp/cmake.log"; exit 1; }
+    cmake --build "$tmp/build" --target "${programs[@]}" -j "$jobs" > "$tmp/build.log" 2>&1 ||
         { tail -50 "$tmp/build.log"; exit 1; }
     mkdir -p "$dest/bin"
     for program in "${programs[@]}"; do cp "$tmp/build/bin/$program" "$dest/bin/"; done

@@ -10,11 +10,9 @@ default is on, and these tests turn it off); fp16 / bf16 at the rounding of the 
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-from conftest import random_images
+from conftest import free_port, random_images
 from PIL import Image
 
 from siglip2_encoder import ImageProcessor, SigLIP2Encoder
@@ -152,12 +150,6 @@ def test_the_tiled_loss_on_cuda_equals_the_cpu_reference(dtype, batch, backend):
     torch.testing.assert_close(got.float().cpu(), want.detach(), atol=atol * max(1.0, want.item()), rtol=0)
     for g, w in zip(on_gpu, inputs):
         torch.testing.assert_close(g.grad.float().cpu(), w.grad, atol=atol, rtol=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_on_nccl_with_one_rank_equals_the_plain_step():

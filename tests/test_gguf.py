@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import select
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, wait_until_ready
 from PIL import Image
 from test_idefics3_export import make_idefics3_vlm
 from test_llava import WORDS, images, make_vlm
@@ -500,25 +500,14 @@ def test_llama_mtmd_cli_needs_jinja_for_the_exported_chat_template(f16_export, t
 def llama_server(text: Path, mmproj: Path):
     """llama-server on the two GGUFs with its defaults (Jinja chat templates, f16 KV cache, prompt caching), on a free
     loopback port; its address once it is ready."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [str(SERVER), "-m", str(text), "--mmproj", str(mmproj), "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(
         [*command, "-t", "2", "-c", "512"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ | NO_GDB
     )
     address = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{address}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "llama-server did not come up within 60 s"
-            time.sleep(0.2)
+        wait_until_ready(f"{address}/health", server, lambda: server.stderr.read().decode()[-2000:])
         yield address
     finally:
         server.terminate()

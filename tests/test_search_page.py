@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+from conftest import free_port, wait_until_ready
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as DriverService
 from selenium.webdriver.common.by import By
@@ -26,22 +25,12 @@ def server(zero_shot_dir, photos, tmp_path):
     features = tmp_path / "features"
     folder = str(photos[0]).rsplit("/", 1)[0]
     assert main(["-q", "extract", folder, "--model", str(zero_shot_dir), "-o", str(features)]) == EXIT_OK
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "siglip2_encoder.cli", "-q", "serve", "--model", str(zero_shot_dir)]
     command += ["--features", str(features), "--port", str(port)]
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+    wait_until_ready(f"{url}/ready", process, lambda: process.stderr.read().decode())
     yield url
     process.terminate()
     process.wait(timeout=30)

@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, wait_until_ready
 from PIL import Image
 
 from siglip2_encoder import SigLIP2Model, TextTokenizer
@@ -111,14 +112,10 @@ def test_bad_requests_are_4xx_with_the_reason(service):
 
 def test_the_serve_command_answers_on_loopback(zero_shot_dir):
     import os
-    import socket
     import subprocess
     import sys
-    import time
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -132,15 +129,7 @@ def test_the_serve_command_answers_on_loopback(zero_shot_dir):
     ]
     server = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert server.poll() is None, server.stderr.read().decode()
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.2)
+        wait_until_ready(f"http://127.0.0.1:{port}/ready", server, lambda: server.stderr.read().decode())
         response = httpx.post(f"http://127.0.0.1:{port}/embed/image", content=png(3), timeout=30)
         assert response.status_code == 200 and response.json()["dimension"] == 32
     finally:

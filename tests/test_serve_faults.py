@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from conftest import free_port, wait_until_ready
 from PIL import Image
 
 from siglip2_encoder import SigLIP2Model, TextTokenizer
@@ -45,23 +46,12 @@ def server(zero_shot_dir, tmp_path):
     for i in range(4):
         (folder / f"p{i}.png").write_bytes(png(i))
     assert main(["-q", "extract", str(folder), "--model", str(zero_shot_dir), "-o", str(tmp_path / "features")]) == 0
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "siglip2_encoder.cli", "serve", "--model", str(zero_shot_dir), "--port", str(port)]
     command += ["--features", str(tmp_path / "features"), "--max-body-mb", "2", "--request-timeout", "20"]
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=log)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None, (tmp_path / "server.log").read_text()
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.2)
+    wait_until_ready(f"http://127.0.0.1:{port}/ready", process, (tmp_path / "server.log").read_text)
     yield port, process, tmp_path
     process.terminate()
     process.wait(timeout=30)
