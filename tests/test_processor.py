@@ -154,6 +154,11 @@ def test_config_validation_and_hf_round_trip():
         ({"image_processor_type": "SiglipImageProcessor"}, True, "but the tower is NaFlex"),
         ({"patch_size": 16}, True, "cuts 16-pixel patches but the tower's patch_size is 14"),
         ({"size": {"shortest_edge": 8}}, False, "size must give height and width"),
+        (
+            {"image_processor_type": "Idefics3ImageProcessor", "max_image_size": {"height": 8}},
+            False,
+            r"max_image_size must give longest_edge, got max_image_size=\{'height': 8\}",
+        ),
         ({"image_std": [0.5, 0, 0.5]}, False, "image_std must not contain 0"),
     ],
 )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import keep_only_shards_of, perturb
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -36,7 +37,9 @@ from transformers import (
     SmolVLMImageProcessor,
 )
 
-from siglip2_encoder import CheckpointError, ImageProcessor, SigLIP2Encoder
+from siglip2_encoder import CheckpointError, EncoderConfig, ImageProcessor, SigLIP2Encoder
+from siglip2_encoder.checkpoints.families import PROCESSOR_TYPES
+from siglip2_encoder.checkpoints.hf_format import processor_config_from_hf
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
 LM = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
@@ -133,6 +136,32 @@ def check_processor(folder: Path, family: str) -> None:
     size, resample = VIEWS[family]
     assert (processor.config.max_num_patches if family == "lfm2_vl" else processor.config.image_size) == size
     assert processor.config.resample == resample
+
+
+@pytest.mark.parametrize("name", [name for name in PROCESSOR_TYPES if not name.endswith("Fast")])
+def test_settings_a_processor_file_omits_are_the_processor_classes_defaults(name):
+    """transformers fills a processor file's missing settings from its class, whose defaults differ between classes
+    (CLIP's mean and std for LLaVA-NeXT's, OneVision's 384 pixels): so do we, for each class we read."""
+    theirs = getattr(transformers, name)()
+    naflex = PROCESSOR_TYPES[name].naflex
+    tower = EncoderConfig(image_size=None, num_patches=256) if naflex else EncoderConfig(image_size=48)
+    ours = processor_config_from_hf({"image_processor_type": name}, tower)
+    assert ours.resample == {1: "lanczos", 2: "bilinear", 3: "bicubic"}[theirs.resample]
+    assert (ours.image_mean, ours.image_std) == (tuple(theirs.image_mean), tuple(theirs.image_std))
+    assert (ours.rescale_factor, ours.do_rescale, ours.do_normalize) == (
+        theirs.rescale_factor,
+        theirs.do_rescale,
+        theirs.do_normalize,
+    )
+    if naflex:  # LFM2-VL's budget is in tokens after its unshuffle
+        budget = getattr(theirs, "max_num_patches", None) or theirs.max_image_tokens * theirs.downsample_factor**2
+        assert ours.max_num_patches == budget
+    elif getattr(theirs, "max_image_size", None):  # Idefics3's: one tile
+        assert ours.image_size == (theirs.max_image_size["longest_edge"],) * 2
+    elif theirs.size.height is not None:
+        assert ours.image_size == (theirs.size.height, theirs.size.width)
+    else:  # LLaVA-NeXT's shortest edge: its base view is the tower's square
+        assert ours.image_size == (48, 48)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -54,12 +54,23 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+_SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_CLIP_MEAN_STD = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+
 @dataclass(frozen=True)
 class ProcessorKind:
-    """What this library reproduces of one transformers image processor."""
+    """What this library reproduces of one transformers image processor, and the class's defaults for the settings a
+    processor file may omit (transformers fills them from the class; so must we: several VLM processors default to
+    CLIP's mean and std, not SigLIP's)."""
 
     naflex: bool
-    resample: int  # PIL code when the file names none (transformers' default for the class)
+    resample: int  # PIL code
+    # The view's (height, width) (Idefics3's: one max_image_size tile); None for NaFlex, and where the default is no
+    # square (LLaVA-NeXT's shortest edge: the tower's square is its base view).
+    size: tuple[int, int] | None = (224, 224)
+    max_num_patches: int | None = None  # NaFlex: the patch budget
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]] = _SIGLIP_MEAN_STD
     # What the processor does beyond one SigLIP view (tiles, aspect-preserving resizes), which is not reproduced: this
     # library preprocesses the single view named here, exactly, and says so in a warning when loading.
     beyond: str = ""
@@ -80,17 +91,19 @@ _ANYRES_VIEWS = (
 PROCESSOR_TYPES: dict[str, ProcessorKind] = {}
 for _name, _kind in {
     "SiglipImageProcessor": ProcessorKind(False, 3),
-    "Siglip2ImageProcessor": ProcessorKind(True, 2),
+    "Siglip2ImageProcessor": ProcessorKind(True, 2, None, 256),
     "Gemma3ImageProcessor": ProcessorKind(False, 2),  # SigLIP's, bilinear, plus an optional pan-and-scan
-    "Idefics3ImageProcessor": ProcessorKind(False, 1, _IDEFICS3_VIEWS, always_resized=True),
-    "SmolVLMImageProcessor": ProcessorKind(False, 1, _IDEFICS3_VIEWS, always_resized=True),
-    "LlavaNextImageProcessor": ProcessorKind(False, 3, _ANYRES_VIEWS),
-    "LlavaOnevisionImageProcessor": ProcessorKind(False, 3, _ANYRES_VIEWS),
+    "Idefics3ImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
+    "SmolVLMImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
+    "LlavaNextImageProcessor": ProcessorKind(False, 3, None, mean_std=_CLIP_MEAN_STD, beyond=_ANYRES_VIEWS),
+    "LlavaOnevisionImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, beyond=_ANYRES_VIEWS),
     "Lfm2VlImageProcessor": ProcessorKind(
         True,
         2,
-        "resizes each image between min_image_tokens and max_image_tokens by its own rule and adds tiles; here one "
-        "NaFlex view within max_image_tokens x downsample_factor**2 patches, resized by SigLIP 2's rule",
+        None,
+        256 * 2**2,  # max_image_tokens x downsample_factor**2
+        beyond="resizes each image between min_image_tokens and max_image_tokens by its own rule and adds tiles; here "
+        "one NaFlex view within max_image_tokens x downsample_factor**2 patches, resized by SigLIP 2's rule",
     ),
 }.items():
     PROCESSOR_TYPES[_name] = PROCESSOR_TYPES[_name + "Fast"] = _kind

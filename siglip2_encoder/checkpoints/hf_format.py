@@ -212,7 +212,9 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
             f"the image processor is {name!r}; expected one of {sorted(PROCESSOR_TYPES)} (a SigLIP processor, or a "
             f"VLM's whose single view this library reproduces)"
         )
-    kind = PROCESSOR_TYPES[name] if name is not None else ProcessorKind(tower.naflex, 2 if tower.naflex else 3)
+    if name is None:  # a file naming no type is read as SigLIP's own processor of the tower's kind
+        name = "Siglip2ImageProcessor" if tower.naflex else "SiglipImageProcessor"
+    kind = PROCESSOR_TYPES[name]
     if kind.naflex != tower.naflex:
         raise CheckpointError(
             f"the image processor is {name!r} but the tower is {'NaFlex' if tower.naflex else 'fixed-resolution'}; "
@@ -229,7 +231,8 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
     if resample not in _PIL_RESAMPLE:
         raise CheckpointError(f"the image processor has resample={resample!r}; supported: {_PIL_RESAMPLE} (PIL codes)")
     names = ("image_mean", "image_std", "rescale_factor", "do_resize", "do_rescale", "do_normalize")
-    common = {name: hf[name] for name in names if hf.get(name) is not None}
+    common = dict(zip(("image_mean", "image_std"), kind.mean_std))
+    common |= {name: hf[name] for name in names if hf.get(name) is not None}
     if kind.always_resized:
         common["do_resize"] = True
     try:
@@ -239,7 +242,7 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
                 raise CheckpointError(
                     f"the image processor cuts {patch}-pixel patches but the tower's patch_size is {tower.patch_size}"
                 )
-            budget = hf.get("max_num_patches", NAFLEX_NUM_PATCHES)
+            budget = hf.get("max_num_patches", kind.max_num_patches)
             if "max_image_tokens" in hf:  # LFM2-VL: its whole-image view's budget, in tokens after its 2x2 unshuffle
                 budget = hf["max_image_tokens"] * hf.get("downsample_factor", 2) ** 2
             return ProcessorConfig(
@@ -259,16 +262,19 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
 
 def _view_size(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig) -> tuple[int, int]:
     """(height, width) of the fixed-resolution view: ``size``; for Idefics3's processors, one tile
-    (``max_image_size``); for anyres ones without height and width (LLaVA-NeXT's shortest edge), the tower's square."""
-    tile = hf.get("max_image_size")
-    if kind.beyond and isinstance(tile, Mapping) and "longest_edge" in tile:
-        return (tile["longest_edge"], tile["longest_edge"])
-    size = hf.get("size", {"height": 224, "width": 224})
-    if isinstance(size, Mapping) and {"height", "width"} <= set(size):
-        return (size["height"], size["width"])
-    if kind.beyond:
+    (``max_image_size``); for anyres ones without height and width (LLaVA-NeXT's shortest edge), the tower's square.
+    The class's default where the file has none."""
+    name, value = ("max_image_size", hf.get("max_image_size")) if kind.always_resized else ("size", hf.get("size"))
+    if value is None and kind.size is not None:
+        return kind.size
+    if kind.always_resized and isinstance(value, Mapping) and "longest_edge" in value:
+        return (value["longest_edge"], value["longest_edge"])
+    if isinstance(value, Mapping) and {"height", "width"} <= set(value):
+        return (value["height"], value["width"])
+    if kind.beyond and not kind.always_resized:
         return (tower.image_size, tower.image_size)
-    raise CheckpointError(f"the image processor's size must give height and width, got size={size!r}")
+    wanted = "longest_edge" if kind.always_resized else "height and width"
+    raise CheckpointError(f"the image processor's {name} must give {wanted}, got {name}={value!r}")
 
 
 def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
