@@ -13,6 +13,7 @@ from test_vlm_import import build, naflex_inputs, vision_tower
 
 from siglip2_encoder import RECIPES, Recipe, SigLIP2Encoder, convert_timm_state_dict, get_recipe
 from siglip2_encoder.adapters import LinearConfig, MLPConfig, PixelShuffleConfig, PoolConfig, build_projector
+from siglip2_encoder.adapters.pixel_shuffle import pixel_shuffle
 
 
 def projector_of(vlm: torch.nn.Module) -> torch.nn.Module:
@@ -47,6 +48,8 @@ FAMILY_RECIPES = {
     "idefics3": "idefics3",
     "smolvlm": "smolvlm",
     "lfm2_vl": "lfm2_vl",
+    "aya_vision": "aya_vision",
+    "cohere2_vision": "cohere2_vision",
 }
 
 
@@ -75,6 +78,16 @@ def test_recipe_gives_what_the_vlms_projector_receives(family, tmp_path):
         got = ours.features(pixels, recipe=FAMILY_RECIPES[family])
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["aya_vision", "cohere2_vision"])
+def test_pixel_shuffle_orders_tokens_and_channels_as_the_vlms_projector_does(family):
+    """As for Idefics3's (test_adapters): a pixel_shuffle projector's linear layers see these VLMs' channel order."""
+    projector = projector_of(build(family)[0])
+    tokens = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(6))  # two 4 x 4 grids
+    theirs = projector.pixel_shuffle(tokens).reshape(2, 4, 128)
+    ours = torch.stack([pixel_shuffle(grid.reshape(4, 4, 32), 2) for grid in tokens])
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
 
 
 def test_prismatic_recipe_is_timms_second_to_last_block():

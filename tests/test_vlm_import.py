@@ -3,18 +3,25 @@ key layouts, and equals the VLM's own vision tower in transformers on the same r
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import keep_only_shards_of, perturb
+from conftest import keep_only_shards_of, perturb, random_images
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AyaVisionConfig,
+    AyaVisionForConditionalGeneration,
+    Cohere2VisionConfig,
+    Cohere2VisionForConditionalGeneration,
+    Cohere2VisionImageProcessor,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
+    GotOcr2ImageProcessor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessor,
@@ -76,6 +83,14 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
         del text["head_dim"]
         config = Lfm2VlConfig(vision_config=vision, text_config=text, projector_hidden_size=16)
         return Lfm2VlForConditionalGeneration(config), Lfm2VlImageProcessor(encoder_patch_size=8, max_image_tokens=6)
+    if family == "aya_vision":  # Aya Vision's tower has no head
+        vision = SIGLIP | dict(vision_use_head=False)
+        config = AyaVisionConfig(vision_config=vision, text_config=LM | dict(model_type="llama"), downsample_factor=2)
+        return AyaVisionForConditionalGeneration(config), GotOcr2ImageProcessor(size=square)
+    if family == "cohere2_vision":
+        text = LM | dict(model_type="llama")
+        config = Cohere2VisionConfig(vision_config=SIGLIP, text_config=text, alignment_intermediate_size=32)
+        return Cohere2VisionForConditionalGeneration(config), Cohere2VisionImageProcessor(size=square)
     vision = TOWER | dict(image_size=32)  # Idefics3 / SmolVLM: their own tower class, without a head
     if family == "idefics3":
         config = Idefics3Config(vision_config=vision, text_config=LM | dict(model_type="llama"), scale_factor=2)
@@ -100,7 +115,16 @@ def naflex_inputs(seed: int) -> dict[str, torch.Tensor]:
     return dict(pixel_values=pixels, spatial_shapes=torch.tensor([[4, 4], [2, 5]]), pixel_attention_mask=mask)
 
 
-SIGLIP_FAMILIES = ["paligemma", "gemma3", "llava", "llava_next", "llava_onevision", "lfm2_vl"]
+SIGLIP_FAMILIES = [
+    "paligemma",
+    "gemma3",
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "lfm2_vl",
+    "aya_vision",
+    "cohere2_vision",
+]
 # The tower's key prefix in each layout: 5.x saves (most families), the Hub's 4.x checkpoints, 4.52+ saves (after
 # the `model.` refactor), 5.x module names (and LFM2-VL's 5.x saves).
 LAYOUTS = {
@@ -117,6 +141,8 @@ VIEWS = {
     "llava_next": ((32, 32), "bicubic"),
     "llava_onevision": ((32, 32), "bicubic"),
     "lfm2_vl": (24, "bilinear"),
+    "aya_vision": ((32, 32), "bicubic"),
+    "cohere2_vision": ((32, 32), "bicubic"),
     "idefics3": ((32, 32), "lanczos"),
     "smolvlm": ((32, 32), "lanczos"),
 }
@@ -173,7 +199,7 @@ def test_vlm_tower_equals_the_vlms_own_vision_tower(family, layout, tmp_path):
     image_processor.save_pretrained(tmp_path)
     relayout(tmp_path, LAYOUTS[layout])
     ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    assert ours.config.use_head == (family in ("gemma3", "llava", "llava_next"))
+    assert ours.config.use_head == (family in ("gemma3", "llava", "llava_next", "cohere2_vision"))
     if family == "lfm2_vl":
         x = naflex_inputs(1)
     else:
@@ -186,6 +212,27 @@ def test_vlm_tower_equals_the_vlms_own_vision_tower(family, layout, tmp_path):
     if ours.config.use_head:
         torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
     check_processor(tmp_path, family)
+
+
+@pytest.mark.parametrize(("family", "tiles"), [("aya_vision", False), ("aya_vision", True), ("cohere2_vision", True)])
+def test_the_view_of_a_tiling_processor_is_its_thumbnail(family, tiles, tmp_path, caplog):
+    """Aya Vision's and Command A Vision's processors, with crop_to_patches, cut tiles and add a thumbnail (the image
+    resized to size): the view reproduced is that thumbnail, and without tiles their only view. The warning says so
+    only when they tile."""
+    vlm, image_processor = build(family)
+    image_processor.crop_to_patches = tiles
+    vlm.config.save_pretrained(tmp_path)
+    image_processor.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ours = ImageProcessor.from_pretrained(tmp_path)
+    assert ("here the thumbnail only" in caplog.text) == tiles
+    images = random_images(3, [(40, 100), (64, 30)])  # several tiles each, so each has a thumbnail last
+    theirs = image_processor(images, return_tensors="pt")
+    views = theirs["pixel_values"]
+    if tiles:
+        assert (theirs["num_patches"] > 2).all()
+        views = views[theirs["num_patches"].cumsum(0) - 1]
+    torch.testing.assert_close(ours(images).pixel_values, views, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["idefics3", "smolvlm"])

@@ -5,6 +5,7 @@ here (and a test with its transformers class)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,8 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "llava_next": _SIGLIP_TOWER_PREFIXES,
     "llava_onevision": _SIGLIP_TOWER_PREFIXES,
     "lfm2_vl": _SIGLIP_TOWER_PREFIXES,
+    "aya_vision": _SIGLIP_TOWER_PREFIXES,
+    "cohere2_vision": _SIGLIP_TOWER_PREFIXES,
     "idefics3": ("model.vision_model.",),
     "smolvlm": ("model.vision_model.",),
 }
@@ -74,9 +77,18 @@ class ProcessorKind:
     # What the processor does beyond one SigLIP view (tiles, aspect-preserving resizes), which is not reproduced: this
     # library preprocesses the single view named here, exactly, and says so in a warning when loading.
     beyond: str = ""
+    # The setting that turns those other views on, and its default; None: they are always on.
+    beyond_setting: tuple[str, bool] | None = None
     # The view is resized to its size whatever do_resize says (Idefics3's: do_resize is only the longest-edge resize
     # before it, and without splitting every image is then resized to max_image_size).
     always_resized: bool = False
+
+    def does_more(self, settings: Mapping[str, Any]) -> bool:
+        """Whether a processor with these settings makes views beyond the single one reproduced."""
+        if not self.beyond or self.beyond_setting is None:
+            return bool(self.beyond)
+        name, default = self.beyond_setting
+        return bool(settings.get(name, default))
 
 
 _IDEFICS3_VIEWS = (
@@ -86,6 +98,10 @@ _IDEFICS3_VIEWS = (
 _ANYRES_VIEWS = (
     "adds anyres tiles (image_grid_pinpoints) to the base view; here the base view only: the image resized to the "
     "tower's native square"
+)
+_TILES_AND_THUMBNAIL = (
+    "crops each image into tiles (crop_to_patches: between min_patches and max_patches tiles of size, by aspect "
+    "ratio) followed by a thumbnail; here the thumbnail only: the image resized to size"
 )
 # image_processor_type -> what is reproduced of it; transformers 4 named its torchvision processors "...Fast".
 PROCESSOR_TYPES: dict[str, ProcessorKind] = {}
@@ -104,6 +120,13 @@ for _name, _kind in {
         256 * 2**2,  # max_image_tokens x downsample_factor**2
         beyond="resizes each image between min_image_tokens and max_image_tokens by its own rule and adds tiles; here "
         "one NaFlex view within max_image_tokens x downsample_factor**2 patches, resized by SigLIP 2's rule",
+    ),
+    # Aya Vision's (transformers names it for GOT-OCR 2, whose processor it is) and Command A Vision's
+    "GotOcr2ImageProcessor": ProcessorKind(
+        False, 3, (384, 384), None, _CLIP_MEAN_STD, _TILES_AND_THUMBNAIL, ("crop_to_patches", False)
+    ),
+    "Cohere2VisionImageProcessor": ProcessorKind(
+        False, 3, (512, 512), None, _CLIP_MEAN_STD, _TILES_AND_THUMBNAIL, ("crop_to_patches", True)
     ),
 }.items():
     PROCESSOR_TYPES[_name] = PROCESSOR_TYPES[_name + "Fast"] = _kind

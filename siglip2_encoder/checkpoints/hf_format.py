@@ -226,7 +226,7 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
             f"not reproduce; set it false in the processor file to get the single resized view"
         )
     resample = hf.get("resample", kind.resample)
-    if kind.beyond and not views:
+    if kind.does_more(hf) and not views:
         logger.warning("the image processor %s %s", name, kind.beyond)
     if resample not in _PIL_RESAMPLE:
         raise CheckpointError(f"the image processor has resample={resample!r}; supported: {_PIL_RESAMPLE} (PIL codes)")

@@ -23,7 +23,7 @@ __all__ = ["RECIPES", "REDUCTIONS", "Recipe", "get_recipe", "list_recipes"]
 # What a VLM's projector does to the token grid before its linear layers.
 REDUCTIONS = (
     None,
-    "pixel_shuffle",  # s x s blocks -> one token of s * s * D channels (Idefics3, SmolVLM, LFM2-VL)
+    "pixel_shuffle",  # s x s blocks -> one token of s * s * D channels (Idefics3, SmolVLM, LFM2-VL, Aya Vision)
     "avg_pool",  # s x s average pooling (Gemma 3)
 )
 
@@ -129,6 +129,21 @@ RECIPES: dict[str, Recipe] = {
             "pixel_shuffle",
             2,
             source="LFM2-VL: last_hidden_state of its NaFlex tower, 2x2 pixel unshuffle (downsample_factor)",
+        ),
+        Recipe(
+            "aya_vision",
+            -1,
+            "pixel_shuffle",
+            2,
+            source="Aya Vision: vision_feature_layer=-1 of its 26-layer tower (no post-layernorm), pixel shuffle by "
+            "downsample_factor (2), then LayerNorm and a SwiGLU MLP",
+        ),
+        Recipe(
+            "cohere2_vision",
+            None,
+            "pixel_shuffle",
+            2,
+            source="Command A Vision: last_hidden_state, pixel shuffle by downsample_factor (2), then a SwiGLU MLP",
         ),
         Recipe("prismatic", -2, source="Prismatic / OpenVLA: the second-to-last block's output, no norm"),
     ]
