@@ -22,6 +22,9 @@ from transformers import (
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
     GotOcr2ImageProcessor,
+    Idefics2Config,
+    Idefics2ForConditionalGeneration,
+    Idefics2ImageProcessor,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessor,
@@ -91,7 +94,14 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
         text = LM | dict(model_type="llama")
         config = Cohere2VisionConfig(vision_config=SIGLIP, text_config=text, alignment_intermediate_size=32)
         return Cohere2VisionForConditionalGeneration(config), Cohere2VisionImageProcessor(size=square)
-    vision = TOWER | dict(image_size=32)  # Idefics3 / SmolVLM: their own tower class, without a head
+    vision = TOWER | dict(image_size=32)  # Idefics2 / 3, SmolVLM: their own tower class, without a head
+    if family == "idefics2":
+        resampler = dict(resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8)
+        resampler |= dict(num_key_value_heads=1, hidden_size=LM["hidden_size"], rms_norm_eps=1e-6)
+        text = LM | dict(model_type="llama")
+        config = Idefics2Config(vision_config=vision, text_config=text, perceiver_config=resampler)
+        processor = Idefics2ImageProcessor(size={"shortest_edge": 16, "longest_edge": 32})
+        return Idefics2ForConditionalGeneration(config), processor
     if family == "idefics3":
         config = Idefics3Config(vision_config=vision, text_config=LM | dict(model_type="llama"), scale_factor=2)
         processor = Idefics3ImageProcessor(max_image_size={"longest_edge": 32}, size={"longest_edge": 64})
@@ -145,6 +155,7 @@ VIEWS = {
     "cohere2_vision": ((32, 32), "bicubic"),
     "idefics3": ((32, 32), "lanczos"),
     "smolvlm": ((32, 32), "lanczos"),
+    "idefics2": ((32, 32), "bilinear"),
 }
 
 
@@ -235,10 +246,24 @@ def test_the_view_of_a_tiling_processor_is_its_thumbnail(family, tiles, tmp_path
     torch.testing.assert_close(ours(images).pixel_values, views, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_idefics2s_view_is_exact_for_images_of_its_longest_edge(tmp_path, caplog):
+    """Idefics2's processor keeps each image's aspect ratio; ours resizes to the tower's square (and says so), which
+    is its view for square images of longest_edge pixels."""
+    vlm, image_processor = build("idefics2")
+    vlm.config.save_pretrained(tmp_path)
+    image_processor.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ours = ImageProcessor.from_pretrained(tmp_path)
+    assert "here each image is resized to the tower's square" in caplog.text
+    images = random_images(4, [(32, 32), (32, 32)])
+    want = image_processor(images, return_tensors="pt")["pixel_values"][0]  # one sample of two images
+    torch.testing.assert_close(ours(images).pixel_values, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm", "idefics2"])
 def test_idefics3_tower_equals_its_own_including_padded_images(family, tmp_path):
-    """Idefics3's tower reads positions at each patch's fractional coordinate for grids smaller than its native one
-    (images padded in the batch): ours does too, on each image's real patches."""
+    """Idefics3's tower (and Idefics2's, the same) reads positions at each patch's fractional coordinate for grids
+    smaller than its native one (images padded in the batch): ours does too, on each image's real patches."""
     vlm, image_processor = build(family)
     vlm = perturb(vlm, seed=6).eval()
     vlm.save_pretrained(tmp_path)
@@ -284,8 +309,8 @@ def test_a_vlm_with_another_tower_or_pan_and_scan_is_refused(tmp_path):
     LlavaConfig(text_config=LM | dict(model_type="llama")).save_pretrained(tmp_path / "clip")  # a CLIP tower
     message = (
         "config.json is a 'llava' checkpoint whose vision tower is 'clip_vision_model', not a SigLIP-architecture "
-        "tower (one of siglip_vision_model, siglip2_vision_model, idefics3_vision, smolvlm_vision); load it with the "
-        "library of its own tower"
+        "tower (one of siglip_vision_model, siglip2_vision_model, idefics3_vision, smolvlm_vision, idefics2_vision); "
+        "load it with the library of its own tower"
     )
     with pytest.raises(CheckpointError, match=re.escape(message)):
         SigLIP2Encoder.from_pretrained(tmp_path / "clip")

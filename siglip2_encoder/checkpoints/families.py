@@ -26,6 +26,7 @@ VISION_TYPES = {
     "siglip2_vision_model": True,
     "idefics3_vision": False,  # Idefics3VisionTransformer: SigLIP without the head, bucketed positions
     "smolvlm_vision": False,  # SmolVLMVisionTransformer: the same tower
+    "idefics2_vision": False,  # Idefics2VisionTransformer: the same tower
 }
 TEXT_TYPES = ("siglip_text_model", "siglip2_text_model")  # text-only checkpoints (SiglipTextModel, ...)
 # Vision types whose architecture differs from SigLIP's in ways their config.json does not say: the fields fixed here.
@@ -33,6 +34,7 @@ TEXT_TYPES = ("siglip_text_model", "siglip2_text_model")  # text-only checkpoint
 FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "idefics3_vision": {"use_head": False, "position_lookup": "buckets"},
     "smolvlm_vision": {"use_head": False, "position_lookup": "buckets"},
+    "idefics2_vision": {"use_head": False, "position_lookup": "buckets"},
 }
 _SIGLIP_TOWER_PREFIXES = (  # 4.x before and after its ``model.`` refactor, 5.x in memory and as saved
     "model.vision_tower.vision_model.",
@@ -54,6 +56,7 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "cohere2_vision": _SIGLIP_TOWER_PREFIXES,
     "idefics3": ("model.vision_model.",),
     "smolvlm": ("model.vision_model.",),
+    "idefics2": ("model.vision_model.",),
 }
 
 
@@ -95,6 +98,11 @@ _IDEFICS3_VIEWS = (
     "splits each image into tiles after an aspect-preserving LANCZOS resize; here each image is resized (LANCZOS) "
     "to one tile of max_image_size pixels, and images already of that size are preprocessed exactly as its tiles"
 )
+_IDEFICS2_VIEWS = (
+    "resizes each image keeping its aspect ratio within size's shortest_edge and longest_edge (and with "
+    "do_image_splitting adds 4 crops); here each image is resized to the tower's square, so only images already of "
+    "that size (longest_edge) are preprocessed exactly as its"
+)
 _ANYRES_VIEWS = (
     "adds anyres tiles (image_grid_pinpoints) to the base view; here the base view only: the image resized to the "
     "tower's native square"
@@ -111,6 +119,7 @@ for _name, _kind in {
     "Gemma3ImageProcessor": ProcessorKind(False, 2),  # SigLIP's, bilinear, plus an optional pan-and-scan
     "Idefics3ImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "SmolVLMImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
+    "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
     "LlavaNextImageProcessor": ProcessorKind(False, 3, None, mean_std=_CLIP_MEAN_STD, beyond=_ANYRES_VIEWS),
     "LlavaOnevisionImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, beyond=_ANYRES_VIEWS),
     "Lfm2VlImageProcessor": ProcessorKind(
