@@ -1,7 +1,7 @@
-"""The LLaVA exports (LLaVA, LLaVA-OneVision, LLaVA-NeXT) in vLLM, the server many users deploy VLMs with: its
-offline ``LLM.chat`` (the chat template, the processor and the model its OpenAI server runs) on the exported folder,
-in vLLM's own environment (README's test command makes it: tests/install_vllm.sh, vLLM 0.32.0 built for CPUs),
-against our model on the same images and text."""
+"""The LLaVA exports (LLaVA, LLaVA-OneVision, LLaVA-NeXT) and the Idefics3 export in vLLM, the server many users
+deploy VLMs with: its offline ``LLM.chat`` (the chat template, the processor and the model its OpenAI server runs) on
+the exported folder, in vLLM's own environment (README's test command makes it: tests/install_vllm.sh, vLLM 0.32.0
+built for CPUs), against our model on the same images and text."""
 
 from __future__ import annotations
 
@@ -140,3 +140,26 @@ def test_vllm_reduces_onevision_tokens_as_anyres_max_9_as_the_export_warns(tmp_p
     conversations, ours = ask(model, processor, [(50, 130)], tmp_path)
     (theirs,) = vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=1, **NO_VIDEO)
     assert len(theirs["prompt"]) > len(ours[0]["prompt"])
+
+
+def test_vllm_chats_with_a_split_idefics3_export_as_our_model_does(tmp_path):
+    """The Idefics3 export (SmolVLM-style: 32 px tiles of images resized to a longest edge of 96 px, then the global
+    view; a pixel-shuffle connector; a Llama LM): vLLM's prompt is ours id for id (every tile's tokens and row / column
+    tags) and its 6 greedy tokens ours, on a wide image (split) and a small one (one tile, upscaled)."""
+    from siglip2_encoder import get_recipe
+    from siglip2_encoder.integrations.idefics3_export import add_idefics3_tokens, export_idefics3
+    from siglip2_encoder.integrations.splitting import ImageSplitting
+
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer()
+    tower = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", **TOWER, patch_size=8, image_size=32)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **LM, tie_word_embeddings=False))
+    splitting = ImageSplitting(32, 96)
+    image_token_id = add_idefics3_tokens(tokenizer, lm, splitting)
+    connector = build_projector(get_recipe("idefics3").projector_config(32, 64))
+    model = perturb(VisionLanguageModel(tower, connector, lm, image_token_id, splitting=splitting), seed=3).eval()
+    processor = VLMProcessor(tokenizer, ImageProcessor(tower.processor_config), connector, 8, splitting=splitting)
+    export_idefics3(model, tmp_path / "export", tokenizer)
+
+    conversations, ours = ask(model, processor, [(40, 150), (20, 20)], tmp_path)
+    assert vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=6) == ours
