@@ -22,7 +22,7 @@ from .checkpoints.hub import CheckpointError, CheckpointSource, HubUnreachableEr
 from .checkpoints.timm_format import convert_timm_state_dict, to_timm_state_dict
 from .config import EncoderConfig, ProcessorConfig, TextConfig
 from .data.images import ImageLoadError, load_image
-from .data.processor import ImageProcessor, ProcessedImage, ProcessedImages, naflex_size
+from .data.processor import ImageProcessor, ProcessedImage, ProcessedImages, naflex_size, smart_size
 from .data.tokenizer import TextTokenizer, TokenizedTexts
 from .export.onednn import prepack_for_cpu
 from .models.joint import LabelSet, ModelOutput, SigLIP2Model
@@ -76,6 +76,7 @@ __all__ = [
     "prepack_for_cpu",
     "processor_config_from_hf",
     "processor_config_to_hf",
+    "smart_size",
     "text_config_from_hf",
     "text_config_to_hf",
     "to_timm_state_dict",

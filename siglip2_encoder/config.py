@@ -36,6 +36,10 @@ SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")
 # transformers' Siglip2VisionConfig default: a 16x16 learned position grid.
 NAFLEX_NUM_PATCHES = 256
 RESAMPLE_FILTERS = ("bilinear", "bicubic", "lanczos")  # lanczos: Idefics3 / SmolVLM (torchvision >= 0.27)
+# How a NaFlex processor picks each image's patch grid: "siglip2", the largest aspect-keeping grid within
+# max_num_patches (transformers' Siglip2ImageProcessor); "smart", LFM2-VL's smart_resize (Qwen2-VL's rule): each side
+# rounded to a multiple of grid_multiple patches, then scaled into [min_num_patches, max_num_patches].
+NAFLEX_RESIZES = ("siglip2", "smart")
 # How a fixed-resolution tower finds position embeddings for a grid other than its native one: "interpolate" resizes
 # the table bicubically (SigLIP, transformers' interpolate_pos_encoding); "buckets" looks each patch's fractional
 # coordinate up in the table (NaViT's scheme, Idefics3's and SmolVLM's towers).
@@ -182,6 +186,9 @@ class ProcessorConfig:
     do_resize: bool = True
     do_rescale: bool = True
     do_normalize: bool = True
+    naflex_resize: str = "siglip2"  # NaFlex: the grid rule, one of NAFLEX_RESIZES
+    min_num_patches: int | None = None  # "smart" only: the patch floor
+    grid_multiple: int = 1  # "smart" only: grid sides are multiples of this (LFM2-VL's downsample_factor)
 
     def __post_init__(self) -> None:
         if (self.image_size is None) == (self.max_num_patches is None):
@@ -206,6 +213,17 @@ class ProcessorConfig:
             object.__setattr__(self, name, value)
         if any(s == 0 for s in self.image_std):
             raise ValueError(f"image_std must not contain 0, got image_std={self.image_std}")
+        if self.naflex_resize not in NAFLEX_RESIZES:
+            raise ValueError(f"naflex_resize must be one of {NAFLEX_RESIZES}, got naflex_resize={self.naflex_resize!r}")
+        if self.naflex_resize == "smart":
+            if self.max_num_patches is None:
+                raise ValueError("naflex_resize='smart' is a NaFlex rule: set max_num_patches, not image_size")
+            check_positive_ints(self, "min_num_patches", "grid_multiple")
+        elif self.min_num_patches is not None or self.grid_multiple != 1:
+            raise ValueError(
+                f"min_num_patches and grid_multiple apply to naflex_resize='smart' only, got "
+                f"min_num_patches={self.min_num_patches!r}, grid_multiple={self.grid_multiple!r}"
+            )
 
     @property
     def naflex(self) -> bool:
@@ -222,3 +240,15 @@ class ProcessorConfig:
 
     def replace(self, **changes: Any) -> ProcessorConfig:
         return replace(self, **changes)
+
+    def at_size(self, size: tuple[int, int]) -> ProcessorConfig:
+        """This preprocessing (filter, rescaling, normalization) resizing every image to ``size`` (height, width)."""
+        return replace(
+            self,
+            image_size=size,
+            max_num_patches=None,
+            do_resize=True,
+            naflex_resize="siglip2",
+            min_num_patches=None,
+            grid_multiple=1,
+        )

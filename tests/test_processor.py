@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from conftest import random_images
 from PIL import Image
-from transformers import Siglip2ImageProcessor, Siglip2ImageProcessorPil, SiglipImageProcessor, SiglipImageProcessorPil
+from transformers import (
+    Lfm2VlImageProcessor,
+    Siglip2ImageProcessor,
+    Siglip2ImageProcessorPil,
+    SiglipImageProcessor,
+    SiglipImageProcessorPil,
+)
 from transformers.models.siglip2.image_processing_siglip2 import get_image_size_for_max_num_patches
 
 from siglip2_encoder import (
@@ -18,6 +26,7 @@ from siglip2_encoder import (
     naflex_size,
     processor_config_from_hf,
     processor_config_to_hf,
+    smart_size,
 )
 
 SIZES = [(37, 53), (224, 224), (13, 301), (480, 64), (1, 1), (5, 700), (333, 333), (90, 17)]
@@ -143,6 +152,45 @@ def test_config_validation_and_hf_round_trip():
         (ProcessorConfig(image_size=None, max_num_patches=729, patch_size=14), naflex_tower),
     ):
         assert processor_config_from_hf(processor_config_to_hf(config), tower) == config
+
+
+def test_smart_size_is_lfm2_vls_smart_resize_on_many_shapes():
+    """Sizes (half-way roundings, both budget branches, extreme shapes) equal LFM2-VL's own smart_resize."""
+    theirs = Lfm2VlImageProcessor()
+    rng = np.random.default_rng(0)
+    shapes = [(int(h), int(w)) for h, w in rng.integers(1, 3000, (300, 2))]
+    shapes += [(16, 16), (48, 80), (80, 112), (1, 1), (1, 4000), (512, 512), (1024, 768)]
+    for least, most, factor, patch in [(64, 256, 2, 16), (2, 6, 2, 8), (16, 64, 3, 14), (4, 9, 1, 16)]:
+        for h, w in shapes:
+            w_bar, h_bar = theirs.smart_resize(h, w, factor, least, most, patch)
+            assert smart_size(h, w, patch, factor, least * factor**2, most * factor**2) == (h_bar, w_bar), (h, w)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(naflex_resize="qwen"), "naflex_resize must be one of ('siglip2', 'smart'), got naflex_resize='qwen'"),
+        (dict(naflex_resize="smart", min_num_patches=4), "naflex_resize='smart' is a NaFlex rule: set max_num_patches"),
+        (dict(image_size=None, max_num_patches=64, naflex_resize="smart"), "min_num_patches must be a positive int"),
+        (dict(min_num_patches=4), "min_num_patches and grid_multiple apply to naflex_resize='smart' only"),
+        (dict(grid_multiple=2), "min_num_patches and grid_multiple apply to naflex_resize='smart' only"),
+    ],
+)
+def test_bad_naflex_rules_are_refused(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ProcessorConfig(**changes)
+
+
+def test_a_smart_rule_lfm2_vl_cannot_express_is_refused_on_save():
+    config = ProcessorConfig(
+        image_size=None, max_num_patches=30, min_num_patches=8, naflex_resize="smart", grid_multiple=2
+    )
+    message = (
+        "transformers' Lfm2VlImageProcessor counts its budgets in tokens of grid_multiple**2 = 4 patches; "
+        "min_num_patches=8 and max_num_patches=30 must be multiples of 4"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        processor_config_to_hf(config)
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ from transformers import (
 
 from siglip2_encoder import CheckpointError, EncoderConfig, ImageProcessor, SigLIP2Encoder
 from siglip2_encoder.checkpoints.families import PROCESSOR_TYPES
-from siglip2_encoder.checkpoints.hf_format import processor_config_from_hf
+from siglip2_encoder.checkpoints.hf_format import processor_config_from_hf, processor_config_to_hf
 
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
 LM = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
@@ -244,6 +244,53 @@ def test_the_view_of_a_tiling_processor_is_its_thumbnail(family, tiles, tmp_path
         assert (theirs["num_patches"] > 2).all()
         views = views[theirs["num_patches"].cumsum(0) - 1]
     torch.testing.assert_close(ours(images).pixel_values, views, atol=1e-6, rtol=0)
+
+
+LFM2_SIZES = [(16, 16), (12, 100), (40, 100), (64, 30), (200, 120), (33, 33), (8, 90)]
+
+
+@pytest.mark.parametrize("splitting", [False, True])
+def test_lfm2_vls_view_is_its_smart_resize_and_its_thumbnail(splitting, tmp_path, caplog):
+    """LFM2-VL's processor sizes each image by its smart_resize (sides of multiples of 2 patches, the grid scaled into
+    [min, max] image tokens), and with do_image_splitting cuts large ones into tiles followed by a thumbnail of that
+    size: ours gives that view, pixel for pixel, its grid and mask; the warning says so only when it splits."""
+    vlm, _ = build("lfm2_vl")
+    theirs = Lfm2VlImageProcessor(
+        encoder_patch_size=8, min_image_tokens=2, max_image_tokens=6, do_image_splitting=splitting, tile_size=32
+    )
+    vlm.config.save_pretrained(tmp_path)
+    theirs.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ours = ImageProcessor.from_pretrained(tmp_path)
+    assert ("here that thumbnail, by its smart_resize rule" in caplog.text) == splitting
+    assert (ours.config.naflex_resize, ours.config.min_num_patches, ours.config.max_num_patches) == ("smart", 8, 24)
+    images = random_images(5, LFM2_SIZES)
+    want = theirs(images, return_tensors="pt", return_row_col_info=True)
+    tiles = [rows * cols for rows, cols in zip(want["image_rows"], want["image_cols"])]
+    views = torch.tensor([n + (n > 1) for n in tiles])  # the tiles, then a thumbnail
+    last = views.cumsum(0) - 1  # each image's thumbnail, or its only view
+    assert (views > 1).any() == splitting
+    got = ours(images, pad_to_max=True)
+    torch.testing.assert_close(got.spatial_shapes, want["spatial_shapes"][last], atol=0, rtol=0)
+    torch.testing.assert_close(got.pixel_attention_mask, want["pixel_attention_mask"][last], atol=0, rtol=0)
+    torch.testing.assert_close(got.pixel_values, want["pixel_values"][last], atol=1e-6, rtol=0)
+    # Saved, it is LFM2-VL's processor again, without tiles: transformers gives the same single views.
+    ours_again = Lfm2VlImageProcessor.from_dict(processor_config_to_hf(ours.config))
+    again = ours_again(images, return_tensors="pt")
+    torch.testing.assert_close(again["pixel_values"], got.pixel_values, atol=1e-6, rtol=0)
+    tower = EncoderConfig(image_size=None, num_patches=16, patch_size=8)
+    assert processor_config_from_hf(processor_config_to_hf(ours.config), tower) == ours.config
+
+
+def test_lfm2_vls_rule_refuses_what_it_would_size_over_the_budget():
+    """At extreme aspect ratios smart_resize keeps a side at one multiple and the grid exceeds the budget
+    (transformers' processor then fails to batch it); ours says so."""
+    tower = EncoderConfig(image_size=None, num_patches=16, patch_size=8)
+    settings = dict(image_processor_type="Lfm2VlImageProcessor", encoder_patch_size=8, max_image_tokens=6)
+    ours = ImageProcessor(processor_config_from_hf(settings, tower))
+    message = "image 0 (5x300) is resized to 16x288, 72 patches, over the budget of 24: its aspect ratio is too extreme"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ours(random_images(0, [(5, 300)]))
 
 
 def test_idefics2s_view_is_exact_for_images_of_its_longest_edge(tmp_path, caplog):

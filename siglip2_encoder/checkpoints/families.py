@@ -76,14 +76,17 @@ class ProcessorKind:
     # square (LLaVA-NeXT's shortest edge: the tower's square is its base view).
     size: tuple[int, int] | None = (224, 224)
     max_num_patches: int | None = None  # NaFlex: the patch budget
+    # LFM2-VL's smart_resize rule instead of SigLIP 2's, with its (min_image_tokens, max_image_tokens,
+    # downsample_factor) defaults: budgets in tokens after its downsample_factor x downsample_factor unshuffle.
+    smart_resize: tuple[int, int, int] | None = None
     mean_std: tuple[tuple[float, ...], tuple[float, ...]] = _SIGLIP_MEAN_STD
     # What the processor does beyond one SigLIP view (tiles, aspect-preserving resizes), which is not reproduced: this
     # library preprocesses the single view named here, exactly, and says so in a warning when loading.
     beyond: str = ""
     # The setting that turns those other views on, and its default; None: they are always on.
     beyond_setting: tuple[str, bool] | None = None
-    # The view is resized to its size whatever do_resize says (Idefics3's: do_resize is only the longest-edge resize
-    # before it, and without splitting every image is then resized to max_image_size).
+    # The view is resized whatever do_resize says (Idefics3's: do_resize is only the longest-edge resize before it,
+    # and without splitting every image is then resized to max_image_size; LFM2-VL's always resizes).
     always_resized: bool = False
 
     def does_more(self, settings: Mapping[str, Any]) -> bool:
@@ -126,16 +129,28 @@ for _name, _kind in {
         True,
         2,
         None,
-        256 * 2**2,  # max_image_tokens x downsample_factor**2
-        beyond="resizes each image between min_image_tokens and max_image_tokens by its own rule and adds tiles; here "
-        "one NaFlex view within max_image_tokens x downsample_factor**2 patches, resized by SigLIP 2's rule",
+        smart_resize=(64, 256, 2),
+        beyond="cuts images over max_image_tokens x max_pixels_tolerance into tile_size tiles followed by a "
+        "thumbnail (do_image_splitting); here that thumbnail, by its smart_resize rule: the only view of the others",
+        beyond_setting=("do_image_splitting", True),
+        always_resized=True,
     ),
     # Aya Vision's (transformers names it for GOT-OCR 2, whose processor it is) and Command A Vision's
     "GotOcr2ImageProcessor": ProcessorKind(
-        False, 3, (384, 384), None, _CLIP_MEAN_STD, _TILES_AND_THUMBNAIL, ("crop_to_patches", False)
+        False,
+        3,
+        (384, 384),
+        mean_std=_CLIP_MEAN_STD,
+        beyond=_TILES_AND_THUMBNAIL,
+        beyond_setting=("crop_to_patches", False),
     ),
     "Cohere2VisionImageProcessor": ProcessorKind(
-        False, 3, (512, 512), None, _CLIP_MEAN_STD, _TILES_AND_THUMBNAIL, ("crop_to_patches", True)
+        False,
+        3,
+        (512, 512),
+        mean_std=_CLIP_MEAN_STD,
+        beyond=_TILES_AND_THUMBNAIL,
+        beyond_setting=("crop_to_patches", True),
     ),
 }.items():
     PROCESSOR_TYPES[_name] = PROCESSOR_TYPES[_name + "Fast"] = _kind

@@ -235,29 +235,35 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
     common |= {name: hf[name] for name in names if hf.get(name) is not None}
     if kind.always_resized:
         common["do_resize"] = True
+    common["resample"] = _PIL_RESAMPLE[resample]
     try:
         if tower.naflex:
-            patch = hf.get("patch_size", hf.get("encoder_patch_size", tower.patch_size))
-            if patch != tower.patch_size:
-                raise CheckpointError(
-                    f"the image processor cuts {patch}-pixel patches but the tower's patch_size is {tower.patch_size}"
-                )
-            budget = hf.get("max_num_patches", kind.max_num_patches)
-            if "max_image_tokens" in hf:  # LFM2-VL: its whole-image view's budget, in tokens after its 2x2 unshuffle
-                budget = hf["max_image_tokens"] * hf.get("downsample_factor", 2) ** 2
-            return ProcessorConfig(
-                image_size=None, max_num_patches=budget, patch_size=patch, resample=_PIL_RESAMPLE[resample], **common
-            )
-        return ProcessorConfig(
-            image_size=_view_size(hf, kind, tower),
-            patch_size=tower.patch_size,
-            resample=_PIL_RESAMPLE[resample],
-            **common,
-        )
+            return ProcessorConfig(image_size=None, **common, **_naflex_settings(hf, kind, tower))
+        return ProcessorConfig(image_size=_view_size(hf, kind, tower), patch_size=tower.patch_size, **common)
     except CheckpointError:
         raise
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"invalid image processor settings: {err}") from None
+
+
+def _naflex_settings(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig) -> dict[str, Any]:
+    """The patch size and the sizing rule with its budgets of a NaFlex processor."""
+    patch = hf.get("patch_size", hf.get("encoder_patch_size", tower.patch_size))
+    if patch != tower.patch_size:
+        raise CheckpointError(
+            f"the image processor cuts {patch}-pixel patches but the tower's patch_size is {tower.patch_size}"
+        )
+    if kind.smart_resize is None:
+        return dict(patch_size=patch, max_num_patches=hf.get("max_num_patches", kind.max_num_patches))
+    least, most, factor = kind.smart_resize  # LFM2-VL's: budgets in tokens after its unshuffle
+    factor = hf.get("downsample_factor", factor)
+    return dict(
+        patch_size=patch,
+        naflex_resize="smart",
+        min_num_patches=hf.get("min_image_tokens", least) * factor**2,
+        max_num_patches=hf.get("max_image_tokens", most) * factor**2,
+        grid_multiple=factor,
+    )
 
 
 def _view_size(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig) -> tuple[int, int]:
@@ -288,6 +294,8 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
         "image_mean": list(config.image_mean),
         "image_std": list(config.image_std),
     }
+    if config.naflex_resize == "smart":
+        return {"image_processor_type": "Lfm2VlImageProcessor", **_lfm2_settings(config), **out}
     if config.naflex:
         return {
             "image_processor_type": "Siglip2ImageProcessor",
@@ -301,6 +309,24 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
         "do_convert_rgb": True,
         "size": {"height": height, "width": width},
         **out,
+    }
+
+
+def _lfm2_settings(config: ProcessorConfig) -> dict[str, Any]:
+    """LFM2-VL's processor settings for the "smart" rule: one view (no tiles), budgets in its tokens."""
+    tokens = config.grid_multiple**2
+    if config.min_num_patches % tokens or config.max_num_patches % tokens:
+        raise ValueError(
+            f"transformers' Lfm2VlImageProcessor counts its budgets in tokens of grid_multiple**2 = {tokens} "
+            f"patches; min_num_patches={config.min_num_patches} and max_num_patches={config.max_num_patches} must "
+            f"be multiples of {tokens}"
+        )
+    return {
+        "encoder_patch_size": config.patch_size,
+        "downsample_factor": config.grid_multiple,
+        "min_image_tokens": config.min_num_patches // tokens,
+        "max_image_tokens": config.max_num_patches // tokens,
+        "do_image_splitting": False,
     }
 
 

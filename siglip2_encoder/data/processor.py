@@ -2,7 +2,8 @@
 
 * fixed-resolution: resize to (height, width) with the checkpoint's filter, rescale to [0, 1], normalize.
 * NaFlex: resize to the largest size within ``max_num_patches`` that keeps the aspect ratio (transformers' rule,
-  :func:`naflex_size`), rescale, normalize, cut into patches, pad to a common length with a validity mask.
+  :func:`naflex_size`; or LFM2-VL's, :func:`smart_size`), rescale, normalize, cut into patches, pad to a common length
+  with a validity mask.
 
 Resizing uses torchvision's antialiased kernels on uint8 tensors, the operations of transformers' default
 (torchvision) image processors, so sizes and pixels agree with them.
@@ -29,7 +30,7 @@ from ..config import ProcessorConfig
 from ..presets import get_preset
 from .images import ImageInput, image_to_tensor
 
-__all__ = ["ImageProcessor", "ProcessedImage", "ProcessedImages", "naflex_size", "patchify", "resize"]
+__all__ = ["ImageProcessor", "ProcessedImage", "ProcessedImages", "naflex_size", "patchify", "resize", "smart_size"]
 
 _INTERPOLATION = {
     "bilinear": InterpolationMode.BILINEAR,
@@ -102,6 +103,29 @@ def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) 
         else:
             high = mid
     return side(low, height), side(low, width)
+
+
+def smart_size(
+    height: int, width: int, patch_size: int, multiple: int, min_num_patches: int, max_num_patches: int
+) -> tuple[int, int]:
+    """LFM2-VL's resize target (its ``smart_resize``, after Qwen2-VL's): each side rounded to a multiple of
+    ``multiple`` patches (at least one), then, when the grid falls outside [``min_num_patches``,
+    ``max_num_patches``], the aspect-keeping scale that brings it inside, sides rounded down (over the budget) or up
+    (under the floor).
+
+    transformers' arithmetic, Python's round (half to even) included, so that sizes agree with it exactly.
+    """
+    factor = patch_size * multiple
+    min_pixels, max_pixels = min_num_patches * patch_size**2, max_num_patches * patch_size**2
+    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
 
 
 @dataclass
@@ -206,7 +230,14 @@ class ImageProcessor:
             return ProcessedImage(self._resize_normalize(tensor, config.image_size), None, size)
         budget = self._budget(max_num_patches)
         h, w, p = *size, config.patch_size
-        if config.do_resize:
+        if config.do_resize and config.naflex_resize == "smart":
+            h, w = smart_size(h, w, p, config.grid_multiple, config.min_num_patches, budget)
+            if (h // p) * (w // p) > budget:  # only at extreme aspect ratios: a side is one multiple already
+                raise ValueError(
+                    f"image {index} ({size[0]}x{size[1]}) is resized to {h}x{w}, {(h // p) * (w // p)} patches, over "
+                    f"the budget of {budget}: its aspect ratio is too extreme for this processor; crop it"
+                )
+        elif config.do_resize:
             h, w = naflex_size(h, w, p, budget)
         elif h % p or w % p or (h // p) * (w // p) > budget:
             raise ValueError(

@@ -41,7 +41,7 @@ def prepare_image(
         size = (max(p, round(original[0] / p) * p), max(p, round(original[1] / p) * p))
     else:
         size = naflex_size(*original, p, budget)
-    resize = model.processor_config.replace(image_size=size, max_num_patches=None, do_resize=True)
+    resize = model.processor_config.at_size(size)
     return ImageProcessor(resize)(image).pixel_values, original
 
 
