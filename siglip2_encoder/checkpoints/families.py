@@ -114,6 +114,16 @@ _TILES_AND_THUMBNAIL = (
     "crops each image into tiles (crop_to_patches: between min_patches and max_patches tiles of size, by aspect "
     "ratio) followed by a thumbnail; here the thumbnail only: the image resized to size"
 )
+
+
+def _tiles_and_thumbnail(size: int, tiles_by_default: bool) -> ProcessorKind:
+    """A processor that, with crop_to_patches, adds tiles before its thumbnail; CLIP's mean and std, bicubic."""
+    setting = ("crop_to_patches", tiles_by_default)
+    return ProcessorKind(
+        False, 3, (size, size), mean_std=_CLIP_MEAN_STD, beyond=_TILES_AND_THUMBNAIL, beyond_setting=setting
+    )
+
+
 # image_processor_type -> what is reproduced of it; transformers 4 named its torchvision processors "...Fast".
 PROCESSOR_TYPES: dict[str, ProcessorKind] = {}
 for _name, _kind in {
@@ -136,21 +146,7 @@ for _name, _kind in {
         always_resized=True,
     ),
     # Aya Vision's (transformers names it for GOT-OCR 2, whose processor it is) and Command A Vision's
-    "GotOcr2ImageProcessor": ProcessorKind(
-        False,
-        3,
-        (384, 384),
-        mean_std=_CLIP_MEAN_STD,
-        beyond=_TILES_AND_THUMBNAIL,
-        beyond_setting=("crop_to_patches", False),
-    ),
-    "Cohere2VisionImageProcessor": ProcessorKind(
-        False,
-        3,
-        (512, 512),
-        mean_std=_CLIP_MEAN_STD,
-        beyond=_TILES_AND_THUMBNAIL,
-        beyond_setting=("crop_to_patches", True),
-    ),
+    "GotOcr2ImageProcessor": _tiles_and_thumbnail(384, tiles_by_default=False),
+    "Cohere2VisionImageProcessor": _tiles_and_thumbnail(512, tiles_by_default=True),
 }.items():
     PROCESSOR_TYPES[_name] = PROCESSOR_TYPES[_name + "Fast"] = _kind
