@@ -163,3 +163,21 @@ def test_vllm_chats_with_a_split_idefics3_export_as_our_model_does(tmp_path):
 
     conversations, ours = ask(model, processor, [(40, 150), (20, 20)], tmp_path)
     assert vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=6) == ours
+
+
+def test_vllm_runs_an_lfm2_vl_export_with_our_prompt(tmp_path):
+    """The LFM2-VL export of a NaFlex VLM with an LFM2 language model (vLLM's LFM2-VL takes no other) starts in vLLM,
+    and on a wide image, a tiny one and a large one its prompt is ours id for id (<|image_start|>, the image's
+    tokens by LFM2-VL's sizing rule, <|image_end|>). Its tokens are not compared: vLLM 0.32's LFM2 on the CPU gives
+    other log-probabilities than transformers' on a plain LFM2 checkpoint already (no export involved; 0.1-0.3 apart
+    on a tiny random one), where transformers' LFM2-VL gives ours (test_lfm2_vl_export)."""
+    from test_lfm2_vl_export import lfm2_vl_model
+
+    from siglip2_encoder.integrations.lfm2_vl_export import export_lfm2_vl
+
+    model, processor, tokenizer = lfm2_vl_model("lfm2", lm_sizes=LM)
+    export_lfm2_vl(model, tmp_path / "export", tokenizer)
+    conversations, ours = ask(model, processor, [(30, 90), (6, 9), (200, 150)], tmp_path)
+    theirs = vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=1)
+    assert [t["prompt"] for t in theirs] == [o["prompt"] for o in ours]
+    assert [len(o["prompt"]) for o in ours] == [11, 9, 10]  # 3, 1 and 2 image tokens

@@ -313,7 +313,8 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
 
 
 def _lfm2_settings(config: ProcessorConfig) -> dict[str, Any]:
-    """LFM2-VL's processor settings for the "smart" rule: one view (no tiles), budgets in its tokens."""
+    """LFM2-VL's processor settings for the "smart" rule: one view (no tiles: transformers reads do_image_splitting,
+    vLLM (0.32) min_tiles and max_tiles), budgets in its tokens."""
     tokens = config.grid_multiple**2
     if config.min_num_patches % tokens or config.max_num_patches % tokens:
         raise ValueError(
@@ -327,6 +328,8 @@ def _lfm2_settings(config: ProcessorConfig) -> dict[str, Any]:
         "min_image_tokens": config.min_num_patches // tokens,
         "max_image_tokens": config.max_num_patches // tokens,
         "do_image_splitting": False,
+        "min_tiles": 1,
+        "max_tiles": 1,
     }
 
 

@@ -1,0 +1,159 @@
+"""Export to transformers' ``Lfm2VlForConditionalGeneration`` format (LFM2-VL's architecture): the format for VLMs
+built on a NaFlex tower, which LLaVA's and Idefics3's formats cannot hold.
+
+What fits LFM2-VL's format, and why the rest does not:
+
+* the tower must be NaFlex, and its processor must size images by LFM2-VL's rule (``ProcessorConfig(naflex_resize=
+  "smart", grid_multiple=factor, ...)``, :func:`~siglip2_encoder.data.processor.smart_size`): LFM2-VL's processor
+  knows no other, and its grids must be multiples of the unshuffle factor;
+* the projector must be ``pixel_shuffle`` with depth 2 on the final tokens (``layers=(None,)``): LFM2-VL's projector
+  is exactly pixel unshuffle by ``downsample_factor``, then linear, GELU, linear, on ``last_hidden_state`` (written
+  with ``projector_use_layernorm=False``: this projector has no LayerNorm before its first linear layer);
+* no AnyRes tiling, Idefics3 splitting or token reduction; LoRA adapters merged first.
+
+LFM2-VL's processor writes each image into the prompt as ``<|image_start|>``, its ``<image>`` tokens, then
+``<|image_end|>``. :func:`add_lfm2_vl_tokens` adds these tokens to the tokenizer and the LM, and ``VLMProcessor(...,
+image_start=IMAGE_START, image_end=IMAGE_END)`` writes them as LFM2-VL's processor does; the export refuses a
+tokenizer without them. The written processor does not tile (``do_image_splitting=False``): each image is one view,
+as here.
+
+Exported folders run in transformers alone - ``AutoProcessor`` + ``apply_chat_template`` + ``generate``, and the
+``image-text-to-text`` pipeline - with the same prompt tokens, patches and greedy tokens as the model they came from
+(tested with a Llama and an LFM2 language model: transformers' LFM2-VL takes any causal LM). vLLM's LFM2-VL takes
+LFM2 language models only; it starts on the export and builds our prompts (tested; docs/vlm.md says why its tokens
+are not compared).
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+from transformers import (
+    Lfm2VlConfig,
+    Lfm2VlForConditionalGeneration,
+    Lfm2VlImageProcessor,
+    Lfm2VlProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from ..adapters import PixelShuffleProjector
+from ..checkpoints.hf_format import config_to_hf, processor_config_to_hf
+from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
+from .llava import VisionLanguageModel, add_image_token
+
+__all__ = ["IMAGE_END", "IMAGE_START", "add_lfm2_vl_tokens", "export_lfm2_vl"]
+
+# The tokens LFM2-VL's processor writes around each image (transformers' Lfm2VlProcessor, its defaults).
+IMAGE_TOKEN = "<image>"
+IMAGE_START = "<|image_start|>"
+IMAGE_END = "<|image_end|>"
+
+
+def add_lfm2_vl_tokens(tokenizer: PreTrainedTokenizerBase, language_model: PreTrainedModel | None = None) -> int:
+    """Add LFM2-VL's ``<|image_start|>`` and ``<|image_end|>`` and the ``<image>`` placeholder to ``tokenizer`` (an
+    LFM2 tokenizer has them already), resize the LM's embeddings, and return the image token's id. Build the batches
+    with ``VLMProcessor(..., image_start=IMAGE_START, image_end=IMAGE_END)``."""
+    tokenizer.add_tokens([IMAGE_START, IMAGE_END], special_tokens=True)
+    return add_image_token(tokenizer, language_model, IMAGE_TOKEN)
+
+
+def _check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    action = "cannot export to LFM2-VL's format"
+    model.check_exportable(action, tiling=False)
+    if model.splitting is not None:
+        raise ValueError(f"{action}: this model splits its images as Idefics3 does; export it with export_idefics3")
+    tower, projector = model.tower, model.projector
+    if not tower.config.naflex:
+        raise ValueError(
+            f"{action}: LFM2-VL's tower is NaFlex and this one is fixed-resolution; export it with export_llava or "
+            f"export_idefics3"
+        )
+    if not isinstance(projector, PixelShuffleProjector):
+        raise ValueError(
+            f"{action}: LFM2-VL's projector is pixel unshuffle then linear, GELU, linear; a "
+            f"{projector.config.kind!r} projector cannot be written as it"
+        )
+    config = projector.config
+    if config.depth != 2 or config.layers != (None,):
+        raise ValueError(
+            f"{action}: LFM2-VL's projector is two linear layers on the final tokens; this one has depth="
+            f"{config.depth}, layers={config.layers} (build it with depth=2, layers=(None,), e.g. "
+            f"get_recipe('lfm2_vl').projector_config(...))"
+        )
+    processing = tower.processor_config
+    if processing.naflex_resize != "smart" or processing.grid_multiple != config.factor:
+        raise ValueError(
+            f"{action}: LFM2-VL's processor sizes images by its smart_resize rule, with grids in multiples of the "
+            f"unshuffle factor ({config.factor}); this tower's processor has naflex_resize="
+            f"{processing.naflex_resize!r}, grid_multiple={processing.grid_multiple}: give the tower "
+            f"processor_config.replace(naflex_resize='smart', min_num_patches=..., grid_multiple={config.factor}) "
+            f"and train with it"
+        )
+    if tokenizer is not None:
+        image_token = check_tokenizer(tokenizer, model.language_model, model.image_token_id, (IMAGE_START, IMAGE_END))
+        if image_token != IMAGE_TOKEN:
+            raise ValueError(
+                f"{action}: the model's image token is {image_token!r}, but LFM2-VL's processor writes "
+                f"{IMAGE_TOKEN!r}; build the model with add_lfm2_vl_tokens(tokenizer, language_model)"
+            )
+
+
+def export_lfm2_vl(
+    model: VisionLanguageModel,
+    directory: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    *,
+    chat_template: str | None = None,
+) -> None:
+    """Write ``model`` as a transformers LFM2-VL checkpoint that ``AutoProcessor`` + ``apply_chat_template`` +
+    ``generate`` run as they are: the model's files as transformers writes them, ``preprocessor_config.json`` and,
+    given the tokenizer, the ``Lfm2VlProcessor``'s files.
+
+    Args:
+        model: a NaFlex VLM with LFM2-VL's projector and processor (see the module's docstring; LoRA merged).
+        directory: the folder to write.
+        tokenizer: the tokenizer the model was built with, holding LFM2-VL's tokens (:func:`add_lfm2_vl_tokens`).
+        chat_template: the processor's Jinja chat template; default
+            :func:`~siglip2_encoder.integrations.hf_export.plain_chat_template` (``<image> what colour is it ?``).
+
+    Raises ``ValueError`` naming the reason for configurations LFM2-VL cannot express and for a tokenizer that does
+    not fit the model."""
+    _check_exportable(model, tokenizer)
+    tower, projector, lm = model.tower, model.projector, model.language_model
+    first, second = (m for m in projector.proj if isinstance(m, nn.Linear))
+    tied = bool(getattr(lm.config, "tie_word_embeddings", False))
+    text = text_config(lm)
+    if text.get("model_type") == "lfm2":
+        # vLLM (0.32) sizes LFM2's convolutions and MLPs from conv_dim and block_dim, which the Hub's LFM2 configs
+        # carry and transformers 5 does not write: both are the hidden size (the weights have that width).
+        for name in ("conv_dim", "block_dim"):
+            text.setdefault(name, text["hidden_size"])
+    # LFM2-VL reads the final tokens: its towers have no pooling head (vLLM's refuses head weights); none is written.
+    vision = config_to_hf(tower.config.replace(use_head=False))
+    config = Lfm2VlConfig(
+        vision_config={k: v for k, v in vision.items() if k != "architectures"},
+        text_config=text,
+        image_token_id=model.image_token_id,
+        projector_hidden_act="gelu",
+        projector_hidden_size=first.out_features,
+        projector_bias=projector.config.bias,
+        projector_use_layernorm=False,
+        downsample_factor=projector.config.factor,
+        tie_word_embeddings=tied,
+    )
+    state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items() if not k.startswith("head.")}
+    for name, linear in (("linear_1", first), ("linear_2", second)):
+        state |= {f"model.multi_modal_projector.{name}.{k}": v for k, v in linear.state_dict().items()}
+    state |= language_model_weights(lm, "model.language_model.", tied)
+    write_export(
+        directory,
+        Lfm2VlForConditionalGeneration,
+        config,
+        state,
+        Lfm2VlImageProcessor.from_dict(processor_config_to_hf(tower.processor_config)),
+        Lfm2VlProcessor,
+        tokenizer,
+        chat_template=chat_template or (plain_chat_template(IMAGE_TOKEN) if tokenizer is not None else None),
+    )
