@@ -84,7 +84,8 @@ def test_a_tokenizer_without_idefics3s_tokens_is_refused(tmp_path):
         (dict(projector="mlp"), "a 'mlp' projector cannot be exported to it"),
         (
             dict(projector="pixel_shuffle"),
-            "this projector has depth=1, bias=True, layers=(-2,) (build it with depth=1, bias=False, layers=(None,)",
+            "this projector has depth=1, bias=True, norm=False, layers=(-2,) (build it with depth=1, bias=False, "
+            "layers=(None,)",
         ),
     ],
 )

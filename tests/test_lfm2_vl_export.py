@@ -28,6 +28,7 @@ def lfm2_vl_model(
     projector: PixelShuffleConfig | MLPConfig | None = None,
     smart: bool = True,
     lm_sizes: dict | None = None,
+    norm: bool = False,
 ):
     """A NaFlex VLM built for LFM2-VL's format: 8 px patches, grids of multiples of 2 within 4 to 16 patches; a Llama
     or LFM2 language model of test_llava's sizes (or ``lm_sizes``)."""
@@ -48,7 +49,8 @@ def lfm2_vl_model(
         language_model = Lfm2ForCausalLM(Lfm2Config(vocab_size=len(tokenizer), **(sizes | layers)))
     image_token_id = add_lfm2_vl_tokens(tokenizer, language_model)
     width = sizes["hidden_size"]
-    connector = build_projector(projector or get_recipe("lfm2_vl").projector_config(32, width, hidden_features=40))
+    recipe = get_recipe("lfm2_vl").projector_config(32, width, hidden_features=40, norm=norm)
+    connector = build_projector(projector or recipe)
     model = perturb(VisionLanguageModel(tower, connector, language_model.eval(), image_token_id), seed=3).eval()
     processor = VLMProcessor(
         tokenizer, ImageProcessor(tower.processor_config), connector, 8, image_start=IMAGE_START, image_end=IMAGE_END
@@ -56,15 +58,17 @@ def lfm2_vl_model(
     return model, processor, tokenizer
 
 
-@pytest.mark.parametrize("lm", ["llama", "lfm2"])
-def test_an_lfm2_vl_export_runs_in_transformers_end_to_end(lm, tmp_path):
+@pytest.mark.parametrize(("lm", "norm"), [("llama", False), ("lfm2", False), ("llama", True)])
+def test_an_lfm2_vl_export_runs_in_transformers_end_to_end(lm, norm, tmp_path):
     """transformers alone (AutoProcessor + chat template + generate, and the pipeline) on the export: our prompt ids
     (BOS, <|image_start|>, the image's tokens, <|image_end|>, the text), our patches, grids and greedy tokens, on a
-    wide image, a tiny one (scaled up to the floor) and a large one (scaled down into the budget)."""
-    model, processor, tokenizer = lfm2_vl_model(lm)
+    wide image, a tiny one (scaled up to the floor) and a large one (scaled down into the budget); with and without
+    the projector's LayerNorm."""
+    model, processor, tokenizer = lfm2_vl_model(lm, norm=norm)
     export_lfm2_vl(model, tmp_path, tokenizer)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["Lfm2VlForConditionalGeneration"]
+    assert config["projector_use_layernorm"] == norm
     rng = np.random.default_rng(1)
     for size in [(30, 90), (6, 9), (200, 150)]:
         image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))

@@ -13,6 +13,7 @@ from test_vlm_import import build, naflex_inputs, vision_tower
 
 from siglip2_encoder import RECIPES, Recipe, SigLIP2Encoder, convert_timm_state_dict, get_recipe
 from siglip2_encoder.adapters import LinearConfig, MLPConfig, PixelShuffleConfig, PoolConfig, build_projector
+from siglip2_encoder.adapters.base import VisionFeatures
 from siglip2_encoder.adapters.pixel_shuffle import pixel_shuffle
 
 
@@ -88,6 +89,22 @@ def test_pixel_shuffle_orders_tokens_and_channels_as_the_vlms_projector_does(fam
     theirs = projector.pixel_shuffle(tokens).reshape(2, 4, 128)
     ours = torch.stack([pixel_shuffle(grid.reshape(4, 4, 32), 2) for grid in tokens])
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+
+
+def test_a_pixel_shuffle_projector_with_norm_is_lfm2_vls_on_its_weights():
+    """depth 2 with norm: LFM2-VL's projector (unshuffle, LayerNorm, linear, GELU, linear), same outputs."""
+    theirs = perturb(projector_of(build("lfm2_vl")[0]), seed=4)  # the norm's weights away from 1 and 0 too
+    assert theirs.use_layer_norm
+    config = get_recipe("lfm2_vl").projector_config(32, 16, hidden_features=theirs.linear_1.out_features, norm=True)
+    ours = build_projector(config)
+    names = {"norm": "layer_norm", "proj.0": "linear_1", "proj.2": "linear_2"}
+    state = theirs.state_dict()
+    ours.load_state_dict({k: state[names[k.rsplit(".", 1)[0]] + k[k.rindex(".") :]] for k in ours.state_dict()})
+    tokens = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(8))  # a 4 x 4 grid
+    with torch.no_grad():
+        want = theirs(tokens.reshape(1, 4, 4, 32)).reshape(1, 4, 16)
+        got = ours(VisionFeatures(tokens, [(4, 4)])).tokens
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_prismatic_recipe_is_timms_second_to_last_block():

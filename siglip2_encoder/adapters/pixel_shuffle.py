@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import check_positive_ints
 from .base import ProjectedTokens, Projector, ProjectorConfig, VisionFeatures, mlp, register
@@ -35,6 +36,7 @@ class PixelShuffleConfig(ProjectorConfig):
     depth: int = 1  # 1: a linear layer (Idefics3, nanoVLM); more: an MLP
     hidden_features: int | None = None  # MLP hidden width; None = out_features
     bias: bool = True  # False: Idefics3's / SmolVLM's modality projection, a linear layer without bias
+    norm: bool = False  # a LayerNorm over the shuffled channels before the linear layers (LFM2-VL's, by default)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,7 +45,8 @@ class PixelShuffleConfig(ProjectorConfig):
 
 @register
 class PixelShuffleProjector(Projector):
-    """Space-to-depth by ``factor`` then a linear layer: Idefics3 / SmolVLM / nanoVLM's modality projector.
+    """Space-to-depth by ``factor`` then a linear layer: Idefics3 / SmolVLM / nanoVLM's modality projector; with
+    ``norm`` and depth 2, LFM2-VL's (a LayerNorm, then linear, GELU, linear).
 
     Grids that ``factor`` does not divide are zero-padded at the bottom and right, so an image with grid (h, w)
     yields ceil(h/s) * ceil(w/s) tokens.
@@ -55,6 +58,7 @@ class PixelShuffleProjector(Projector):
         super().__init__(config)
         wide = config.input_width * config.factor**2
         hidden = config.hidden_features or config.out_features
+        self.norm = nn.LayerNorm(wide) if config.norm else None
         self.proj = mlp(wide, hidden, config.out_features, config.depth, bias=config.bias)
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
@@ -63,4 +67,6 @@ class PixelShuffleProjector(Projector):
 
     def project(self, features: VisionFeatures) -> ProjectedTokens:
         shuffled = [pixel_shuffle(grid, self.config.factor) for grid in features.per_image()]
+        if self.norm is not None:
+            shuffled = [self.norm(x) for x in shuffled]
         return ProjectedTokens.pack([self.proj(x) for x in shuffled])

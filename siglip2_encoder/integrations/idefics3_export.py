@@ -164,11 +164,11 @@ def _check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizer
             f"cannot be exported to it"
         )
     config = projector.config
-    if config.depth != 1 or config.bias or config.layers != (None,):
+    if config.depth != 1 or config.bias or config.norm or config.layers != (None,):
         raise ValueError(
-            f"Idefics3's connector is one linear layer without bias on the final tokens; this projector has "
-            f"depth={config.depth}, bias={config.bias}, layers={config.layers} (build it with depth=1, bias=False, "
-            f"layers=(None,), e.g. get_recipe('idefics3').projector_config(...))"
+            f"Idefics3's connector is one linear layer without bias or norm on the final tokens; this projector has "
+            f"depth={config.depth}, bias={config.bias}, norm={config.norm}, layers={config.layers} (build it with "
+            f"depth=1, bias=False, layers=(None,), e.g. get_recipe('idefics3').projector_config(...))"
         )
     if tower.position_grid % config.factor:
         raise ValueError(

@@ -7,8 +7,8 @@ What fits LFM2-VL's format, and why the rest does not:
   "smart", grid_multiple=factor, ...)``, :func:`~siglip2_encoder.data.processor.smart_size`): LFM2-VL's processor
   knows no other, and its grids must be multiples of the unshuffle factor;
 * the projector must be ``pixel_shuffle`` with depth 2 on the final tokens (``layers=(None,)``): LFM2-VL's projector
-  is exactly pixel unshuffle by ``downsample_factor``, then linear, GELU, linear, on ``last_hidden_state`` (written
-  with ``projector_use_layernorm=False``: this projector has no LayerNorm before its first linear layer);
+  is exactly pixel unshuffle by ``downsample_factor``, then, with ``norm`` (``projector_use_layernorm``), a
+  LayerNorm, then linear, GELU, linear, on ``last_hidden_state``;
 * no AnyRes tiling, Idefics3 splitting or token reduction; LoRA adapters merged first.
 
 LFM2-VL's processor writes each image into the prompt as ``<|image_start|>``, its ``<image>`` tokens, then
@@ -139,13 +139,14 @@ def export_lfm2_vl(
         projector_hidden_act="gelu",
         projector_hidden_size=first.out_features,
         projector_bias=projector.config.bias,
-        projector_use_layernorm=False,
+        projector_use_layernorm=projector.config.norm,
         downsample_factor=projector.config.factor,
         tie_word_embeddings=tied,
     )
     state = {f"model.vision_tower.{k}": v for k, v in tower.state_dict().items() if not k.startswith("head.")}
-    for name, linear in (("linear_1", first), ("linear_2", second)):
-        state |= {f"model.multi_modal_projector.{name}.{k}": v for k, v in linear.state_dict().items()}
+    parts = {"linear_1": first, "linear_2": second} | ({} if projector.norm is None else {"layer_norm": projector.norm})
+    for name, module in parts.items():
+        state |= {f"model.multi_modal_projector.{name}.{k}": v for k, v in module.state_dict().items()}
     state |= language_model_weights(lm, "model.language_model.", tied)
     write_export(
         directory,
