@@ -5,6 +5,7 @@ alone with our prompt ids, patches and greedy tokens."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -13,11 +14,24 @@ import torch
 from conftest import perturb
 from PIL import Image
 from test_llava import LM, TOWER, make_tokenizer, run_as_the_card_says
-from transformers import Lfm2Config, Lfm2ForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Lfm2Config,
+    Lfm2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from siglip2_encoder import ImageProcessor, SigLIP2Encoder, get_recipe
 from siglip2_encoder.adapters import MLPConfig, PixelShuffleConfig, build_projector
-from siglip2_encoder.integrations.lfm2_vl_export import IMAGE_END, IMAGE_START, add_lfm2_vl_tokens, export_lfm2_vl
+from siglip2_encoder.integrations.lfm2_vl_export import (
+    IMAGE_END,
+    IMAGE_START,
+    add_lfm2_vl_tokens,
+    export_lfm2_vl,
+    import_lfm2_vl,
+)
 from siglip2_encoder.integrations.llava import VisionLanguageModel, VLMProcessor, add_image_token
 
 QUESTION = "what colour is the shape"
@@ -124,3 +138,36 @@ def test_a_fixed_resolution_vlm_is_sent_to_the_other_exports(tmp_path):
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         export_lfm2_vl(model, tmp_path, tokenizer)
+
+
+def test_an_lfm2_vl_checkpoint_imports_whole(tmp_path, caplog):
+    """An LFM2-VL checkpoint (the export, its processor set to tile as LFM2-VL's own checkpoints do) imports whole:
+    the same projector, and on an image below the tiling threshold transformers' prompt ids and logits; loading
+    warns that large images are not tiled here."""
+    model, _, tokenizer = lfm2_vl_model(norm=True)
+    export_lfm2_vl(model, tmp_path, tokenizer)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        settings = json.loads((tmp_path / name).read_text())
+        images = settings.get("image_processor", settings)
+        images |= dict(do_image_splitting=True, min_tiles=2, max_tiles=10)
+        (tmp_path / name).write_text(json.dumps(settings))
+    with caplog.at_level(logging.WARNING):
+        imported = import_lfm2_vl(tmp_path)
+    assert "here that thumbnail, by its smart_resize rule" in caplog.text
+    assert imported.projector.config == model.projector.config
+    assert imported.tower.processor_config == model.tower.processor_config
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 40, 3), dtype=np.uint8))  # not tiled
+    processor = VLMProcessor.for_model(imported, tokenizer, image_start=IMAGE_START, image_end=IMAGE_END)
+    ours = processor([f"<image> {QUESTION}"], [[image]])
+    theirs = AutoProcessor.from_pretrained(tmp_path)(images=[image], text=[f"<s><image> {QUESTION}"])
+    assert theirs["input_ids"] == ours["input_ids"].tolist()
+    transformers_model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        want = transformers_model(**{k: torch.as_tensor(v) for k, v in theirs.items()}).logits
+        torch.testing.assert_close(imported(**ours).logits, want, atol=1e-5, rtol=0)
+
+
+def test_import_lfm2_vl_refuses_other_checkpoints(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path} is a 'llava' checkpoint, not 'lfm2_vl'")):
+        import_lfm2_vl(tmp_path)

@@ -27,9 +27,12 @@ are not compared).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
     Lfm2VlConfig,
     Lfm2VlForConditionalGeneration,
     Lfm2VlImageProcessor,
@@ -38,12 +41,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..adapters import PixelShuffleProjector
+from ..adapters import PixelShuffleConfig, PixelShuffleProjector, build_projector
+from ..checkpoints.folders import read_checkpoint
 from ..checkpoints.hf_format import config_to_hf, processor_config_to_hf
+from ..checkpoints.hub import CheckpointSource
+from ..checkpoints.strict import build_loaded
+from ..models.model import SigLIP2Encoder
 from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
 from .llava import VisionLanguageModel, add_image_token
 
-__all__ = ["IMAGE_END", "IMAGE_START", "add_lfm2_vl_tokens", "export_lfm2_vl"]
+__all__ = ["IMAGE_END", "IMAGE_START", "add_lfm2_vl_tokens", "export_lfm2_vl", "import_lfm2_vl"]
 
 # The tokens LFM2-VL's processor writes around each image (transformers' Lfm2VlProcessor, its defaults).
 IMAGE_TOKEN = "<image>"
@@ -158,3 +165,58 @@ def export_lfm2_vl(
         tokenizer,
         chat_template=chat_template or (plain_chat_template(IMAGE_TOKEN) if tokenizer is not None else None),
     )
+
+
+def import_lfm2_vl(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> VisionLanguageModel:
+    """Load a transformers LFM2-VL checkpoint (``model_type="lfm2_vl"``; a folder or a Hub repo) whole into a
+    :class:`VisionLanguageModel`: the NaFlex tower with LFM2-VL's sizing rule, the projector as a ``pixel_shuffle``
+    one (depth 2; its LayerNorm as ``norm``), the language model and the image token. Build its batches with
+    ``VLMProcessor(tokenizer, ImageProcessor(model.tower.processor_config), model.projector, patch_size,
+    image_start=IMAGE_START, image_end=IMAGE_END)``.
+
+    LFM2-VL's processor cuts large images into tiles (``do_image_splitting``), which is not reproduced: here every
+    image is one view, the one it gives images below its tiling threshold (and large ones as their thumbnail), and
+    loading says so in a warning."""
+    source = CheckpointSource(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
+    directory = source.snapshot() if not source.is_local else Path(name_or_path)
+    model_type = (source.read_json("config.json") or {}).get("model_type")
+    if model_type != "lfm2_vl":
+        raise ValueError(f"{directory} is a {model_type!r} checkpoint, not 'lfm2_vl'")
+    lfm2 = Lfm2VlForConditionalGeneration.from_pretrained(directory, dtype=dtype or torch.float32)
+    config = lfm2.config
+    if config.projector_hidden_act != "gelu":
+        raise ValueError(
+            f"{directory}'s projector uses projector_hidden_act={config.projector_hidden_act!r}; the pixel_shuffle "
+            f"projector's MLP uses exact GELU ('gelu') only"
+        )
+    stored = read_checkpoint(CheckpointSource(directory), dtype=lfm2.dtype)
+    if stored.processor_config.naflex_resize != "smart":
+        raise ValueError(
+            f"{directory} has no LFM2-VL image processor file (preprocessor_config.json or processor_config.json), "
+            f"whose sizing rule the model was trained with"
+        )
+    tower = build_loaded(lambda: SigLIP2Encoder(stored.config, stored.processor_config), stored.state_dict,
+                         str(directory), "vision tower")  # fmt: skip
+    theirs = lfm2.model.multi_modal_projector
+    projector = build_projector(PixelShuffleConfig(
+        in_features=tower.config.hidden_size, out_features=config.text_config.hidden_size, layers=(None,),
+        factor=config.downsample_factor, depth=2, hidden_features=config.projector_hidden_size,
+        bias=config.projector_bias, norm=config.projector_use_layernorm,
+    )).to(lfm2.dtype)  # fmt: skip
+    first, second = (m for m in projector.proj if isinstance(m, nn.Linear))
+    first.load_state_dict(theirs.linear_1.state_dict())
+    second.load_state_dict(theirs.linear_2.state_dict())
+    if projector.norm is not None:
+        projector.norm.load_state_dict(theirs.layer_norm.state_dict())
+    lm = AutoModelForCausalLM.from_config(config.text_config, dtype=lfm2.dtype)
+    state = {f"{lm.base_model_prefix}.{k}": v for k, v in lfm2.model.language_model.state_dict().items()}
+    state["lm_head.weight"] = lfm2.lm_head.weight
+    lm.load_state_dict(state, strict=True)
+    return VisionLanguageModel(tower, projector, lm.eval(), config.image_token_id)
