@@ -14,7 +14,9 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -24,7 +26,17 @@ from transformers import (
 )
 from transformers.image_processing_utils import BaseImageProcessor
 
-__all__ = ["check_tokenizer", "language_model_weights", "plain_chat_template", "text_config", "write_export"]
+from ..checkpoints.hub import CheckpointSource
+
+__all__ = [
+    "check_tokenizer",
+    "checkpoint_folder",
+    "language_model_from",
+    "language_model_weights",
+    "plain_chat_template",
+    "text_config",
+    "write_export",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +57,26 @@ def language_model_weights(lm: PreTrainedModel, prefix: str, tied: bool) -> dict
         else:
             raise ValueError(f"unexpected language model weight {key!r}: only '<{base}...>' and lm_head are mapped")
     return state
+
+
+def language_model_from(vlm: PreTrainedModel, base: nn.Module, text: PretrainedConfig) -> PreTrainedModel:
+    """The causal LM a transformers VLM holds, as a model of its own: built from the VLM's ``text_config``, holding
+    ``base`` (the VLM's language model without its head) and the VLM's ``lm_head``, strictly; in the VLM's dtype."""
+    lm = AutoModelForCausalLM.from_config(text, dtype=vlm.dtype)
+    state = {f"{lm.base_model_prefix}.{k}": v for k, v in base.state_dict().items()}
+    state["lm_head.weight"] = vlm.lm_head.weight
+    lm.load_state_dict(state, strict=True)
+    return lm.eval()
+
+
+def checkpoint_folder(
+    name_or_path: str | os.PathLike, revision: str | None, token: str | bool | None, local_files_only: bool
+) -> tuple[Path, str | None]:
+    """A VLM checkpoint's local folder (downloaded first when it is a Hub repo) and its ``config.json``'s
+    ``model_type`` (None without one)."""
+    source = CheckpointSource(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
+    directory = Path(source.snapshot() if not source.is_local else name_or_path)
+    return directory, (source.read_json("config.json") or {}).get("model_type")
 
 
 def text_config(lm: PreTrainedModel) -> dict:

@@ -38,11 +38,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from pathlib import Path
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessor,
@@ -57,7 +55,15 @@ from ..checkpoints.hf_format import config_to_hf, processor_config_to_hf
 from ..checkpoints.hub import CheckpointSource
 from ..checkpoints.strict import build_loaded
 from ..models.model import SigLIP2Encoder
-from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
+from .hf_export import (
+    check_tokenizer,
+    checkpoint_folder,
+    language_model_from,
+    language_model_weights,
+    plain_chat_template,
+    text_config,
+    write_export,
+)
 from .llava import VisionLanguageModel, add_image_token
 from .splitting import FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, ImageSplitting
 
@@ -271,9 +277,7 @@ def import_idefics3(
     (``do_image_splitting``: :attr:`VisionLanguageModel.splitting`). Build its batches with
     ``VLMProcessor(tokenizer, ImageProcessor(model.tower.processor_config), model.projector, patch_size,
     splitting=model.splitting)`` (without splitting: ``image_start=IMAGE_START, image_end=IMAGE_END``)."""
-    source = CheckpointSource(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
-    directory = source.snapshot() if not source.is_local else Path(name_or_path)
-    model_type = (source.read_json("config.json") or {}).get("model_type")
+    directory, model_type = checkpoint_folder(name_or_path, revision, token, local_files_only)
     if model_type != "idefics3":
         raise ValueError(f"{directory} is a {model_type!r} checkpoint, not 'idefics3'")
     images = Idefics3ImageProcessor.from_pretrained(directory)
@@ -299,8 +303,5 @@ def import_idefics3(
     ))  # fmt: skip
     (linear,) = projector.proj
     linear.load_state_dict(idefics.model.connector.modality_projection.proj.state_dict())
-    lm = AutoModelForCausalLM.from_config(config.text_config, dtype=idefics.dtype)
-    state = {f"{lm.base_model_prefix}.{k}": v for k, v in idefics.model.text_model.state_dict().items()}
-    state["lm_head.weight"] = idefics.lm_head.weight
-    lm.load_state_dict(state, strict=True)
+    lm = language_model_from(idefics, idefics.model.text_model, config.text_config)
     return VisionLanguageModel(tower, projector.to(idefics.dtype), lm, config.image_token_id, splitting=splitting)

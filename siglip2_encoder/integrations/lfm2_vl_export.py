@@ -27,12 +27,10 @@ are not compared).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (
-    AutoModelForCausalLM,
     Lfm2VlConfig,
     Lfm2VlForConditionalGeneration,
     Lfm2VlImageProcessor,
@@ -47,7 +45,15 @@ from ..checkpoints.hf_format import config_to_hf, processor_config_to_hf
 from ..checkpoints.hub import CheckpointSource
 from ..checkpoints.strict import build_loaded
 from ..models.model import SigLIP2Encoder
-from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
+from .hf_export import (
+    check_tokenizer,
+    checkpoint_folder,
+    language_model_from,
+    language_model_weights,
+    plain_chat_template,
+    text_config,
+    write_export,
+)
 from .llava import VisionLanguageModel, add_image_token
 
 __all__ = ["IMAGE_END", "IMAGE_START", "add_lfm2_vl_tokens", "export_lfm2_vl", "import_lfm2_vl"]
@@ -184,9 +190,7 @@ def import_lfm2_vl(
     LFM2-VL's processor cuts large images into tiles (``do_image_splitting``), which is not reproduced: here every
     image is one view, the one it gives images below its tiling threshold (and large ones as their thumbnail), and
     loading says so in a warning."""
-    source = CheckpointSource(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
-    directory = source.snapshot() if not source.is_local else Path(name_or_path)
-    model_type = (source.read_json("config.json") or {}).get("model_type")
+    directory, model_type = checkpoint_folder(name_or_path, revision, token, local_files_only)
     if model_type != "lfm2_vl":
         raise ValueError(f"{directory} is a {model_type!r} checkpoint, not 'lfm2_vl'")
     lfm2 = Lfm2VlForConditionalGeneration.from_pretrained(directory, dtype=dtype or torch.float32)
@@ -215,8 +219,5 @@ def import_lfm2_vl(
     second.load_state_dict(theirs.linear_2.state_dict())
     if projector.norm is not None:
         projector.norm.load_state_dict(theirs.layer_norm.state_dict())
-    lm = AutoModelForCausalLM.from_config(config.text_config, dtype=lfm2.dtype)
-    state = {f"{lm.base_model_prefix}.{k}": v for k, v in lfm2.model.language_model.state_dict().items()}
-    state["lm_head.weight"] = lfm2.lm_head.weight
-    lm.load_state_dict(state, strict=True)
-    return VisionLanguageModel(tower, projector, lm.eval(), config.image_token_id)
+    lm = language_model_from(lfm2, lfm2.model.language_model, config.text_config)
+    return VisionLanguageModel(tower, projector, lm, config.image_token_id)

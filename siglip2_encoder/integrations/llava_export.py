@@ -31,7 +31,6 @@ import torch
 from torch import nn
 from transformers import (
     AutoImageProcessor,
-    AutoModelForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -56,7 +55,14 @@ from ..checkpoints.publish import HubMixin, ModelCardInfo
 from ..checkpoints.strict import build_loaded
 from ..models.model import SigLIP2Encoder
 from .anyres import AnyResTiling
-from .hf_export import check_tokenizer, language_model_weights, plain_chat_template, text_config, write_export
+from .hf_export import (
+    check_tokenizer,
+    language_model_from,
+    language_model_weights,
+    plain_chat_template,
+    text_config,
+    write_export,
+)
 from .llava import VisionLanguageModel
 
 __all__ = ["LlavaExport", "export_llava", "import_llava"]
@@ -318,11 +324,7 @@ def import_llava(
     state = convert_hf_state_dict(llava.model.vision_tower.state_dict())
     tower = build_loaded(lambda: SigLIP2Encoder(tower_config, processor), state, f"{directory}", "vision tower")
     projector = _import_projector(config, llava.model.multi_modal_projector, tower_config.hidden_size)
-    lm = AutoModelForCausalLM.from_config(config.text_config, dtype=llava.dtype)
-    prefix = f"{lm.base_model_prefix}."
-    state = {prefix + k: v for k, v in llava.model.language_model.state_dict().items()}
-    state["lm_head.weight"] = llava.lm_head.weight
-    lm.load_state_dict(state, strict=True)
+    lm = language_model_from(llava, llava.model.language_model, config.text_config)
     model = VisionLanguageModel(tower.to(llava.dtype), projector.to(llava.dtype), lm, config.image_token_id, tiling)
     if tiling is not None:
         model.image_newline = nn.Parameter(llava.model.image_newline.detach().clone())
