@@ -91,7 +91,7 @@ class ProcessorKind:
 
     def does_more(self, settings: Mapping[str, Any]) -> bool:
         """Whether a processor with these settings makes views beyond the single one reproduced."""
-        if not self.beyond or self.beyond_setting is None:
+        if self.beyond_setting is None:
             return bool(self.beyond)
         name, default = self.beyond_setting
         return bool(settings.get(name, default))
@@ -128,7 +128,7 @@ def _tiles_and_thumbnail(size: int, tiles_by_default: bool) -> ProcessorKind:
 PROCESSOR_TYPES: dict[str, ProcessorKind] = {}
 for _name, _kind in {
     "SiglipImageProcessor": ProcessorKind(False, 3),
-    "Siglip2ImageProcessor": ProcessorKind(True, 2, None, 256),
+    "Siglip2ImageProcessor": ProcessorKind(True, 2, size=None, max_num_patches=256),
     "Gemma3ImageProcessor": ProcessorKind(False, 2),  # SigLIP's, bilinear, plus an optional pan-and-scan
     "Idefics3ImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "SmolVLMImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
