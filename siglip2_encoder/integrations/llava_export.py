@@ -21,11 +21,9 @@ llama.cpp would preprocess its images as LLaVA-1.5's (padded square), not as Sig
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,6 +55,7 @@ from ..models.model import SigLIP2Encoder
 from .anyres import AnyResTiling
 from .hf_export import (
     check_tokenizer,
+    checkpoint_folder,
     language_model_from,
     language_model_weights,
     plain_chat_template,
@@ -305,10 +304,7 @@ def import_llava(
     :class:`VisionLanguageModel`, the latter two with their AnyRes tiling and ``image_newline``. Other families
     (LLaVA-NeXT-Video, ...) are refused, naming what would be lost; ``SigLIP2Encoder.from_pretrained`` loads their
     towers. OneVision's video path (frames pooled bilinearly) has no place here: the imported model refuses clips."""
-    source = CheckpointSource(name_or_path, revision=revision, token=token, local_files_only=local_files_only)
-    directory = source.snapshot() if not source.is_local else name_or_path
-    config_file = Path(directory) / "config.json"
-    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    directory, model_type = checkpoint_folder(name_or_path, revision, token, local_files_only)
     if model_type not in _MODEL_CLASSES:
         what = _NOT_REPRESENTED.get(model_type, "a different architecture")
         raise ValueError(
