@@ -23,8 +23,9 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from siglip2_encoder import ImageProcessor, SigLIP2Encoder, get_recipe
+from siglip2_encoder import SigLIP2Encoder, get_recipe
 from siglip2_encoder.adapters import MLPConfig, PixelShuffleConfig, build_projector
+from siglip2_encoder.integrations.lfm2_splitting import Lfm2VlSplitting
 from siglip2_encoder.integrations.lfm2_vl_export import (
     IMAGE_END,
     IMAGE_START,
@@ -43,9 +44,10 @@ def lfm2_vl_model(
     smart: bool = True,
     lm_sizes: dict | None = None,
     norm: bool = False,
+    splitting: Lfm2VlSplitting | None = None,
 ):
     """A NaFlex VLM built for LFM2-VL's format: 8 px patches, grids of multiples of 2 within 4 to 16 patches; a Llama
-    or LFM2 language model of test_llava's sizes (or ``lm_sizes``)."""
+    or LFM2 language model of test_llava's sizes (or ``lm_sizes``); with ``splitting``, LFM2-VL's splitting."""
     torch.manual_seed(0)
     tokenizer = make_tokenizer()
     tower = SigLIP2Encoder.from_preset(
@@ -61,15 +63,14 @@ def lfm2_vl_model(
     else:
         layers = dict(num_hidden_layers=2, layer_types=["conv", "full_attention"])
         language_model = Lfm2ForCausalLM(Lfm2Config(vocab_size=len(tokenizer), **(sizes | layers)))
-    image_token_id = add_lfm2_vl_tokens(tokenizer, language_model)
+    image_token_id = add_lfm2_vl_tokens(tokenizer, language_model, splitting)
     width = sizes["hidden_size"]
     recipe = get_recipe("lfm2_vl").projector_config(32, width, hidden_features=40, norm=norm)
     connector = build_projector(projector or recipe)
-    model = perturb(VisionLanguageModel(tower, connector, language_model.eval(), image_token_id), seed=3).eval()
-    processor = VLMProcessor(
-        tokenizer, ImageProcessor(tower.processor_config), connector, 8, image_start=IMAGE_START, image_end=IMAGE_END
-    )
-    return model, processor, tokenizer
+    model = VisionLanguageModel(tower, connector, language_model.eval(), image_token_id, splitting=splitting)
+    model = perturb(model, seed=3).eval()
+    text = {} if splitting is not None else dict(image_start=IMAGE_START, image_end=IMAGE_END)
+    return model, VLMProcessor.for_model(model, tokenizer, **text), tokenizer
 
 
 @pytest.mark.parametrize(("lm", "norm"), [("llama", False), ("lfm2", False), ("llama", True)])
@@ -92,6 +93,32 @@ def test_an_lfm2_vl_export_runs_in_transformers_end_to_end(lm, norm, tmp_path):
         torch.testing.assert_close(inputs["spatial_shapes"], ours["spatial_shapes"], atol=0, rtol=0)
         real = ours["pixel_attention_mask"][0].bool()
         torch.testing.assert_close(inputs["pixel_values"][0, : int(real.sum())], ours["pixel_values"][0, real])
+        assert generated == model.generate(**ours, max_new_tokens=8, do_sample=False).tolist()
+
+
+@pytest.mark.parametrize("lm", ["llama", "lfm2"])
+def test_a_splitting_lfm2_vl_export_runs_in_transformers_end_to_end(lm, tmp_path):
+    """With LFM2-VL's splitting, transformers alone on the export tiles as the model does: our prompt ids (each
+    tile's tokens after its <|img_row_r_col_c|>, the thumbnail's after <|img_thumbnail|>), every view's patches and
+    grid, and our greedy tokens; on a wide image, a tall one, and one below the threshold (one view)."""
+    splitting = Lfm2VlSplitting(tile=32, min_tiles=2, max_tiles=3)  # few tags: a tiny LM would say little else
+    model, processor, tokenizer = lfm2_vl_model(lm, splitting=splitting)
+    export_lfm2_vl(model, tmp_path, tokenizer)
+    images = AutoProcessor.from_pretrained(tmp_path).image_processor
+    assert (images.do_image_splitting, images.tile_size, images.min_tiles, images.max_tiles) == (True, 32, 2, 3)
+    rng = np.random.default_rng(1)
+    for size, grid in [((30, 100), (1, 3)), ((130, 60), (2, 1)), ((40, 30), (0, 0))]:
+        assert splitting.grid(*size, model.tower.processor_config) == grid
+        image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+        inputs, generated = run_as_the_card_says(tmp_path, image, QUESTION)
+        ours = processor([f"<image> {QUESTION}"], [[image]])
+        assert inputs["input_ids"].tolist() == ours["input_ids"].tolist()
+        torch.testing.assert_close(inputs["spatial_shapes"], ours["spatial_shapes"], atol=0, rtol=0)
+        assert len(ours["spatial_shapes"]) == grid[0] * grid[1] + 1  # the tiles and the thumbnail, or one view
+        for view, real in enumerate(ours["pixel_attention_mask"].bool()):
+            torch.testing.assert_close(
+                inputs["pixel_values"][view, : int(real.sum())], ours["pixel_values"][view, real]
+            )
         assert generated == model.generate(**ours, max_new_tokens=8, do_sample=False).tolist()
 
 
@@ -141,30 +168,76 @@ def test_a_fixed_resolution_vlm_is_sent_to_the_other_exports(tmp_path):
 
 
 def test_an_lfm2_vl_checkpoint_imports_whole(tmp_path, caplog):
-    """An LFM2-VL checkpoint (the export, its processor set to tile as LFM2-VL's own checkpoints do) imports whole:
-    the same projector, and on an image below the tiling threshold transformers' prompt ids and logits; loading
-    warns that large images are not tiled here."""
-    model, _, tokenizer = lfm2_vl_model(norm=True)
+    """An LFM2-VL checkpoint whose processor splits, as LFM2-VL's own do (the export of a model with splitting),
+    imports whole, its splitting included, without a warning: the same projector and processor, and on an image it
+    tiles and one it does not, transformers' prompt ids and logits."""
+    splitting = Lfm2VlSplitting(tile=32, max_tiles=3)
+    model, _, tokenizer = lfm2_vl_model(norm=True, splitting=splitting)
+    export_lfm2_vl(model, tmp_path, tokenizer)
+    with caplog.at_level(logging.WARNING):
+        imported = import_lfm2_vl(tmp_path)
+    assert "smart_resize rule" not in caplog.text
+    assert imported.splitting == splitting
+    assert imported.projector.config == model.projector.config
+    assert imported.tower.processor_config == model.tower.processor_config
+    processor = VLMProcessor.for_model(imported, tokenizer)
+    transformers_model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    rng = np.random.default_rng(2)
+    for size, views in [((60, 90), 3), ((20, 40), 1)]:  # 1 x 2 tiles and the thumbnail; one view
+        image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+        ours = processor([f"<image> {QUESTION}"], [[image]])
+        assert len(ours["spatial_shapes"]) == views
+        theirs = AutoProcessor.from_pretrained(tmp_path)(images=[image], text=[f"<s><image> {QUESTION}"])
+        assert theirs["input_ids"] == ours["input_ids"].tolist()
+        with torch.no_grad():
+            want = transformers_model(**{k: torch.as_tensor(v) for k, v in theirs.items()}).logits
+            torch.testing.assert_close(imported(**ours).logits, want, atol=1e-5, rtol=0)
+
+
+def test_split_batches_give_transformers_logits(tmp_path):
+    """Two samples, one with two images (one split, one not), left-padded: transformers' processor on the export gives
+    our ids, views and grids, and Lfm2VlForConditionalGeneration our logits on every real position. The model saves
+    and loads with its splitting."""
+    model, processor, tokenizer = lfm2_vl_model(splitting=Lfm2VlSplitting(tile=32, max_tiles=3))
+    export_lfm2_vl(model, tmp_path / "export", tokenizer)
+    rng = np.random.default_rng(4)
+    pics = [
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for size in [(40, 110), (90, 60), (20, 30)]
+    ]
+    prompts = ["<image> describe image", "what is <image> and <image>"]
+    images = [[pics[0]], [pics[1], pics[2]]]
+    ours = processor(prompts, images, padding_side="left")
+    assert len(ours["spatial_shapes"]) == 4 + 3 + 1  # 1 x 3 tiles and a thumbnail, 2 x 1 and one, one view
+    texts = ["<s>" + prompt for prompt in prompts]  # BOS as text, as the chat template writes it
+    theirs = AutoProcessor.from_pretrained(tmp_path / "export")
+    inputs = theirs(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    assert inputs["input_ids"].tolist() == ours["input_ids"].tolist()
+    torch.testing.assert_close(inputs["spatial_shapes"], ours["spatial_shapes"], atol=0, rtol=0)
+    positions = (ours["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    transformers_model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        got = model(**ours).logits
+        want = transformers_model(**inputs, position_ids=positions).logits
+    real = ours["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=0)
+    model.save_pretrained(tmp_path / "saved")
+    assert VisionLanguageModel.from_pretrained(tmp_path / "saved").splitting == model.splitting
+
+
+def test_a_checkpoint_splitting_into_one_tile_is_refused(tmp_path):
+    """LFM2-VL's processor with min_tiles=1 can pick one tile, then counts the thumbnail's tokens for it: refused."""
+    model, _, tokenizer = lfm2_vl_model()
     export_lfm2_vl(model, tmp_path, tokenizer)
     for name in ("processor_config.json", "preprocessor_config.json"):
         settings = json.loads((tmp_path / name).read_text())
-        images = settings.get("image_processor", settings)
-        images |= dict(do_image_splitting=True, min_tiles=2, max_tiles=10)
+        settings.get("image_processor", settings).update(do_image_splitting=True, min_tiles=1, max_tiles=4)
         (tmp_path / name).write_text(json.dumps(settings))
-    with caplog.at_level(logging.WARNING):
-        imported = import_lfm2_vl(tmp_path)
-    assert "here that thumbnail, by its smart_resize rule" in caplog.text
-    assert imported.projector.config == model.projector.config
-    assert imported.tower.processor_config == model.tower.processor_config
-    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 40, 3), dtype=np.uint8))  # not tiled
-    processor = VLMProcessor.for_model(imported, tokenizer, image_start=IMAGE_START, image_end=IMAGE_END)
-    ours = processor([f"<image> {QUESTION}"], [[image]])
-    theirs = AutoProcessor.from_pretrained(tmp_path)(images=[image], text=[f"<s><image> {QUESTION}"])
-    assert theirs["input_ids"] == ours["input_ids"].tolist()
-    transformers_model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        want = transformers_model(**{k: torch.as_tensor(v) for k, v in theirs.items()}).logits
-        torch.testing.assert_close(imported(**ours).logits, want, atol=1e-5, rtol=0)
+    message = (
+        f"{tmp_path}'s image processor: LFM2-VL splits an image into 2 or more tiles: need 2 <= min_tiles <= "
+        f"max_tiles, got min_tiles=1, max_tiles=4 (for one view per image, use no splitting)"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        import_lfm2_vl(tmp_path)
 
 
 def test_import_lfm2_vl_refuses_other_checkpoints(tmp_path):

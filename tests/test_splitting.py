@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 
 import pytest
@@ -105,6 +106,11 @@ def test_a_split_idefics3_export_runs_in_transformers_end_to_end(size, tmp_path)
     torch.testing.assert_close(inputs["pixel_values"][0], ours["pixel_values"], atol=1e-5, rtol=0)
     assert generated == model.generate(**ours, max_new_tokens=8, do_sample=False).tolist()
     model.save_pretrained(tmp_path / "saved")
+    assert VisionLanguageModel.from_pretrained(tmp_path / "saved").splitting == model.splitting
+    config = tmp_path / "saved" / "vlm_config.json"
+    saved = json.loads(config.read_text())
+    assert saved["splitting"].pop("kind") == "idefics3"
+    config.write_text(json.dumps(saved))  # as written before LFM2-VL's splitting: no kind, Idefics3's
     assert VisionLanguageModel.from_pretrained(tmp_path / "saved").splitting == model.splitting
 
 

@@ -1,7 +1,7 @@
-"""The LLaVA exports (LLaVA, LLaVA-OneVision, LLaVA-NeXT) and the Idefics3 export in vLLM, the server many users
-deploy VLMs with: its offline ``LLM.chat`` (the chat template, the processor and the model its OpenAI server runs) on
-the exported folder, in vLLM's own environment (README's test command makes it: tests/install_vllm.sh, vLLM 0.32.0
-built for CPUs), against our model on the same images and text."""
+"""The LLaVA exports (LLaVA, LLaVA-OneVision, LLaVA-NeXT), the Idefics3 and the LFM2-VL exports in vLLM, the server
+many users deploy VLMs with: its offline ``LLM.chat`` (the chat template, the processor and the model its OpenAI server
+runs) on the exported folder, in vLLM's own environment (README's test command makes it: tests/install_vllm.sh, vLLM
+0.32.0 built for CPUs), against our model on the same images and text."""
 
 from __future__ import annotations
 
@@ -165,19 +165,24 @@ def test_vllm_chats_with_a_split_idefics3_export_as_our_model_does(tmp_path):
     assert vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=6) == ours
 
 
-def test_vllm_runs_an_lfm2_vl_export_with_our_prompt(tmp_path):
+@pytest.mark.parametrize(("split", "lengths"), [(False, [11, 9, 10]), (True, [27, 9, 21])])
+def test_vllm_runs_an_lfm2_vl_export_with_our_prompt(split, lengths, tmp_path):
     """The LFM2-VL export of a NaFlex VLM with an LFM2 language model (vLLM's LFM2-VL takes no other) starts in vLLM,
     and on a wide image, a tiny one and a large one its prompt is ours id for id (<|image_start|>, the image's
-    tokens by LFM2-VL's sizing rule, <|image_end|>). Its tokens are not compared: vLLM 0.32's LFM2 on the CPU gives
-    other log-probabilities than transformers' on a plain LFM2 checkpoint already (no export involved; 0.1-0.3 apart
-    on a tiny random one), where transformers' LFM2-VL gives ours (test_lfm2_vl_export)."""
+    tokens by LFM2-VL's sizing rule, <|image_end|>; with LFM2-VL's splitting, the wide and the large image as tiles,
+    each after its <|img_row_r_col_c|>, and a thumbnail after <|img_thumbnail|>). Its tokens are not compared: vLLM
+    0.32's LFM2 on the CPU gives other log-probabilities than transformers' on a plain LFM2 checkpoint already (no
+    export involved; 0.1-0.3 apart on a tiny random one), where transformers' LFM2-VL gives ours
+    (test_lfm2_vl_export)."""
     from test_lfm2_vl_export import lfm2_vl_model
 
+    from siglip2_encoder.integrations.lfm2_splitting import Lfm2VlSplitting
     from siglip2_encoder.integrations.lfm2_vl_export import export_lfm2_vl
 
-    model, processor, tokenizer = lfm2_vl_model("lfm2", lm_sizes=LM)
+    splitting = Lfm2VlSplitting(tile=32, max_tiles=3) if split else None
+    model, processor, tokenizer = lfm2_vl_model("lfm2", lm_sizes=LM, splitting=splitting)
     export_lfm2_vl(model, tmp_path / "export", tokenizer)
     conversations, ours = ask(model, processor, [(30, 90), (6, 9), (200, 150)], tmp_path)
     theirs = vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=1)
     assert [t["prompt"] for t in theirs] == [o["prompt"] for o in ours]
-    assert [len(o["prompt"]) for o in ours] == [11, 9, 10]  # 3, 1 and 2 image tokens
+    assert [len(o["prompt"]) for o in ours] == lengths  # unsplit: 3, 1 and 2 image tokens

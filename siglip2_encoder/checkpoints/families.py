@@ -141,7 +141,8 @@ for _name, _kind in {
         None,
         smart_resize=(64, 256, 2),
         beyond="cuts images over max_image_tokens x max_pixels_tolerance into tile_size tiles followed by a "
-        "thumbnail (do_image_splitting); here that thumbnail, by its smart_resize rule: the only view of the others",
+        "thumbnail (do_image_splitting); here that thumbnail, by its smart_resize rule: the only view of the others "
+        "(import_lfm2_vl loads the whole VLM with its splitting)",
         beyond_setting=("do_image_splitting", True),
         always_resized=True,
     ),

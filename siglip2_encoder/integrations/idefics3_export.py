@@ -159,7 +159,7 @@ def _warn_of_differences(model: VisionLanguageModel, tokenizer: PreTrainedTokeni
 
 
 def _check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
-    model.check_exportable("cannot export to Idefics3's format", tiling=False)
+    model.check_exportable("cannot export to Idefics3's format", tiling=False, splitting=ImageSplitting)
     tower = model.tower.config
     if tower.naflex:
         raise ValueError("NaFlex towers cannot be exported to Idefics3's format, whose tower is fixed-resolution")

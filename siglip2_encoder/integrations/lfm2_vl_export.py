@@ -9,13 +9,16 @@ What fits LFM2-VL's format, and why the rest does not:
 * the projector must be ``pixel_shuffle`` with depth 2 on the final tokens (``layers=(None,)``): LFM2-VL's projector
   is exactly pixel unshuffle by ``downsample_factor``, then, with ``norm`` (``projector_use_layernorm``), a
   LayerNorm, then linear, GELU, linear, on ``last_hidden_state``;
-* no AnyRes tiling, Idefics3 splitting or token reduction; LoRA adapters merged first.
+* no AnyRes tiling, Idefics3 splitting or token reduction; LoRA adapters merged first. LFM2-VL's own splitting
+  (:class:`~.lfm2_splitting.Lfm2VlSplitting`: large images as tiles and a thumbnail) is written as its processor's
+  ``do_image_splitting`` and its settings.
 
 LFM2-VL's processor writes each image into the prompt as ``<|image_start|>``, its ``<image>`` tokens, then
-``<|image_end|>``. :func:`add_lfm2_vl_tokens` adds these tokens to the tokenizer and the LM, and ``VLMProcessor(...,
-image_start=IMAGE_START, image_end=IMAGE_END)`` writes them as LFM2-VL's processor does; the export refuses a
-tokenizer without them. The written processor does not tile (``do_image_splitting=False``): each image is one view,
-as here.
+``<|image_end|>`` (split images: each tile's tokens after ``<|img_row_r_col_c|>``, the thumbnail's after
+``<|img_thumbnail|>``). :func:`add_lfm2_vl_tokens` adds these tokens to the tokenizer and the LM, and
+``VLMProcessor(..., image_start=IMAGE_START, image_end=IMAGE_END)`` (or ``VLMProcessor(..., splitting=splitting)``)
+writes them as LFM2-VL's processor does; the export refuses a tokenizer without them. Without splitting the written
+processor does not tile (``do_image_splitting=False``): each image is one view, as here.
 
 Exported folders run in transformers alone - ``AutoProcessor`` + ``apply_chat_template`` + ``generate``, and the
 ``image-text-to-text`` pipeline - with the same prompt tokens, patches and greedy tokens as the model they came from
@@ -54,29 +57,31 @@ from .hf_export import (
     text_config,
     write_export,
 )
+from .lfm2_splitting import IMAGE_END, IMAGE_START, Lfm2VlSplitting
 from .llava import VisionLanguageModel, add_image_token
 
 __all__ = ["IMAGE_END", "IMAGE_START", "add_lfm2_vl_tokens", "export_lfm2_vl", "import_lfm2_vl"]
 
-# The tokens LFM2-VL's processor writes around each image (transformers' Lfm2VlProcessor, its defaults).
-IMAGE_TOKEN = "<image>"
-IMAGE_START = "<|image_start|>"
-IMAGE_END = "<|image_end|>"
+IMAGE_TOKEN = "<image>"  # LFM2-VL's placeholder (transformers' Lfm2VlProcessor's default)
 
 
-def add_lfm2_vl_tokens(tokenizer: PreTrainedTokenizerBase, language_model: PreTrainedModel | None = None) -> int:
-    """Add LFM2-VL's ``<|image_start|>`` and ``<|image_end|>`` and the ``<image>`` placeholder to ``tokenizer`` (an
-    LFM2 tokenizer has them already), resize the LM's embeddings, and return the image token's id. Build the batches
-    with ``VLMProcessor(..., image_start=IMAGE_START, image_end=IMAGE_END)``."""
-    tokenizer.add_tokens([IMAGE_START, IMAGE_END], special_tokens=True)
+def add_lfm2_vl_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    language_model: PreTrainedModel | None = None,
+    splitting: Lfm2VlSplitting | None = None,
+) -> int:
+    """Add LFM2-VL's ``<|image_start|>`` and ``<|image_end|>`` (with ``splitting`` its ``<|img_row_r_col_c|>`` tags
+    and ``<|img_thumbnail|>``) and the ``<image>`` placeholder to ``tokenizer`` (an LFM2 tokenizer has them already),
+    resize the LM's embeddings, and return the image token's id. Build the batches with ``VLMProcessor(...,
+    image_start=IMAGE_START, image_end=IMAGE_END)``, or ``VLMProcessor(..., splitting=splitting)``."""
+    tags = [] if splitting is None else splitting.row_col_tokens()
+    tokenizer.add_tokens([IMAGE_START, IMAGE_END, *tags], special_tokens=True)
     return add_image_token(tokenizer, language_model, IMAGE_TOKEN)
 
 
 def _check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
     action = "cannot export to LFM2-VL's format"
-    model.check_exportable(action, tiling=False)
-    if model.splitting is not None:
-        raise ValueError(f"{action}: this model splits its images as Idefics3 does; export it with export_idefics3")
+    model.check_exportable(action, tiling=False, splitting=Lfm2VlSplitting)
     tower, projector = model.tower, model.projector
     if not tower.config.naflex:
         raise ValueError(
@@ -105,12 +110,30 @@ def _check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizer
             f"and train with it"
         )
     if tokenizer is not None:
-        image_token = check_tokenizer(tokenizer, model.language_model, model.image_token_id, (IMAGE_START, IMAGE_END))
+        tags = [] if model.splitting is None else model.splitting.row_col_tokens()
+        image_token = check_tokenizer(
+            tokenizer, model.language_model, model.image_token_id, (IMAGE_START, IMAGE_END, *tags)
+        )
         if image_token != IMAGE_TOKEN:
             raise ValueError(
                 f"{action}: the model's image token is {image_token!r}, but LFM2-VL's processor writes "
-                f"{IMAGE_TOKEN!r}; build the model with add_lfm2_vl_tokens(tokenizer, language_model)"
+                f"{IMAGE_TOKEN!r}; build the model with add_lfm2_vl_tokens(tokenizer, language_model, splitting)"
             )
+
+
+def _image_processor(tower: SigLIP2Encoder, splitting: Lfm2VlSplitting | None) -> Lfm2VlImageProcessor:
+    """LFM2-VL's image processor doing what ours does: the tower's sizing rule, and the splitting (or none)."""
+    settings = processor_config_to_hf(tower.processor_config)
+    if splitting is not None:
+        settings.update(
+            do_image_splitting=True,
+            tile_size=splitting.tile,
+            min_tiles=splitting.min_tiles,
+            max_tiles=splitting.max_tiles,
+            use_thumbnail=splitting.use_thumbnail,
+            max_pixels_tolerance=splitting.max_pixels_tolerance,
+        )
+    return Lfm2VlImageProcessor.from_dict(settings)
 
 
 def export_lfm2_vl(
@@ -166,7 +189,7 @@ def export_lfm2_vl(
         Lfm2VlForConditionalGeneration,
         config,
         state,
-        Lfm2VlImageProcessor.from_dict(processor_config_to_hf(tower.processor_config)),
+        _image_processor(tower, model.splitting),
         Lfm2VlProcessor,
         tokenizer,
         chat_template=chat_template or (plain_chat_template(IMAGE_TOKEN) if tokenizer is not None else None),
@@ -183,13 +206,10 @@ def import_lfm2_vl(
 ) -> VisionLanguageModel:
     """Load a transformers LFM2-VL checkpoint (``model_type="lfm2_vl"``; a folder or a Hub repo) whole into a
     :class:`VisionLanguageModel`: the NaFlex tower with LFM2-VL's sizing rule, the projector as a ``pixel_shuffle``
-    one (depth 2; its LayerNorm as ``norm``), the language model and the image token. Build its batches with
-    ``VLMProcessor(tokenizer, ImageProcessor(model.tower.processor_config), model.projector, patch_size,
-    image_start=IMAGE_START, image_end=IMAGE_END)``.
-
-    LFM2-VL's processor cuts large images into tiles (``do_image_splitting``), which is not reproduced: here every
-    image is one view, the one it gives images below its tiling threshold (and large ones as their thumbnail), and
-    loading says so in a warning."""
+    one (depth 2; its LayerNorm as ``norm``), the language model, the image token, and the splitting its processor
+    does (``do_image_splitting``: :attr:`VisionLanguageModel.splitting`, an :class:`~.lfm2_splitting.Lfm2VlSplitting`).
+    Build its batches with ``VLMProcessor.for_model(model, tokenizer)`` (without splitting, with
+    ``image_start=IMAGE_START, image_end=IMAGE_END`` too)."""
     directory, model_type = checkpoint_folder(name_or_path, revision, token, local_files_only)
     if model_type != "lfm2_vl":
         raise ValueError(f"{directory} is a {model_type!r} checkpoint, not 'lfm2_vl'")
@@ -200,12 +220,23 @@ def import_lfm2_vl(
             f"{directory}'s projector uses projector_hidden_act={config.projector_hidden_act!r}; the pixel_shuffle "
             f"projector's MLP uses exact GELU ('gelu') only"
         )
-    stored = read_checkpoint(CheckpointSource(directory), dtype=lfm2.dtype)
+    # Either way the processor is reproduced (its splitting, or its one view): no "not reproduced" warning.
+    stored = read_checkpoint(CheckpointSource(directory), dtype=lfm2.dtype, views=True)
     if stored.processor_config.naflex_resize != "smart":
         raise ValueError(
             f"{directory} has no LFM2-VL image processor file (preprocessor_config.json or processor_config.json), "
             f"whose sizing rule the model was trained with"
         )
+    images = Lfm2VlImageProcessor.from_pretrained(directory)
+    splitting = None
+    # transformers splits when do_image_splitting is set, unless min_tiles == max_tiles == 1
+    if images.do_image_splitting and not images.min_tiles == images.max_tiles == 1:
+        try:
+            splitting = Lfm2VlSplitting(
+                images.tile_size, images.min_tiles, images.max_tiles, images.use_thumbnail, images.max_pixels_tolerance
+            )
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{directory}'s image processor: {err}") from None
     tower = build_loaded(lambda: SigLIP2Encoder(stored.config, stored.processor_config), stored.state_dict,
                          str(directory), "vision tower")  # fmt: skip
     theirs = lfm2.model.multi_modal_projector
@@ -220,4 +251,4 @@ def import_lfm2_vl(
     if projector.norm is not None:
         projector.norm.load_state_dict(theirs.layer_norm.state_dict())
     lm = language_model_from(lfm2, lfm2.model.language_model, config.text_config)
-    return VisionLanguageModel(tower, projector, lm, config.image_token_id)
+    return VisionLanguageModel(tower, projector, lm, config.image_token_id, splitting=splitting)

@@ -29,6 +29,7 @@ from ..models.lora import EncoderLoRAConfig, add_lora, trainable_parameters
 from ..models.model import SigLIP2Encoder
 from ..models.token_merging import TokenMerging, merged_forward
 from .anyres import AnyResTiling
+from .lfm2_splitting import Lfm2VlSplitting
 from .reduction import TokenPruning
 from .splitting import ImageSplitting
 from .vlm_io import VLMIOMixin
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# the export whose format holds each kind of splitting
+_SPLITTING_EXPORTS = {ImageSplitting: "export_idefics3", Lfm2VlSplitting: "export_lfm2_vl"}
 
 
 def _check_tiling(tiling: AnyResTiling, tower: SigLIP2Encoder, projector: Projector) -> None:
@@ -65,12 +69,29 @@ def _check_tiling(tiling: AnyResTiling, tower: SigLIP2Encoder, projector: Projec
         )
 
 
+def _check_splitting(
+    splitting: ImageSplitting | Lfm2VlSplitting, tower: SigLIP2Encoder, tiling: AnyResTiling | None
+) -> None:
+    """Refuse a tower that the splitting cannot feed, and tiling beside it (a splitting is a tiling of its own)."""
+    if tiling is not None:
+        raise ValueError("image splitting is a tiling of its own: give a model splitting or tiling, not both")
+    if isinstance(splitting, Lfm2VlSplitting):
+        splitting.check(tower.processor_config)
+    elif not isinstance(splitting, ImageSplitting):
+        raise TypeError(f"splitting must be an ImageSplitting or an Lfm2VlSplitting, got {type(splitting).__name__}")
+    elif tower.config.image_size != splitting.tile:
+        raise ValueError(
+            f"image splitting into {splitting.tile} px views needs a fixed-resolution tower of that input; this "
+            f"tower takes {tower.config.image_size or 'NaFlex patches'}"
+        )
+
+
 def _check_reduction(
     reduction: TokenPruning | TokenMerging,
     tower: SigLIP2Encoder,
     projector: Projector,
     tiling: AnyResTiling | None,
-    splitting: ImageSplitting | None,
+    splitting: ImageSplitting | Lfm2VlSplitting | None,
 ) -> None:
     """Refuse what token reduction cannot serve: no pooling head to rank by, a projector that needs the grid; for
     merging, several layers or a depth other than the projector's layer."""
@@ -115,8 +136,10 @@ class VisionLanguageModel(VLMIOMixin, nn.Module):
         tiling: LLaVA-OneVision's or LLaVA-NeXT's AnyRes tiling (:mod:`.anyres`): each image is seen as several
             views whose projected tokens are reassembled, with a learned ``image_newline`` (D_lm,) after each row. It
             needs a fixed-resolution tower whose input is the tile, and a projector that keeps one token per patch.
-        splitting: Idefics3's image splitting (:mod:`.splitting`), which the model's processor applies: the views are
-            images to the model, which keeps the setting so that its saves and exports preprocess as it was trained.
+        splitting: Idefics3's image splitting (:mod:`.splitting`; a fixed-resolution tower whose input is the tile)
+            or LFM2-VL's (:mod:`.lfm2_splitting`; a NaFlex tower sized by LFM2-VL's rule), which the model's processor
+            applies: the views are images to the model, which keeps the setting so that its saves and exports
+            preprocess as it was trained.
         reduction: fewer tokens per image for the LLM: after the tower (:class:`~.reduction.TokenPruning`, which
             needs the tower's pooling head) or inside it (:class:`~siglip2_encoder.models.token_merging.TokenMerging`,
             ToMe, whose ``depth`` must be the projector's layer); either needs a tokenwise projector.
@@ -129,7 +152,7 @@ class VisionLanguageModel(VLMIOMixin, nn.Module):
         language_model: PreTrainedModel,
         image_token_id: int,
         tiling: AnyResTiling | None = None,
-        splitting: ImageSplitting | None = None,
+        splitting: ImageSplitting | Lfm2VlSplitting | None = None,
         reduction: TokenPruning | TokenMerging | None = None,
     ) -> None:
         super().__init__()
@@ -155,11 +178,8 @@ class VisionLanguageModel(VLMIOMixin, nn.Module):
         self.image_newline = None if tiling is None else nn.Parameter(torch.randn(width) / math.sqrt(width))
         if tiling is not None:
             _check_tiling(tiling, vision_tower, projector)
-        if splitting is not None and (tiling is not None or vision_tower.config.image_size != splitting.tile):
-            raise ValueError(
-                f"image splitting into {splitting.tile} px views needs a fixed-resolution tower of that input and no "
-                f"tiling; this tower takes {vision_tower.config.image_size or 'NaFlex patches'}"
-            )
+        if splitting is not None:
+            _check_splitting(splitting, vision_tower, tiling)
 
     @classmethod
     def build(
@@ -170,7 +190,7 @@ class VisionLanguageModel(VLMIOMixin, nn.Module):
         projector: ProjectorConfig | None = None,
         image_token: str = "<image>",
         tiling: AnyResTiling | None = None,
-        splitting: ImageSplitting | None = None,
+        splitting: ImageSplitting | Lfm2VlSplitting | None = None,
         reduction: TokenPruning | TokenMerging | None = None,
     ) -> tuple[VisionLanguageModel, VLMProcessor]:
         """Assemble a model and its batch processor from names or objects.
@@ -184,7 +204,8 @@ class VisionLanguageModel(VLMIOMixin, nn.Module):
             tiling: AnyRes tiling (e.g. ``AnyResTiling.onevision(tile, patch_size)`` for the tower's input and patch;
                 default: one view per image).
             splitting: Idefics3's image splitting (``ImageSplitting(tile=<the tower's input>, longest_edge=...)``;
-                add Idefics3's tokens to the tokenizer first, :func:`~.idefics3_export.add_idefics3_tokens`).
+                add Idefics3's tokens to the tokenizer first, :func:`~.idefics3_export.add_idefics3_tokens`), or
+                LFM2-VL's (``Lfm2VlSplitting()``; its tokens: :func:`~.lfm2_vl_export.add_lfm2_vl_tokens`).
             reduction: token reduction after the tower (``TokenPruning(dominant, contextual)``).
         """
         if not isinstance(vision_tower, SigLIP2Encoder):
@@ -323,10 +344,19 @@ class VisionLanguageModel(VLMIOMixin, nn.Module):
             self.language_model = self.language_model.merge_and_unload()
         return self
 
-    def check_exportable(self, action: str, *, tiling: bool) -> None:
+    def check_exportable(
+        self, action: str, *, tiling: bool, splitting: type[ImageSplitting | Lfm2VlSplitting] | None = None
+    ) -> None:
         """Refuse ``action`` (an export) for what transformers' VLM of that format cannot do: unmerged LoRA, token
-        reduction after the tower, and (unless ``tiling``) AnyRes tiling with its ``image_newline``."""
+        reduction after the tower, (unless ``tiling``) AnyRes tiling with its ``image_newline``, and image splitting
+        other than ``splitting``'s (the kind that format's processor does)."""
         self.check_merged(action)
+        if self.splitting is not None and not (splitting is not None and isinstance(self.splitting, splitting)):
+            raise ValueError(
+                f"{action}: this model splits its images ({type(self.splitting).__name__}), which that format's "
+                f"processor does not do: its model would see other views; export it with "
+                f"{_SPLITTING_EXPORTS[type(self.splitting)]}, or save it with save_pretrained"
+            )
         if self.reduction is not None:
             raise ValueError(
                 f"{action}: this model reduces its image tokens after the tower ({self.reduction}), which that "

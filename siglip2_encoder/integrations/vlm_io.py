@@ -1,7 +1,7 @@
 """Saving, loading and publishing a :class:`~.llava.VisionLanguageModel` in this library's own format, apart from
 what the model computes (``llava.py``): ``vision_tower/``, ``projector/``, ``language_model/`` (and ``tokenizer/``)
 folders, ``vlm_config.json`` (image token id, tiling, splitting, token reduction) and the learned ``image_newline``.
-Transformers' formats are written by :mod:`.llava_export` and :mod:`.idefics3_export`."""
+Transformers' formats are written by :mod:`.llava_export`, :mod:`.idefics3_export` and :mod:`.lfm2_vl_export`."""
 
 from __future__ import annotations
 
@@ -24,18 +24,24 @@ from ..files import write_atomic
 from ..models.model import SigLIP2Encoder
 from ..models.token_merging import TokenMerging
 from .anyres import AnyResTiling
+from .lfm2_splitting import Lfm2VlSplitting
 from .reduction import TokenPruning
 from .splitting import ImageSplitting
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["CONFIG_FILE", "NEWLINE_FILE", "REDUCTIONS", "VLMIOMixin"]
+__all__ = ["CONFIG_FILE", "NEWLINE_FILE", "REDUCTIONS", "SPLITTINGS", "VLMIOMixin"]
 
 CONFIG_FILE = "vlm_config.json"
 NEWLINE_FILE = "image_newline.safetensors"
 # How a saved model names its token reduction (vlm_config.json's "reduction" "kind").
 REDUCTIONS: dict[str, type[TokenPruning] | type[TokenMerging]] = {"pruning": TokenPruning, "merging": TokenMerging}
+# How it names its image splitting ("splitting" "kind"; files written before LFM2-VL's have none: Idefics3's).
+SPLITTINGS: dict[str, type[ImageSplitting] | type[Lfm2VlSplitting]] = {
+    "idefics3": ImageSplitting,
+    "lfm2_vl": Lfm2VlSplitting,
+}
 
 
 class VLMIOMixin(FromPretrainedMixin, HubMixin):
@@ -48,7 +54,7 @@ class VLMIOMixin(FromPretrainedMixin, HubMixin):
     language_model: PreTrainedModel | PeftModel
     image_token_id: int
     tiling: AnyResTiling | None
-    splitting: ImageSplitting | None
+    splitting: ImageSplitting | Lfm2VlSplitting | None
     reduction: TokenPruning | TokenMerging | None
     image_newline: nn.Parameter | None
 
@@ -80,7 +86,8 @@ class VLMIOMixin(FromPretrainedMixin, HubMixin):
             tokenizer.save_pretrained(folder / "tokenizer")
         config: dict[str, Any] = {"image_token_id": self.image_token_id}
         if self.splitting is not None:
-            config["splitting"] = asdict(self.splitting)
+            kind = next(k for k, cls in SPLITTINGS.items() if isinstance(self.splitting, cls))
+            config["splitting"] = {"kind": kind, **asdict(self.splitting)}
         if self.reduction is not None:
             kind = next(k for k, cls in REDUCTIONS.items() if isinstance(self.reduction, cls))
             config["reduction"] = {"kind": kind, **asdict(self.reduction)}
@@ -133,7 +140,7 @@ class VLMIOMixin(FromPretrainedMixin, HubMixin):
             AutoModelForCausalLM.from_pretrained(folder / "language_model", config=lm_config, dtype=dtype),
             config["image_token_id"],
             None if tiling is None else AnyResTiling(**tiling),
-            None if splitting is None else ImageSplitting(**splitting),
+            None if splitting is None else SPLITTINGS[splitting.pop("kind", "idefics3")](**splitting),
             None if reduction is None else REDUCTIONS[reduction.pop("kind")](**reduction),
         )
         if model.image_newline is not None:

@@ -22,9 +22,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import Projector
 from ..data.images import ImageInput, image_to_tensor
-from ..data.processor import ImageProcessor
+from ..data.processor import ImageProcessor, ProcessedImage
 from ..models.token_merging import TokenMerging
 from .anyres import AnyResTiling
+from .lfm2_splitting import Lfm2VlSplitting
 from .reduction import TokenPruning
 from .splitting import ImageSplitting
 
@@ -76,9 +77,10 @@ class VLMProcessor:
         image_end: text after each image's tokens, e.g. Idefics3's ``<fake_token_around_image>``.
         tiling: LLaVA-OneVision's or LLaVA-NeXT's AnyRes tiling (the model's :attr:`VisionLanguageModel.tiling`):
             each image becomes its views (OneVision tiles only an image alone in its sample; see :mod:`.anyres`).
-        splitting: Idefics3's image splitting (the model's :attr:`VisionLanguageModel.splitting`): each image becomes
-            its tiles and a global view, each an image to the tower, with Idefics3's text around them (see
-            :mod:`.splitting`); ``image_start`` / ``image_end`` stay empty, the splitting writes that text.
+        splitting: Idefics3's or LFM2-VL's image splitting (the model's :attr:`VisionLanguageModel.splitting`): each
+            image becomes its tiles and a global view (or thumbnail), each an image to the tower, with that model's
+            text around them (see :mod:`.splitting`, :mod:`.lfm2_splitting`); ``image_start`` / ``image_end`` stay
+            empty, the splitting writes that text.
         reduction: the model's :attr:`VisionLanguageModel.reduction`: each image costs its reduced token count.
     """
 
@@ -93,7 +95,7 @@ class VLMProcessor:
         image_start: str = "",
         image_end: str = "",
         tiling: AnyResTiling | None = None,
-        splitting: ImageSplitting | None = None,
+        splitting: ImageSplitting | Lfm2VlSplitting | None = None,
         reduction: TokenPruning | TokenMerging | None = None,
     ) -> None:
         self.tokenizer, self.image_processor, self.projector = tokenizer, image_processor, projector
@@ -102,8 +104,8 @@ class VLMProcessor:
         self.tiling, self.splitting, self.reduction = tiling, splitting, reduction
         if splitting is not None and (image_start or image_end or tiling is not None):
             raise ValueError(
-                "splitting writes Idefics3's own text around each view and is a tiling of its own: leave image_start, "
-                "image_end and tiling unset"
+                "splitting writes its model's own text around each view and is a tiling of its own: leave "
+                "image_start, image_end and tiling unset"
             )
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -222,6 +224,8 @@ class VLMProcessor:
         if (self.tiling is not None or self.splitting is not None) and any(videos):
             raise ValueError("a model with tiling or splitting takes images only; give clips to a model without them")
         if self.splitting is not None:
+            if max_num_patches is not None:
+                raise ValueError("max_num_patches does not apply with splitting, which sizes each view itself")
             return self._split(self.splitting, flat)
         start, end = self._text_ids(self.image_start), self._text_ids(self.image_end)
         if self.tiling is not None:
@@ -235,18 +239,30 @@ class VLMProcessor:
                 counts = [self.reduction.num_tokens(count) for count in counts]
         return batch, [start + [self.image_token_id] * count + end for count in counts]
 
-    def _split(self, splitting: ImageSplitting, images: list[ImageInput]) -> tuple[dict[str, Any], list[list[int]]]:
-        """Every image's views (each an image to the tower) and its ids: Idefics3's text around each view's tokens."""
-        side = splitting.tile // self.patch_size
-        count = self.projector.num_tokens((side, side))
-        views, ids = [], []
+    def _split(
+        self, splitting: ImageSplitting | Lfm2VlSplitting, images: list[ImageInput]
+    ) -> tuple[dict[str, Any], list[list[int]]]:
+        """Every image's views (each an image to the tower) and its ids: its model's text around each view's
+        tokens."""
+        views: list[ProcessedImage] = []
+        ids = []
         for i, image in enumerate(images):
             pixels = image_to_tensor(image, i)
-            views.append(splitting.views(pixels, self.image_processor))
-            before, after = splitting.prompt(*splitting.grid(*pixels.shape[-2:]))
-            tokens = [t for text in before for t in self._text_ids(text) + [self.image_token_id] * count]
-            ids.append(tokens + self._text_ids(after))
-        return {"pixel_values": torch.cat(views)}, ids
+            size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+            if isinstance(splitting, ImageSplitting):
+                own = [ProcessedImage(view, None, size) for view in splitting.views(pixels, self.image_processor)]
+                side = splitting.tile // self.patch_size
+                counts, grid = [self.projector.num_tokens((side, side))] * len(own), splitting.grid(*size)
+            else:
+                own = splitting.views(pixels, self.image_processor)
+                counts = [self.projector.num_tokens(view.grid) for view in own]
+                grid = splitting.grid(*size, self.image_processor.config)
+            before, after = splitting.prompt(*grid)
+            tokens = [self._text_ids(text) + [self.image_token_id] * n for text, n in zip(before, counts, strict=True)]
+            ids.append([t for view in tokens for t in view] + self._text_ids(after))
+            views += own
+        batch = self.image_processor.collate(views)
+        return {key: batch[key] for key in batch.keys()}, ids
 
     def _tiled(
         self, tiling: AnyResTiling, images: list[ImageInput], tiled: list[bool]
