@@ -1,7 +1,8 @@
 """The VLM exports through llama.cpp's own converter (``convert_hf_to_gguf.py`` from the llama-cpp-python sdist, which
 README's test command puts into .venv/llama.cpp): the Idefics3 export converts to a text GGUF and an mmproj GGUF,
-the LLaVA export to a text GGUF, each holding our weights under llama.cpp's names (read back with llama.cpp's own
-gguf-py); the LLaVA export's SigLIP mmproj is refused by the converter, as docs/vlm.md says.
+the LLaVA export to a text GGUF, the LFM2-VL export to both, each holding our weights under llama.cpp's names (read
+back with llama.cpp's own gguf-py); the LLaVA export's SigLIP mmproj is refused by the converter, as docs/vlm.md
+says.
 
 Then llama.cpp runs them: llama-cpp-python, built from the same sdist by README's test command, binds llama.cpp's
 libllama (the text GGUF's logits) and libmtmd (its multimodal library: the image's views, the text between them and
@@ -197,14 +198,14 @@ class LlamaCpp:
 
 
 @contextlib.contextmanager
-def load_llama_cpp(llama_cpp, text: Path, mmproj: Path):
+def load_llama_cpp(llama_cpp, text: Path, mmproj: Path, n_ctx: int = 256):
     lib, mtmd = llama_cpp
     lm = lib.llama_model_load_from_file(str(text).encode(), lib.llama_model_default_params())
     params = mtmd.mtmd_context_params_default()
     params.use_gpu, params.n_threads, params.warmup = False, 2, False
     context = mtmd.mtmd_init_from_file(str(mmproj).encode(), lm, params)
     lm_params = lib.llama_context_default_params()
-    lm_params.n_ctx = lm_params.n_batch = 256
+    lm_params.n_ctx = lm_params.n_batch = n_ctx
     lm_params.type_k = lm_params.type_v = lib.GGML_TYPE_F32  # llama.cpp's default, f16, rounds keys and values
     lm_params.n_threads = lm_params.n_threads_batch = 2
     lm_context = lib.llama_init_from_model(lm, lm_params)
@@ -280,7 +281,8 @@ def mtmd_generate(
             count = run.mtmd.mtmd_input_chunk_get_n_tokens(chunk)
             ids += [image_token_id] * count if is_image else text_ids(run, chunk)
         end = ctypes.byref(lib.llama_pos(0))
-        assert run.mtmd.mtmd_helper_eval_chunks(run.context, run.lm_context, chunks, 0, 0, 256, True, end) == 0
+        batch = lib.llama_n_batch(run.lm_context)
+        assert run.mtmd.mtmd_helper_eval_chunks(run.context, run.lm_context, chunks, 0, 0, batch, True, end) == 0
     first = logits()
     generated = [int(first.argmax())]
     for _ in range(steps - 1):
@@ -540,3 +542,146 @@ def test_llama_server_answers_openai_chat_requests_with_our_greedy_tokens(f16_ex
             assert reply["usage"]["prompt_tokens"] == batch["input_ids"].shape[1], (size, question)
             answer = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(printed(tokenizer, ours))
             assert reply["choices"][0]["message"]["content"] == answer, (size, question)
+
+
+# ------------------------------------------------------------------------------------------------------ LFM2-VL
+
+
+def lfm2_vl_gguf(folder: Path, **changes) -> tuple[VisionLanguageModel, VLMProcessor, Any, Path, Path]:
+    """A VLM of LFM2-VL's geometry, as llama.cpp's LFM2-VL path takes it: 16 px patches, 16 x 16 positions,
+    LFM2-VL's processor (64 to 256 tokens per view, bilinear) and splitting, its projector with the LayerNorm, a tied
+    Llama LM and a Llama-style tokenizer; ``changes`` replace the tower processor's settings. Exported, then
+    converted by llama.cpp: (model, processor, tokenizer, text GGUF, mmproj GGUF)."""
+    from conftest import perturb
+    from test_llava import LM, TOWER
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from siglip2_encoder import SigLIP2Encoder, get_recipe
+    from siglip2_encoder.adapters import build_projector
+    from siglip2_encoder.integrations.lfm2_splitting import Lfm2VlSplitting
+    from siglip2_encoder.integrations.lfm2_vl_export import add_lfm2_vl_tokens, export_lfm2_vl
+
+    torch.manual_seed(0)
+    tokenizer = llama_tokenizer()
+    tower = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", **TOWER, image_size=None, num_patches=256)
+    tower.processor_config = tower.processor_config.replace(
+        naflex_resize="smart", min_num_patches=256, max_num_patches=1024, grid_multiple=2, resample="bilinear",
+        **changes,
+    )  # fmt: skip
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **LM, tie_word_embeddings=True))
+    splitting = Lfm2VlSplitting()
+    image_token_id = add_lfm2_vl_tokens(tokenizer, lm, splitting)
+    projector = build_projector(get_recipe("lfm2_vl").projector_config(32, LM["hidden_size"], norm=True))
+    model = VisionLanguageModel(tower, projector, lm.eval(), image_token_id, splitting=splitting)
+    model = perturb(model, seed=3).eval()
+    export_lfm2_vl(model, folder / "hf", tokenizer)
+    for options, out in [((), "text.gguf"), (("--mmproj",), "mmproj.gguf")]:
+        result = convert(folder / "hf", folder / out, *options)
+        assert result.returncode == 0, result.stderr[-2000:]
+    processor = VLMProcessor.for_model(model, tokenizer)
+    return model, processor, tokenizer, folder / "text.gguf", folder / "mmproj.gguf"
+
+
+def our_naflex_views(model, processor, image: np.ndarray) -> tuple[list[torch.Tensor], list[int]]:
+    """Our features per view (each (tokens, D_lm)) and our prompt's ids for ``image`` alone, for a NaFlex model."""
+    batch = processor(["<image>"], [[image]])
+    with torch.no_grad():
+        features = model.image_features(batch["pixel_values"], batch["spatial_shapes"], batch["pixel_attention_mask"])
+    counts = [model.projector.num_tokens((h, w)) for h, w in batch["spatial_shapes"].tolist()]
+    return list(features.split(counts)), batch["input_ids"][0].tolist()
+
+
+def test_an_lfm2_vl_export_converts_with_llama_cpp(gguf_reader, tmp_path):
+    """llama.cpp's converter takes the LFM2-VL export of a model it runs as LFM2-VL's own (llama_cpp_differences
+    names nothing): the text GGUF holds LFM2-VL's tokens at our ids, the mmproj GGUF the tower's and the projector's
+    weights (its LayerNorm too) and the unshuffle factor."""
+    from siglip2_encoder.integrations.lfm2_splitting import IMAGE_END, IMAGE_START, THUMBNAIL_TOKEN
+    from siglip2_encoder.integrations.lfm2_vl_export import llama_cpp_differences
+
+    model, _, tokenizer, text, mmproj = lfm2_vl_gguf(tmp_path)
+    assert llama_cpp_differences(model) == []
+    tokens = gguf_reader(text).fields["tokenizer.ggml.tokens"].contents()
+    for token in ("<image>", IMAGE_START, IMAGE_END, THUMBNAIL_TOKEN, "<|img_row_2_col_3|>"):
+        assert tokens[tokenizer.convert_tokens_to_ids(token)] == token  # what llama.cpp's LFM2-VL path looks up
+    reader = gguf_reader(mmproj)
+    got, meta = tensors(reader), fields(reader)
+    assert meta["clip.projector_type"] == "lfm2" and meta["clip.vision.projector.scale_factor"] == 2
+    tower, projector = model.tower, model.projector
+    first, second = (m for m in projector.proj if isinstance(m, torch.nn.Linear))
+    patches = tower.embeddings.patch_embedding.weight.detach().view(-1, 16, 16, 3).permute(0, 3, 1, 2)
+    for name, want in [
+        ("v.patch_embd.weight", patches),
+        ("v.position_embd.weight", tower.embeddings.position_embedding.weight),
+        ("mm.input_norm.weight", projector.norm.weight),
+        ("mm.1.weight", first.weight),
+        ("mm.2.bias", second.bias),
+    ]:
+        torch.testing.assert_close(got[name], want.detach(), atol=0, rtol=0, msg=name)
+
+
+def test_llama_cpp_runs_an_lfm2_vl_export_with_our_views_and_greedy_tokens(llama_cpp, tmp_path):
+    """libmtmd on the export: for each image, as many views as ours, with our token counts and our tags (tiles row
+    by row, the thumbnail last), and each view's features ours within 3e-2 (values up to ~2; measured 1e-3 where
+    tiles are cut without resizing: ggml's kernels; up to 1.1e-2 where resized: llama.cpp's bilinear filter) where
+    llama.cpp prepares our view: the tiles of an image whose aspect ratio is its grid's, and every thumbnail. A whole
+    prompt on such an image gives our prompt ids, our logits (within 1e-2) and our greedy tokens. Where the aspect
+    ratio is not the grid's, llama.cpp pads the image to the grid's where transformers stretches it, so its tiles
+    differ (by about the features' own size); and it rounds a size halfway between two grid steps up (300 x 400:
+    9 x 13 tokens; transformers 9 x 12)."""
+    from siglip2_encoder.integrations.lfm2_splitting import IMAGE_END, IMAGE_START
+
+    model, processor, tokenizer, text, mmproj = lfm2_vl_gguf(tmp_path)
+    tags = set(tokenizer.convert_tokens_to_ids([IMAGE_START, IMAGE_END, *model.splitting.row_col_tokens()]))
+    with load_llama_cpp(llama_cpp, text, mmproj, n_ctx=2048) as run:
+        for size, grid, same in [
+            ((1024, 1024), (2, 2), True),  # tiles cut without resizing
+            ((1500, 600), (5, 2), True),  # resized to 2560 x 1024: the same aspect ratio
+            ((40, 60), (0, 0), True),  # one view
+            ((700, 1000), (2, 3), False),  # padded by llama.cpp, stretched by transformers
+        ]:
+            image = images(1, 9, sizes=[size])[0]
+            views, texts = mtmd_views(run, image)
+            ours, ids = our_naflex_views(model, processor, image)
+            assert model.splitting.grid(*size, model.tower.processor_config) == grid
+            assert [len(v) for v in views] == [len(o) for o in ours], size
+            assert [i for chunk in texts for i in chunk if i in tags] == [i for i in ids if i in tags], size
+            tiles = len(ours) - 1 if grid[0] else 0
+            for i, (theirs, want) in enumerate(zip(views, ours, strict=True)):
+                gap = np.abs(theirs - want.numpy()).max()
+                assert gap < 3e-2 if same or i == tiles else gap > 0.5, (size, i, gap)
+        ours, _ = our_naflex_views(model, processor, images(1, 9, sizes=[(300, 400)])[0])
+        views, _ = mtmd_views(run, images(1, 9, sizes=[(300, 400)])[0])
+        assert (len(ours[0]), len(views[0])) == (9 * 12, 9 * 13)
+
+        image = images(1, 9, sizes=[(1024, 1024)])[0]
+        prompt = " what colour is the shape"
+        theirs_ids, logits, generated = mtmd_generate(run, image, prompt, model.image_token_id, steps=4)
+    batch = processor([f"<image>{prompt}"], [[image]])
+    assert theirs_ids == batch["input_ids"][0].tolist()
+    with torch.no_grad():
+        want = model(**batch).logits[0, -1]
+    np.testing.assert_allclose(logits, want.numpy(), atol=1e-2, rtol=0)  # measured 2.9e-3
+    assert generated == model.generate(**batch, max_new_tokens=4, do_sample=False)[0].tolist()
+
+
+def test_lfm2_vl_llama_cpp_differences_name_what_llama_cpp_does_otherwise():
+    """What the LFM2-VL export warns of, for a model llama.cpp would run otherwise than transformers: its processor's
+    settings other than LFM2-VL's, patches other than 16 px, no splitting or other splitting settings, and an LM
+    whose output layer is its own."""
+    from test_lfm2_vl_export import lfm2_vl_model
+
+    from siglip2_encoder.integrations.lfm2_splitting import Lfm2VlSplitting
+    from siglip2_encoder.integrations.lfm2_vl_export import llama_cpp_differences
+
+    model, _, _ = lfm2_vl_model(splitting=Lfm2VlSplitting(tile=32, max_tiles=3))
+    model.tower.processor_config = model.tower.processor_config.replace(resample="bicubic")
+    differences = llama_cpp_differences(model)
+    assert [d.split(",")[0] for d in differences] == [
+        "the tower cuts 8 px patches",
+        "the model splits with Lfm2VlSplitting(tile=32",
+        "the tower's processor sizes views within 1 to 4 tokens of 2 x 2 patches",
+        "the tower's processor resizes with 'bicubic'",
+        "the language model has an output layer of its own (its embeddings are not tied)",
+    ]
+    model, _, _ = lfm2_vl_model()
+    assert "the model sees each image as one view" in llama_cpp_differences(model)[1]

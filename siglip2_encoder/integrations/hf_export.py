@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -27,12 +28,14 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from ..checkpoints.hub import CheckpointSource
+from ..config import ProcessorConfig
 
 __all__ = [
     "check_tokenizer",
     "checkpoint_folder",
     "language_model_from",
     "language_model_weights",
+    "llama_cpp_pixel_values",
     "plain_chat_template",
     "text_config",
     "write_export",
@@ -108,6 +111,18 @@ def check_tokenizer(
     if missing:
         raise ValueError(f"the tokenizer lacks {', '.join(missing)}, which this format's processor writes into prompts")
     return image_token
+
+
+def llama_cpp_pixel_values(processor: ProcessorConfig) -> list[str]:
+    """What llama.cpp's vision paths (libmtmd) compute otherwise from this processor's pixels: they always divide by
+    255 and normalise with the exported mean and std."""
+    if processor.do_rescale and processor.do_normalize and math.isclose(processor.rescale_factor, 1 / 255):
+        return []
+    return [
+        f"the tower's processor has do_rescale={processor.do_rescale}, rescale_factor={processor.rescale_factor}, "
+        f"do_normalize={processor.do_normalize}, and llama.cpp always divides pixels by 255 and normalises them with "
+        f"the exported mean and std: its views get other values"
+    ]
 
 
 def plain_chat_template(image_token: str) -> str:

@@ -36,7 +36,6 @@ the export logs (docs/vlm.md: llama.cpp).
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import torch
@@ -60,6 +59,7 @@ from .hf_export import (
     checkpoint_folder,
     language_model_from,
     language_model_weights,
+    llama_cpp_pixel_values,
     plain_chat_template,
     text_config,
     write_export,
@@ -120,12 +120,7 @@ def llama_cpp_differences(model: VisionLanguageModel, tokenizer: PreTrainedToken
             f"the tower's processor resizes with {processor.resample!r}, and llama.cpp always resizes with Lanczos: "
             f"its views get other pixels; train with resample='lanczos', as Idefics3 and SmolVLM do"
         )
-    if not (processor.do_rescale and processor.do_normalize and math.isclose(processor.rescale_factor, 1 / 255)):
-        differences.append(
-            f"the tower's processor has do_rescale={processor.do_rescale}, rescale_factor={processor.rescale_factor}, "
-            f"do_normalize={processor.do_normalize}, and llama.cpp always divides pixels by 255 and normalises them "
-            f"with the exported mean and std: its views get other values"
-        )
+    differences += llama_cpp_pixel_values(processor)
     if tokenizer is not None:
         other = [text for text in ("\n", "\n\n") if not _llama_cpp_token(tokenizer, text)]
         if other:

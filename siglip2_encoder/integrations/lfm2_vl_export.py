@@ -25,10 +25,15 @@ Exported folders run in transformers alone - ``AutoProcessor`` + ``apply_chat_te
 (tested with a Llama and an LFM2 language model: transformers' LFM2-VL takes any causal LM). vLLM's LFM2-VL takes
 LFM2 language models only; it starts on the export and builds our prompts (tested; docs/vlm.md says why its tokens
 are not compared).
+
+llama.cpp's converter (``convert_hf_to_gguf.py``, and ``--mmproj``) converts the folder as it is, and llama.cpp runs
+it as LFM2-VL's own where :func:`llama_cpp_differences` names nothing (LFM2-VL's processor settings, 16 px patches,
+a tied language model); the export logs what it names (docs/vlm.md: llama.cpp).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -53,6 +58,7 @@ from .hf_export import (
     checkpoint_folder,
     language_model_from,
     language_model_weights,
+    llama_cpp_pixel_values,
     plain_chat_template,
     text_config,
     write_export,
@@ -60,9 +66,23 @@ from .hf_export import (
 from .lfm2_splitting import IMAGE_END, IMAGE_START, Lfm2VlSplitting
 from .llava import VisionLanguageModel, add_image_token
 
-__all__ = ["IMAGE_END", "IMAGE_START", "add_lfm2_vl_tokens", "export_lfm2_vl", "import_lfm2_vl"]
+__all__ = [
+    "IMAGE_END",
+    "IMAGE_START",
+    "add_lfm2_vl_tokens",
+    "export_lfm2_vl",
+    "import_lfm2_vl",
+    "llama_cpp_differences",
+]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"  # LFM2-VL's placeholder (transformers' Lfm2VlProcessor's default)
+# What llama.cpp's LFM2-VL path always does (its converter and libmtmd, as vendored by llama-cpp-python 0.3.36):
+# LFM2-VL's default processor, whatever the exported one says.
+LLAMA_CPP_PATCH = 16
+LLAMA_CPP_SPLITTING = Lfm2VlSplitting()
+LLAMA_CPP_TOKENS = (64, 256)  # the tokens of a view, after the 2 x 2 unshuffle
 
 
 def add_lfm2_vl_tokens(
@@ -77,6 +97,56 @@ def add_lfm2_vl_tokens(
     tags = [] if splitting is None else splitting.row_col_tokens()
     tokenizer.add_tokens([IMAGE_START, IMAGE_END, *tags], special_tokens=True)
     return add_image_token(tokenizer, language_model, IMAGE_TOKEN)
+
+
+def llama_cpp_differences(model: VisionLanguageModel) -> list[str]:
+    """What llama.cpp's LFM2-VL path would do differently from transformers with this model's export, one sentence
+    each; empty when it takes the model as LFM2-VL's own (tested against llama.cpp's own code: tests/test_gguf.py).
+
+    llama.cpp does not read the processor's settings: it sizes every view within 64 to 256 tokens, splits images over
+    twice that into 512 px tiles (2 to 10) and a thumbnail, resizes bilinearly, divides by 255 and normalises; its
+    converter reads 16 px patches and leaves only the language model's own weights out of the projector file. Some
+    images it prepares otherwise whatever the model (docs/vlm.md: llama.cpp): it fits an image into its tile grid with
+    padding where transformers stretches it, and rounds a size halfway between two grid steps up where transformers
+    rounds it to the even one."""
+    differences = []
+    tower, processor = model.tower.config, model.tower.processor_config
+    if tower.patch_size != LLAMA_CPP_PATCH:
+        differences.append(
+            f"the tower cuts {tower.patch_size} px patches, and llama.cpp's converter reads LFM2-VL's "
+            f"{LLAMA_CPP_PATCH} px ones: it cannot convert the tower"
+        )
+    if model.splitting is None:
+        differences.append(
+            "the model sees each image as one view, and llama.cpp splits large ones into tiles and a thumbnail: build "
+            "it with Lfm2VlSplitting() (docs/vlm.md: LFM2-VL image splitting)"
+        )
+    elif model.splitting != LLAMA_CPP_SPLITTING:
+        differences.append(
+            f"the model splits with {model.splitting}, and llama.cpp with LFM2-VL's defaults, {LLAMA_CPP_SPLITTING}: "
+            f"it cuts other tiles"
+        )
+    tokens = processor.grid_multiple**2
+    budget = (processor.min_num_patches // tokens, processor.max_num_patches // tokens)
+    if budget != LLAMA_CPP_TOKENS or processor.grid_multiple != 2:
+        differences.append(
+            f"the tower's processor sizes views within {budget[0]} to {budget[1]} tokens of {processor.grid_multiple}"
+            f" x {processor.grid_multiple} patches, and llama.cpp within {LLAMA_CPP_TOKENS[0]} to "
+            f"{LLAMA_CPP_TOKENS[1]} of 2 x 2: its views have other sizes"
+        )
+    if processor.resample != "bilinear":
+        differences.append(
+            f"the tower's processor resizes with {processor.resample!r}, and llama.cpp always bilinearly: its views "
+            f"get other pixels"
+        )
+    differences += llama_cpp_pixel_values(processor)
+    if not getattr(model.language_model.config, "tie_word_embeddings", False):
+        differences.append(
+            "the language model has an output layer of its own (its embeddings are not tied), which llama.cpp's "
+            "converter cannot leave out of the projector file: --mmproj stops at 'lm_head.weight' (LFM2-VL's "
+            "language models tie theirs)"
+        )
+    return differences
 
 
 def _check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
@@ -157,6 +227,8 @@ def export_lfm2_vl(
     Raises ``ValueError`` naming the reason for configurations LFM2-VL cannot express and for a tokenizer that does
     not fit the model."""
     _check_exportable(model, tokenizer)
+    for difference in llama_cpp_differences(model):
+        logger.warning("llama.cpp would run this export otherwise than transformers: %s", difference)
     tower, projector, lm = model.tower, model.projector, model.language_model
     first, second = (m for m in projector.proj if isinstance(m, nn.Linear))
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
