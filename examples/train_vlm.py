@@ -3,12 +3,15 @@
     python examples/train_vlm.py                      # offline: random-init tower and Llama, under a minute on 2 cores
     python examples/train_vlm.py --tower google/siglip2-base-patch16-224 --lm Qwen/Qwen2.5-0.5B   # with Hub access
     torchrun --nproc-per-node 2 examples/train_vlm.py  # data-parallel (DDP): each rank takes its share of a batch
+    python examples/train_vlm.py --format lfm2-vl      # a NaFlex tower, LFM2-VL's projector and export (~1 min)
 
 The script draws images of coloured shapes, builds a word-level tokenizer for its own vocabulary (no download),
 trains the projector and the language model (stage 2; the tower stays frozen) on captions and questions about
 colour and shape, prints the loss as it falls, and then asks questions about new images and reports accuracy
 against chance. Finally it exports the model to transformers' LLaVA format and checks that
-``LlavaForConditionalGeneration`` answers the same.
+``LlavaForConditionalGeneration`` answers the same. With ``--format lfm2-vl`` the tower is NaFlex (each image at
+its own aspect ratio, sized by LFM2-VL's rule), the projector LFM2-VL's (2 x 2 pixel unshuffle, LayerNorm, 2-layer
+MLP), and the export transformers' LFM2-VL format, checked the same way with ``Lfm2VlForConditionalGeneration``.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from siglip2_encoder import ImageProcessor, SigLIP2Encoder
+from siglip2_encoder import ImageProcessor, SigLIP2Encoder, get_recipe
 from siglip2_encoder.adapters import MLPConfig, build_projector
+from siglip2_encoder.integrations.lfm2_vl_export import IMAGE_END, IMAGE_START, add_lfm2_vl_tokens, export_lfm2_vl
 from siglip2_encoder.integrations.llava import (
     IGNORE_INDEX,
     STAGE_2,
@@ -88,8 +92,9 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 def build(args: argparse.Namespace) -> tuple[VisionLanguageModel, VLMProcessor, PreTrainedTokenizerFast]:
     torch.manual_seed(0)
+    lfm2_vl = args.format == "lfm2-vl"
     if args.tower:
-        tower, image_processor = SigLIP2Encoder.from_pretrained(args.tower), ImageProcessor.from_pretrained(args.tower)
+        tower = SigLIP2Encoder.from_pretrained(args.tower)
     else:
         logger.warning("RANDOM tower weights (a small SigLIP 2 shape): pass --tower for a real one")
         tower = SigLIP2Encoder.from_preset(
@@ -98,9 +103,14 @@ def build(args: argparse.Namespace) -> tuple[VisionLanguageModel, VLMProcessor, 
             intermediate_size=1024,
             num_hidden_layers=4,
             num_attention_heads=4,
-            image_size=64,
+            image_size=None if lfm2_vl else 64,
+            num_patches=64 if lfm2_vl else None,
         )
-        image_processor = ImageProcessor(tower.processor_config)
+    if lfm2_vl:  # LFM2-VL's sizing rule, grids in multiples of the 2 x 2 unshuffle: 4 x 4 patches per image here
+        tower.processor_config = tower.processor_config.replace(
+            naflex_resize="smart", min_num_patches=16, max_num_patches=64, grid_multiple=2
+        )
+    image_processor = ImageProcessor(tower.processor_config)
     if args.lm:
         tokenizer, lm = AutoTokenizer.from_pretrained(args.lm), AutoModelForCausalLM.from_pretrained(args.lm)
     else:
@@ -119,11 +129,16 @@ def build(args: argparse.Namespace) -> tuple[VisionLanguageModel, VLMProcessor, 
                 pad_token_id=3,
             )
         )
-    image_token_id = add_image_token(tokenizer, lm)
-    width = lm.get_input_embeddings().embedding_dim
-    projector = build_projector(MLPConfig(in_features=tower.config.hidden_size, out_features=width, layers=(-2,)))
+    image_token_id = add_lfm2_vl_tokens(tokenizer, lm) if lfm2_vl else add_image_token(tokenizer, lm)
+    width, tower_width = lm.get_input_embeddings().embedding_dim, tower.config.hidden_size
+    if lfm2_vl:
+        config = get_recipe("lfm2_vl").projector_config(tower_width, width, norm=True)
+    else:
+        config = MLPConfig(in_features=tower_width, out_features=width, layers=(-2,))
+    projector = build_projector(config)
     model = VisionLanguageModel(tower.eval(), projector, lm, image_token_id)
-    processor = VLMProcessor(tokenizer, image_processor, projector, patch_size=tower.config.patch_size)
+    text = dict(image_start=IMAGE_START, image_end=IMAGE_END) if lfm2_vl else {}
+    processor = VLMProcessor(tokenizer, image_processor, projector, patch_size=tower.config.patch_size, **text)
     return model, processor, tokenizer
 
 
@@ -154,6 +169,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--format",
+        choices=("llava", "lfm2-vl"),
+        default="llava",
+        help="llava: a fixed-resolution tower, an MLP projector, LLaVA's export; lfm2-vl: a NaFlex tower, LFM2-VL's "
+        "projector and export",
+    )
     args = parser.parse_args(argv)
     ranks = Ranks.from_env()
     logging.basicConfig(level=logging.INFO if ranks.main else logging.WARNING, format="%(message)s")
@@ -213,19 +235,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
 
     with tempfile.TemporaryDirectory() as folder:
-        export_llava(model, folder, tokenizer)
-        from transformers import LlavaForConditionalGeneration
+        export = export_lfm2_vl if args.format == "lfm2-vl" else export_llava
+        export(model, folder, tokenizer)
+        from transformers import AutoModelForImageTextToText
 
-        llava = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+        exported = AutoModelForImageTextToText.from_pretrained(folder).eval()
         inputs = processor([p for _, p, _ in test[:6]], [[im] for im, _, _ in test[:6]], padding_side="left")
         ours = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        theirs = llava.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        theirs = exported.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         same = ours.tolist() == theirs[:, inputs["input_ids"].shape[1] :].tolist()
     logger.info(
-        "exported to LLaVA format: transformers' LlavaForConditionalGeneration answers %s",
+        "exported to %s format: transformers' %s answers %s",
+        args.format,
+        type(exported).__name__,
         "the same" if same else "DIFFERENTLY",
     )
-    results["llava_export_same"] = float(same)
+    results["export_same"] = float(same)
     return results
 
 

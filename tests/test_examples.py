@@ -28,12 +28,14 @@ def test_lora_classification_example_trains_saves_and_reloads(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_vlm_example_learns_and_exports():
+@pytest.mark.parametrize("export", ["llava", "lfm2-vl"])
+def test_train_vlm_example_learns_and_exports(export):
     import train_vlm
 
-    results = train_vlm.main(["--steps", "40", "--train-images", "24", "--test-images", "6", "--batch-size", "12"])
+    args = ["--steps", "40", "--train-images", "24", "--test-images", "6", "--batch-size", "12", "--format", export]
+    results = train_vlm.main(args)
     assert results["final_loss"] < results["first_loss"]
-    assert results["llava_export_same"] == 1.0
+    assert results["export_same"] == 1.0
 
 
 LAUNCHERS = {  # how each launcher starts N processes of a script on this machine
