@@ -173,3 +173,17 @@ def test_models_and_exports_refuse_a_splitting_they_cannot_do(tmp_path):
         export_llava(idefics3, tmp_path)
     with pytest.raises(ValueError, match=re.escape("leave image_start, image_end and tiling unset")):
         VLMProcessor.for_model(split, tokenizer, image_start=IMAGE_START)
+
+
+def test_tiles_without_a_thumbnail_need_no_view_of_the_whole_image():
+    """Without the thumbnail, an image too long to fit the budget as one view (40 x 30000: 2 x 876 patches) is still
+    split as transformers splits it: only its tiles are made."""
+    splitting = Lfm2VlSplitting(use_thumbnail=False)
+    (image,) = random_images(0, [(40, 30000)])
+    want = theirs(splitting)(image, return_tensors="pt")
+    with pytest.raises(ValueError, match="its aspect ratio is too extreme for this processor"):
+        ImageProcessor(CONFIG).process_one(image)
+    views = splitting.views(image, ImageProcessor(CONFIG))
+    assert len(views) == len(want["pixel_values"]) == 10
+    got = ImageProcessor(CONFIG).collate(views, max_num_patches=want["pixel_values"].shape[1], pad_to_max=True)
+    torch.testing.assert_close(got.pixel_values, want["pixel_values"], atol=1e-6, rtol=0)

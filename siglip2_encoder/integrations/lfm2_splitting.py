@@ -102,9 +102,7 @@ class Lfm2VlSplitting:
 
     def row_col_tokens(self) -> list[str]:
         """The ``<|img_row_r_col_c|>`` tags the prompt can hold, and the thumbnail's, for the tokenizer."""
-        return [f"<|img_row_{r + 1}_col_{c + 1}|>" for r in range(self.max_tiles) for c in range(self.max_tiles)] + [
-            THUMBNAIL_TOKEN
-        ]
+        return [*_tags(self.max_tiles, self.max_tiles), THUMBNAIL_TOKEN]
 
     def views(self, image: ImageInput, processor: ImageProcessor) -> list[ProcessedImage]:
         """The image's views, preprocessed by ``processor`` (the tower's): its tiles row by row (each ``tile`` px
@@ -112,26 +110,30 @@ class Lfm2VlSplitting:
         config = processor.config
         self.check(config)
         pixels = image_to_tensor(image)
-        whole = processor.process_one(pixels)  # the one view, or the thumbnail
         rows, cols = self.grid(*pixels.shape[-2:], config)
         if not rows:
-            return [whole]
-        pixels = resize(pixels, (rows * self.tile, cols * self.tile), config.resample)
+            return [processor.process_one(pixels)]
+        grid = resize(pixels, (rows * self.tile, cols * self.tile), config.resample)
         exact = ImageProcessor(config.replace(do_resize=False))
         budget = (self.tile // config.patch_size) ** 2
         tiles = [
-            exact.process_one(pixels[:, r : r + self.tile, c : c + self.tile], max_num_patches=budget)
+            exact.process_one(grid[:, r : r + self.tile, c : c + self.tile], max_num_patches=budget)
             for r in range(0, rows * self.tile, self.tile)
             for c in range(0, cols * self.tile, self.tile)
         ]
-        return [*tiles, whole] if self.use_thumbnail else tiles
+        # the thumbnail is the view the image would be unsplit
+        return [*tiles, processor.process_one(pixels)] if self.use_thumbnail else tiles
 
     def prompt(self, rows: int, cols: int) -> tuple[list[str], str]:
         """The text before each view's image tokens (tiles row by row, then the thumbnail) and after the last, as
         LFM2-VL's processor writes it."""
         if not rows:
             return [IMAGE_START], IMAGE_END
-        before = [f"<|img_row_{r + 1}_col_{c + 1}|>" for r in range(rows) for c in range(cols)]
-        before += [THUMBNAIL_TOKEN] if self.use_thumbnail else []
+        before = _tags(rows, cols) + ([THUMBNAIL_TOKEN] if self.use_thumbnail else [])
         before[0] = IMAGE_START + before[0]
         return before, IMAGE_END
+
+
+def _tags(rows: int, cols: int) -> list[str]:
+    """The tags before the tiles of a rows x cols grid, row by row."""
+    return [f"<|img_row_{r + 1}_col_{c + 1}|>" for r in range(rows) for c in range(cols)]
