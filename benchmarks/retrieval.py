@@ -110,9 +110,10 @@ def main() -> None:
     parser.add_argument("--centres", type=int, default=1000, help="clusters of the vectors (0: none, worst case)")
     parser.add_argument("--queries", type=int, default=100, help="queries in the batched measurement")
     parser.add_argument("-k", type=int, default=10)
-    parser.add_argument("--workdir", help="where the folders go (default: a temporary folder)")
+    parser.add_argument("--workdir", help="where the folders go (default: a temporary one, deleted at the end)")
     args = parser.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="retrieval_bench_"))
+    scratch = tempfile.TemporaryDirectory(prefix="retrieval_bench_")  # deleted when the program ends
+    work = Path(args.workdir or scratch.name)
     rows = []
     for size in args.sizes:
         folder = work / f"n{size}"

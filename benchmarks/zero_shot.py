@@ -96,10 +96,9 @@ def checkpoint(folder: Path, labels: list[str]) -> None:
     SiglipImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
 
 
-def classify_section(num_images: int, num_labels: int) -> list[str]:
+def classify_section(num_images: int, num_labels: int, folder: Path) -> list[str]:
     from transformers import pipeline
 
-    folder = Path(tempfile.mkdtemp(prefix="zero_shot_bench_"))
     labels = [f"thing{i}" for i in range(num_labels)]
     checkpoint(folder, labels)
     rng = np.random.default_rng(0)
@@ -137,7 +136,7 @@ def classify_section(num_images: int, num_labels: int) -> list[str]:
     ]
 
 
-def eval_section(num_images: int, num_labels: int, pipeline_images: int) -> list[str]:
+def eval_section(num_images: int, num_labels: int, pipeline_images: int, root: Path) -> list[str]:
     """``eval zeroshot`` (cold: images extracted, labels x 80 templates encoded) vs CLIP_benchmark's zero-shot
     classifier + classification loop on transformers' SiglipModel (the same work: texts once, images once), and the
     pipeline, which can take one template: its time for ``pipeline_images`` images, extrapolated to all images and
@@ -150,7 +149,6 @@ def eval_section(num_images: int, num_labels: int, pipeline_images: int) -> list
     from siglip2_encoder.eval.prompts import TEMPLATE_SETS
     from siglip2_encoder.eval.zeroshot import evaluate_zeroshot
 
-    root = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     labels = [f"thing{i}" for i in range(num_labels)]
     checkpoint(root / "model", labels)
     rng = np.random.default_rng(0)
@@ -237,8 +235,9 @@ def main() -> None:
         table = text_section(args.batch_sizes, args.repeats)
         print("\n### Text tower: SigLIP 2 B/16 text shape, 64-token texts, cpu, fp32\n\n" + header + "\n")
         print("\n".join(table))
+    scratch = tempfile.TemporaryDirectory(prefix="zero_shot_bench_")  # checkpoints and images, deleted at the end
     if "classify" in args.sections:
-        table = classify_section(args.images, args.labels)
+        table = classify_section(args.images, args.labels, Path(scratch.name) / "classify")
         print(
             f"\n### Zero-shot classification: {args.images} images x {args.labels} labels, towers of width 384 and "
             f"6 layers, 224 px, cpu, fp32\n\n" + header + "\n"
@@ -246,12 +245,13 @@ def main() -> None:
         print("\n".join(table))
 
     if "eval" in args.sections:
-        table = eval_section(args.images, args.labels, args.pipeline_images)
+        table = eval_section(args.images, args.labels, args.pipeline_images, Path(scratch.name) / "eval")
         print(
             f"\n### eval zeroshot: {args.images} images x {args.labels} classes x 80 templates, towers of width 384 "
             f"and 6 layers, 224 px, cpu, fp32\n\n" + header + "\n"
         )
         print("\n".join(table))
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

@@ -166,8 +166,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--loss-backend", choices=loss_backend_names(), default="torch", help="what computes the loss's tiles"
     )
     parser.add_argument("--towers", nargs="+", default=["vision", "text"], choices=["vision", "text"])
-    parser.add_argument("--out", help="folder for the fine-tuned model (default: a new temporary folder)")
+    parser.add_argument("--out", help="folder for the fine-tuned model (default: a temporary one, deleted at the end)")
     args = parser.parse_args(argv)
+    if args.out:
+        return run(args, Path(args.out))
+    # Without --out the saved files are checked, then deleted with their folder: nothing is left behind in /tmp.
+    with tempfile.TemporaryDirectory(prefix="finetune_retrieval_") as scratch:
+        return run(args, Path(scratch))
+
+
+def run(args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """Train, evaluate, save the fine-tuned model in ``out`` and check that they reload (rank 0); the metrics."""
     ranks = Ranks.from_env()
     logging.basicConfig(level=logging.INFO if ranks.main else logging.WARNING, format="%(message)s")
     ranks.start()
@@ -203,7 +212,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     after = recall(lora, tokenizer, processor, test_images, test_captions)
     logger.info("after:  %s", after)
 
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="finetune_retrieval_"))
     merged = lora.merge_and_unload()
     merged.save_pretrained(out / "model")
     tokenizer.tokenizer.save_pretrained(out / "model")

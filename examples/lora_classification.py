@@ -159,8 +159,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=3e-4, help="learning rate of the LoRA adapters")
     parser.add_argument("--lora-layers", type=int, default=4, help="adapt the last N encoder layers")
     parser.add_argument("--lr-head", type=float, default=3e-3, help="learning rate of the linear heads")
-    parser.add_argument("--out", help="folder for the adapter and head (default: a new temporary folder)")
+    parser.add_argument("--out", help="folder for the adapter and head (default: a temporary one, deleted at the end)")
     args = parser.parse_args(argv)
+    if args.out:
+        return run(args, Path(args.out))
+    # Without --out the saved files are checked, then deleted with their folder: nothing is left behind in /tmp.
+    with tempfile.TemporaryDirectory(prefix="lora_classification_") as scratch:
+        return run(args, Path(scratch))
+
+
+def run(args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """Train, evaluate, save the adapter and head in ``out`` and check that they reload (rank 0); the metrics."""
     ranks = Ranks.from_env()
     logging.basicConfig(level=logging.INFO if ranks.main else logging.WARNING, format="%(message)s")
     ranks.start()
@@ -182,7 +191,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if ranks.main:
         before = accuracy(model, probe, processor, test_x, test_y)
         logger.info("before: test accuracy %.3f (chance %.3f)", before, 1 / len(CLASSES))
-        out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="lora_classification_"))
         if not args.model:  # random weights: keep the base to reload it; a real checkpoint is reloaded by name
             model.save_pretrained(out / "base")
     lora = add_lora(

@@ -48,15 +48,19 @@ LAUNCHERS = {  # how each launcher starts N processes of a script on this machin
 }
 
 
-def run_example(script: str, args: list[str], ranks: int = 1, launcher: str = "torchrun") -> str:
-    """Run ``examples/<script>`` in a new process (started by ``launcher`` with ``ranks`` > 1); its log."""
+def run_example(
+    script: str, args: list[str], ranks: int = 1, launcher: str = "torchrun", tmp: Path | None = None
+) -> str:
+    """Run ``examples/<script>`` in a new process (started by ``launcher`` with ``ranks`` > 1, its temporary files
+    in ``tmp`` when given); its log."""
     start = LAUNCHERS[launcher](ranks) if ranks > 1 else []
+    extra = {"TMPDIR": str(tmp)} if tmp else {}
     result = subprocess.run(
         [sys.executable, *start, str(EXAMPLES / script), *args],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **extra},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr
@@ -80,11 +84,12 @@ def test_train_vlm_example_under_torchrun_and_accelerate_takes_the_single_proces
 
 
 @pytest.mark.slow
-def test_lora_classification_example_under_torchrun_and_accelerate_takes_the_single_process_steps():
+def test_lora_classification_example_under_torchrun_and_accelerate_takes_the_single_process_steps(tmp_path):
     # 48 training images in batches of 32: 3 ranks hold 11/11/10 and then 6/5/5 of them.
     args = ["--per-class", "16", "--epochs", "2", "--size", "32", "--lora-layers", "2"]
-    alone = logged_losses(run_example("lora_classification.py", args))
+    alone = logged_losses(run_example("lora_classification.py", args, tmp=tmp_path))
     assert len(alone) == 4
+    assert list(tmp_path.iterdir()) == []  # without --out the saved files were checked, then deleted
     for launcher, ranks in (("torchrun", 3), ("accelerate", 2)):
         log = run_example("lora_classification.py", args, ranks, launcher)
         assert f"data-parallel (DDP) over {ranks} ranks" in log
@@ -93,10 +98,12 @@ def test_lora_classification_example_under_torchrun_and_accelerate_takes_the_sin
 
 
 @pytest.mark.slow
-def test_finetune_retrieval_example_under_torchrun_takes_the_single_process_steps(monkeypatch):
+def test_finetune_retrieval_example_under_torchrun_takes_the_single_process_steps(monkeypatch, tmp_path):
     # Two ranks of 6 pairs each, the ring loss: every image still meets all 12 texts.
     args = ["--train-pairs", "60", "--test-pairs", "24", "--steps", "50"]
-    alone, shared = run_example("finetune_retrieval.py", args), run_example("finetune_retrieval.py", args, ranks=2)
+    alone = run_example("finetune_retrieval.py", args, tmp=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # without --out the saved model was checked, then deleted
+    shared = run_example("finetune_retrieval.py", args, ranks=2)
     assert len(logged_losses(alone)) == 2 and "reloaded: the same recall" in shared
     assert "data-parallel (DDP) over 2 ranks" in shared
     assert logged_losses(shared) == pytest.approx(logged_losses(alone), abs=2e-4)

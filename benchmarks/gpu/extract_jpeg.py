@@ -78,7 +78,8 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    folder = Path(tempfile.mkdtemp(prefix="jpeg_bench_"))
+    scratch = tempfile.TemporaryDirectory(prefix="jpeg_bench_")  # deleted when the program ends
+    folder = Path(scratch.name)
     paths = write_jpegs(folder, args.images)
     overrides = {} if args.layers is None else {"num_hidden_layers": args.layers}
     torch.manual_seed(0)
