@@ -18,11 +18,12 @@ from siglip2_encoder.adapters.pixel_shuffle import pixel_shuffle
 
 
 def projector_of(vlm: torch.nn.Module) -> torch.nn.Module:
-    model = vlm.model
-    for name in ("multi_modal_projector", "connector"):
-        if hasattr(model, name):
-            return getattr(model, name)
-    raise AssertionError(type(model))
+    # ShieldGemma 2 holds Gemma 3's model one level deeper, T5Gemma 2 its projector in the encoder
+    for model in (vlm.model, getattr(vlm.model, "model", None), getattr(vlm.model, "encoder", None)):
+        for name in ("multi_modal_projector", "connector"):
+            if hasattr(model, name):
+                return getattr(model, name)
+    raise AssertionError(type(vlm.model))
 
 
 def projector_input(vlm: torch.nn.Module, family: str, **inputs) -> torch.Tensor:
@@ -34,8 +35,10 @@ def projector_input(vlm: torch.nn.Module, family: str, **inputs) -> torch.Tensor
         handle = hooked.register_forward_hook(lambda m, a, out: captured.append(out.last_hidden_state))
     else:
         handle = hooked.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    # T5Gemma 2's model has no get_image_features: the VLM's runs its encoder's
+    get_image_features = getattr(vlm.model, "get_image_features", None) or vlm.get_image_features
     with torch.no_grad():
-        vlm.model.get_image_features(**inputs)
+        get_image_features(**inputs)
     handle.remove()
     return captured[0]
 
@@ -46,6 +49,8 @@ FAMILY_RECIPES = {
     "llava_onevision": "llava_onevision",
     "paligemma": "paligemma",
     "gemma3": "gemma3",
+    "shieldgemma2": "gemma3",
+    "t5gemma2": "gemma3",
     "idefics3": "idefics3",
     "smolvlm": "smolvlm",
     "lfm2_vl": "lfm2_vl",

@@ -41,10 +41,14 @@ from transformers import (
     LlavaOnevisionImageProcessor,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
+    ShieldGemma2Config,
+    ShieldGemma2ForImageClassification,
     SiglipImageProcessor,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
     SmolVLMImageProcessor,
+    T5Gemma2Config,
+    T5Gemma2ForConditionalGeneration,
 )
 
 from siglip2_encoder import CheckpointError, EncoderConfig, ImageProcessor, SigLIP2Encoder
@@ -68,6 +72,13 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
     if family == "gemma3":
         config = Gemma3Config(vision_config=SIGLIP, text_config=LM, mm_tokens_per_image=4)
         return Gemma3ForConditionalGeneration(config), Gemma3ImageProcessor(size=square)
+    if family == "shieldgemma2":  # Gemma 3 inside an image classifier
+        config = ShieldGemma2Config(vision_config=SIGLIP, text_config=LM, mm_tokens_per_image=4)
+        return ShieldGemma2ForImageClassification(config), Gemma3ImageProcessor(size=square)
+    if family == "t5gemma2":  # Gemma 3's tower in an encoder-decoder's encoder: its config is encoder.vision_config
+        encoder = dict(vision_config=SIGLIP, text_config=LM, mm_tokens_per_image=4)
+        config = T5Gemma2Config(encoder=encoder, decoder=LM)
+        return T5Gemma2ForConditionalGeneration(config), Gemma3ImageProcessor(size=square)
     if family == "llava":
         config = LlavaConfig(vision_config=SIGLIP, text_config=LM | dict(model_type="llama"))
         return LlavaForConditionalGeneration(config), SiglipImageProcessor(size=square)
@@ -112,6 +123,10 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
 
 
 def vision_tower(vlm: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(vlm, ShieldGemma2ForImageClassification):
+        return vlm.model.model.vision_tower
+    if isinstance(vlm, T5Gemma2ForConditionalGeneration):
+        return vlm.model.encoder.vision_tower
     return vlm.model.vision_model if hasattr(vlm.model, "vision_model") else vlm.model.vision_tower
 
 
@@ -147,6 +162,8 @@ LAYOUTS = {
 VIEWS = {
     "paligemma": ((32, 32), "bicubic"),
     "gemma3": ((32, 32), "bilinear"),
+    "shieldgemma2": ((32, 32), "bilinear"),
+    "t5gemma2": ((32, 32), "bilinear"),
     "llava": ((32, 32), "bicubic"),
     "llava_next": ((32, 32), "bicubic"),
     "llava_onevision": ((32, 32), "bicubic"),
@@ -222,6 +239,38 @@ def test_vlm_tower_equals_the_vlms_own_vision_tower(family, layout, tmp_path):
     torch.testing.assert_close(got.last_hidden_state * mask, want.last_hidden_state * mask, atol=1e-4, rtol=0)
     if ours.config.use_head:
         torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
+    check_processor(tmp_path, family)
+
+
+# Models holding Gemma 3's tower deeper: (family, the prefix transformers 5 saves, another layout of its tower keys).
+DEEPER = [
+    ("shieldgemma2", "model.model.vision_tower.", "model.model.vision_tower."),
+    ("shieldgemma2", "model.model.vision_tower.", "model.vision_tower.vision_model."),  # 4.50, ShieldGemma 2's release
+    ("shieldgemma2", "model.model.vision_tower.", "model.model.vision_tower.vision_model."),  # 4.52+
+    ("t5gemma2", "model.encoder.vision_tower.", "model.encoder.vision_tower."),
+    ("t5gemma2", "model.encoder.vision_tower.", "encoder.vision_tower."),  # a T5Gemma2Model's
+]
+
+
+@pytest.mark.parametrize(("family", "saved", "layout"), DEEPER)
+def test_gemma3s_tower_inside_shieldgemma2_and_t5gemma2_equals_theirs(family, saved, layout, tmp_path):
+    """ShieldGemma 2 wraps Gemma 3 in an image classifier; T5Gemma 2 holds Gemma 3's tower in its encoder, its config
+    as encoder.vision_config. The tower loads from each key layout and equals theirs, head included."""
+    vlm, image_processor = build(family)
+    vlm = perturb(vlm, seed=5).eval()
+    vlm.save_pretrained(tmp_path)
+    image_processor.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    assert sum(k.startswith(saved) for k in state) > 0
+    renamed = {layout + k.removeprefix(saved) if k.startswith(saved) else k: v for k, v in state.items()}
+    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert ours.config.use_head and ours.config.num_hidden_layers == 2
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = vision_tower(vlm)(x), ours(x)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
     check_processor(tmp_path, family)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 __all__ = [
     "FAMILY_FIELDS",
     "IMAGE_TEXT_TYPES",
+    "NESTED_VISION_CONFIGS",
     "PROCESSOR_TYPES",
     "ProcessorKind",
     "TEXT_TYPES",
@@ -48,6 +49,15 @@ _SIGLIP_TOWER_PREFIXES = (  # 4.x before and after its ``model.`` refactor, 5.x 
 VLM_TYPES: dict[str, tuple[str, ...]] = {
     "paligemma": _SIGLIP_TOWER_PREFIXES,
     "gemma3": _SIGLIP_TOWER_PREFIXES,
+    # ShieldGemma 2: Gemma 3 inside a classifier, whose own ``model.`` comes first in every layout
+    "shieldgemma2": tuple("model." + prefix for prefix in _SIGLIP_TOWER_PREFIXES),
+    # T5Gemma 2: Gemma 3's tower in the encoder (T5Gemma2ForConditionalGeneration, then T5Gemma2Model)
+    "t5gemma2": (
+        "model.encoder.vision_tower.vision_model.",
+        "encoder.vision_tower.vision_model.",
+        "model.encoder.vision_tower.",
+        "encoder.vision_tower.",
+    ),
     "llava": _SIGLIP_TOWER_PREFIXES,
     "llava_next": _SIGLIP_TOWER_PREFIXES,
     "llava_onevision": _SIGLIP_TOWER_PREFIXES,
@@ -58,6 +68,9 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "smolvlm": ("model.vision_model.",),
     "idefics2": ("model.vision_model.",),
 }
+
+# VLMs whose tower's config is not their config's ``vision_config`` -> the attributes leading to it.
+NESTED_VISION_CONFIGS: dict[str, tuple[str, ...]] = {"t5gemma2": ("encoder", "vision_config")}
 
 
 _SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -19,6 +19,7 @@ from ..config import NAFLEX_NUM_PATCHES, EncoderConfig, ProcessorConfig, TextCon
 from .families import (
     FAMILY_FIELDS,
     IMAGE_TEXT_TYPES,
+    NESTED_VISION_CONFIGS,
     PROCESSOR_TYPES,
     TEXT_TYPES,
     VISION_TYPES,
@@ -82,7 +83,11 @@ def _resolved_vision_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         raise CheckpointError(
             f"config.json ({hf_config['model_type']!r}) is not a config transformers accepts: {err}"
         ) from None
-    return (resolved.vision_config if hf_config["model_type"] in VLM_TYPES else resolved).to_dict()
+    if hf_config["model_type"] not in VLM_TYPES:
+        return resolved.to_dict()
+    for name in NESTED_VISION_CONFIGS.get(hf_config["model_type"], ("vision_config",)):
+        resolved = getattr(resolved, name)
+    return resolved.to_dict()
 
 
 def _vision_fields(hf_config: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
