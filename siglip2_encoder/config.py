@@ -40,6 +40,7 @@ RESAMPLE_FILTERS = ("bilinear", "bicubic", "lanczos")  # lanczos: Idefics3 / Smo
 # max_num_patches (transformers' Siglip2ImageProcessor); "smart", LFM2-VL's smart_resize (Qwen2-VL's rule): each side
 # rounded to a multiple of grid_multiple patches, then scaled into [min_num_patches, max_num_patches].
 NAFLEX_RESIZES = ("siglip2", "smart")
+LETTERBOX_MIN_SIDE = 14  # DeepSeek-VL's processor's min_size default
 # How a fixed-resolution tower finds position embeddings for a grid other than its native one: "interpolate" resizes
 # the table bicubically (SigLIP, transformers' interpolate_pos_encoding); "buckets" looks each patch's fractional
 # coordinate up in the table (NaViT's scheme, Idefics3's and SmolVLM's towers).
@@ -189,6 +190,12 @@ class ProcessorConfig:
     naflex_resize: str = "siglip2"  # NaFlex: the grid rule, one of NAFLEX_RESIZES
     min_num_patches: int | None = None  # "smart" only: the patch floor
     grid_multiple: int = 1  # "smart" only: grid sides are multiples of this (LFM2-VL's downsample_factor)
+    # Fixed-resolution, square: keep each image's aspect ratio as DeepSeek-VL's processor does (a letterbox): the
+    # longest side resized to the square's side, the other rounded (at least letterbox_min_side pixels), the rest
+    # padded, centred, with the mean colour (letterbox_color) before rescaling. False: every image resized to
+    # image_size, its aspect ratio not kept.
+    letterbox: bool = False
+    letterbox_min_side: int = LETTERBOX_MIN_SIDE  # letterbox only: the short side's floor (DeepSeek-VL's min_size)
 
     def __post_init__(self) -> None:
         if (self.image_size is None) == (self.max_num_patches is None):
@@ -224,10 +231,38 @@ class ProcessorConfig:
                 f"min_num_patches and grid_multiple apply to naflex_resize='smart' only, got "
                 f"min_num_patches={self.min_num_patches!r}, grid_multiple={self.grid_multiple!r}"
             )
+        self._check_letterbox()
+
+    def _check_letterbox(self) -> None:
+        if not isinstance(self.letterbox, bool):
+            raise TypeError(f"letterbox must be a bool, got letterbox={self.letterbox!r}")
+        if not self.letterbox:
+            if self.letterbox_min_side != LETTERBOX_MIN_SIDE:
+                raise ValueError(
+                    f"letterbox_min_side applies with letterbox=True only, got letterbox_min_side="
+                    f"{self.letterbox_min_side!r}"
+                )
+            return
+        if self.image_size is None or self.image_size[0] != self.image_size[1] or not self.do_resize:
+            raise ValueError(
+                f"letterbox=True fits images into a square: it needs a square image_size and do_resize=True, got "
+                f"image_size={self.image_size!r}, do_resize={self.do_resize!r}"
+            )
+        check_positive_ints(self, "letterbox_min_side")
+        if self.letterbox_min_side > self.image_size[0]:
+            raise ValueError(
+                f"letterbox_min_side must be at most the square's side {self.image_size[0]}, got "
+                f"letterbox_min_side={self.letterbox_min_side}"
+            )
 
     @property
     def naflex(self) -> bool:
         return self.max_num_patches is not None
+
+    @property
+    def letterbox_color(self) -> tuple[int, ...]:
+        """The letterbox's padding, RGB 0-255: the mean colour, truncated, as DeepSeek-VL's processor takes it."""
+        return tuple(int(mean * 255) for mean in self.image_mean)
 
     @classmethod
     def default_for(cls, config: EncoderConfig, resample: str = "bilinear") -> ProcessorConfig:
@@ -251,4 +286,6 @@ class ProcessorConfig:
             naflex_resize="siglip2",
             min_num_patches=None,
             grid_multiple=1,
+            letterbox=False,
+            letterbox_min_side=LETTERBOX_MIN_SIDE,
         )

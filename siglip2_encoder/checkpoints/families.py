@@ -67,6 +67,13 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "idefics3": ("model.vision_model.",),
     "smolvlm": ("model.vision_model.",),
     "idefics2": ("model.vision_model.",),
+    # DeepSeek-VL (1.3B: a SigLIP-L tower; its hybrid 7B adds a SAM tower, which is not this)
+    "deepseek_vl": (
+        "model.vision_model.vision_model.",
+        "vision_model.vision_model.",
+        "model.vision_model.",
+        "vision_model.",
+    ),
 }
 
 # VLMs whose tower's config is not their config's ``vision_config`` -> the attributes leading to it.
@@ -98,6 +105,8 @@ class ProcessorKind:
     beyond: str = ""
     # The setting that turns those other views on, and its default; None: they are always on.
     beyond_setting: tuple[str, bool] | None = None
+    # DeepSeek-VL's: each image resized keeping its aspect ratio and padded to the square (with do_pad, its default)
+    letterbox: bool = False
     # The view is resized whatever do_resize says (Idefics3's: do_resize is only the longest-edge resize before it,
     # and without splitting every image is then resized to max_image_size; LFM2-VL's always resizes).
     always_resized: bool = False
@@ -146,6 +155,7 @@ for _name, _kind in {
     "Idefics3ImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "SmolVLMImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
+    "DeepseekVLImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox=True),
     "LlavaNextImageProcessor": ProcessorKind(False, 3, None, mean_std=_CLIP_MEAN_STD, beyond=_ANYRES_VIEWS),
     "LlavaOnevisionImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, beyond=_ANYRES_VIEWS),
     "Lfm2VlImageProcessor": ProcessorKind(

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..config import NAFLEX_NUM_PATCHES, EncoderConfig, ProcessorConfig, TextConfig
+from ..config import LETTERBOX_MIN_SIDE, NAFLEX_NUM_PATCHES, EncoderConfig, ProcessorConfig, TextConfig
 from .families import (
     FAMILY_FIELDS,
     IMAGE_TEXT_TYPES,
@@ -240,6 +240,8 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
     common |= {name: hf[name] for name in names if hf.get(name) is not None}
     if kind.always_resized:
         common["do_resize"] = True
+    if kind.letterbox:
+        common |= _letterbox_settings(hf, name)
     common["resample"] = _PIL_RESAMPLE[resample]
     try:
         if tower.naflex:
@@ -249,6 +251,16 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
         raise
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"invalid image processor settings: {err}") from None
+
+
+def _letterbox_settings(hf: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """DeepSeek-VL's letterbox: its padding (``do_pad``) and the short side's floor (``min_size``)."""
+    if not hf.get("do_pad", True):
+        raise CheckpointError(
+            f"the image processor {name!r} has do_pad=false: each image keeps its own aspect ratio and size, which "
+            f"this library does not reproduce (its views are squares); set do_pad true, its default"
+        )
+    return dict(letterbox=True, letterbox_min_side=hf.get("min_size", LETTERBOX_MIN_SIDE))
 
 
 def _naflex_settings(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig) -> dict[str, Any]:
@@ -301,6 +313,16 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
     }
     if config.naflex_resize == "smart":
         return {"image_processor_type": "Lfm2VlImageProcessor", **_lfm2_settings(config), **out}
+    if config.letterbox:  # transformers' only processor that letterboxes this way; it pads with letterbox_color
+        side = config.image_size[0]
+        return {
+            "image_processor_type": "DeepseekVLImageProcessor",
+            "size": {"height": side, "width": side},
+            "do_pad": True,
+            "min_size": config.letterbox_min_side,
+            "background_color": list(config.letterbox_color),
+            **out,
+        }
     if config.naflex:
         return {
             "image_processor_type": "Siglip2ImageProcessor",

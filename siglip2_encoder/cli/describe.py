@@ -60,6 +60,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"NaFlex, up to {processing.max_num_patches} patches, aspect ratio kept"
             if processing.naflex
             else f"resize to {processing.image_size[0]}x{processing.image_size[1]}"
+            + (f", aspect ratio kept, padded with {list(processing.letterbox_color)}" if processing.letterbox else "")
         )
         + f", {processing.resample}, mean {list(processing.image_mean)}, std {list(processing.image_std)}",
     ]

@@ -1,6 +1,7 @@
 """Image preprocessing matching each checkpoint's own ``preprocessor_config.json``.
 
-* fixed-resolution: resize to (height, width) with the checkpoint's filter, rescale to [0, 1], normalize.
+* fixed-resolution: resize to (height, width) with the checkpoint's filter, rescale to [0, 1], normalize; or
+  (``letterbox``, DeepSeek-VL's processor) resize keeping the aspect ratio and pad to the square, centred.
 * NaFlex: resize to the largest size within ``max_num_patches`` that keeps the aspect ratio (transformers' rule,
   :func:`naflex_size`; or LFM2-VL's, :func:`smart_size`), rescale, normalize, cut into patches, pad to a common length
   with a validity mask.
@@ -30,7 +31,16 @@ from ..config import ProcessorConfig
 from ..presets import get_preset
 from .images import ImageInput, image_to_tensor
 
-__all__ = ["ImageProcessor", "ProcessedImage", "ProcessedImages", "naflex_size", "patchify", "resize", "smart_size"]
+__all__ = [
+    "ImageProcessor",
+    "ProcessedImage",
+    "ProcessedImages",
+    "letterbox_size",
+    "naflex_size",
+    "patchify",
+    "resize",
+    "smart_size",
+]
 
 _INTERPOLATION = {
     "bilinear": InterpolationMode.BILINEAR,
@@ -59,6 +69,13 @@ def resize(image: torch.Tensor, size: tuple[int, int], resample: str) -> torch.T
     if new_height < height and height * new_width > 4 * max(height * width, new_height * new_width):
         image = tvF.resize(image, [new_height, width], interpolation=_INTERPOLATION[resample], antialias=True)
     return tvF.resize(image, [new_height, new_width], interpolation=_INTERPOLATION[resample], antialias=True)
+
+
+def letterbox_size(height: int, width: int, side: int, min_side: int) -> tuple[int, int]:
+    """DeepSeek-VL's resize target: the longest side becomes ``side``, the other keeps the aspect ratio (Python's
+    round, half to even) and is at least ``min_side``."""
+    scale = side / max(height, width)
+    return max(round(height * scale), min_side), max(round(width * scale), min_side)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -227,6 +244,8 @@ class ImageProcessor:
         tensor = image_to_tensor(image, index)
         size = (int(tensor.shape[1]), int(tensor.shape[2]))
         if not config.naflex:
+            if config.letterbox:
+                tensor = self._letterbox(tensor)
             return ProcessedImage(self._resize_normalize(tensor, config.image_size), None, size)
         budget = self._budget(max_num_patches)
         h, w, p = *size, config.patch_size
@@ -268,6 +287,24 @@ class ImageProcessor:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise ValueError(f"max_num_patches must be a positive int, got {budget!r}")
         return budget
+
+    def _letterbox(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) -> (3, S, S) in the input's units: resized by :func:`letterbox_size` and centred on the
+        letterbox colour (in 0-1 for float input), as DeepSeek-VL's processor pads before rescaling."""
+        config = self.config
+        side = config.image_size[0]
+        height, width = letterbox_size(image.shape[1], image.shape[2], side, config.letterbox_min_side)
+        if (height, width) != tuple(image.shape[1:]):
+            image = resize(image, (height, width), config.resample)
+        if height == width == side:
+            return image
+        color = torch.tensor(config.letterbox_color, dtype=image.dtype if image.dtype == torch.uint8 else torch.float)
+        if image.dtype != torch.uint8:
+            color = color * config.rescale_factor
+        canvas = color[:, None, None].expand(3, side, side).clone().to(image.dtype)
+        top, left = ((side - height) // 2, 0) if width > height else (0, (side - width) // 2)
+        canvas[:, top : top + height, left : left + width] = image
+        return canvas
 
     def _resize_normalize(self, image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(3, H, W) uint8 or [0, 1] float -> (3, *size) float32, normalized."""

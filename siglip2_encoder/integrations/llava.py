@@ -349,8 +349,14 @@ class VisionLanguageModel(VLMIOMixin, nn.Module):
     ) -> None:
         """Refuse ``action`` (an export) for what transformers' VLM of that format cannot do: unmerged LoRA, token
         reduction after the tower, (unless ``tiling``) AnyRes tiling with its ``image_newline``, and image splitting
-        other than ``splitting``'s (the kind that format's processor does)."""
+        other than ``splitting``'s (the kind that format's processor does), and a letterboxing processor."""
         self.check_merged(action)
+        if self.tower.processor_config.letterbox:
+            raise ValueError(
+                f"{action}: the tower's processor letterboxes images (letterbox=True, DeepSeek-VL's), which that "
+                f"format's processor does not: its model would see other pixels; train with "
+                f"processor_config.replace(letterbox=False), or save it with save_pretrained"
+            )
         if self.splitting is not None and not (splitting is not None and isinstance(self.splitting, splitting)):
             raise ValueError(
                 f"{action}: this model splits its images ({type(self.splitting).__name__}), which that format's "
