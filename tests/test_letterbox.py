@@ -12,7 +12,8 @@ import torch
 from conftest import perturb, random_images
 from safetensors.torch import load_file, save_file
 from test_llava import make_vlm
-from transformers import AutoImageProcessor, DeepseekVLConfig, DeepseekVLForConditionalGeneration
+from test_vlm_import import build
+from transformers import AutoImageProcessor
 from transformers import DeepseekVLImageProcessor as Theirs
 
 from siglip2_encoder import CheckpointError, EncoderConfig, ImageProcessor, ProcessorConfig, SigLIP2Encoder
@@ -78,21 +79,13 @@ def test_a_saved_letterbox_tower_is_deepseek_vls_processor_in_transformers(tmp_p
     assert processor_config_from_hf(processor_config_to_hf(config), TOWER) == config
 
 
-def deepseek_vl() -> DeepseekVLForConditionalGeneration:
-    torch.manual_seed(0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32)
-    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300)
-    config = DeepseekVLConfig(vision_config=vision | dict(patch_size=8), text_config=text | dict(model_type="llama"))
-    return perturb(DeepseekVLForConditionalGeneration(config), seed=5).eval()
-
-
 @pytest.mark.parametrize(
     "layout", ["model.vision_model.", "model.vision_model.vision_model.", "vision_model.", "vision_model.vision_model."]
 )
 def test_deepseek_vls_tower_and_processor_load_and_equal_theirs(layout, tmp_path):
     """DeepSeek-VL's SigLIP tower (5.x saves it under model.vision_model.; the others: 4.x and its model's layouts)
     equals theirs, head included; its processor loads as the letterbox; image -> ours equals image -> theirs."""
-    vlm = deepseek_vl()
+    vlm = perturb(build("deepseek_vl")[0], seed=5).eval()
     vlm.save_pretrained(tmp_path)
     Theirs(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")

@@ -20,7 +20,7 @@ from siglip2_encoder.adapters.pixel_shuffle import pixel_shuffle
 def projector_of(vlm: torch.nn.Module) -> torch.nn.Module:
     # ShieldGemma 2 holds Gemma 3's model one level deeper, T5Gemma 2 its projector in the encoder
     for model in (vlm.model, getattr(vlm.model, "model", None), getattr(vlm.model, "encoder", None)):
-        for name in ("multi_modal_projector", "connector"):
+        for name in ("multi_modal_projector", "connector", "aligner"):
             if hasattr(model, name):
                 return getattr(model, name)
     raise AssertionError(type(vlm.model))
@@ -51,6 +51,7 @@ FAMILY_RECIPES = {
     "gemma3": "gemma3",
     "shieldgemma2": "gemma3",
     "t5gemma2": "gemma3",
+    "deepseek_vl": "deepseek_vl",
     "idefics3": "idefics3",
     "smolvlm": "smolvlm",
     "lfm2_vl": "lfm2_vl",

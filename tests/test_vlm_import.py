@@ -18,6 +18,9 @@ from transformers import (
     Cohere2VisionConfig,
     Cohere2VisionForConditionalGeneration,
     Cohere2VisionImageProcessor,
+    DeepseekVLConfig,
+    DeepseekVLForConditionalGeneration,
+    DeepseekVLImageProcessor,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
@@ -75,6 +78,9 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
     if family == "shieldgemma2":  # Gemma 3 inside an image classifier
         config = ShieldGemma2Config(vision_config=SIGLIP, text_config=LM, mm_tokens_per_image=4)
         return ShieldGemma2ForImageClassification(config), Gemma3ImageProcessor(size=square)
+    if family == "deepseek_vl":  # DeepSeek-VL 1.3B: its processor letterboxes
+        config = DeepseekVLConfig(vision_config=SIGLIP, text_config=LM | dict(model_type="llama"))
+        return DeepseekVLForConditionalGeneration(config), DeepseekVLImageProcessor(size=square)
     if family == "t5gemma2":  # Gemma 3's tower in an encoder-decoder's encoder: its config is encoder.vision_config
         encoder = dict(vision_config=SIGLIP, text_config=LM, mm_tokens_per_image=4)
         config = T5Gemma2Config(encoder=encoder, decoder=LM)

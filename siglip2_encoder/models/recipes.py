@@ -145,6 +145,12 @@ RECIPES: dict[str, Recipe] = {
             2,
             source="Command A Vision: last_hidden_state, pixel shuffle by downsample_factor (2), then a SwiGLU MLP",
         ),
+        Recipe(
+            "deepseek_vl",
+            None,
+            image_size=384,
+            source="DeepSeek-VL (1.3B): last_hidden_state of its 384 px letterboxed view, aligner linear-GELU-linear",
+        ),
         Recipe("prismatic", -2, source="Prismatic / OpenVLA: the second-to-last block's output, no norm"),
     ]
 }
