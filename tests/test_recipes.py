@@ -17,13 +17,19 @@ from siglip2_encoder.adapters.base import VisionFeatures
 from siglip2_encoder.adapters.pixel_shuffle import pixel_shuffle
 
 
+def inner_model(vlm: torch.nn.Module) -> torch.nn.Module:
+    """The model under the head: the retrievers (ColPali, ColModernVBERT) wrap theirs as ``vlm``."""
+    return vlm.vlm if hasattr(vlm, "vlm") else vlm.model
+
+
 def projector_of(vlm: torch.nn.Module) -> torch.nn.Module:
     # ShieldGemma 2 holds Gemma 3's model one level deeper, T5Gemma 2 its projector in the encoder
-    for model in (vlm.model, getattr(vlm.model, "model", None), getattr(vlm.model, "encoder", None)):
+    model = inner_model(vlm)
+    for holder in (model, getattr(model, "model", None), getattr(model, "encoder", None)):
         for name in ("multi_modal_projector", "connector", "aligner"):
-            if hasattr(model, name):
-                return getattr(model, name)
-    raise AssertionError(type(vlm.model))
+            if hasattr(holder, name):
+                return getattr(holder, name)
+    raise AssertionError(type(model))
 
 
 def projector_input(vlm: torch.nn.Module, family: str, **inputs) -> torch.Tensor:
@@ -36,7 +42,7 @@ def projector_input(vlm: torch.nn.Module, family: str, **inputs) -> torch.Tensor
     else:
         handle = hooked.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     # T5Gemma 2's model has no get_image_features: the VLM's runs its encoder's
-    get_image_features = getattr(vlm.model, "get_image_features", None) or vlm.get_image_features
+    get_image_features = getattr(inner_model(vlm), "get_image_features", None) or vlm.get_image_features
     with torch.no_grad():
         get_image_features(**inputs)
     handle.remove()
@@ -52,6 +58,9 @@ FAMILY_RECIPES = {
     "shieldgemma2": "gemma3",
     "t5gemma2": "gemma3",
     "deepseek_vl": "deepseek_vl",
+    "colpali": "paligemma",
+    "modernvbert": "modernvbert",
+    "colmodernvbert": "modernvbert",
     "idefics3": "idefics3",
     "smolvlm": "smolvlm",
     "lfm2_vl": "lfm2_vl",
@@ -77,7 +86,7 @@ def test_recipe_gives_what_the_vlms_projector_receives(family, tmp_path):
     else:
         if family in ("llava_next", "llava_onevision"):  # one image: its base view and one 32x32 tile
             inputs = dict(pixel_values=pixels[None], image_sizes=torch.tensor([[32, 32]]))
-        elif family in ("idefics3", "smolvlm"):  # one sample of two images
+        elif family in ("idefics3", "smolvlm", "modernvbert", "colmodernvbert"):  # one sample of two images
             inputs = dict(pixel_values=pixels[None])
         else:
             inputs = dict(pixel_values=pixels)
@@ -163,3 +172,16 @@ def test_bad_recipes_are_refused():
         Recipe("mine", None, "unshuffle", 2)
     with pytest.raises(ValueError, match=re.escape("factor is set exactly when there is a reduction")):
         Recipe("mine", None, "avg_pool")
+
+
+def test_the_modernvbert_recipes_projector_is_modernvberts_connector_on_its_weights():
+    """ModernVBERT's connector (Idefics3's pixel shuffle, then a linear without bias): the recipe's projector at the
+    checkpoint's pixel_shuffle_factor gives the same tokens on the same weight."""
+    theirs = perturb(projector_of(build("modernvbert")[0]), seed=4)
+    config = get_recipe("modernvbert").projector_config(32, 16, factor=theirs.pixel_shuffle_factor)
+    ours = build_projector(config)
+    (name,) = ours.state_dict()  # one weight: no bias
+    ours.load_state_dict({name: theirs.modality_projection.weight})
+    tokens = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(8))  # two 4 x 4 grids
+    with torch.no_grad():
+        torch.testing.assert_close(ours(VisionFeatures(tokens, [(4, 4)] * 2)).tokens, theirs(tokens), atol=1e-5, rtol=0)

@@ -18,6 +18,10 @@ from transformers import (
     Cohere2VisionConfig,
     Cohere2VisionForConditionalGeneration,
     Cohere2VisionImageProcessor,
+    ColModernVBertConfig,
+    ColModernVBertForRetrieval,
+    ColPaliConfig,
+    ColPaliForRetrieval,
     DeepseekVLConfig,
     DeepseekVLForConditionalGeneration,
     DeepseekVLImageProcessor,
@@ -42,6 +46,8 @@ from transformers import (
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessor,
+    ModernVBertConfig,
+    ModernVBertForMaskedLM,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     ShieldGemma2Config,
@@ -78,6 +84,18 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
     if family == "shieldgemma2":  # Gemma 3 inside an image classifier
         config = ShieldGemma2Config(vision_config=SIGLIP, text_config=LM, mm_tokens_per_image=4)
         return ShieldGemma2ForImageClassification(config), Gemma3ImageProcessor(size=square)
+    if family == "colpali":  # PaliGemma under vlm., its config in vlm_config
+        vlm = dict(model_type="paligemma", vision_config=SIGLIP | dict(vision_use_head=False), text_config=LM)
+        config = ColPaliConfig(vlm_config=vlm | dict(projection_dim=16), embedding_dim=16)
+        return ColPaliForRetrieval(config), SiglipImageProcessor(size=square)
+    if family in ("modernvbert", "colmodernvbert"):  # Idefics3's processor and connector around a SigLIP tower
+        text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300)
+        text |= dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        config = ModernVBertConfig(vision_config=SIGLIP, text_config=text, pixel_shuffle_factor=2)
+        processor = Idefics3ImageProcessor(max_image_size={"longest_edge": 32}, size={"longest_edge": 64})
+        if family == "modernvbert":
+            return ModernVBertForMaskedLM(config), processor
+        return ColModernVBertForRetrieval(ColModernVBertConfig(vlm_config=config.to_dict())), processor
     if family == "deepseek_vl":  # DeepSeek-VL 1.3B: its processor letterboxes
         config = DeepseekVLConfig(vision_config=SIGLIP, text_config=LM | dict(model_type="llama"))
         return DeepseekVLForConditionalGeneration(config), DeepseekVLImageProcessor(size=square)
@@ -129,6 +147,9 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
 
 
 def vision_tower(vlm: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(vlm, (ColPaliForRetrieval, ColModernVBertForRetrieval)):
+        vlm = vlm.vlm  # the model they wrap: PaliGemma's or ModernVBERT's, tower and all
+        return vlm.vision_tower if hasattr(vlm, "vision_tower") else vlm.vision_model
     if isinstance(vlm, ShieldGemma2ForImageClassification):
         return vlm.model.model.vision_tower
     if isinstance(vlm, T5Gemma2ForConditionalGeneration):
@@ -170,6 +191,9 @@ VIEWS = {
     "gemma3": ((32, 32), "bilinear"),
     "shieldgemma2": ((32, 32), "bilinear"),
     "t5gemma2": ((32, 32), "bilinear"),
+    "colpali": ((32, 32), "bicubic"),
+    "modernvbert": ((32, 32), "lanczos"),
+    "colmodernvbert": ((32, 32), "lanczos"),
     "llava": ((32, 32), "bicubic"),
     "llava_next": ((32, 32), "bicubic"),
     "llava_onevision": ((32, 32), "bicubic"),
@@ -248,20 +272,29 @@ def test_vlm_tower_equals_the_vlms_own_vision_tower(family, layout, tmp_path):
     check_processor(tmp_path, family)
 
 
-# Models holding Gemma 3's tower deeper: (family, the prefix transformers 5 saves, another layout of its tower keys).
+# Models holding a SigLIP tower deeper or under other names: (family, the prefix transformers 5 saves, a layout).
 DEEPER = [
     ("shieldgemma2", "model.model.vision_tower.", "model.model.vision_tower."),
     ("shieldgemma2", "model.model.vision_tower.", "model.vision_tower.vision_model."),  # 4.50, ShieldGemma 2's release
     ("shieldgemma2", "model.model.vision_tower.", "model.model.vision_tower.vision_model."),  # 4.52+
     ("t5gemma2", "model.encoder.vision_tower.", "model.encoder.vision_tower."),
     ("t5gemma2", "model.encoder.vision_tower.", "encoder.vision_tower."),  # a T5Gemma2Model's
+    ("colpali", "vlm.vision_tower.", "vlm.vision_tower."),
+    ("colpali", "vlm.vision_tower.", "vlm.vision_tower.vision_model."),  # 4.x: the Hub's ColPali checkpoints
+    ("colpali", "vlm.vision_tower.", "vlm.model.vision_tower.vision_model."),  # 4.52+
+    ("modernvbert", "model.vision_model.", "model.vision_model."),
+    ("modernvbert", "model.vision_model.", "vision_model."),  # a ModernVBertModel's
+    ("modernvbert", "model.vision_model.", "model.vision_model.vision_model."),
+    ("colmodernvbert", "vlm.vision_model.", "vlm.vision_model."),
+    ("colmodernvbert", "vlm.vision_model.", "vlm.vision_model.vision_model."),
 ]
 
 
 @pytest.mark.parametrize(("family", "saved", "layout"), DEEPER)
-def test_gemma3s_tower_inside_shieldgemma2_and_t5gemma2_equals_theirs(family, saved, layout, tmp_path):
-    """ShieldGemma 2 wraps Gemma 3 in an image classifier; T5Gemma 2 holds Gemma 3's tower in its encoder, its config
-    as encoder.vision_config. The tower loads from each key layout and equals theirs, head included."""
+def test_a_tower_held_deeper_loads_from_each_layout_and_equals_theirs(family, saved, layout, tmp_path, caplog):
+    """ShieldGemma 2 wraps Gemma 3 in an image classifier; T5Gemma 2 holds Gemma 3's tower in its encoder (its config
+    as encoder.vision_config); ColPali and ColModernVBERT wrap PaliGemma and ModernVBERT under vlm. (configs in
+    vlm_config). The tower loads from each key layout and equals theirs (the head too where there is one)."""
     vlm, image_processor = build(family)
     vlm = perturb(vlm, seed=5).eval()
     vlm.save_pretrained(tmp_path)
@@ -270,13 +303,16 @@ def test_gemma3s_tower_inside_shieldgemma2_and_t5gemma2_equals_theirs(family, sa
     assert sum(k.startswith(saved) for k in state) > 0
     renamed = {layout + k.removeprefix(saved) if k.startswith(saved) else k: v for k, v in state.items()}
     save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    assert ours.config.use_head and ours.config.num_hidden_layers == 2
+    with caplog.at_level(logging.WARNING):
+        ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert ours.config.use_head == (family != "colpali") and ours.config.num_hidden_layers == 2
+    assert ("here each image is resized (LANCZOS) to one tile" in caplog.text) == family.endswith("modernvbert")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = vision_tower(vlm)(x), ours(x)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=0)
-    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
+    if ours.config.use_head:
+        torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
     check_processor(tmp_path, family)
 
 

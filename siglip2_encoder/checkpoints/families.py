@@ -43,6 +43,12 @@ _SIGLIP_TOWER_PREFIXES = (  # 4.x before and after its ``model.`` refactor, 5.x 
     "model.vision_tower.",
     "vision_tower.",
 )
+_SIGLIP_MODEL_PREFIXES = (  # the same for towers named vision_model
+    "model.vision_model.vision_model.",
+    "vision_model.vision_model.",
+    "model.vision_model.",
+    "vision_model.",
+)
 # VLMs that hold a SigLIP-architecture vision tower (its architecture in ``vision_config``) -> where that tower's
 # weights live in the key layouts transformers writes. Longest first: the first prefix a key starts with names it; the
 # language model's and the projector's keys start with none and are not read.
@@ -68,16 +74,19 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "smolvlm": ("model.vision_model.",),
     "idefics2": ("model.vision_model.",),
     # DeepSeek-VL (1.3B: a SigLIP-L tower; its hybrid 7B adds a SAM tower, which is not this)
-    "deepseek_vl": (
-        "model.vision_model.vision_model.",
-        "vision_model.vision_model.",
-        "model.vision_model.",
-        "vision_model.",
-    ),
+    "deepseek_vl": _SIGLIP_MODEL_PREFIXES,
+    "modernvbert": _SIGLIP_MODEL_PREFIXES,  # ModernVBERT: Idefics3's processor and connector around a SigLIP tower
+    # the retrievers: PaliGemma (ColPali) and ModernVBERT (ColModernVBERT) under ``vlm.``
+    "colpali": tuple("vlm." + prefix for prefix in _SIGLIP_TOWER_PREFIXES),
+    "colmodernvbert": tuple("vlm." + prefix for prefix in _SIGLIP_MODEL_PREFIXES),
 }
 
 # VLMs whose tower's config is not their config's ``vision_config`` -> the attributes leading to it.
-NESTED_VISION_CONFIGS: dict[str, tuple[str, ...]] = {"t5gemma2": ("encoder", "vision_config")}
+NESTED_VISION_CONFIGS: dict[str, tuple[str, ...]] = {
+    "t5gemma2": ("encoder", "vision_config"),
+    "colpali": ("vlm_config", "vision_config"),
+    "colmodernvbert": ("vlm_config", "vision_config"),
+}
 
 
 _SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

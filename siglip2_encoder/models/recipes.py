@@ -146,6 +146,15 @@ RECIPES: dict[str, Recipe] = {
             source="Command A Vision: last_hidden_state, pixel shuffle by downsample_factor (2), then a SwiGLU MLP",
         ),
         Recipe(
+            "modernvbert",
+            None,
+            "pixel_shuffle",
+            4,
+            depth=1,
+            bias=False,
+            source="ModernVBERT / ColModernVBERT: last_hidden_state, pixel shuffle by pixel_shuffle_factor (4)",
+        ),
+        Recipe(
             "deepseek_vl",
             None,
             image_size=384,
