@@ -298,10 +298,10 @@ class ImageProcessor:
             image = resize(image, (height, width), config.resample)
         if height == width == side:
             return image
-        color = torch.tensor(config.letterbox_color, dtype=image.dtype if image.dtype == torch.uint8 else torch.float)
-        if image.dtype != torch.uint8:
+        color = torch.tensor(config.letterbox_color, dtype=torch.float)
+        if image.dtype != torch.uint8:  # float pixels are in [0, 1] already
             color = color * config.rescale_factor
-        canvas = color[:, None, None].expand(3, side, side).clone().to(image.dtype)
+        canvas = color.to(image.dtype)[:, None, None].repeat(1, side, side)
         top, left = ((side - height) // 2, 0) if width > height else (0, (side - width) // 2)
         canvas[:, top : top + height, left : left + width] = image
         return canvas
