@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import perturb, random_images
+from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_llava import make_vlm
+from test_llava import make_vlm, run_as_the_card_says
 from test_vlm_import import build
 from transformers import AutoImageProcessor
 from transformers import DeepseekVLImageProcessor as Theirs
@@ -19,7 +20,9 @@ from transformers import DeepseekVLImageProcessor as Theirs
 from siglip2_encoder import CheckpointError, EncoderConfig, ImageProcessor, ProcessorConfig, SigLIP2Encoder
 from siglip2_encoder.checkpoints.hf_format import processor_config_from_hf, processor_config_to_hf
 from siglip2_encoder.data.processor import letterbox_size
-from siglip2_encoder.integrations.llava_export import export_llava
+from siglip2_encoder.integrations.idefics3_export import export_idefics3
+from siglip2_encoder.integrations.llava import VLMProcessor
+from siglip2_encoder.integrations.llava_export import export_llava, import_llava
 from siglip2_encoder.integrations.timm_models import save_timm
 
 TOWER = EncoderConfig(
@@ -148,20 +151,46 @@ def test_bad_letterbox_settings_are_refused(fields, message):
         ProcessorConfig(**fields)
 
 
-def test_formats_that_cannot_letterbox_refuse_a_letterbox_tower(tmp_path):
+def letterbox_vlm():
+    """test_llava's LLaVA-style VLM whose tower's processor letterboxes (a short side of 4 px at least)."""
     model, _, tokenizer = make_vlm()
+    perturb(model, seed=3)
+    model.tower.processor_config = model.tower.processor_config.replace(letterbox=True, letterbox_min_side=4)
+    processor = VLMProcessor(tokenizer, ImageProcessor(model.tower.processor_config), model.projector, patch_size=8)
+    return model, processor, tokenizer
+
+
+def test_a_letterbox_llava_export_runs_in_transformers_and_imports_back(tmp_path):
+    """export_llava writes the letterbox as DeepSeek-VL's image processor, which LlavaProcessor takes: transformers
+    alone (AutoProcessor + chat template + generate, and the pipeline) gives our prompt, pixels and greedy tokens on a
+    wide image; import_llava gives the model back, letterbox and all."""
+    model, processor, tokenizer = letterbox_vlm()
+    export_llava(model, tmp_path, tokenizer)
+    assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), Theirs)
+    image = Image.fromarray(random_images(4, [(20, 50)])[0])
+    inputs, theirs = run_as_the_card_says(tmp_path, image, "what colour is the shape")
+    batch = processor(["<image> what colour is the shape"], [[image]])
+    assert inputs["input_ids"].tolist() == batch["input_ids"].tolist()
+    torch.testing.assert_close(inputs["pixel_values"], batch["pixel_values"], atol=1e-6, rtol=0)
+    assert theirs == model.generate(**batch, max_new_tokens=8, do_sample=False).tolist()
+    again = import_llava(tmp_path)
+    assert again.tower.processor_config == model.tower.processor_config
+
+
+def test_formats_that_cannot_letterbox_refuse_a_letterbox_tower(tmp_path):
+    model, _, tokenizer = make_vlm(projector="idefics3")
     model.tower.processor_config = model.tower.processor_config.replace(letterbox=True)
     message = (
-        "cannot export to LLaVA's format: the tower's processor letterboxes images (letterbox=True, DeepSeek-VL's), "
+        "cannot export to Idefics3's format: the tower's processor letterboxes images (letterbox=True, DeepSeek-VL's), "
         "which that format's processor does not: its model would see other pixels; train with "
         "processor_config.replace(letterbox=False), or save it with save_pretrained"
     )
     with pytest.raises(ValueError, match=re.escape(message)):
-        export_llava(model, tmp_path / "llava", tokenizer)
+        export_idefics3(model, tmp_path / "idefics3", tokenizer)
     message = (
         "save_timm: the tower's processor letterboxes images (letterbox=True, DeepSeek-VL's), which timm's transforms "
         "do not reproduce; save it with save_pretrained (transformers' DeepseekVLImageProcessor does)"
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         save_timm(model.tower, tmp_path / "timm")
-    assert not (tmp_path / "llava").exists() and not (tmp_path / "timm").exists()
+    assert not (tmp_path / "idefics3").exists() and not (tmp_path / "timm").exists()

@@ -74,6 +74,18 @@ def test_vllm_chats_with_a_llava_export_as_our_model_does(tmp_path):
     assert vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=6) == ours
 
 
+def test_vllm_chats_with_a_letterbox_llava_export_as_our_model_does(tmp_path):
+    """The same with the tower's processor letterboxing (DeepSeek-VL's image processor in the export): vLLM's prompts
+    and greedy tokens are ours on a wide and a tall image."""
+    model, _, tokenizer = llava_vlm(MLPConfig(in_features=32, out_features=64, layers=(-2,)))
+    model.tower.processor_config = model.tower.processor_config.replace(letterbox=True, letterbox_min_side=4)
+    processor = VLMProcessor(tokenizer, ImageProcessor(model.tower.processor_config), model.projector, patch_size=8)
+    export_llava(model, tmp_path / "export", tokenizer)
+
+    conversations, ours = ask(model, processor, [(30, 50), (64, 20)], tmp_path)
+    assert vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=6) == ours
+
+
 def ask(model, processor, sizes: list[tuple[int, int]], tmp_path: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
     """An image of each size then "what colour is the shape": the conversations for vLLM (image files, text) and
     our model's prompt ids and 6 greedy tokens for each."""

@@ -345,13 +345,19 @@ class VisionLanguageModel(VLMIOMixin, nn.Module):
         return self
 
     def check_exportable(
-        self, action: str, *, tiling: bool, splitting: type[ImageSplitting | Lfm2VlSplitting] | None = None
+        self,
+        action: str,
+        *,
+        tiling: bool,
+        splitting: type[ImageSplitting | Lfm2VlSplitting] | None = None,
+        letterbox: bool = False,
     ) -> None:
         """Refuse ``action`` (an export) for what transformers' VLM of that format cannot do: unmerged LoRA, token
-        reduction after the tower, (unless ``tiling``) AnyRes tiling with its ``image_newline``, and image splitting
-        other than ``splitting``'s (the kind that format's processor does), and a letterboxing processor."""
+        reduction after the tower, (unless ``tiling``) AnyRes tiling with its ``image_newline``, image splitting
+        other than ``splitting``'s (the kind that format's processor does), and (unless ``letterbox``) a
+        letterboxing processor."""
         self.check_merged(action)
-        if self.tower.processor_config.letterbox:
+        if self.tower.processor_config.letterbox and not letterbox:
             raise ValueError(
                 f"{action}: the tower's processor letterboxes images (letterbox=True, DeepSeek-VL's), which that "
                 f"format's processor does not: its model would see other pixels; train with "

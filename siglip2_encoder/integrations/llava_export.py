@@ -11,7 +11,10 @@ What fits LLaVA's format, and why the rest does not:
   Pixel-shuffle, pooling and resampler projectors change the token count, which LLaVA's projector cannot;
 * the projector must read hidden states (integer layers, concatenated): LLaVA selects ``hidden_states[layer]``,
   which never holds the post-layernorm ``last_hidden_state``;
-* LoRA adapters must be merged first (``VisionLanguageModel.merge_lora``).
+* LoRA adapters must be merged first (``VisionLanguageModel.merge_lora``);
+* a letterboxing processor (``ProcessorConfig.letterbox``) is written as DeepSeek-VL's image processor, which
+  ``LlavaProcessor`` takes as any other; with AnyRes tiling it is refused (the tiled families' processors stretch
+  their base view).
 
 Exported folders run in transformers alone (``AutoProcessor`` + ``apply_chat_template`` + ``generate``) and give the
 same logits and greedy generations as the model they came from (tested with Llama and Qwen2 language models).
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 from transformers import (
     AutoImageProcessor,
+    DeepseekVLImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -69,8 +73,12 @@ __all__ = ["LlavaExport", "export_llava", "import_llava"]
 logger = logging.getLogger(__name__)
 
 
+# The processors a LLaVA export writes for a tower without tiling, by the type its settings name.
+_IMAGE_PROCESSORS = {"SiglipImageProcessor": SiglipImageProcessor, "DeepseekVLImageProcessor": DeepseekVLImageProcessor}
+
+
 def _check_exportable(model: VisionLanguageModel) -> None:
-    model.check_exportable("cannot export to LLaVA's format", tiling=True)
+    model.check_exportable("cannot export to LLaVA's format", tiling=True, letterbox=model.tiling is None)
     if model.tower.config.naflex:
         raise ValueError(
             "NaFlex towers cannot be exported to LLaVA's format: LLaVA calls its vision tower with pixel_values "
@@ -142,7 +150,7 @@ def export_llava(
     )
     if tiling is None:
         config = LlavaConfig(**fields, image_seq_length=tower.config.position_grid**2)
-        image_processor = SiglipImageProcessor.from_dict(settings)
+        image_processor = _IMAGE_PROCESSORS[settings["image_processor_type"]].from_dict(settings)
         patch = tower.config.patch_size
         write_export(directory, LlavaForConditionalGeneration, config, state, image_processor, LlavaProcessor,
                      tokenizer, patch_size=patch, num_additional_image_tokens=0, **options)  # fmt: skip
