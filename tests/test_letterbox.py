@@ -11,9 +11,8 @@ import pytest
 import torch
 from conftest import perturb, random_images
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from test_llava import make_vlm, run_as_the_card_says
-from test_vlm_import import build
+from test_vlm_import import build, move_tower
 from transformers import AutoImageProcessor
 from transformers import DeepseekVLImageProcessor as Theirs
 
@@ -91,10 +90,7 @@ def test_deepseek_vls_tower_and_processor_load_and_equal_theirs(layout, tmp_path
     vlm = perturb(build("deepseek_vl")[0], seed=5).eval()
     vlm.save_pretrained(tmp_path)
     Theirs(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    saved = "model.vision_model."
-    renamed = {layout + k.removeprefix(saved) if k.startswith(saved) else k: v for k, v in state.items()}
-    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    move_tower(tmp_path, "model.vision_model.", layout)
     ours = SigLIP2Encoder.from_pretrained(tmp_path)
     assert ours.processor_config.letterbox and ours.config.use_head
     images = random_images(3, [(20, 50), (64, 30)])

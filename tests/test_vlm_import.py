@@ -215,6 +215,14 @@ def relayout(folder: Path, prefix: str) -> None:
     save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def move_tower(folder: Path, saved: str, layout: str) -> None:
+    """Rewrite a save with the tower's keys under ``layout`` instead of the ``saved`` prefix, the rest untouched."""
+    state = load_file(folder / "model.safetensors")
+    assert sum(k.startswith(saved) for k in state) > 0
+    renamed = {layout + k.removeprefix(saved) if k.startswith(saved) else k: v for k, v in state.items()}
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def check_processor(folder: Path, family: str) -> None:
     processor = ImageProcessor.from_pretrained(folder)
     size, resample = VIEWS[family]
@@ -299,10 +307,7 @@ def test_a_tower_held_deeper_loads_from_each_layout_and_equals_theirs(family, sa
     vlm = perturb(vlm, seed=5).eval()
     vlm.save_pretrained(tmp_path)
     image_processor.save_pretrained(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    assert sum(k.startswith(saved) for k in state) > 0
-    renamed = {layout + k.removeprefix(saved) if k.startswith(saved) else k: v for k, v in state.items()}
-    save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    move_tower(tmp_path, saved, layout)
     with caplog.at_level(logging.WARNING):
         ours = SigLIP2Encoder.from_pretrained(tmp_path)
     assert ours.config.use_head == (family != "colpali") and ours.config.num_hidden_layers == 2
