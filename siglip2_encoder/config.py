@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "EncoderConfig",
+    "LETTERBOXES",
     "NAFLEX_NUM_PATCHES",
     "POSITION_LOOKUPS",
     "ProcessorConfig",
@@ -41,6 +42,16 @@ RESAMPLE_FILTERS = ("bilinear", "bicubic", "lanczos")  # lanczos: Idefics3 / Smo
 # rounded to a multiple of grid_multiple patches, then scaled into [min_num_patches, max_num_patches].
 NAFLEX_RESIZES = ("siglip2", "smart")
 LETTERBOX_MIN_SIDE = 14  # DeepSeek-VL's processor's min_size default
+# The letterboxes (ProcessorConfig.letterbox): resizes keeping each image's aspect ratio, then a pad to image_size,
+# each as one model family's processor does it.
+LETTERBOXES = {
+    # DeepSeek-VL's: the longest side resized to the square's side, the other rounded half to even (at least
+    # letterbox_min_side pixels); centred on the mean colour (letterbox_color), padded before rescaling
+    "deepseek_vl": "centred on the mean colour",
+    # pi0's (PI0ImageProcessor): fitted within image_size, both sides floored; padded at the bottom and right with
+    # zeros after normalizing (the mean colour for a mean of 0.5 and a std of 0.5)
+    "pi0": "padded at the bottom and right with normalized zeros",
+}
 # How a fixed-resolution tower finds position embeddings for a grid other than its native one: "interpolate" resizes
 # the table bicubically (SigLIP, transformers' interpolate_pos_encoding); "buckets" looks each patch's fractional
 # coordinate up in the table (NaViT's scheme, Idefics3's and SmolVLM's towers).
@@ -190,12 +201,11 @@ class ProcessorConfig:
     naflex_resize: str = "siglip2"  # NaFlex: the grid rule, one of NAFLEX_RESIZES
     min_num_patches: int | None = None  # "smart" only: the patch floor
     grid_multiple: int = 1  # "smart" only: grid sides are multiples of this (LFM2-VL's downsample_factor)
-    # Fixed-resolution, square: keep each image's aspect ratio as DeepSeek-VL's processor does (a letterbox): the
-    # longest side resized to the square's side, the other rounded (at least letterbox_min_side pixels), the rest
-    # padded, centred, with the mean colour (letterbox_color) before rescaling. False: every image resized to
-    # image_size, its aspect ratio not kept.
-    letterbox: bool = False
-    letterbox_min_side: int = LETTERBOX_MIN_SIDE  # letterbox only: the short side's floor (DeepSeek-VL's min_size)
+    # Fixed-resolution: keep each image's aspect ratio and pad it to image_size, one of LETTERBOXES (whose processor
+    # it reproduces). None: every image resized to image_size, its aspect ratio not kept.
+    letterbox: str | None = None
+    # "deepseek_vl" only: the short side's floor (DeepSeek-VL's min_size)
+    letterbox_min_side: int = LETTERBOX_MIN_SIDE
 
     def __post_init__(self) -> None:
         if (self.image_size is None) == (self.max_num_patches is None):
@@ -234,19 +244,26 @@ class ProcessorConfig:
         self._check_letterbox()
 
     def _check_letterbox(self) -> None:
-        if not isinstance(self.letterbox, bool):
-            raise TypeError(f"letterbox must be a bool, got letterbox={self.letterbox!r}")
-        if not self.letterbox:
-            if self.letterbox_min_side != LETTERBOX_MIN_SIDE:
-                raise ValueError(
-                    f"letterbox_min_side applies with letterbox=True only, got letterbox_min_side="
-                    f"{self.letterbox_min_side!r}"
-                )
-            return
-        if self.image_size is None or self.image_size[0] != self.image_size[1] or not self.do_resize:
+        if self.letterbox is not None and (not isinstance(self.letterbox, str) or self.letterbox not in LETTERBOXES):
+            raise ValueError(f"letterbox must be one of {list(LETTERBOXES)} or None, got letterbox={self.letterbox!r}")
+        if self.letterbox != "deepseek_vl" and self.letterbox_min_side != LETTERBOX_MIN_SIDE:
             raise ValueError(
-                f"letterbox=True fits images into a square: it needs a square image_size and do_resize=True, got "
-                f"image_size={self.image_size!r}, do_resize={self.do_resize!r}"
+                f"letterbox_min_side applies with letterbox='deepseek_vl' only, got letterbox={self.letterbox!r}, "
+                f"letterbox_min_side={self.letterbox_min_side!r}"
+            )
+        if self.letterbox is None:
+            return
+        if self.image_size is None or not self.do_resize:
+            raise ValueError(
+                f"letterbox={self.letterbox!r} resizes images to fit image_size: it needs image_size and "
+                f"do_resize=True, got image_size={self.image_size!r}, do_resize={self.do_resize!r}"
+            )
+        if self.letterbox == "pi0":
+            return
+        if self.image_size[0] != self.image_size[1]:
+            raise ValueError(
+                f"letterbox='deepseek_vl' fits images into a square: it needs a square image_size, got "
+                f"image_size={self.image_size!r}"
             )
         check_positive_ints(self, "letterbox_min_side")
         if self.letterbox_min_side > self.image_size[0]:
@@ -261,7 +278,8 @@ class ProcessorConfig:
 
     @property
     def letterbox_color(self) -> tuple[int, ...]:
-        """The letterbox's padding, RGB 0-255: the mean colour, truncated, as DeepSeek-VL's processor takes it."""
+        """The "deepseek_vl" letterbox's padding, RGB 0-255: the mean colour, truncated, as DeepSeek-VL's processor
+        takes it."""
         return tuple(int(mean * 255) for mean in self.image_mean)
 
     @classmethod
@@ -286,6 +304,6 @@ class ProcessorConfig:
             naflex_resize="siglip2",
             min_num_patches=None,
             grid_multiple=1,
-            letterbox=False,
+            letterbox=None,
             letterbox_min_side=LETTERBOX_MIN_SIDE,
         )

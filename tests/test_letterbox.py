@@ -1,6 +1,8 @@
-"""The letterbox (``ProcessorConfig(letterbox=True)``): each image resized keeping its aspect ratio and padded to the
-square with the mean colour, as transformers' DeepSeek-VL image processor does; DeepSeek-VL's SigLIP tower loads
-with it. The oracle: transformers' ``DeepseekVLImageProcessor`` and ``DeepseekVLForConditionalGeneration``."""
+"""The letterboxes (``ProcessorConfig(letterbox=...)``): each image resized keeping its aspect ratio and padded, as
+transformers' DeepSeek-VL image processor does ("deepseek_vl": to the square, centred on the mean colour) and as its
+pi0 one does ("pi0": at the bottom and right, with normalized zeros); the SigLIP towers of DeepSeek-VL, pi0 and
+pi0.5 load with them. The oracles: transformers' ``DeepseekVLImageProcessor``, ``PI0ImageProcessor``,
+``DeepseekVLForConditionalGeneration``, ``PI0ForConditionalGeneration`` and ``PI05ForConditionalGeneration``."""
 
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from conftest import perturb, random_images
 from PIL import Image
 from test_llava import make_vlm, run_as_the_card_says
 from test_vlm_import import build, move_tower
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, PI0ImageProcessor
 from transformers import DeepseekVLImageProcessor as Theirs
+from transformers.image_utils import get_image_size_for_max_height_width
 
 from siglip2_encoder import CheckpointError, EncoderConfig, ImageProcessor, ProcessorConfig, SigLIP2Encoder
 from siglip2_encoder.checkpoints.hf_format import processor_config_from_hf, processor_config_to_hf
-from siglip2_encoder.data.processor import letterbox_size
+from siglip2_encoder.cli import EXIT_OK, main
+from siglip2_encoder.data.processor import fit_size, letterbox_size
 from siglip2_encoder.integrations.idefics3_export import export_idefics3
 from siglip2_encoder.integrations.llava import VLMProcessor
 from siglip2_encoder.integrations.llava_export import export_llava, import_llava
@@ -31,7 +35,7 @@ TOWER = EncoderConfig(
 SIZES = [(20, 50), (50, 20), (40, 40), (33, 31), (31, 64), (5, 9), (8, 300), (300, 8), (21, 22)]
 
 
-def ours_for(theirs: Theirs) -> ImageProcessor:
+def ours_for(theirs: Theirs | PI0ImageProcessor) -> ImageProcessor:
     return ImageProcessor(processor_config_from_hf(theirs.to_dict(), TOWER))
 
 
@@ -39,7 +43,7 @@ def ours_for(theirs: Theirs) -> ImageProcessor:
 def test_letterbox_equals_deepseek_vls_processor_pixel_for_pixel(settings):
     theirs = Theirs(size={"height": 32, "width": 32}, **settings)
     ours = ours_for(theirs)
-    assert ours.config.letterbox and ours.config.letterbox_min_side == settings.get("min_size", 14)
+    assert ours.config.letterbox == "deepseek_vl" and ours.config.letterbox_min_side == settings.get("min_size", 14)
     assert ours.config.letterbox_color == tuple(theirs.background_color)
     images = random_images(0, SIZES)
     want = theirs(images, return_tensors="pt")["pixel_values"]
@@ -69,7 +73,7 @@ def test_a_saved_letterbox_tower_is_deepseek_vls_processor_in_transformers(tmp_p
     """save_pretrained writes DeepseekVLImageProcessor settings: AutoImageProcessor preprocesses as we do, and they
     load back as the same config."""
     config = ProcessorConfig(
-        image_size=(32, 32), patch_size=8, resample="bicubic", letterbox=True, letterbox_min_side=6
+        image_size=(32, 32), patch_size=8, resample="bicubic", letterbox="deepseek_vl", letterbox_min_side=6
     )
     SigLIP2Encoder(TOWER, config).save_pretrained(tmp_path)
     theirs = AutoImageProcessor.from_pretrained(tmp_path)
@@ -92,7 +96,7 @@ def test_deepseek_vls_tower_and_processor_load_and_equal_theirs(layout, tmp_path
     Theirs(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
     move_tower(tmp_path, "model.vision_model.", layout)
     ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    assert ours.processor_config.letterbox and ours.config.use_head
+    assert ours.processor_config.letterbox == "deepseek_vl" and ours.config.use_head
     images = random_images(3, [(20, 50), (64, 30)])
     pixels = Theirs.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
@@ -106,7 +110,7 @@ def test_a_processor_without_padding_is_refused():
     settings = Theirs(size={"height": 32, "width": 32}, do_pad=False).to_dict()
     message = (
         "the image processor 'DeepseekVLImageProcessor' has do_pad=false: each image keeps its own aspect ratio and "
-        "size, which this library does not reproduce (its views are squares); set do_pad true, its default"
+        "size, which this library does not reproduce (its views have one size); set do_pad true, its default"
     )
     with pytest.raises(CheckpointError, match=re.escape(message)):
         processor_config_from_hf(settings, TOWER)
@@ -116,30 +120,37 @@ def test_a_processor_without_padding_is_refused():
     ("fields", "message"),
     [
         (
-            dict(image_size=(32, 48), letterbox=True),
-            "letterbox=True fits images into a square: it needs a square image_size and do_resize=True, got "
-            "image_size=(32, 48), do_resize=True",
+            dict(image_size=(32, 48), letterbox="deepseek_vl"),
+            "letterbox='deepseek_vl' fits images into a square: it needs a square image_size, got image_size=(32, 48)",
         ),
         (
-            dict(image_size=None, max_num_patches=64, letterbox=True),
-            "letterbox=True fits images into a square: it needs a square image_size and do_resize=True, got "
+            dict(image_size=None, max_num_patches=64, letterbox="pi0"),
+            "letterbox='pi0' resizes images to fit image_size: it needs image_size and do_resize=True, got "
             "image_size=None, do_resize=True",
         ),
         (
-            dict(letterbox=True, do_resize=False),
-            "letterbox=True fits images into a square: it needs a square image_size and do_resize=True, got "
+            dict(letterbox="deepseek_vl", do_resize=False),
+            "letterbox='deepseek_vl' resizes images to fit image_size: it needs image_size and do_resize=True, got "
             "image_size=(224, 224), do_resize=False",
         ),
-        (dict(letterbox_min_side=4), "letterbox_min_side applies with letterbox=True only, got letterbox_min_side=4"),
         (
-            dict(letterbox=True, letterbox_min_side=300),
+            dict(letterbox_min_side=4),
+            "letterbox_min_side applies with letterbox='deepseek_vl' only, got letterbox=None, letterbox_min_side=4",
+        ),
+        (
+            dict(letterbox="pi0", letterbox_min_side=4),
+            "letterbox_min_side applies with letterbox='deepseek_vl' only, got letterbox='pi0', letterbox_min_side=4",
+        ),
+        (
+            dict(letterbox="deepseek_vl", letterbox_min_side=300),
             "letterbox_min_side must be at most the square's side 224, got letterbox_min_side=300",
         ),
         (
-            dict(letterbox=True, letterbox_min_side=0),
+            dict(letterbox="deepseek_vl", letterbox_min_side=0),
             "letterbox_min_side must be a positive int, got letterbox_min_side=0",
         ),
-        (dict(letterbox=1), "letterbox must be a bool, got letterbox=1"),
+        (dict(letterbox=True), "letterbox must be one of ['deepseek_vl', 'pi0'] or None, got letterbox=True"),
+        (dict(letterbox="centre"), "letterbox must be one of ['deepseek_vl', 'pi0'] or None, got letterbox='centre'"),
     ],
 )
 def test_bad_letterbox_settings_are_refused(fields, message):
@@ -147,11 +158,125 @@ def test_bad_letterbox_settings_are_refused(fields, message):
         ProcessorConfig(**fields)
 
 
+# wide, tall, square, odd margins, upscaled, slivers (a side of 2 px), already the size
+PI0_SIZES = [(20, 50), (50, 20), (40, 40), (33, 31), (31, 64), (5, 9), (7, 100), (100, 7), (32, 32), (63, 17)]
+
+
+def pi0_processor(height: int = 32, width: int = 32, **settings) -> PI0ImageProcessor:
+    size = {"max_height": height, "max_width": width}
+    return PI0ImageProcessor(size=size, pad_size={"height": height, "width": width}, **settings)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"height": 24, "width": 40, "resample": 2},
+        {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]},
+        {"do_normalize": False},
+    ],
+)
+def test_pi0s_letterbox_equals_its_processor_pixel_for_pixel(settings):
+    """pi0's processor fits each image within size (both sides floored) and pads it at the bottom and right with
+    zeros after normalizing: ours equals it on every kind of image, and under other sizes and settings."""
+    theirs = pi0_processor(**settings)
+    ours = ours_for(theirs)
+    box = (settings.get("height", 32), settings.get("width", 32))
+    assert ours.config.letterbox == "pi0" and ours.config.image_size == box
+    images = random_images(6, PI0_SIZES)
+    want = theirs(images, return_tensors="pt")["pixel_values"]
+    got = ours(images).pixel_values
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    for pixels, size in zip(got, PI0_SIZES):  # zeros below and right of the image, the image elsewhere
+        height, width = fit_size(*size, *box)
+        assert (pixels[:, height:] == 0).all() and (pixels[:, :, width:] == 0).all()
+        assert (pixels[:, :height, :width] != 0).any(dim=0).float().mean() > 0.9
+
+
+def test_fit_size_is_transformers_rule():
+    sizes = [(h, w) for h in (1, 3, 7, 31, 32, 33, 100, 224, 225, 999) for w in (1, 5, 32, 47, 224, 640, 1001)]
+    for height, width in sizes:
+        for box in ((32, 32), (224, 224), (24, 40)):
+            assert fit_size(height, width, *box) == get_image_size_for_max_height_width((height, width), *box)
+
+
+def test_pi0s_letterbox_refuses_an_image_it_would_empty():
+    message = "image 1 (1x100) fits 32x32 as 0x32, an empty image: its aspect ratio is too extreme for this processor"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ours_for(pi0_processor())(random_images(7, [(10, 10), (1, 100)]))
+
+
+def test_a_saved_pi0_letterbox_tower_is_pi0s_processor_in_transformers(tmp_path):
+    config = ProcessorConfig(image_size=(24, 40), patch_size=8, resample="bicubic", letterbox="pi0")
+    SigLIP2Encoder(TOWER, config).save_pretrained(tmp_path)
+    theirs = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(theirs, PI0ImageProcessor)
+    images = random_images(8, PI0_SIZES)
+    want = theirs(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ImageProcessor(config)(images).pixel_values, want, atol=1e-6, rtol=0)
+    assert ImageProcessor.from_pretrained(tmp_path).config == config
+
+
+@pytest.mark.parametrize("family", ["pi0", "pi05"])
+def test_pi0s_tower_and_processor_give_its_features(family, tmp_path):
+    """pi0's and pi0.5's towers (in transformers' layout; test_vlm_import has the others) with their processor:
+    image -> ours equals image -> theirs, no head."""
+    vlm, processor = build(family)
+    vlm = perturb(vlm, seed=5).eval()
+    vlm.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert ours.processor_config.letterbox == "pi0" and not ours.config.use_head
+    images = random_images(9, [(20, 50), (64, 30)])
+    pixels = PI0ImageProcessor.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want = vlm.model.vlm.get_image_features(pixels).last_hidden_state
+        got = ours(ImageProcessor(ours.processor_config)(images).pixel_values).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"size": {"max_height": 32, "max_width": 32}, "pad_size": {"height": 40, "width": 40}},
+            "the image processor fits images within 32x32 (size) and pads them to pad_size={'height': 40, 'width': "
+            "40}; this library pads them to the size they fit within: set pad_size to {'height': 32, 'width': 32}",
+        ),
+        (
+            {"size": {"height": 32, "width": 32}},
+            "the image processor's size must give max_height and max_width, got size={'height': 32, 'width': 32}",
+        ),
+        (
+            {"do_pad": False},
+            "the image processor 'PI0ImageProcessor' has do_pad=false: each image keeps its own aspect ratio and size",
+        ),
+    ],
+)
+def test_pi0_processor_settings_not_reproduced_are_refused(settings, message):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        processor_config_from_hf({"image_processor_type": "PI0ImageProcessor"} | settings, TOWER)
+
+
+@pytest.mark.parametrize(
+    ("letterbox", "text"),
+    [
+        ("deepseek_vl", "resize to 32x32, aspect ratio kept, centred, padded with [127, 127, 127], bicubic"),
+        ("pi0", "resize to 32x32, aspect ratio kept, padded at the bottom and right with normalized zeros, bicubic"),
+    ],
+)
+def test_info_says_how_a_letterbox_pads(letterbox, text, tmp_path, capsys):
+    config = ProcessorConfig(image_size=(32, 32), patch_size=8, resample="bicubic", letterbox=letterbox)
+    SigLIP2Encoder(TOWER, config).save_pretrained(tmp_path)
+    assert main(["info", "--model", str(tmp_path)]) == EXIT_OK
+    assert f"preprocessing    {text}, mean [0.5, 0.5, 0.5]" in capsys.readouterr().out
+
+
 def letterbox_vlm():
     """test_llava's LLaVA-style VLM whose tower's processor letterboxes (a short side of 4 px at least)."""
     model, _, tokenizer = make_vlm()
     perturb(model, seed=3)
-    model.tower.processor_config = model.tower.processor_config.replace(letterbox=True, letterbox_min_side=4)
+    model.tower.processor_config = model.tower.processor_config.replace(letterbox="deepseek_vl", letterbox_min_side=4)
     processor = VLMProcessor(tokenizer, ImageProcessor(model.tower.processor_config), model.projector, patch_size=8)
     return model, processor, tokenizer
 
@@ -173,20 +298,31 @@ def test_a_letterbox_llava_export_runs_in_transformers_and_imports_back(tmp_path
     assert again.tower.processor_config == model.tower.processor_config
 
 
-def test_formats_that_cannot_letterbox_refuse_a_letterbox_tower(tmp_path):
+@pytest.mark.parametrize("letterbox", ["deepseek_vl", "pi0"])
+def test_formats_that_cannot_letterbox_refuse_a_letterbox_tower(letterbox, tmp_path):
     model, _, tokenizer = make_vlm(projector="idefics3")
-    model.tower.processor_config = model.tower.processor_config.replace(letterbox=True)
+    model.tower.processor_config = model.tower.processor_config.replace(letterbox=letterbox)
     message = (
-        "cannot export to Idefics3's format: the tower's processor letterboxes images (letterbox=True, DeepSeek-VL's), "
+        f"cannot export to Idefics3's format: the tower's processor letterboxes images (letterbox={letterbox!r}), "
         "which that format's processor does not: its model would see other pixels; train with "
-        "processor_config.replace(letterbox=False), or save it with save_pretrained"
+        "processor_config.replace(letterbox=None), or save it with save_pretrained"
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         export_idefics3(model, tmp_path / "idefics3", tokenizer)
     message = (
-        "save_timm: the tower's processor letterboxes images (letterbox=True, DeepSeek-VL's), which timm's transforms "
-        "do not reproduce; save it with save_pretrained (transformers' DeepseekVLImageProcessor does)"
+        f"save_timm: the tower's processor letterboxes images (letterbox={letterbox!r}), which timm's transforms do "
+        "not reproduce; save it with save_pretrained (transformers' image processor for it does)"
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         save_timm(model.tower, tmp_path / "timm")
     assert not (tmp_path / "idefics3").exists() and not (tmp_path / "timm").exists()
+
+
+def test_llava_exports_refuse_pi0s_letterbox(tmp_path):
+    """LLaVA's format takes DeepSeek-VL's letterbox only (its processor tested in LLaVA's consumers)."""
+    model, _, tokenizer = make_vlm()
+    model.tower.processor_config = model.tower.processor_config.replace(letterbox="pi0")
+    message = "cannot export to LLaVA's format: the tower's processor letterboxes images (letterbox='pi0')"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        export_llava(model, tmp_path / "llava", tokenizer)
+    assert not (tmp_path / "llava").exists()

@@ -18,8 +18,10 @@ from siglip2_encoder.adapters.pixel_shuffle import pixel_shuffle
 
 
 def inner_model(vlm: torch.nn.Module) -> torch.nn.Module:
-    """The model under the head: the retrievers (ColPali, ColModernVBERT) wrap theirs as ``vlm``."""
-    return vlm.vlm if hasattr(vlm, "vlm") else vlm.model
+    """The model under the head: the retrievers (ColPali, ColModernVBERT) wrap theirs as ``vlm``, the policies (pi0,
+    pi0.5) as their model's ``vlm``."""
+    model = vlm.vlm if hasattr(vlm, "vlm") else vlm.model
+    return getattr(model, "vlm", model)
 
 
 def projector_of(vlm: torch.nn.Module) -> torch.nn.Module:
@@ -59,6 +61,8 @@ FAMILY_RECIPES = {
     "t5gemma2": "gemma3",
     "deepseek_vl": "deepseek_vl",
     "colpali": "paligemma",
+    "pi0": "paligemma",
+    "pi05": "paligemma",
     "modernvbert": "modernvbert",
     "colmodernvbert": "modernvbert",
     "idefics3": "idefics3",

@@ -78,7 +78,7 @@ def test_vllm_chats_with_a_letterbox_llava_export_as_our_model_does(tmp_path):
     """The same with the tower's processor letterboxing (DeepSeek-VL's image processor in the export): vLLM's prompts
     and greedy tokens are ours on a wide and a tall image."""
     model, _, tokenizer = llava_vlm(MLPConfig(in_features=32, out_features=64, layers=(-2,)))
-    model.tower.processor_config = model.tower.processor_config.replace(letterbox=True, letterbox_min_side=4)
+    model.tower.processor_config = model.tower.processor_config.replace(letterbox="deepseek_vl", letterbox_min_side=4)
     processor = VLMProcessor(tokenizer, ImageProcessor(model.tower.processor_config), model.projector, patch_size=8)
     export_llava(model, tmp_path / "export", tokenizer)
 

@@ -50,6 +50,11 @@ from transformers import (
     ModernVBertForMaskedLM,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
+    PI0Config,
+    PI0ForConditionalGeneration,
+    PI0ImageProcessor,
+    PI05Config,
+    PI05ForConditionalGeneration,
     ShieldGemma2Config,
     ShieldGemma2ForImageClassification,
     SiglipImageProcessor,
@@ -96,6 +101,14 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
         if family == "modernvbert":
             return ModernVBertForMaskedLM(config), processor
         return ColModernVBertForRetrieval(ColModernVBertConfig(vlm_config=config.to_dict())), processor
+    if family in ("pi0", "pi05"):  # the robot policies: PaliGemma as vlm (vlm_config), a Gemma action expert
+        vlm = dict(model_type="paligemma", vision_config=SIGLIP | dict(vision_use_head=False), text_config=LM)
+        expert = dict(model_type="gemma") | LM
+        config_class, model_class = (PI0Config, PI0ForConditionalGeneration) if family == "pi0" else (
+            PI05Config, PI05ForConditionalGeneration)  # fmt: skip
+        config = config_class(vlm_config=vlm | dict(projection_dim=16, image_token_id=299), dit_config=expert)
+        fit = {"max_height": 32, "max_width": 32}
+        return model_class(config), PI0ImageProcessor(size=fit, pad_size={"height": 32, "width": 32})
     if family == "deepseek_vl":  # DeepSeek-VL 1.3B: its processor letterboxes
         config = DeepseekVLConfig(vision_config=SIGLIP, text_config=LM | dict(model_type="llama"))
         return DeepseekVLForConditionalGeneration(config), DeepseekVLImageProcessor(size=square)
@@ -154,6 +167,8 @@ def vision_tower(vlm: torch.nn.Module) -> torch.nn.Module:
         return vlm.model.model.vision_tower
     if isinstance(vlm, T5Gemma2ForConditionalGeneration):
         return vlm.model.encoder.vision_tower
+    if isinstance(vlm, (PI0ForConditionalGeneration, PI05ForConditionalGeneration)):
+        return vlm.model.vlm.vision_tower
     return vlm.model.vision_model if hasattr(vlm.model, "vision_model") else vlm.model.vision_tower
 
 
@@ -192,6 +207,8 @@ VIEWS = {
     "shieldgemma2": ((32, 32), "bilinear"),
     "t5gemma2": ((32, 32), "bilinear"),
     "colpali": ((32, 32), "bicubic"),
+    "pi0": ((32, 32), "bicubic"),
+    "pi05": ((32, 32), "bicubic"),
     "modernvbert": ((32, 32), "lanczos"),
     "colmodernvbert": ((32, 32), "lanczos"),
     "llava": ((32, 32), "bicubic"),
@@ -252,6 +269,12 @@ def test_settings_a_processor_file_omits_are_the_processor_classes_defaults(name
         assert ours.image_size == (theirs.max_image_size["longest_edge"],) * 2
     elif theirs.size.height is not None:
         assert ours.image_size == (theirs.size.height, theirs.size.width)
+    elif theirs.size.max_height is not None:  # pi0's: fitted within size, padded to pad_size
+        assert (
+            ours.image_size
+            == (theirs.size.max_height, theirs.size.max_width)
+            == (theirs.pad_size.height, theirs.pad_size.width)
+        )
     else:  # LLaVA-NeXT's shortest edge: its base view is the tower's square
         assert ours.image_size == (48, 48)
 
@@ -295,6 +318,34 @@ DEEPER = [
     ("modernvbert", "model.vision_model.", "model.vision_model.vision_model."),
     ("colmodernvbert", "vlm.vision_model.", "vlm.vision_model."),
     ("colmodernvbert", "vlm.vision_model.", "vlm.vision_model.vision_model."),
+    # pi0 / pi0.5: transformers saves openpi's names, the Hub's LeRobot files have the policy's model. before them
+    (
+        "pi0",
+        "paligemma_with_expert.paligemma.model.vision_tower.",
+        "paligemma_with_expert.paligemma.model.vision_tower.",
+    ),
+    (
+        "pi0",
+        "paligemma_with_expert.paligemma.model.vision_tower.",
+        "model.paligemma_with_expert.paligemma.model.vision_tower.vision_model.",
+    ),
+    (
+        "pi0",
+        "paligemma_with_expert.paligemma.model.vision_tower.",
+        "model.paligemma_with_expert.paligemma.vision_tower.vision_model.",
+    ),  # 4.48
+    ("pi0", "paligemma_with_expert.paligemma.model.vision_tower.", "model.vlm.vision_tower."),  # 5.x module names
+    ("pi0", "paligemma_with_expert.paligemma.model.vision_tower.", "vlm.vision_tower."),  # a PI0Model's
+    (
+        "pi05",
+        "paligemma_with_expert.paligemma.model.vision_tower.",
+        "paligemma_with_expert.paligemma.model.vision_tower.",
+    ),
+    (
+        "pi05",
+        "paligemma_with_expert.paligemma.model.vision_tower.",
+        "model.paligemma_with_expert.paligemma.model.vision_tower.vision_model.",
+    ),
 ]
 
 
@@ -302,7 +353,8 @@ DEEPER = [
 def test_a_tower_held_deeper_loads_from_each_layout_and_equals_theirs(family, saved, layout, tmp_path, caplog):
     """ShieldGemma 2 wraps Gemma 3 in an image classifier; T5Gemma 2 holds Gemma 3's tower in its encoder (its config
     as encoder.vision_config); ColPali and ColModernVBERT wrap PaliGemma and ModernVBERT under vlm. (configs in
-    vlm_config). The tower loads from each key layout and equals theirs (the head too where there is one)."""
+    vlm_config), pi0 and pi0.5 PaliGemma under openpi's names (configs in vlm_config). The tower loads from each key
+    layout and equals theirs (the head too where there is one)."""
     vlm, image_processor = build(family)
     vlm = perturb(vlm, seed=5).eval()
     vlm.save_pretrained(tmp_path)
@@ -310,7 +362,7 @@ def test_a_tower_held_deeper_loads_from_each_layout_and_equals_theirs(family, sa
     move_tower(tmp_path, saved, layout)
     with caplog.at_level(logging.WARNING):
         ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    assert ours.config.use_head == (family != "colpali") and ours.config.num_hidden_layers == 2
+    assert ours.config.use_head == (family not in ("colpali", "pi0", "pi05")) and ours.config.num_hidden_layers == 2
     assert ("here each image is resized (LANCZOS) to one tile" in caplog.text) == family.endswith("modernvbert")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

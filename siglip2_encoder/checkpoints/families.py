@@ -49,6 +49,12 @@ _SIGLIP_MODEL_PREFIXES = (  # the same for towers named vision_model
     "model.vision_model.",
     "vision_model.",
 )
+_PI0_PREFIXES = tuple(
+    outer + inner + prefix
+    for outer in ("model.", "")
+    for inner in ("paligemma_with_expert.paligemma.model.", "paligemma_with_expert.paligemma.", "vlm.")
+    for prefix in ("vision_tower.vision_model.", "vision_tower.")
+)
 # VLMs that hold a SigLIP-architecture vision tower (its architecture in ``vision_config``) -> where that tower's
 # weights live in the key layouts transformers writes. Longest first: the first prefix a key starts with names it; the
 # language model's and the projector's keys start with none and are not read.
@@ -79,6 +85,11 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     # the retrievers: PaliGemma (ColPali) and ModernVBERT (ColModernVBERT) under ``vlm.``
     "colpali": tuple("vlm." + prefix for prefix in _SIGLIP_TOWER_PREFIXES),
     "colmodernvbert": tuple("vlm." + prefix for prefix in _SIGLIP_MODEL_PREFIXES),
+    # pi0 and pi0.5, the robot policies: PaliGemma in PI0Model as ``vlm``; the Hub's (LeRobot's) files keep
+    # openpi's ``paligemma_with_expert.paligemma`` (PaliGemmaForConditionalGeneration, before and after its
+    # ``model.`` refactor), under the policy's ``model.`` and without it, which transformers also saves.
+    "pi0": _PI0_PREFIXES,
+    "pi05": _PI0_PREFIXES,
 }
 
 # VLMs whose tower's config is not their config's ``vision_config`` -> the attributes leading to it.
@@ -86,6 +97,8 @@ NESTED_VISION_CONFIGS: dict[str, tuple[str, ...]] = {
     "t5gemma2": ("encoder", "vision_config"),
     "colpali": ("vlm_config", "vision_config"),
     "colmodernvbert": ("vlm_config", "vision_config"),
+    "pi0": ("vlm_config", "vision_config"),
+    "pi05": ("vlm_config", "vision_config"),
 }
 
 
@@ -114,8 +127,8 @@ class ProcessorKind:
     beyond: str = ""
     # The setting that turns those other views on, and its default; None: they are always on.
     beyond_setting: tuple[str, bool] | None = None
-    # DeepSeek-VL's: each image resized keeping its aspect ratio and padded to the square (with do_pad, its default)
-    letterbox: bool = False
+    # Each image resized keeping its aspect ratio and padded (with do_pad, its default): one of config.LETTERBOXES
+    letterbox: str | None = None
     # The view is resized whatever do_resize says (Idefics3's: do_resize is only the longest-edge resize before it,
     # and without splitting every image is then resized to max_image_size; LFM2-VL's always resizes).
     always_resized: bool = False
@@ -164,7 +177,8 @@ for _name, _kind in {
     "Idefics3ImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "SmolVLMImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
-    "DeepseekVLImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox=True),
+    "DeepseekVLImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
+    "PI0ImageProcessor": ProcessorKind(False, 3, letterbox="pi0"),  # pi0's and pi0.5's (transformers' PI0Processor)
     "LlavaNextImageProcessor": ProcessorKind(False, 3, None, mean_std=_CLIP_MEAN_STD, beyond=_ANYRES_VIEWS),
     "LlavaOnevisionImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, beyond=_ANYRES_VIEWS),
     "Lfm2VlImageProcessor": ProcessorKind(

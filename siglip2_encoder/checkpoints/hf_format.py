@@ -240,8 +240,8 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
     common |= {name: hf[name] for name in names if hf.get(name) is not None}
     if kind.always_resized:
         common["do_resize"] = True
-    if kind.letterbox:
-        common |= _letterbox_settings(hf, name)
+    if kind.letterbox is not None:
+        common |= _letterbox_settings(hf, name, kind.letterbox)
     common["resample"] = _PIL_RESAMPLE[resample]
     try:
         if tower.naflex:
@@ -253,14 +253,17 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
         raise CheckpointError(f"invalid image processor settings: {err}") from None
 
 
-def _letterbox_settings(hf: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """DeepSeek-VL's letterbox: its padding (``do_pad``) and the short side's floor (``min_size``)."""
+def _letterbox_settings(hf: Mapping[str, Any], name: str, letterbox: str) -> dict[str, Any]:
+    """A letterboxing processor's padding (``do_pad``) and, for DeepSeek-VL's, the short side's floor
+    (``min_size``)."""
     if not hf.get("do_pad", True):
         raise CheckpointError(
             f"the image processor {name!r} has do_pad=false: each image keeps its own aspect ratio and size, which "
-            f"this library does not reproduce (its views are squares); set do_pad true, its default"
+            f"this library does not reproduce (its views have one size); set do_pad true, its default"
         )
-    return dict(letterbox=True, letterbox_min_side=hf.get("min_size", LETTERBOX_MIN_SIDE))
+    if letterbox == "pi0":
+        return dict(letterbox=letterbox)
+    return dict(letterbox=letterbox, letterbox_min_side=hf.get("min_size", LETTERBOX_MIN_SIDE))
 
 
 def _naflex_settings(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig) -> dict[str, Any]:
@@ -287,6 +290,8 @@ def _view_size(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig)
     """(height, width) of the fixed-resolution view: ``size``; for Idefics3's processors, one tile
     (``max_image_size``); for anyres ones without height and width (LLaVA-NeXT's shortest edge), the tower's square.
     The class's default where the file has none."""
+    if kind.letterbox == "pi0":
+        return _fit_and_pad_size(hf, kind.size)
     name, value = ("max_image_size", hf.get("max_image_size")) if kind.always_resized else ("size", hf.get("size"))
     if value is None and kind.size is not None:
         return kind.size
@@ -298,6 +303,26 @@ def _view_size(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig)
         return (tower.image_size, tower.image_size)
     wanted = "longest_edge" if kind.always_resized else "height and width"
     raise CheckpointError(f"the image processor's {name} must give {wanted}, got {name}={value!r}")
+
+
+def _fit_and_pad_size(hf: Mapping[str, Any], default: tuple[int, int]) -> tuple[int, int]:
+    """pi0's processor: images fitted within ``size`` (``max_height``, ``max_width``), then padded to ``pad_size``;
+    reproduced where the two agree."""
+    size, pad = hf.get("size"), hf.get("pad_size")
+    if size is None:
+        size = {"max_height": default[0], "max_width": default[1]}
+    if not (isinstance(size, Mapping) and {"max_height", "max_width"} <= set(size)):
+        raise CheckpointError(f"the image processor's size must give max_height and max_width, got size={size!r}")
+    fit = (size["max_height"], size["max_width"])
+    if pad is None:
+        pad = {"height": default[0], "width": default[1]}
+    if not (isinstance(pad, Mapping) and (pad.get("height"), pad.get("width")) == fit):
+        raise CheckpointError(
+            f"the image processor fits images within {fit[0]}x{fit[1]} (size) and pads them to pad_size={pad!r}; "
+            f"this library pads them to the size they fit within: set pad_size to "
+            f"{{'height': {fit[0]}, 'width': {fit[1]}}}"
+        )
+    return fit
 
 
 def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
@@ -313,7 +338,17 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
     }
     if config.naflex_resize == "smart":
         return {"image_processor_type": "Lfm2VlImageProcessor", **_lfm2_settings(config), **out}
-    if config.letterbox:  # transformers' only processor that letterboxes this way; it pads with letterbox_color
+    if config.letterbox == "pi0":
+        height, width = config.image_size
+        return {
+            "image_processor_type": "PI0ImageProcessor",
+            "do_convert_rgb": True,
+            "size": {"max_height": height, "max_width": width},
+            "do_pad": True,
+            "pad_size": {"height": height, "width": width},
+            **out,
+        }
+    if config.letterbox == "deepseek_vl":  # it pads with letterbox_color
         side = config.image_size[0]
         return {
             "image_processor_type": "DeepseekVLImageProcessor",

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoints.folders import read_config, read_processor_config
 from ..checkpoints.hub import CheckpointError, CheckpointSource
-from ..config import EncoderConfig, ProcessorConfig
+from ..config import LETTERBOXES, EncoderConfig, ProcessorConfig
 from ..data.images import ImageLoadError, load_image
 from ..integrations.dense import pca_rgb
 from ..models.flops import encoder_flops, num_parameters
@@ -59,13 +59,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         + (
             f"NaFlex, up to {processing.max_num_patches} patches, aspect ratio kept"
             if processing.naflex
-            else f"resize to {processing.image_size[0]}x{processing.image_size[1]}"
-            + (f", aspect ratio kept, padded with {list(processing.letterbox_color)}" if processing.letterbox else "")
+            else f"resize to {processing.image_size[0]}x{processing.image_size[1]}" + _letterbox_text(processing)
         )
         + f", {processing.resample}, mean {list(processing.image_mean)}, std {list(processing.image_std)}",
     ]
     print("\n".join(lines))
     return EXIT_OK
+
+
+def _letterbox_text(processing: ProcessorConfig) -> str:
+    """How ``info`` describes the letterbox, if any (the padding colour in 0-255 where it is one)."""
+    if processing.letterbox is None:
+        return ""
+    if processing.letterbox == "deepseek_vl":
+        return f", aspect ratio kept, centred, padded with {list(processing.letterbox_color)}"
+    return f", aspect ratio kept, {LETTERBOXES[processing.letterbox]}"
 
 
 def _describe(model: str) -> tuple[EncoderConfig, ProcessorConfig, str]:

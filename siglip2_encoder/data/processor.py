@@ -1,7 +1,8 @@
 """Image preprocessing matching each checkpoint's own ``preprocessor_config.json``.
 
 * fixed-resolution: resize to (height, width) with the checkpoint's filter, rescale to [0, 1], normalize; or
-  (``letterbox``, DeepSeek-VL's processor) resize keeping the aspect ratio and pad to the square, centred.
+  (``letterbox``) resize keeping the aspect ratio and pad to (height, width): centred on the mean colour as
+  DeepSeek-VL's processor does, or at the bottom and right with normalized zeros as pi0's does.
 * NaFlex: resize to the largest size within ``max_num_patches`` that keeps the aspect ratio (transformers' rule,
   :func:`naflex_size`; or LFM2-VL's, :func:`smart_size`), rescale, normalize, cut into patches, pad to a common length
   with a validity mask.
@@ -35,6 +36,7 @@ __all__ = [
     "ImageProcessor",
     "ProcessedImage",
     "ProcessedImages",
+    "fit_size",
     "letterbox_size",
     "naflex_size",
     "patchify",
@@ -76,6 +78,14 @@ def letterbox_size(height: int, width: int, side: int, min_side: int) -> tuple[i
     round, half to even) and is at least ``min_side``."""
     scale = side / max(height, width)
     return max(round(height * scale), min_side), max(round(width * scale), min_side)
+
+
+def fit_size(height: int, width: int, max_height: int, max_width: int) -> tuple[int, int]:
+    """pi0's resize target (transformers' ``get_image_size_for_max_height_width``): the largest size within
+    ``(max_height, max_width)`` that keeps the aspect ratio, both sides floored. A side can floor to 0 (an image over
+    ``max_height`` times wider than tall, say); callers refuse that."""
+    scale = min(max_height / height, max_width / width)
+    return int(height * scale), int(width * scale)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -244,7 +254,9 @@ class ImageProcessor:
         tensor = image_to_tensor(image, index)
         size = (int(tensor.shape[1]), int(tensor.shape[2]))
         if not config.naflex:
-            if config.letterbox:
+            if config.letterbox == "pi0":
+                return ProcessedImage(self._fit_and_pad(tensor, index), None, size)
+            if config.letterbox == "deepseek_vl":
                 tensor = self._letterbox(tensor)
             return ProcessedImage(self._resize_normalize(tensor, config.image_size), None, size)
         budget = self._budget(max_num_patches)
@@ -287,6 +299,19 @@ class ImageProcessor:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise ValueError(f"max_num_patches must be a positive int, got {budget!r}")
         return budget
+
+    def _fit_and_pad(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        """(3, H, W) -> (3, *image_size) float32, as pi0's processor: resized within image_size by :func:`fit_size`,
+        rescaled and normalized, then padded at the bottom and right with zeros."""
+        height, width = self.config.image_size
+        fitted = fit_size(image.shape[1], image.shape[2], height, width)
+        if 0 in fitted:
+            raise ValueError(
+                f"image {index} ({image.shape[1]}x{image.shape[2]}) fits {height}x{width} as {fitted[0]}x{fitted[1]}, "
+                f"an empty image: its aspect ratio is too extreme for this processor; crop it"
+            )
+        pixels = self._resize_normalize(image, fitted)
+        return torch.nn.functional.pad(pixels, (0, width - fitted[1], 0, height - fitted[0]))
 
     def _letterbox(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) -> (3, S, S) in the input's units: resized by :func:`letterbox_size` and centred on the

@@ -350,18 +350,19 @@ class VisionLanguageModel(VLMIOMixin, nn.Module):
         *,
         tiling: bool,
         splitting: type[ImageSplitting | Lfm2VlSplitting] | None = None,
-        letterbox: bool = False,
+        letterboxes: tuple[str, ...] = (),
     ) -> None:
         """Refuse ``action`` (an export) for what transformers' VLM of that format cannot do: unmerged LoRA, token
         reduction after the tower, (unless ``tiling``) AnyRes tiling with its ``image_newline``, image splitting
-        other than ``splitting``'s (the kind that format's processor does), and (unless ``letterbox``) a
-        letterboxing processor."""
+        other than ``splitting``'s (the kind that format's processor does), and a letterboxing processor other than
+        ``letterboxes``."""
         self.check_merged(action)
-        if self.tower.processor_config.letterbox and not letterbox:
+        letterbox = self.tower.processor_config.letterbox
+        if letterbox is not None and letterbox not in letterboxes:
             raise ValueError(
-                f"{action}: the tower's processor letterboxes images (letterbox=True, DeepSeek-VL's), which that "
-                f"format's processor does not: its model would see other pixels; train with "
-                f"processor_config.replace(letterbox=False), or save it with save_pretrained"
+                f"{action}: the tower's processor letterboxes images (letterbox={letterbox!r}), which that format's "
+                f"processor does not: its model would see other pixels; train with "
+                f"processor_config.replace(letterbox=None), or save it with save_pretrained"
             )
         if self.splitting is not None and not (splitting is not None and isinstance(self.splitting, splitting)):
             raise ValueError(

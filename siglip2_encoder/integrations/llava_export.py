@@ -12,9 +12,9 @@ What fits LLaVA's format, and why the rest does not:
 * the projector must read hidden states (integer layers, concatenated): LLaVA selects ``hidden_states[layer]``,
   which never holds the post-layernorm ``last_hidden_state``;
 * LoRA adapters must be merged first (``VisionLanguageModel.merge_lora``);
-* a letterboxing processor (``ProcessorConfig.letterbox``) is written as DeepSeek-VL's image processor, which
+* DeepSeek-VL's letterbox (``ProcessorConfig(letterbox="deepseek_vl")``) is written as its image processor, which
   ``LlavaProcessor`` takes as any other; with AnyRes tiling it is refused (the tiled families' processors stretch
-  their base view).
+  their base view), as is pi0's letterbox (not tested in LLaVA's consumers).
 
 Exported folders run in transformers alone (``AutoProcessor`` + ``apply_chat_template`` + ``generate``) and give the
 same logits and greedy generations as the model they came from (tested with Llama and Qwen2 language models).
@@ -78,7 +78,8 @@ _IMAGE_PROCESSORS = {"SiglipImageProcessor": SiglipImageProcessor, "DeepseekVLIm
 
 
 def _check_exportable(model: VisionLanguageModel) -> None:
-    model.check_exportable("cannot export to LLaVA's format", tiling=True, letterbox=model.tiling is None)
+    letterboxes = ("deepseek_vl",) if model.tiling is None else ()
+    model.check_exportable("cannot export to LLaVA's format", tiling=True, letterboxes=letterboxes)
     if model.tower.config.naflex:
         raise ValueError(
             "NaFlex towers cannot be exported to LLaVA's format: LLaVA calls its vision tower with pixel_values "

@@ -207,11 +207,11 @@ def save_timm(encoder: SigLIP2Encoder, folder: str | os.PathLike) -> None:
     model = to_timm(encoder)
     processor = encoder.processor_config
     # timm's "border" crop pads with round(255 x mean) and centres by rounding, DeepSeek-VL's letterbox truncates
-    # and floors: other pixels
-    if processor.letterbox:
+    # and floors, pi0's pads at the bottom and right: other pixels
+    if processor.letterbox is not None:
         raise ValueError(
-            "save_timm: the tower's processor letterboxes images (letterbox=True, DeepSeek-VL's), which timm's "
-            "transforms do not reproduce; save it with save_pretrained (transformers' DeepseekVLImageProcessor does)"
+            f"save_timm: the tower's processor letterboxes images (letterbox={processor.letterbox!r}), which timm's "
+            f"transforms do not reproduce; save it with save_pretrained (transformers' image processor for it does)"
         )
     # SigLIP resizes the whole image to the input size, aspect not kept, no crop: timm's "squash" at crop_pct 1.0
     # (timm's SigLIP defaults are crop_pct 0.9, center: a resize then a crop, pixels up to 1.9 off).
