@@ -48,10 +48,14 @@ LETTERBOXES = {
     # DeepSeek-VL's: the longest side resized to the square's side, the other rounded half to even (at least
     # letterbox_min_side pixels); centred on the mean colour (letterbox_color), padded before rescaling
     "deepseek_vl": "centred on the mean colour",
+    # DeepSeek-VL hybrid's low-resolution view: the same into a letterbox_canvas square first (its high_res_size),
+    # which is then resized to image_size
+    "deepseek_vl_hybrid": "centred on the mean colour in a larger square first",
     # pi0's (PI0ImageProcessor): fitted within image_size, both sides floored; padded at the bottom and right with
     # zeros after normalizing (the mean colour for a mean of 0.5 and a std of 0.5)
     "pi0": "padded at the bottom and right with normalized zeros",
 }
+_DEEPSEEK_LETTERBOXES = ("deepseek_vl", "deepseek_vl_hybrid")
 # How a fixed-resolution tower finds position embeddings for a grid other than its native one: "interpolate" resizes
 # the table bicubically (SigLIP, transformers' interpolate_pos_encoding); "buckets" looks each patch's fractional
 # coordinate up in the table (NaViT's scheme, Idefics3's and SmolVLM's towers).
@@ -204,8 +208,10 @@ class ProcessorConfig:
     # Fixed-resolution: keep each image's aspect ratio and pad it to image_size, one of LETTERBOXES (whose processor
     # it reproduces). None: every image resized to image_size, its aspect ratio not kept.
     letterbox: str | None = None
-    # "deepseek_vl" only: the short side's floor (DeepSeek-VL's min_size)
+    # DeepSeek-VL's letterboxes only: the short side's floor (DeepSeek-VL's min_size)
     letterbox_min_side: int = LETTERBOX_MIN_SIDE
+    # "deepseek_vl_hybrid" only: the side of the square images are letterboxed into first (its high_res_size)
+    letterbox_canvas: int | None = None
 
     def __post_init__(self) -> None:
         if (self.image_size is None) == (self.max_num_patches is None):
@@ -244,31 +250,40 @@ class ProcessorConfig:
         self._check_letterbox()
 
     def _check_letterbox(self) -> None:
-        if self.letterbox is not None and (not isinstance(self.letterbox, str) or self.letterbox not in LETTERBOXES):
-            raise ValueError(f"letterbox must be one of {list(LETTERBOXES)} or None, got letterbox={self.letterbox!r}")
-        if self.letterbox != "deepseek_vl" and self.letterbox_min_side != LETTERBOX_MIN_SIDE:
+        letterbox = self.letterbox
+        if letterbox is not None and (not isinstance(letterbox, str) or letterbox not in LETTERBOXES):
+            raise ValueError(f"letterbox must be one of {list(LETTERBOXES)} or None, got letterbox={letterbox!r}")
+        if letterbox not in _DEEPSEEK_LETTERBOXES and self.letterbox_min_side != LETTERBOX_MIN_SIDE:
             raise ValueError(
-                f"letterbox_min_side applies with letterbox='deepseek_vl' only, got letterbox={self.letterbox!r}, "
-                f"letterbox_min_side={self.letterbox_min_side!r}"
+                f"letterbox_min_side applies with letterbox={' or '.join(map(repr, _DEEPSEEK_LETTERBOXES))} only, got "
+                f"letterbox={letterbox!r}, letterbox_min_side={self.letterbox_min_side!r}"
             )
-        if self.letterbox is None:
+        if (letterbox == "deepseek_vl_hybrid") != (self.letterbox_canvas is not None):
+            raise ValueError(
+                f"letterbox_canvas is the first square of letterbox='deepseek_vl_hybrid' and applies to it only: set "
+                f"both or neither, got letterbox={letterbox!r}, letterbox_canvas={self.letterbox_canvas!r}"
+            )
+        if letterbox is None:
             return
         if self.image_size is None or not self.do_resize:
             raise ValueError(
-                f"letterbox={self.letterbox!r} resizes images to fit image_size: it needs image_size and "
-                f"do_resize=True, got image_size={self.image_size!r}, do_resize={self.do_resize!r}"
+                f"letterbox={letterbox!r} resizes images to fit image_size: it needs image_size and do_resize=True, "
+                f"got image_size={self.image_size!r}, do_resize={self.do_resize!r}"
             )
-        if self.letterbox == "pi0":
+        if letterbox == "pi0":
             return
         if self.image_size[0] != self.image_size[1]:
             raise ValueError(
-                f"letterbox='deepseek_vl' fits images into a square: it needs a square image_size, got "
+                f"letterbox={letterbox!r} fits images into a square: it needs a square image_size, got "
                 f"image_size={self.image_size!r}"
             )
         check_positive_ints(self, "letterbox_min_side")
-        if self.letterbox_min_side > self.image_size[0]:
+        if letterbox == "deepseek_vl_hybrid":
+            check_positive_ints(self, "letterbox_canvas")
+        side = self.letterbox_canvas or self.image_size[0]
+        if self.letterbox_min_side > side:
             raise ValueError(
-                f"letterbox_min_side must be at most the square's side {self.image_size[0]}, got "
+                f"letterbox_min_side must be at most the square's side {side}, got "
                 f"letterbox_min_side={self.letterbox_min_side}"
             )
 
@@ -278,7 +293,7 @@ class ProcessorConfig:
 
     @property
     def letterbox_color(self) -> tuple[int, ...]:
-        """The "deepseek_vl" letterbox's padding, RGB 0-255: the mean colour, truncated, as DeepSeek-VL's processor
+        """DeepSeek-VL's letterboxes' padding, RGB 0-255: the mean colour, truncated, as DeepSeek-VL's processor
         takes it."""
         return tuple(int(mean * 255) for mean in self.image_mean)
 
@@ -306,4 +321,5 @@ class ProcessorConfig:
             grid_multiple=1,
             letterbox=None,
             letterbox_min_side=LETTERBOX_MIN_SIDE,
+            letterbox_canvas=None,
         )

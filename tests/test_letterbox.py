@@ -16,6 +16,7 @@ from PIL import Image
 from test_llava import make_vlm, run_as_the_card_says
 from test_vlm_import import build, move_tower
 from transformers import AutoImageProcessor, PI0ImageProcessor
+from transformers import DeepseekVLHybridImageProcessor as Hybrid
 from transformers import DeepseekVLImageProcessor as Theirs
 from transformers.image_utils import get_image_size_for_max_height_width
 
@@ -32,10 +33,11 @@ TOWER = EncoderConfig(
     image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
 )
 # wide, tall, square, odd margins, smaller than the square (upscaled), a short side below min_size (14 px)
+LETTERBOX_KINDS = "['deepseek_vl', 'deepseek_vl_hybrid', 'pi0']"
 SIZES = [(20, 50), (50, 20), (40, 40), (33, 31), (31, 64), (5, 9), (8, 300), (300, 8), (21, 22)]
 
 
-def ours_for(theirs: Theirs | PI0ImageProcessor) -> ImageProcessor:
+def ours_for(theirs: Theirs | Hybrid | PI0ImageProcessor) -> ImageProcessor:
     return ImageProcessor(processor_config_from_hf(theirs.to_dict(), TOWER))
 
 
@@ -83,6 +85,89 @@ def test_a_saved_letterbox_tower_is_deepseek_vls_processor_in_transformers(tmp_p
     torch.testing.assert_close(ImageProcessor(config)(images).pixel_values, want, atol=1e-6, rtol=0)
     assert ImageProcessor.from_pretrained(tmp_path).config == config
     assert processor_config_from_hf(processor_config_to_hf(config), TOWER) == config
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # its first square larger than the view, as its 1024 and 384
+        {"high_res_size": {"height": 24, "width": 24}, "min_size": 4},  # smaller: upscaled to the view
+        {"resample": 2, "high_res_resample": 2, "image_mean": [0.5] * 3, "high_res_image_mean": [0.5] * 3},
+    ],
+)
+def test_deepseek_vl_hybrids_low_resolution_view_equals_its_processor_pixel_for_pixel(settings):
+    """DeepSeek-VL hybrid's processor letterboxes each image into its high_res_size square, then resizes that square
+    to size: its pixel_values (the SigLIP tower's view) equal ours."""
+    settings = {"high_res_size": {"height": 64, "width": 64}} | settings
+    theirs = Hybrid(size={"height": 32, "width": 32}, **settings)
+    ours = ours_for(theirs)
+    assert ours.config.letterbox == "deepseek_vl_hybrid"
+    assert ours.config.letterbox_canvas == settings["high_res_size"]["height"]
+    images = random_images(10, SIZES)
+    want = theirs(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours(images).pixel_values, want, atol=1e-6, rtol=0)
+
+
+def test_a_saved_deepseek_vl_hybrid_view_is_its_processor_in_transformers(tmp_path):
+    config = ProcessorConfig(
+        image_size=(32, 32),
+        patch_size=8,
+        resample="bicubic",
+        letterbox="deepseek_vl_hybrid",
+        letterbox_canvas=48,
+        letterbox_min_side=6,
+    )
+    SigLIP2Encoder(TOWER, config).save_pretrained(tmp_path)
+    theirs = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(theirs, Hybrid) and theirs.high_res_size.height == 48
+    images = random_images(11, SIZES)
+    want = theirs(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ImageProcessor(config)(images).pixel_values, want, atol=1e-6, rtol=0)
+    assert ImageProcessor.from_pretrained(tmp_path).config == config
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"high_res_resample": 2},
+            "the image processor resizes into its high_res_size square with high_res_resample=2 and then with "
+            "resample=3; this library uses one filter: set them equal",
+        ),
+        (
+            {"high_res_image_mean": [0.5, 0.5, 0.5]},
+            "the image processor pads its high_res_size square with [127, 127, 127] (high_res_image_mean) and its "
+            "view with [122, 116, 104] (image_mean); this library pads with one colour: set the means equal",
+        ),
+        (
+            {"high_res_size": {"height": 64, "width": 48}},
+            "the image processor's high_res_size must be a square, got high_res_size={'height': 64, 'width': 48}",
+        ),
+    ],
+)
+def test_deepseek_vl_hybrid_settings_not_reproduced_are_refused(settings, message):
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        processor_config_from_hf({"image_processor_type": "DeepseekVLHybridImageProcessor"} | settings, TOWER)
+
+
+@pytest.mark.parametrize("layout", ["model.vision_model.", "vision_model.vision_model."])
+def test_deepseek_vl_hybrids_tower_and_view_give_its_low_resolution_features(layout, tmp_path):
+    """DeepSeek-VL hybrid's SigLIP tower (beside its SAM one, which is not read) loads with its view: image -> ours
+    equals image -> its get_low_res_image_features, head included."""
+    vlm, processor = build("deepseek_vl_hybrid")
+    vlm = perturb(vlm, seed=5).eval()
+    vlm.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    move_tower(tmp_path, "model.vision_model.", layout)
+    ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert ours.processor_config.letterbox == "deepseek_vl_hybrid" and ours.config.use_head
+    images = random_images(12, [(20, 50), (64, 30)])
+    pixels = Hybrid.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want = vlm.model.get_low_res_image_features(pixels)
+        got = ours(ImageProcessor(ours.processor_config)(images).pixel_values)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -135,11 +220,31 @@ def test_a_processor_without_padding_is_refused():
         ),
         (
             dict(letterbox_min_side=4),
-            "letterbox_min_side applies with letterbox='deepseek_vl' only, got letterbox=None, letterbox_min_side=4",
+            "letterbox_min_side applies with letterbox='deepseek_vl' or 'deepseek_vl_hybrid' only, got "
+            "letterbox=None, letterbox_min_side=4",
         ),
         (
             dict(letterbox="pi0", letterbox_min_side=4),
-            "letterbox_min_side applies with letterbox='deepseek_vl' only, got letterbox='pi0', letterbox_min_side=4",
+            "letterbox_min_side applies with letterbox='deepseek_vl' or 'deepseek_vl_hybrid' only, got "
+            "letterbox='pi0', letterbox_min_side=4",
+        ),
+        (
+            dict(letterbox="deepseek_vl", letterbox_canvas=64),
+            "letterbox_canvas is the first square of letterbox='deepseek_vl_hybrid' and applies to it only: set both "
+            "or neither, got letterbox='deepseek_vl', letterbox_canvas=64",
+        ),
+        (
+            dict(letterbox="deepseek_vl_hybrid"),
+            "letterbox_canvas is the first square of letterbox='deepseek_vl_hybrid' and applies to it only: set both "
+            "or neither, got letterbox='deepseek_vl_hybrid', letterbox_canvas=None",
+        ),
+        (
+            dict(letterbox="deepseek_vl_hybrid", letterbox_canvas=0),
+            "letterbox_canvas must be a positive int, got letterbox_canvas=0",
+        ),
+        (
+            dict(letterbox="deepseek_vl_hybrid", letterbox_canvas=64, letterbox_min_side=100),
+            "letterbox_min_side must be at most the square's side 64, got letterbox_min_side=100",
         ),
         (
             dict(letterbox="deepseek_vl", letterbox_min_side=300),
@@ -149,8 +254,8 @@ def test_a_processor_without_padding_is_refused():
             dict(letterbox="deepseek_vl", letterbox_min_side=0),
             "letterbox_min_side must be a positive int, got letterbox_min_side=0",
         ),
-        (dict(letterbox=True), "letterbox must be one of ['deepseek_vl', 'pi0'] or None, got letterbox=True"),
-        (dict(letterbox="centre"), "letterbox must be one of ['deepseek_vl', 'pi0'] or None, got letterbox='centre'"),
+        (dict(letterbox=True), f"letterbox must be one of {LETTERBOX_KINDS} or None, got letterbox=True"),
+        (dict(letterbox="centre"), f"letterbox must be one of {LETTERBOX_KINDS} or None, got letterbox='centre'"),
     ],
 )
 def test_bad_letterbox_settings_are_refused(fields, message):
@@ -263,10 +368,18 @@ def test_pi0_processor_settings_not_reproduced_are_refused(settings, message):
     [
         ("deepseek_vl", "resize to 32x32, aspect ratio kept, centred, padded with [127, 127, 127], bicubic"),
         ("pi0", "resize to 32x32, aspect ratio kept, padded at the bottom and right with normalized zeros, bicubic"),
+        (
+            "deepseek_vl_hybrid",
+            "resize to 32x32, aspect ratio kept, centred in a 64x64 square padded with [127, 127, 127], then "
+            "resized, bicubic",
+        ),
     ],
 )
 def test_info_says_how_a_letterbox_pads(letterbox, text, tmp_path, capsys):
-    config = ProcessorConfig(image_size=(32, 32), patch_size=8, resample="bicubic", letterbox=letterbox)
+    canvas = 64 if letterbox == "deepseek_vl_hybrid" else None
+    config = ProcessorConfig(
+        image_size=(32, 32), patch_size=8, resample="bicubic", letterbox=letterbox, letterbox_canvas=canvas
+    )
     SigLIP2Encoder(TOWER, config).save_pretrained(tmp_path)
     assert main(["info", "--model", str(tmp_path)]) == EXIT_OK
     assert f"preprocessing    {text}, mean [0.5, 0.5, 0.5]" in capsys.readouterr().out
@@ -318,11 +431,13 @@ def test_formats_that_cannot_letterbox_refuse_a_letterbox_tower(letterbox, tmp_p
     assert not (tmp_path / "idefics3").exists() and not (tmp_path / "timm").exists()
 
 
-def test_llava_exports_refuse_pi0s_letterbox(tmp_path):
+@pytest.mark.parametrize(("letterbox", "canvas"), [("pi0", None), ("deepseek_vl_hybrid", 64)])
+def test_llava_exports_refuse_the_other_letterboxes(letterbox, canvas, tmp_path):
     """LLaVA's format takes DeepSeek-VL's letterbox only (its processor tested in LLaVA's consumers)."""
     model, _, tokenizer = make_vlm()
-    model.tower.processor_config = model.tower.processor_config.replace(letterbox="pi0")
-    message = "cannot export to LLaVA's format: the tower's processor letterboxes images (letterbox='pi0')"
+    config = model.tower.processor_config.replace(letterbox=letterbox, letterbox_canvas=canvas)
+    model.tower.processor_config = config
+    message = f"cannot export to LLaVA's format: the tower's processor letterboxes images (letterbox={letterbox!r})"
     with pytest.raises(ValueError, match=re.escape(message)):
         export_llava(model, tmp_path / "llava", tokenizer)
     assert not (tmp_path / "llava").exists()

@@ -24,6 +24,9 @@ from transformers import (
     ColPaliForRetrieval,
     DeepseekVLConfig,
     DeepseekVLForConditionalGeneration,
+    DeepseekVLHybridConfig,
+    DeepseekVLHybridForConditionalGeneration,
+    DeepseekVLHybridImageProcessor,
     DeepseekVLImageProcessor,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
@@ -109,6 +112,15 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
         config = config_class(vlm_config=vlm | dict(projection_dim=16, image_token_id=299), dit_config=expert)
         fit = {"max_height": 32, "max_width": 32}
         return model_class(config), PI0ImageProcessor(size=fit, pad_size={"height": 32, "width": 32})
+    if family == "deepseek_vl_hybrid":  # DeepSeek-VL 7B: a SAM tower beside SigLIP's, for a 64 px high-res view
+        sam = dict(model_type="sam_vision_model", hidden_size=16, output_channels=8, num_hidden_layers=2)
+        sam |= dict(num_attention_heads=2, image_size=64, patch_size=8, mlp_dim=32, global_attn_indexes=[1])
+        text = LM | dict(model_type="llama")
+        config = DeepseekVLHybridConfig(
+            vision_config=SIGLIP, high_res_vision_config=sam | dict(window_size=4), text_config=text
+        )
+        processor = DeepseekVLHybridImageProcessor(size=square, high_res_size={"height": 64, "width": 64})
+        return DeepseekVLHybridForConditionalGeneration(config), processor
     if family == "deepseek_vl":  # DeepSeek-VL 1.3B: its processor letterboxes
         config = DeepseekVLConfig(vision_config=SIGLIP, text_config=LM | dict(model_type="llama"))
         return DeepseekVLForConditionalGeneration(config), DeepseekVLImageProcessor(size=square)

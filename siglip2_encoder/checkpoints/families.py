@@ -79,8 +79,9 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "idefics3": ("model.vision_model.",),
     "smolvlm": ("model.vision_model.",),
     "idefics2": ("model.vision_model.",),
-    # DeepSeek-VL (1.3B: a SigLIP-L tower; its hybrid 7B adds a SAM tower, which is not this)
+    # DeepSeek-VL (1.3B: a SigLIP-L tower)
     "deepseek_vl": _SIGLIP_MODEL_PREFIXES,
+    "deepseek_vl_hybrid": _SIGLIP_MODEL_PREFIXES,  # the hybrid 7B: its low-resolution tower (SAM's is not read)
     "modernvbert": _SIGLIP_MODEL_PREFIXES,  # ModernVBERT: Idefics3's processor and connector around a SigLIP tower
     # the retrievers: PaliGemma (ColPali) and ModernVBERT (ColModernVBERT) under ``vlm.``
     "colpali": tuple("vlm." + prefix for prefix in _SIGLIP_TOWER_PREFIXES),
@@ -178,6 +179,10 @@ for _name, _kind in {
     "SmolVLMImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
     "DeepseekVLImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
+    # its hybrid's low-resolution view (pixel_values; the high-resolution one is for its SAM tower)
+    "DeepseekVLHybridImageProcessor": ProcessorKind(
+        False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl_hybrid"
+    ),
     "PI0ImageProcessor": ProcessorKind(False, 3, letterbox="pi0"),  # pi0's and pi0.5's (transformers' PI0Processor)
     "LlavaNextImageProcessor": ProcessorKind(False, 3, None, mean_std=_CLIP_MEAN_STD, beyond=_ANYRES_VIEWS),
     "LlavaOnevisionImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, beyond=_ANYRES_VIEWS),

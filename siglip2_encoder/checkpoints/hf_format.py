@@ -241,7 +241,7 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
     if kind.always_resized:
         common["do_resize"] = True
     if kind.letterbox is not None:
-        common |= _letterbox_settings(hf, name, kind.letterbox)
+        common |= _letterbox_settings(hf, name, kind)
     common["resample"] = _PIL_RESAMPLE[resample]
     try:
         if tower.naflex:
@@ -253,17 +253,43 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
         raise CheckpointError(f"invalid image processor settings: {err}") from None
 
 
-def _letterbox_settings(hf: Mapping[str, Any], name: str, letterbox: str) -> dict[str, Any]:
-    """A letterboxing processor's padding (``do_pad``) and, for DeepSeek-VL's, the short side's floor
-    (``min_size``)."""
+def _letterbox_settings(hf: Mapping[str, Any], name: str, kind: ProcessorKind) -> dict[str, Any]:
+    """A letterboxing processor's padding (``do_pad``); for DeepSeek-VL's, the short side's floor (``min_size``), and
+    for its hybrid's, the first square (``high_res_size``)."""
     if not hf.get("do_pad", True):
         raise CheckpointError(
             f"the image processor {name!r} has do_pad=false: each image keeps its own aspect ratio and size, which "
             f"this library does not reproduce (its views have one size); set do_pad true, its default"
         )
-    if letterbox == "pi0":
-        return dict(letterbox=letterbox)
-    return dict(letterbox=letterbox, letterbox_min_side=hf.get("min_size", LETTERBOX_MIN_SIDE))
+    if kind.letterbox == "pi0":
+        return dict(letterbox=kind.letterbox)
+    out = dict(letterbox=kind.letterbox, letterbox_min_side=hf.get("min_size", LETTERBOX_MIN_SIDE))
+    if kind.letterbox == "deepseek_vl_hybrid":
+        out["letterbox_canvas"] = _hybrid_canvas(hf, kind)
+    return out
+
+
+def _hybrid_canvas(hf: Mapping[str, Any], kind: ProcessorKind) -> int:
+    """DeepSeek-VL hybrid's first square: its ``high_res_size``, reproduced where that square is padded with the
+    colour and resized with the filter of the view that follows."""
+    size = hf.get("high_res_size") or {"height": 1024, "width": 1024}
+    side = size.get("height") if isinstance(size, Mapping) else None
+    if side is None or size.get("width") != side:
+        raise CheckpointError(f"the image processor's high_res_size must be a square, got high_res_size={size!r}")
+    filters = (hf.get("high_res_resample", kind.resample), hf.get("resample", kind.resample))
+    if filters[0] != filters[1]:
+        raise CheckpointError(
+            f"the image processor resizes into its high_res_size square with high_res_resample={filters[0]!r} and "
+            f"then with resample={filters[1]!r}; this library uses one filter: set them equal"
+        )
+    means = [hf.get(key) or kind.mean_std[0] for key in ("high_res_image_mean", "image_mean")]
+    colors = [[int(mean * 255) for mean in value] for value in means]
+    if colors[0] != colors[1]:
+        raise CheckpointError(
+            f"the image processor pads its high_res_size square with {colors[0]} (high_res_image_mean) and its view "
+            f"with {colors[1]} (image_mean); this library pads with one colour: set the means equal"
+        )
+    return side
 
 
 def _naflex_settings(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig) -> dict[str, Any]:
@@ -346,6 +372,21 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
             "size": {"max_height": height, "max_width": width},
             "do_pad": True,
             "pad_size": {"height": height, "width": width},
+            **out,
+        }
+    if config.letterbox == "deepseek_vl_hybrid":  # its high-resolution view is for its SAM tower; the same here
+        side, canvas = config.image_size[0], config.letterbox_canvas
+        return {
+            "image_processor_type": "DeepseekVLHybridImageProcessor",
+            "size": {"height": side, "width": side},
+            "high_res_size": {"height": canvas, "width": canvas},
+            "do_pad": True,
+            "min_size": config.letterbox_min_side,
+            "background_color": list(config.letterbox_color),
+            "high_res_background_color": list(config.letterbox_color),
+            "high_res_resample": out["resample"],
+            "high_res_image_mean": out["image_mean"],
+            "high_res_image_std": out["image_std"],
             **out,
         }
     if config.letterbox == "deepseek_vl":  # it pads with letterbox_color

@@ -73,6 +73,9 @@ def _letterbox_text(processing: ProcessorConfig) -> str:
         return ""
     if processing.letterbox == "deepseek_vl":
         return f", aspect ratio kept, centred, padded with {list(processing.letterbox_color)}"
+    if processing.letterbox == "deepseek_vl_hybrid":
+        side, color = processing.letterbox_canvas, list(processing.letterbox_color)
+        return f", aspect ratio kept, centred in a {side}x{side} square padded with {color}, then resized"
     return f", aspect ratio kept, {LETTERBOXES[processing.letterbox]}"
 
 

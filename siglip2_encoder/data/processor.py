@@ -2,7 +2,8 @@
 
 * fixed-resolution: resize to (height, width) with the checkpoint's filter, rescale to [0, 1], normalize; or
   (``letterbox``) resize keeping the aspect ratio and pad to (height, width): centred on the mean colour as
-  DeepSeek-VL's processor does, or at the bottom and right with normalized zeros as pi0's does.
+  DeepSeek-VL's processor does (its hybrid's: into a larger square first, then resized), or at the bottom and right
+  with normalized zeros as pi0's does.
 * NaFlex: resize to the largest size within ``max_num_patches`` that keeps the aspect ratio (transformers' rule,
   :func:`naflex_size`; or LFM2-VL's, :func:`smart_size`), rescale, normalize, cut into patches, pad to a common length
   with a validity mask.
@@ -257,7 +258,9 @@ class ImageProcessor:
             if config.letterbox == "pi0":
                 return ProcessedImage(self._fit_and_pad(tensor, index), None, size)
             if config.letterbox == "deepseek_vl":
-                tensor = self._letterbox(tensor)
+                tensor = self._letterbox(tensor, config.image_size[0])
+            elif config.letterbox == "deepseek_vl_hybrid":  # then resized to image_size below
+                tensor = self._letterbox(tensor, config.letterbox_canvas)
             return ProcessedImage(self._resize_normalize(tensor, config.image_size), None, size)
         budget = self._budget(max_num_patches)
         h, w, p = *size, config.patch_size
@@ -313,11 +316,10 @@ class ImageProcessor:
         pixels = self._resize_normalize(image, fitted)
         return torch.nn.functional.pad(pixels, (0, width - fitted[1], 0, height - fitted[0]))
 
-    def _letterbox(self, image: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) -> (3, S, S) in the input's units: resized by :func:`letterbox_size` and centred on the
+    def _letterbox(self, image: torch.Tensor, side: int) -> torch.Tensor:
+        """(3, H, W) -> (3, side, side) in the input's units: resized by :func:`letterbox_size` and centred on the
         letterbox colour (in 0-1 for float input), as DeepSeek-VL's processor pads before rescaling."""
         config = self.config
-        side = config.image_size[0]
         height, width = letterbox_size(image.shape[1], image.shape[2], side, config.letterbox_min_side)
         if (height, width) != tuple(image.shape[1:]):
             image = resize(image, (height, width), config.resample)
