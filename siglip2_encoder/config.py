@@ -44,17 +44,17 @@ NAFLEX_RESIZES = ("siglip2", "smart")
 LETTERBOX_MIN_SIDE = 14  # DeepSeek-VL's processor's min_size default
 # The letterboxes (ProcessorConfig.letterbox): resizes keeping each image's aspect ratio, then a pad to image_size,
 # each as one model family's processor does it.
-LETTERBOXES = {
+LETTERBOXES = (
     # DeepSeek-VL's: the longest side resized to the square's side, the other rounded half to even (at least
     # letterbox_min_side pixels); centred on the mean colour (letterbox_color), padded before rescaling
-    "deepseek_vl": "centred on the mean colour",
+    "deepseek_vl",
     # DeepSeek-VL hybrid's low-resolution view: the same into a letterbox_canvas square first (its high_res_size),
     # which is then resized to image_size
-    "deepseek_vl_hybrid": "centred on the mean colour in a larger square first",
+    "deepseek_vl_hybrid",
     # pi0's (PI0ImageProcessor): fitted within image_size, both sides floored; padded at the bottom and right with
     # zeros after normalizing (the mean colour for a mean of 0.5 and a std of 0.5)
-    "pi0": "padded at the bottom and right with normalized zeros",
-}
+    "pi0",
+)
 _DEEPSEEK_LETTERBOXES = ("deepseek_vl", "deepseek_vl_hybrid")
 # How a fixed-resolution tower finds position embeddings for a grid other than its native one: "interpolate" resizes
 # the table bicubically (SigLIP, transformers' interpolate_pos_encoding); "buckets" looks each patch's fractional

@@ -374,7 +374,7 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
             "pad_size": {"height": height, "width": width},
             **out,
         }
-    if config.letterbox == "deepseek_vl_hybrid":  # its high-resolution view is for its SAM tower; the same here
+    if config.letterbox == "deepseek_vl_hybrid":  # high_res_*: its SAM tower's view, written as this one
         side, canvas = config.image_size[0], config.letterbox_canvas
         return {
             "image_processor_type": "DeepseekVLHybridImageProcessor",

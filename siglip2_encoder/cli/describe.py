@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoints.folders import read_config, read_processor_config
 from ..checkpoints.hub import CheckpointError, CheckpointSource
-from ..config import LETTERBOXES, EncoderConfig, ProcessorConfig
+from ..config import EncoderConfig, ProcessorConfig
 from ..data.images import ImageLoadError, load_image
 from ..integrations.dense import pca_rgb
 from ..models.flops import encoder_flops, num_parameters
@@ -76,7 +76,7 @@ def _letterbox_text(processing: ProcessorConfig) -> str:
     if processing.letterbox == "deepseek_vl_hybrid":
         side, color = processing.letterbox_canvas, list(processing.letterbox_color)
         return f", aspect ratio kept, centred in a {side}x{side} square padded with {color}, then resized"
-    return f", aspect ratio kept, {LETTERBOXES[processing.letterbox]}"
+    return ", aspect ratio kept, padded at the bottom and right with normalized zeros"  # pi0's
 
 
 def _describe(model: str) -> tuple[EncoderConfig, ProcessorConfig, str]:
