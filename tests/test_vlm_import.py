@@ -3,6 +3,7 @@ key layouts, and equals the VLM's own vision tower in transformers on the same r
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -383,6 +384,32 @@ def test_a_tower_held_deeper_loads_from_each_layout_and_equals_theirs(family, sa
     if ours.config.use_head:
         torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
     check_processor(tmp_path, family)
+
+
+@pytest.mark.parametrize(
+    ("policy", "advice"),
+    [
+        (
+            "pi0",
+            "save it in transformers' format first and load that folder: "
+            "PI0ForConditionalGeneration.from_pretrained(SRC).save_pretrained(DIR), and its processor, "
+            "PI0Processor.from_pretrained(SRC).save_pretrained(DIR)",
+        ),
+        (
+            "pi05",
+            "save it in transformers' format first and load that folder: "
+            "PI05ForConditionalGeneration.from_pretrained(SRC).save_pretrained(DIR), and its processor, "
+            "PI05Processor.from_pretrained(SRC).save_pretrained(DIR)",
+        ),
+        ("act", "this library reads transformers' checkpoints"),
+    ],
+)
+def test_a_lerobot_policys_config_says_how_to_get_a_transformers_checkpoint(policy, advice, tmp_path):
+    """LeRobot's policy files (the Hub's pi0 and pi0.5 ones among them) name their kind as type, no model_type."""
+    (tmp_path / "config.json").write_text(json.dumps({"type": policy, "n_obs_steps": 1}))
+    message = f"config.json is a LeRobot policy's (type={policy!r}), not transformers' (it names no model_type); "
+    with pytest.raises(CheckpointError, match=re.escape(message + advice)):
+        SigLIP2Encoder.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(("family", "tiles"), [("aya_vision", False), ("aya_vision", True), ("cohere2_vision", True)])

@@ -119,6 +119,8 @@ def _vision_fields(hf_config: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]
             f"siglip2_encoder.integrations.timm_models.load_timm, or convert it once: "
             f"`siglip2-encoder convert SRC DST --to hf`"
         )
+    if model_type is None and "type" in hf_config:  # LeRobot's policies name their kind so
+        raise CheckpointError(_lerobot_error(hf_config["type"]))
     raise CheckpointError(
         f"config.json has model_type={model_type!r}; expected one of "
         f"{sorted([*IMAGE_TEXT_TYPES, *VISION_TYPES, *VLM_TYPES])} (a SigLIP or SigLIP 2 checkpoint, or a VLM with "
@@ -170,6 +172,26 @@ def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
         if value is not None and name not in skipped:
             out[_HF_FIELD_NAMES.get(name, name)] = value
     return out
+
+
+# LeRobot policies whose model transformers has -> its model and processor classes
+_LEROBOT_MODELS = {
+    "pi0": ("PI0ForConditionalGeneration", "PI0Processor"),
+    "pi05": ("PI05ForConditionalGeneration", "PI05Processor"),
+}
+
+
+def _lerobot_error(policy: object) -> str:
+    """The error for a LeRobot policy's ``config.json``: how to save it in transformers' format, where it can be."""
+    message = f"config.json is a LeRobot policy's (type={policy!r}), not transformers' (it names no model_type)"
+    if not isinstance(policy, str) or policy not in _LEROBOT_MODELS:
+        return f"{message}; this library reads transformers' checkpoints"
+    model, processor = _LEROBOT_MODELS[policy]
+    return (
+        f"{message}; save it in transformers' format first and load that folder: "
+        f"{model}.from_pretrained(SRC).save_pretrained(DIR), and its processor, "
+        f"{processor}.from_pretrained(SRC).save_pretrained(DIR)"
+    )
 
 
 def text_config_from_hf(hf_config: Mapping[str, Any]) -> TextConfig:
