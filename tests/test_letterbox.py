@@ -418,7 +418,7 @@ def test_formats_that_cannot_letterbox_refuse_a_letterbox_tower(letterbox, tmp_p
     message = (
         f"cannot export to Idefics3's format: the tower's processor letterboxes images (letterbox={letterbox!r}), "
         "which that format's processor does not: its model would see other pixels; train with "
-        "processor_config.replace(letterbox=None), or save it with save_pretrained"
+        "processor_config.at_size(processor_config.image_size) (no letterbox), or save it with save_pretrained"
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         export_idefics3(model, tmp_path / "idefics3", tokenizer)

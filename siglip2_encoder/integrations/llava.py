@@ -362,7 +362,7 @@ class VisionLanguageModel(VLMIOMixin, nn.Module):
             raise ValueError(
                 f"{action}: the tower's processor letterboxes images (letterbox={letterbox!r}), which that format's "
                 f"processor does not: its model would see other pixels; train with "
-                f"processor_config.replace(letterbox=None), or save it with save_pretrained"
+                f"processor_config.at_size(processor_config.image_size) (no letterbox), or save it with save_pretrained"
             )
         if self.splitting is not None and not (splitting is not None and isinstance(self.splitting, splitting)):
             raise ValueError(
