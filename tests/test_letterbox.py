@@ -14,7 +14,7 @@ import torch
 from conftest import perturb, random_images
 from PIL import Image
 from test_llava import make_vlm, run_as_the_card_says
-from test_vlm_import import build, move_tower
+from test_vlm_import import build, move_tower, vision_tower
 from transformers import AutoImageProcessor, PI0ImageProcessor
 from transformers import DeepseekVLHybridImageProcessor as Hybrid
 from transformers import DeepseekVLImageProcessor as Theirs
@@ -150,45 +150,43 @@ def test_deepseek_vl_hybrid_settings_not_reproduced_are_refused(settings, messag
         processor_config_from_hf({"image_processor_type": "DeepseekVLHybridImageProcessor"} | settings, TOWER)
 
 
-@pytest.mark.parametrize("layout", ["model.vision_model.", "vision_model.vision_model."])
-def test_deepseek_vl_hybrids_tower_and_view_give_its_low_resolution_features(layout, tmp_path):
-    """DeepSeek-VL hybrid's SigLIP tower (beside its SAM one, which is not read) loads with its view: image -> ours
-    equals image -> its get_low_res_image_features, head included."""
-    vlm, processor = build("deepseek_vl_hybrid")
+# (family, where its tower's keys are moved from 5.x's model.vision_model., None: as saved): DeepSeek-VL in 5.x's, 4.x's
+# and its model's layouts, its hybrid's SigLIP tower (beside SAM's, not read), pi0 and pi0.5 as transformers saves them
+# (test_vlm_import has their other layouts)
+LETTERBOX_TOWERS = [
+    ("deepseek_vl", "model.vision_model."),
+    ("deepseek_vl", "model.vision_model.vision_model."),
+    ("deepseek_vl", "vision_model."),
+    ("deepseek_vl", "vision_model.vision_model."),
+    ("deepseek_vl_hybrid", "model.vision_model."),
+    ("deepseek_vl_hybrid", "vision_model.vision_model."),
+    ("pi0", None),
+    ("pi05", None),
+]
+LETTERBOX_OF = {"deepseek_vl": "deepseek_vl", "deepseek_vl_hybrid": "deepseek_vl_hybrid", "pi0": "pi0", "pi05": "pi0"}
+
+
+@pytest.mark.parametrize(("family", "layout"), LETTERBOX_TOWERS)
+def test_a_letterbox_familys_tower_and_processor_give_its_features(family, layout, tmp_path):
+    """The tower loads with its processor as the family's letterbox, and equals theirs (head included where there is
+    one): image -> ours equals image -> their processor -> their tower (the hybrid's: its low-resolution view)."""
+    vlm, processor = build(family)
     vlm = perturb(vlm, seed=5).eval()
     vlm.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    move_tower(tmp_path, "model.vision_model.", layout)
+    if layout is not None:
+        move_tower(tmp_path, "model.vision_model.", layout)
     ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    assert ours.processor_config.letterbox == "deepseek_vl_hybrid" and ours.config.use_head
-    images = random_images(12, [(20, 50), (64, 30)])
-    pixels = Hybrid.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        want = vlm.model.get_low_res_image_features(pixels)
-        got = ours(ImageProcessor(ours.processor_config)(images).pixel_values)
-    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=0)
-    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize(
-    "layout", ["model.vision_model.", "model.vision_model.vision_model.", "vision_model.", "vision_model.vision_model."]
-)
-def test_deepseek_vls_tower_and_processor_load_and_equal_theirs(layout, tmp_path):
-    """DeepSeek-VL's SigLIP tower (5.x saves it under model.vision_model.; the others: 4.x and its model's layouts)
-    equals theirs, head included; its processor loads as the letterbox; image -> ours equals image -> theirs."""
-    vlm = perturb(build("deepseek_vl")[0], seed=5).eval()
-    vlm.save_pretrained(tmp_path)
-    Theirs(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    move_tower(tmp_path, "model.vision_model.", layout)
-    ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    assert ours.processor_config.letterbox == "deepseek_vl" and ours.config.use_head
+    assert ours.processor_config.letterbox == LETTERBOX_OF[family]
+    assert ours.config.use_head == family.startswith("deepseek_vl")
     images = random_images(3, [(20, 50), (64, 30)])
-    pixels = Theirs.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"]
+    pixels = type(processor).from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        want = vlm.model.vision_model(pixels)
+        want = vision_tower(vlm)(pixels)
         got = ours(ImageProcessor(ours.processor_config)(images).pixel_values)
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=0)
-    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
+    if ours.config.use_head:
+        torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
 
 
 def test_a_processor_without_padding_is_refused():
@@ -320,24 +318,6 @@ def test_a_saved_pi0_letterbox_tower_is_pi0s_processor_in_transformers(tmp_path)
     want = theirs(images, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(ImageProcessor(config)(images).pixel_values, want, atol=1e-6, rtol=0)
     assert ImageProcessor.from_pretrained(tmp_path).config == config
-
-
-@pytest.mark.parametrize("family", ["pi0", "pi05"])
-def test_pi0s_tower_and_processor_give_its_features(family, tmp_path):
-    """pi0's and pi0.5's towers (in transformers' layout; test_vlm_import has the others) with their processor:
-    image -> ours equals image -> theirs, no head."""
-    vlm, processor = build(family)
-    vlm = perturb(vlm, seed=5).eval()
-    vlm.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    assert ours.processor_config.letterbox == "pi0" and not ours.config.use_head
-    images = random_images(9, [(20, 50), (64, 30)])
-    pixels = PI0ImageProcessor.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        want = vlm.model.vlm.get_image_features(pixels).last_hidden_state
-        got = ours(ImageProcessor(ours.processor_config)(images).pixel_values).last_hidden_state
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
