@@ -71,19 +71,24 @@ def test_letterbox_size_keeps_the_aspect_ratio_rounding_half_to_even():
     assert letterbox_size(5, 300, 32, 14) == (14, 32)
 
 
+def saved_as_theirs(config: ProcessorConfig, folder, kind: type, sizes: list, seed: int):
+    """save_pretrained writes transformers' ``kind`` settings: AutoImageProcessor loads that class and preprocesses as
+    we do, and the file loads back as the same config. Returns their processor."""
+    SigLIP2Encoder(TOWER, config).save_pretrained(folder)
+    theirs = AutoImageProcessor.from_pretrained(folder)
+    assert isinstance(theirs, kind)
+    images = random_images(seed, sizes)
+    want = theirs(images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ImageProcessor(config)(images).pixel_values, want, atol=1e-6, rtol=0)
+    assert ImageProcessor.from_pretrained(folder).config == config
+    return theirs
+
+
 def test_a_saved_letterbox_tower_is_deepseek_vls_processor_in_transformers(tmp_path):
-    """save_pretrained writes DeepseekVLImageProcessor settings: AutoImageProcessor preprocesses as we do, and they
-    load back as the same config."""
     config = ProcessorConfig(
         image_size=(32, 32), patch_size=8, resample="bicubic", letterbox="deepseek_vl", letterbox_min_side=6
     )
-    SigLIP2Encoder(TOWER, config).save_pretrained(tmp_path)
-    theirs = AutoImageProcessor.from_pretrained(tmp_path)
-    assert isinstance(theirs, Theirs) and theirs.min_size == 6
-    images = random_images(2, SIZES)
-    want = theirs(images, return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(ImageProcessor(config)(images).pixel_values, want, atol=1e-6, rtol=0)
-    assert ImageProcessor.from_pretrained(tmp_path).config == config
+    assert saved_as_theirs(config, tmp_path, Theirs, SIZES, seed=2).min_size == 6
     assert processor_config_from_hf(processor_config_to_hf(config), TOWER) == config
 
 
@@ -117,13 +122,7 @@ def test_a_saved_deepseek_vl_hybrid_view_is_its_processor_in_transformers(tmp_pa
         letterbox_canvas=48,
         letterbox_min_side=6,
     )
-    SigLIP2Encoder(TOWER, config).save_pretrained(tmp_path)
-    theirs = AutoImageProcessor.from_pretrained(tmp_path)
-    assert isinstance(theirs, Hybrid) and theirs.high_res_size.height == 48
-    images = random_images(11, SIZES)
-    want = theirs(images, return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(ImageProcessor(config)(images).pixel_values, want, atol=1e-6, rtol=0)
-    assert ImageProcessor.from_pretrained(tmp_path).config == config
+    assert saved_as_theirs(config, tmp_path, Hybrid, SIZES, seed=11).high_res_size.height == 48
 
 
 @pytest.mark.parametrize(
@@ -311,13 +310,7 @@ def test_pi0s_letterbox_refuses_an_image_it_would_empty():
 
 def test_a_saved_pi0_letterbox_tower_is_pi0s_processor_in_transformers(tmp_path):
     config = ProcessorConfig(image_size=(24, 40), patch_size=8, resample="bicubic", letterbox="pi0")
-    SigLIP2Encoder(TOWER, config).save_pretrained(tmp_path)
-    theirs = AutoImageProcessor.from_pretrained(tmp_path)
-    assert isinstance(theirs, PI0ImageProcessor)
-    images = random_images(8, PI0_SIZES)
-    want = theirs(images, return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(ImageProcessor(config)(images).pixel_values, want, atol=1e-6, rtol=0)
-    assert ImageProcessor.from_pretrained(tmp_path).config == config
+    saved_as_theirs(config, tmp_path, PI0ImageProcessor, PI0_SIZES, seed=8)
 
 
 @pytest.mark.parametrize(
