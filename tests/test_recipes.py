@@ -65,6 +65,7 @@ FAMILY_RECIPES = {
     "pi05": "paligemma",
     "modernvbert": "modernvbert",
     "colmodernvbert": "modernvbert",
+    "ultravbert": "modernvbert",
     "idefics3": "idefics3",
     "smolvlm": "smolvlm",
     "lfm2_vl": "lfm2_vl",
@@ -90,7 +91,7 @@ def test_recipe_gives_what_the_vlms_projector_receives(family, tmp_path):
     else:
         if family in ("llava_next", "llava_onevision"):  # one image: its base view and one 32x32 tile
             inputs = dict(pixel_values=pixels[None], image_sizes=torch.tensor([[32, 32]]))
-        elif family in ("idefics3", "smolvlm", "modernvbert", "colmodernvbert"):  # one sample of two images
+        elif family in ("idefics3", "smolvlm", "modernvbert", "colmodernvbert", "ultravbert"):  # one sample, 2 images
             inputs = dict(pixel_values=pixels[None])
         else:
             inputs = dict(pixel_values=pixels)

@@ -33,6 +33,9 @@ from transformers import (
     Gemma3ForConditionalGeneration,
     Gemma3ImageProcessor,
     GotOcr2ImageProcessor,
+    GraniteDoclingConfig,
+    GraniteDoclingForConditionalGeneration,
+    GraniteDoclingImageProcessor,
     Idefics2Config,
     Idefics2ForConditionalGeneration,
     Idefics2ImageProcessor,
@@ -67,6 +70,9 @@ from transformers import (
     SmolVLMImageProcessor,
     T5Gemma2Config,
     T5Gemma2ForConditionalGeneration,
+    UltraVBertConfig,
+    UltraVBertForMaskedLM,
+    UltraVBertImageProcessor,
 )
 
 from siglip2_encoder import CheckpointError, EncoderConfig, ImageProcessor, SigLIP2Encoder
@@ -97,14 +103,25 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
         vlm = dict(model_type="paligemma", vision_config=SIGLIP | dict(vision_use_head=False), text_config=LM)
         config = ColPaliConfig(vlm_config=vlm | dict(projection_dim=16), embedding_dim=16)
         return ColPaliForRetrieval(config), SiglipImageProcessor(size=square)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300)
+    text |= dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if family in ("modernvbert", "colmodernvbert"):  # Idefics3's processor and connector around a SigLIP tower
-        text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300)
-        text |= dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        text |= dict(cls_token_id=1, sep_token_id=2)
         config = ModernVBertConfig(vision_config=SIGLIP, text_config=text, pixel_shuffle_factor=2)
         processor = Idefics3ImageProcessor(max_image_size={"longest_edge": 32}, size={"longest_edge": 64})
         if family == "modernvbert":
             return ModernVBertForMaskedLM(config), processor
         return ColModernVBertForRetrieval(ColModernVBertConfig(vlm_config=config.to_dict())), processor
+    if family == "ultravbert":  # ModernVBERT around another text encoder; its processor caps Idefics3's tiles
+        text |= dict(cls_token_id=1, sep_token_id=2, prediction_head_size=16)
+        vision = SIGLIP | dict(vision_use_head=False)  # its config's default
+        config = UltraVBertConfig(vision_config=vision, text_config=text, pixel_shuffle_factor=2)
+        processor = UltraVBertImageProcessor(max_image_size={"longest_edge": 32}, size={"longest_edge": 64})
+        return UltraVBertForMaskedLM(config), processor
+    if family == "granite_docling":  # Idefics3's layout, a DeepStack connector inside its tower, GOT-OCR 2's tiles
+        vision = TOWER | dict(image_size=32, out_hidden_size=16, scale_factor=2, deepstack_visual_indexes=[0])
+        config = GraniteDoclingConfig(vision_config=vision, text_config=text)
+        return GraniteDoclingForConditionalGeneration(config), GraniteDoclingImageProcessor(size=square)
     if family in ("pi0", "pi05"):  # the robot policies: PaliGemma as vlm (vlm_config), a Gemma action expert
         vlm = dict(model_type="paligemma", vision_config=SIGLIP | dict(vision_use_head=False), text_config=LM)
         expert = dict(model_type="gemma") | LM
@@ -224,6 +241,8 @@ VIEWS = {
     "pi05": ((32, 32), "bicubic"),
     "modernvbert": ((32, 32), "lanczos"),
     "colmodernvbert": ((32, 32), "lanczos"),
+    "ultravbert": ((32, 32), "lanczos"),
+    "granite_docling": ((32, 32), "bicubic"),
     "llava": ((32, 32), "bicubic"),
     "llava_next": ((32, 32), "bicubic"),
     "llava_onevision": ((32, 32), "bicubic"),
@@ -331,6 +350,10 @@ DEEPER = [
     ("modernvbert", "model.vision_model.", "model.vision_model.vision_model."),
     ("colmodernvbert", "vlm.vision_model.", "vlm.vision_model."),
     ("colmodernvbert", "vlm.vision_model.", "vlm.vision_model.vision_model."),
+    ("ultravbert", "model.vision_model.", "model.vision_model."),
+    ("ultravbert", "model.vision_model.", "vision_model."),  # an UltraVBertModel's
+    ("granite_docling", "model.vision_model.", "model.vision_model."),  # its connector.* keys among the tower's
+    ("granite_docling", "model.vision_model.", "vision_model."),  # a GraniteDoclingModel's
     # pi0 / pi0.5: transformers saves openpi's names, the Hub's LeRobot files have the policy's model. before them
     (
         "pi0",
@@ -366,8 +389,9 @@ DEEPER = [
 def test_a_tower_held_deeper_loads_from_each_layout_and_equals_theirs(family, saved, layout, tmp_path, caplog):
     """ShieldGemma 2 wraps Gemma 3 in an image classifier; T5Gemma 2 holds Gemma 3's tower in its encoder (its config
     as encoder.vision_config); ColPali and ColModernVBERT wrap PaliGemma and ModernVBERT under vlm. (configs in
-    vlm_config), pi0 and pi0.5 PaliGemma under openpi's names (configs in vlm_config). The tower loads from each key
-    layout and equals theirs (the head too where there is one)."""
+    vlm_config), pi0 and pi0.5 PaliGemma under openpi's names (configs in vlm_config); Granite Docling saves its
+    connector within its tower. The tower loads from each key layout and equals theirs (the head too where there is
+    one)."""
     vlm, image_processor = build(family)
     vlm = perturb(vlm, seed=5).eval()
     vlm.save_pretrained(tmp_path)
@@ -375,8 +399,10 @@ def test_a_tower_held_deeper_loads_from_each_layout_and_equals_theirs(family, sa
     move_tower(tmp_path, saved, layout)
     with caplog.at_level(logging.WARNING):
         ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    assert ours.config.use_head == (family not in ("colpali", "pi0", "pi05")) and ours.config.num_hidden_layers == 2
-    assert ("here each image is resized (LANCZOS) to one tile" in caplog.text) == family.endswith("modernvbert")
+    headless = ("colpali", "pi0", "pi05", "ultravbert", "granite_docling")
+    assert ours.config.use_head == (family not in headless) and ours.config.num_hidden_layers == 2
+    one_tile = family.endswith("modernvbert") or family == "ultravbert"
+    assert ("here each image is resized (LANCZOS) to one tile" in caplog.text) == one_tile
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = vision_tower(vlm)(x), ours(x)
@@ -384,6 +410,48 @@ def test_a_tower_held_deeper_loads_from_each_layout_and_equals_theirs(family, sa
     if ours.config.use_head:
         torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
     check_processor(tmp_path, family)
+
+
+@pytest.mark.parametrize("use_head", [False, True])
+def test_a_head_an_ultravbert_tower_lacks_is_dropped_as_transformers_drops_it(use_head, tmp_path):
+    """UltraVBERT's towers have no head (vision_use_head=False), but its checkpoints may carry the SigLIP head they
+    were made from: transformers ignores those weights (_keys_to_ignore_on_load_unexpected), and so do we. A tower
+    whose config has the head loads it."""
+    vlm, _ = build("ultravbert")
+    config = vlm.config
+    config.vision_config.vision_use_head = True
+    vlm = perturb(UltraVBertForMaskedLM(config), seed=5).eval()
+    vlm.save_pretrained(tmp_path)
+    if not use_head:  # the head's weights stay in the file
+        config.vision_config.vision_use_head = False
+        config.save_pretrained(tmp_path)
+    assert any(key.startswith("model.vision_model.head.") for key in load_file(tmp_path / "model.safetensors"))
+    theirs = UltraVBertForMaskedLM.from_pretrained(tmp_path).eval()
+    ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert ours.config.use_head == use_head == any(name.startswith("head.") for name in ours.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = vision_tower(theirs)(x), ours(x)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=0)
+    if use_head:
+        torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
+
+
+def test_a_saved_granite_docling_tower_loads_without_its_connector(tmp_path):
+    """GraniteDoclingVisionModel holds its DeepStack connector: saved alone (granite_docling_vision), its tower loads
+    and equals theirs, the connector's weights skipped by name; the layers it taps are hidden states by index."""
+    vlm, _ = build("granite_docling")
+    theirs = perturb(vision_tower(vlm), seed=5).eval()
+    theirs.save_pretrained(tmp_path)
+    assert any(key.startswith("connector.") for key in load_file(tmp_path / "model.safetensors"))
+    ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert (ours.config.use_head, ours.config.position_lookup) == (False, "interpolate")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, taps = theirs.encode(x)  # final tokens and its first layer's output (deepstack_visual_indexes=[0])
+        got = ours(x, layers=[1])
+    torch.testing.assert_close(got.last_hidden_state, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.tokens(1), taps[0], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -412,11 +480,15 @@ def test_a_lerobot_policys_config_says_how_to_get_a_transformers_checkpoint(poli
         SigLIP2Encoder.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize(("family", "tiles"), [("aya_vision", False), ("aya_vision", True), ("cohere2_vision", True)])
+@pytest.mark.parametrize(
+    ("family", "tiles"),
+    [("aya_vision", False), ("aya_vision", True), ("cohere2_vision", True), ("granite_docling", True),
+     ("granite_docling", False)],
+)  # fmt: skip
 def test_the_view_of_a_tiling_processor_is_its_thumbnail(family, tiles, tmp_path, caplog):
-    """Aya Vision's and Command A Vision's processors, with crop_to_patches, cut tiles and add a thumbnail (the image
-    resized to size): the view reproduced is that thumbnail, and without tiles their only view. The warning says so
-    only when they tile."""
+    """Aya Vision's, Command A Vision's and Granite Docling's processors, with crop_to_patches, cut tiles and add a
+    thumbnail (the image resized to size): the view reproduced is that thumbnail, and without tiles their only view.
+    The warning says so only when they tile."""
     vlm, image_processor = build(family)
     image_processor.crop_to_patches = tiles
     vlm.config.save_pretrained(tmp_path)
@@ -425,6 +497,12 @@ def test_the_view_of_a_tiling_processor_is_its_thumbnail(family, tiles, tmp_path
         ours = ImageProcessor.from_pretrained(tmp_path)
     assert ("here the thumbnail only" in caplog.text) == tiles
     images = random_images(3, [(40, 100), (64, 30)])  # several tiles each, so each has a thumbnail last
+    if family == "granite_docling":  # one sample per image, tiles padded in the batch: the thumbnail is its last
+        theirs = image_processor([[image] for image in images], return_tensors="pt")
+        last = theirs["pixel_attention_mask"].sum(1) - 1
+        assert (last > 1).all() == tiles and (last == 0).all() != tiles
+        torch.testing.assert_close(ours(images).pixel_values, theirs["pixel_values"][[0, 1], last], atol=1e-6, rtol=0)
+        return
     theirs = image_processor(images, return_tensors="pt")
     views = theirs["pixel_values"]
     if tiles:
@@ -543,8 +621,8 @@ def test_a_vlm_with_another_tower_or_pan_and_scan_is_refused(tmp_path):
     LlavaConfig(text_config=LM | dict(model_type="llama")).save_pretrained(tmp_path / "clip")  # a CLIP tower
     message = (
         "config.json is a 'llava' checkpoint whose vision tower is 'clip_vision_model', not a SigLIP-architecture "
-        "tower (one of siglip_vision_model, siglip2_vision_model, idefics3_vision, smolvlm_vision, idefics2_vision); "
-        "load it with the library of its own tower"
+        "tower (one of siglip_vision_model, siglip2_vision_model, idefics3_vision, smolvlm_vision, idefics2_vision, "
+        "granite_docling_vision); load it with the library of its own tower"
     )
     with pytest.raises(CheckpointError, match=re.escape(message)):
         SigLIP2Encoder.from_pretrained(tmp_path / "clip")

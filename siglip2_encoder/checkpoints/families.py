@@ -16,6 +16,7 @@ __all__ = [
     "PROCESSOR_TYPES",
     "ProcessorKind",
     "TEXT_TYPES",
+    "TOWER_EXTRAS",
     "VISION_TYPES",
     "VLM_TYPES",
 ]
@@ -28,6 +29,7 @@ VISION_TYPES = {
     "idefics3_vision": False,  # Idefics3VisionTransformer: SigLIP without the head, bucketed positions
     "smolvlm_vision": False,  # SmolVLMVisionTransformer: the same tower
     "idefics2_vision": False,  # Idefics2VisionTransformer: the same tower
+    "granite_docling_vision": False,  # GraniteDoclingVisionModel: SigLIP without the head, and its connector
 }
 TEXT_TYPES = ("siglip_text_model", "siglip2_text_model")  # text-only checkpoints (SiglipTextModel, ...)
 # Vision types whose architecture differs from SigLIP's in ways their config.json does not say: the fields fixed here.
@@ -36,6 +38,7 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "idefics3_vision": {"use_head": False, "position_lookup": "buckets"},
     "smolvlm_vision": {"use_head": False, "position_lookup": "buckets"},
     "idefics2_vision": {"use_head": False, "position_lookup": "buckets"},
+    "granite_docling_vision": {"use_head": False},  # 512 px tiles only: positions are SigLIP's own
 }
 _SIGLIP_TOWER_PREFIXES = (  # 4.x before and after its ``model.`` refactor, 5.x in memory and as saved
     "model.vision_tower.vision_model.",
@@ -82,7 +85,10 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     # DeepSeek-VL (1.3B: a SigLIP-L tower)
     "deepseek_vl": _SIGLIP_MODEL_PREFIXES,
     "deepseek_vl_hybrid": _SIGLIP_MODEL_PREFIXES,  # the hybrid 7B: its low-resolution tower (SAM's is not read)
+    # Granite Docling (granite-for-docling): Idefics3's layout, its connector inside the tower (TOWER_EXTRAS)
+    "granite_docling": ("model.vision_model.", "vision_model."),
     "modernvbert": _SIGLIP_MODEL_PREFIXES,  # ModernVBERT: Idefics3's processor and connector around a SigLIP tower
+    "ultravbert": _SIGLIP_MODEL_PREFIXES,  # UltraVBERT: ModernVBERT's model around another text encoder
     # the retrievers: PaliGemma (ColPali) and ModernVBERT (ColModernVBERT) under ``vlm.``
     "colpali": tuple("vlm." + prefix for prefix in _SIGLIP_TOWER_PREFIXES),
     "colmodernvbert": tuple("vlm." + prefix for prefix in _SIGLIP_MODEL_PREFIXES),
@@ -100,6 +106,15 @@ NESTED_VISION_CONFIGS: dict[str, tuple[str, ...]] = {
     "colmodernvbert": ("vlm_config", "vision_config"),
     "pi0": ("vlm_config", "vision_config"),
     "pi05": ("vlm_config", "vision_config"),
+}
+
+# Model types whose checkpoints hold weights under the tower's prefix that are not the tower's -> their key prefixes
+# (after the tower's), skipped by name. A head ("head.") is skipped only where the tower has none.
+TOWER_EXTRAS: dict[str, tuple[str, ...]] = {
+    "granite_docling": ("connector.",),  # its DeepStack connector, which reads layers the tower returns
+    "granite_docling_vision": ("connector.",),
+    # the SigLIP head of the tower it was made from, which transformers drops (_keys_to_ignore_on_load_unexpected)
+    "ultravbert": ("head.",),
 }
 
 
@@ -177,6 +192,8 @@ for _name, _kind in {
     "Gemma3ImageProcessor": ProcessorKind(False, 2),  # SigLIP's, bilinear, plus an optional pan-and-scan
     "Idefics3ImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "SmolVLMImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
+    # Idefics3's, its tile count capped (max_image_tiles) by lowering the longest edge: the same single tile
+    "UltraVBertImageProcessor": ProcessorKind(False, 1, (512, 512), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
     "DeepseekVLImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
     # its hybrid's low-resolution view (pixel_values; the high-resolution one is for its SAM tower)
@@ -200,5 +217,7 @@ for _name, _kind in {
     # Aya Vision's (transformers names it for GOT-OCR 2, whose processor it is) and Command A Vision's
     "GotOcr2ImageProcessor": _tiles_and_thumbnail(384, tiles_by_default=False),
     "Cohere2VisionImageProcessor": _tiles_and_thumbnail(512, tiles_by_default=True),
+    # Granite Docling's: GOT-OCR 2's tiling of a page (its dense_* settings choose only the tiles)
+    "GraniteDoclingImageProcessor": _tiles_and_thumbnail(512, tiles_by_default=True),
 }.items():
     PROCESSOR_TYPES[_name] = PROCESSOR_TYPES[_name + "Fast"] = _kind

@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 
 from ..config import EncoderConfig, ProcessorConfig, TextConfig
 from ..files import write_atomic
-from .families import VLM_TYPES
 from .hf_format import (
     VISION_PREFIX,
     KeyMap,
@@ -30,8 +29,7 @@ from .hf_format import (
     text_config_from_hf,
     text_config_to_hf,
     text_key,
-    vision_key,
-    vlm_tower_keys,
+    tower_keys,
 )
 from .hub import CheckpointError, CheckpointSource
 
@@ -178,8 +176,7 @@ def read_checkpoint(source: CheckpointSource, *, dtype: torch.dtype | None = Non
     (:data:`VLM_TYPES`: only the shards holding it are read); ``dtype=None`` keeps the stored dtype. ``views``: the
     caller reproduces the VLM processor's other views (see :func:`read_processor_config`)."""
     config = read_config(source)
-    prefixes = VLM_TYPES.get(source.read_json("config.json").get("model_type"))
-    select = vlm_tower_keys(prefixes) if prefixes else vision_key
+    select = tower_keys(source.read_json("config.json").get("model_type"), config)
     processor = read_processor_config(source, config, views)
     return Checkpoint(config, read_state_dict(source, select, dtype), processor)
 

@@ -22,6 +22,7 @@ from .families import (
     NESTED_VISION_CONFIGS,
     PROCESSOR_TYPES,
     TEXT_TYPES,
+    TOWER_EXTRAS,
     VISION_TYPES,
     VLM_TYPES,
     ProcessorKind,
@@ -41,6 +42,7 @@ __all__ = [
     "text_config_from_hf",
     "text_config_to_hf",
     "text_key",
+    "tower_keys",
     "vision_key",
     "vlm_tower_keys",
 ]
@@ -491,6 +493,25 @@ def vlm_tower_keys(prefixes: tuple[str, ...]) -> KeyMap:
         return None
 
     return select
+
+
+def tower_keys(model_type: str | None, config: EncoderConfig) -> KeyMap:
+    """Names the keys of a checkpoint whose ``config.json`` has this ``model_type`` (and describes this tower) as
+    the tower does: a VLM's by its prefixes, a SigLIP one's by :data:`vision_key`; the other weights saved under the
+    tower's prefix (:data:`TOWER_EXTRAS`) are skipped by name."""
+    prefixes = VLM_TYPES.get(model_type) if model_type is not None else None
+    select = vlm_tower_keys(prefixes) if prefixes else vision_key
+    extras = TOWER_EXTRAS.get(model_type, ()) if model_type is not None else ()
+    if config.use_head:  # a head is the tower's where it has one
+        extras = tuple(prefix for prefix in extras if prefix != "head.")
+    if not extras:
+        return select
+
+    def without_extras(key: str) -> str | None:
+        name = select(key)
+        return None if name is None or name.startswith(extras) else name
+
+    return without_extras
 
 
 text_key = _tower_keys(TEXT_PREFIX, _NON_TEXT_PREFIXES)

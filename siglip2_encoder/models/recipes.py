@@ -152,7 +152,8 @@ RECIPES: dict[str, Recipe] = {
             4,
             depth=1,
             bias=False,
-            source="ModernVBERT / ColModernVBERT: last_hidden_state, pixel shuffle by pixel_shuffle_factor (4)",
+            source="ModernVBERT / ColModernVBERT / UltraVBERT: last_hidden_state, pixel shuffle by "
+            "pixel_shuffle_factor (4), then a linear without bias (UltraVBERT: and an RMSNorm)",
         ),
         Recipe(
             "deepseek_vl",
