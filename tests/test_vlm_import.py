@@ -14,6 +14,9 @@ import transformers
 from conftest import keep_only_shards_of, perturb, random_images
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AriaConfig,
+    AriaForConditionalGeneration,
+    AriaImageProcessor,
     AyaVisionConfig,
     AyaVisionForConditionalGeneration,
     Cohere2VisionConfig,
@@ -172,6 +175,11 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
         text = LM | dict(model_type="llama")
         config = Cohere2VisionConfig(vision_config=SIGLIP, text_config=text, alignment_intermediate_size=32)
         return Cohere2VisionForConditionalGeneration(config), Cohere2VisionImageProcessor(size=square)
+    if family == "aria":  # Idefics3's tower class; its processor's sides are 490 or 980 pixels: a 35 x 35 grid
+        vision = TOWER | dict(model_type="idefics3_vision", image_size=490, patch_size=14)
+        text = LM | dict(moe_num_experts=2, moe_topk=1, moe_intermediate_size=16)
+        config = AriaConfig(vision_config=vision, text_config=text, projector_patch_to_query_dict={1225: 4})
+        return AriaForConditionalGeneration(config), AriaImageProcessor(max_image_size=490)
     vision = TOWER | dict(image_size=32)  # Idefics2 / 3, SmolVLM: their own tower class, without a head
     if family == "idefics2":
         resampler = dict(resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8)
@@ -297,6 +305,8 @@ def test_settings_a_processor_file_omits_are_the_processor_classes_defaults(name
     if naflex:  # LFM2-VL's budget is in tokens after its unshuffle
         budget = getattr(theirs, "max_num_patches", None) or theirs.max_image_tokens * theirs.downsample_factor**2
         assert ours.max_num_patches == budget
+    elif isinstance(getattr(theirs, "max_image_size", None), int):  # Aria's: a side
+        assert ours.image_size == (theirs.max_image_size,) * 2
     elif getattr(theirs, "max_image_size", None):  # Idefics3's: one tile
         assert ours.image_size == (theirs.max_image_size["longest_edge"],) * 2
     elif theirs.size.height is not None:
@@ -604,6 +614,42 @@ def test_idefics3_tower_equals_its_own_including_padded_images(family, tmp_path)
     assert again.config == ours.config
     with torch.no_grad():
         torch.testing.assert_close(theirs(full).last_hidden_state, ours(full).last_hidden_state, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["vision_tower.", "model.vision_tower."])
+def test_arias_tower_equals_its_own_including_padded_images(layout, tmp_path, caplog):
+    """Aria holds Idefics3's tower class and pads each image at the bottom and right, masking the padding's patches:
+    ours equals it in both layouts transformers writes, and on each image's real patches when given that image alone
+    (a (3, h, w) tensor). Its processor's view is exact for images already of its max_image_size square (the warning
+    says what else it does)."""
+    vlm, image_processor = build("aria")
+    vlm = perturb(vlm, seed=6).eval()
+    vlm.save_pretrained(tmp_path)
+    image_processor.save_pretrained(tmp_path)
+    move_tower(tmp_path, "vision_tower.", layout)
+    with caplog.at_level(logging.WARNING):
+        ours = SigLIP2Encoder.from_pretrained(tmp_path)
+        processor = ImageProcessor.from_pretrained(tmp_path)
+    assert "here each image is resized to the max_image_size square" in caplog.text
+    assert (ours.config.use_head, ours.config.position_lookup, ours.config.image_size) == (False, "buckets", 490)
+    images = random_images(3, [(490, 490), (490, 490)])
+    want = image_processor(images, return_tensors="pt")["pixel_values"]
+    pixels = processor(images).pixel_values
+    torch.testing.assert_close(pixels, want, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        theirs = vision_tower(vlm)
+        torch.testing.assert_close(ours(pixels).last_hidden_state, theirs(pixels).last_hidden_state, atol=1e-4, rtol=0)
+        for h, w in [(35, 20), (12, 35)]:  # grids of a wide and a tall image, padded as Aria pads
+            mask = torch.zeros(1, 35, 35, dtype=torch.bool)
+            mask[0, :h, :w] = True
+            want = theirs(pixels[:1], patch_attention_mask=mask).last_hidden_state[0, mask[0].flatten()]
+            got = ours([pixels[0, :, : 14 * h, : 14 * w]]).last_hidden_state[0, : h * w]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        # its projector reads hidden state -1 (vision_feature_layer), before the post-layernorm
+        received = []
+        vlm.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: received.append(args[0]))
+        vlm.model.get_image_features(pixel_values=pixels)
+        torch.testing.assert_close(ours(pixels, layers=[-1]).tokens(-1), received[0], atol=1e-4, rtol=0)
 
 
 def test_only_the_shards_holding_the_tower_are_read(tmp_path):

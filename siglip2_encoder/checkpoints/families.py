@@ -82,6 +82,7 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "idefics3": ("model.vision_model.",),
     "smolvlm": ("model.vision_model.",),
     "idefics2": ("model.vision_model.",),
+    "aria": _SIGLIP_TOWER_PREFIXES,  # Aria: Idefics3's tower class (idefics3_vision) as its vision_tower
     # DeepSeek-VL (1.3B: a SigLIP-L tower)
     "deepseek_vl": _SIGLIP_MODEL_PREFIXES,
     "deepseek_vl_hybrid": _SIGLIP_MODEL_PREFIXES,  # the hybrid 7B: its low-resolution tower (SAM's is not read)
@@ -166,6 +167,12 @@ _IDEFICS2_VIEWS = (
     "do_image_splitting adds 4 crops); here each image is resized to the tower's square, so only images already of "
     "that size (longest_edge) are preprocessed exactly as its"
 )
+_ARIA_VIEWS = (
+    "resizes each image keeping its aspect ratio, its longest side to max_image_size (the other at least "
+    "min_image_size), pads it at the bottom and right with black and masks that padding from the tower (with "
+    "split_image, after cutting it into crops); here each image is resized to the max_image_size square, so only "
+    "images already of that size are preprocessed exactly as its"
+)
 _ANYRES_VIEWS = (
     "adds anyres tiles (image_grid_pinpoints) to the base view; here the base view only: the image resized to the "
     "tower's native square"
@@ -195,6 +202,7 @@ for _name, _kind in {
     # Idefics3's, its tile count capped (max_image_tiles) by lowering the longest edge: the same single tile
     "UltraVBertImageProcessor": ProcessorKind(False, 1, (512, 512), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
+    "AriaImageProcessor": ProcessorKind(False, 3, (980, 980), beyond=_ARIA_VIEWS, always_resized=True),
     "DeepseekVLImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
     # its hybrid's low-resolution view (pixel_values; the high-resolution one is for its SAM tower)
     "DeepseekVLHybridImageProcessor": ProcessorKind(

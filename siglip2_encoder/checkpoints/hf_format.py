@@ -338,8 +338,8 @@ def _naflex_settings(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderC
 
 def _view_size(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig) -> tuple[int, int]:
     """(height, width) of the fixed-resolution view: ``size``; for Idefics3's processors, one tile
-    (``max_image_size``); for anyres ones without height and width (LLaVA-NeXT's shortest edge), the tower's square.
-    The class's default where the file has none."""
+    (``max_image_size``, Aria's a side); for anyres ones without height and width (LLaVA-NeXT's shortest edge), the
+    tower's square. The class's default where the file has none."""
     if kind.letterbox == "pi0":
         return _fit_and_pad_size(hf, kind.size)
     name, value = ("max_image_size", hf.get("max_image_size")) if kind.always_resized else ("size", hf.get("size"))
@@ -347,6 +347,8 @@ def _view_size(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig)
         return kind.size
     if kind.always_resized and isinstance(value, Mapping) and "longest_edge" in value:
         return (value["longest_edge"], value["longest_edge"])
+    if kind.always_resized and isinstance(value, int) and not isinstance(value, bool):  # Aria's
+        return (value, value)
     if isinstance(value, Mapping) and {"height", "width"} <= set(value):
         return (value["height"], value["width"])
     if kind.beyond and not kind.always_resized:
