@@ -158,11 +158,14 @@ LETTERBOX_TOWERS = [
     ("deepseek_vl", "vision_model."),
     ("deepseek_vl", "vision_model.vision_model."),
     ("deepseek_vl_hybrid", "model.vision_model."),
+    ("janus", "model.vision_model."),  # Janus / Janus-Pro: DeepSeek-VL's processor
+    ("janus", "vision_model."),
     ("deepseek_vl_hybrid", "vision_model.vision_model."),
     ("pi0", None),
     ("pi05", None),
 ]
-LETTERBOX_OF = {"deepseek_vl": "deepseek_vl", "deepseek_vl_hybrid": "deepseek_vl_hybrid", "pi0": "pi0", "pi05": "pi0"}
+LETTERBOX_OF = {"deepseek_vl": "deepseek_vl", "deepseek_vl_hybrid": "deepseek_vl_hybrid", "janus": "deepseek_vl"}
+LETTERBOX_OF |= {"pi0": "pi0", "pi05": "pi0"}
 
 
 @pytest.mark.parametrize(("family", "layout"), LETTERBOX_TOWERS)

@@ -60,6 +60,7 @@ FAMILY_RECIPES = {
     "shieldgemma2": "gemma3",
     "t5gemma2": "gemma3",
     "deepseek_vl": "deepseek_vl",
+    "janus": "deepseek_vl",
     "colpali": "paligemma",
     "pi0": "paligemma",
     "pi05": "paligemma",

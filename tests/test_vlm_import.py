@@ -45,6 +45,9 @@ from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3ImageProcessor,
+    JanusConfig,
+    JanusForConditionalGeneration,
+    JanusImageProcessor,
     Lfm2VlConfig,
     Lfm2VlForConditionalGeneration,
     Lfm2VlImageProcessor,
@@ -142,6 +145,13 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
         )
         processor = DeepseekVLHybridImageProcessor(size=square, high_res_size={"height": 64, "width": 64})
         return DeepseekVLHybridForConditionalGeneration(config), processor
+    if family == "janus":  # DeepSeek-VL's processor; its tower: exact GELU, mlp_ratio, out_proj as projection_layer
+        vision = dict(hidden_size=32, mlp_ratio=2.0, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
+        vision |= dict(image_size=32, projection_dim=16, num_image_tokens=16)
+        vq = dict(embed_dim=8, num_embeddings=16, base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1)
+        vq |= dict(latent_channels=8, image_token_embed_dim=16, num_patches=4, projection_dim=16)
+        config = JanusConfig(vision_config=vision, text_config=LM, vq_config=vq)
+        return JanusForConditionalGeneration(config), JanusImageProcessor(size=square)
     if family == "deepseek_vl":  # DeepSeek-VL 1.3B: its processor letterboxes
         config = DeepseekVLConfig(vision_config=SIGLIP, text_config=LM | dict(model_type="llama"))
         return DeepseekVLForConditionalGeneration(config), DeepseekVLImageProcessor(size=square)
@@ -250,6 +260,7 @@ VIEWS = {
     "modernvbert": ((32, 32), "lanczos"),
     "colmodernvbert": ((32, 32), "lanczos"),
     "ultravbert": ((32, 32), "lanczos"),
+    "janus": ((32, 32), "bicubic"),
     "granite_docling": ((32, 32), "bicubic"),
     "llava": ((32, 32), "bicubic"),
     "llava_next": ((32, 32), "bicubic"),
@@ -364,6 +375,8 @@ DEEPER = [
     ("ultravbert", "model.vision_model.", "vision_model."),  # an UltraVBertModel's
     ("granite_docling", "model.vision_model.", "model.vision_model."),  # its connector.* keys among the tower's
     ("granite_docling", "model.vision_model.", "vision_model."),  # a GraniteDoclingModel's
+    ("janus", "model.vision_model.", "model.vision_model."),  # its attention's output named projection_layer
+    ("janus", "model.vision_model.", "vision_model."),  # a JanusModel's
     # pi0 / pi0.5: transformers saves openpi's names, the Hub's LeRobot files have the policy's model. before them
     (
         "pi0",
@@ -409,7 +422,7 @@ def test_a_tower_held_deeper_loads_from_each_layout_and_equals_theirs(family, sa
     move_tower(tmp_path, saved, layout)
     with caplog.at_level(logging.WARNING):
         ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    headless = ("colpali", "pi0", "pi05", "ultravbert", "granite_docling")
+    headless = ("colpali", "pi0", "pi05", "ultravbert", "granite_docling", "janus")
     assert ours.config.use_head == (family not in headless) and ours.config.num_hidden_layers == 2
     one_tile = family.endswith("modernvbert") or family == "ultravbert"
     assert ("here each image is resized (LANCZOS) to one tile" in caplog.text) == one_tile
@@ -462,6 +475,29 @@ def test_a_saved_granite_docling_tower_loads_without_its_connector(tmp_path):
         got = ours(x, layers=[1])
     torch.testing.assert_close(got.last_hidden_state, want, atol=1e-4, rtol=0)
     torch.testing.assert_close(got.tokens(1), taps[0], atol=1e-4, rtol=0)
+
+
+def test_a_saved_janus_tower_loads_with_its_mlp_ratio_and_names(tmp_path):
+    """JanusVisionModel saved alone (janus_vision_model): its MLP width is hidden_size * mlp_ratio, its GELU exact, its
+    attention's output layer named projection_layer; ours reads each and equals it. Its q/k norms and bias-free
+    attention, which SigLIP lacks, are refused by name."""
+    vlm, _ = build("janus")
+    theirs = perturb(vision_tower(vlm), seed=5).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert (ours.config.intermediate_size, ours.config.hidden_act, ours.config.use_head) == (64, "gelu", False)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).last_hidden_state, theirs(x).last_hidden_state, atol=1e-4, rtol=0)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for name, value in [("use_qk_norm", True), ("attention_bias", False)]:
+        (tmp_path / "config.json").write_text(json.dumps(config | {name: value}))
+        message = (
+            f"config.json's janus_vision_model tower has {name}={value!r}; a SigLIP-architecture tower has "
+            f"{name}={not value!r}, so this one cannot be loaded here"
+        )
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            SigLIP2Encoder.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -668,7 +704,7 @@ def test_a_vlm_with_another_tower_or_pan_and_scan_is_refused(tmp_path):
     message = (
         "config.json is a 'llava' checkpoint whose vision tower is 'clip_vision_model', not a SigLIP-architecture "
         "tower (one of siglip_vision_model, siglip2_vision_model, idefics3_vision, smolvlm_vision, idefics2_vision, "
-        "granite_docling_vision); load it with the library of its own tower"
+        "granite_docling_vision, janus_vision_model); load it with the library of its own tower"
     )
     with pytest.raises(CheckpointError, match=re.escape(message)):
         SigLIP2Encoder.from_pretrained(tmp_path / "clip")

@@ -1,7 +1,7 @@
 """The transformers model types and image processors whose checkpoints hold a SigLIP-architecture tower, as tables:
 SigLIP's own (image-text, vision-only, text-only), the VLM families (where their tower's weights live in the key
-layouts transformers writes), and what this library reproduces of each image processor. Adding a family is one row
-here (and a test with its transformers class)."""
+layouts transformers writes, and how their configs and weight names differ from SigLIP's), and what this library
+reproduces of each image processor. Adding a family is rows here (and a test with its transformers class)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from typing import Any
 __all__ = [
     "FAMILY_FIELDS",
     "IMAGE_TEXT_TYPES",
+    "KEY_RENAMES",
+    "MLP_RATIO_TYPES",
     "NESTED_VISION_CONFIGS",
     "PROCESSOR_TYPES",
     "ProcessorKind",
+    "REQUIRED_SETTINGS",
     "TEXT_TYPES",
     "TOWER_EXTRAS",
     "VISION_TYPES",
@@ -30,6 +33,7 @@ VISION_TYPES = {
     "smolvlm_vision": False,  # SmolVLMVisionTransformer: the same tower
     "idefics2_vision": False,  # Idefics2VisionTransformer: the same tower
     "granite_docling_vision": False,  # GraniteDoclingVisionModel: SigLIP without the head, and its connector
+    "janus_vision_model": False,  # JanusVisionModel: SigLIP without the head, exact GELU, its own names
 }
 TEXT_TYPES = ("siglip_text_model", "siglip2_text_model")  # text-only checkpoints (SiglipTextModel, ...)
 # Vision types whose architecture differs from SigLIP's in ways their config.json does not say: the fields fixed here.
@@ -39,6 +43,13 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "smolvlm_vision": {"use_head": False, "position_lookup": "buckets"},
     "idefics2_vision": {"use_head": False, "position_lookup": "buckets"},
     "granite_docling_vision": {"use_head": False},  # 512 px tiles only: positions are SigLIP's own
+    "janus_vision_model": {"use_head": False},
+}
+# Vision types whose config gives the MLP's width as a ratio of hidden_size (mlp_ratio), not as intermediate_size.
+MLP_RATIO_TYPES = ("janus_vision_model",)
+# Vision types with options SigLIP's architecture lacks -> the value each must have (others are refused by name).
+REQUIRED_SETTINGS: dict[str, dict[str, Any]] = {
+    "janus_vision_model": {"use_qk_norm": False, "attention_bias": True},
 }
 _SIGLIP_TOWER_PREFIXES = (  # 4.x before and after its ``model.`` refactor, 5.x in memory and as saved
     "model.vision_tower.vision_model.",
@@ -88,6 +99,8 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "deepseek_vl_hybrid": _SIGLIP_MODEL_PREFIXES,  # the hybrid 7B: its low-resolution tower (SAM's is not read)
     # Granite Docling (granite-for-docling): Idefics3's layout, its connector inside the tower (TOWER_EXTRAS)
     "granite_docling": ("model.vision_model.", "vision_model."),
+    # Janus / Janus-Pro (understanding tower; its generation VQ model is not read): DeepSeek-VL's processor
+    "janus": ("model.vision_model.", "vision_model."),
     "modernvbert": _SIGLIP_MODEL_PREFIXES,  # ModernVBERT: Idefics3's processor and connector around a SigLIP tower
     "ultravbert": _SIGLIP_MODEL_PREFIXES,  # UltraVBERT: ModernVBERT's model around another text encoder
     # the retrievers: PaliGemma (ColPali) and ModernVBERT (ColModernVBERT) under ``vlm.``
@@ -108,6 +121,10 @@ NESTED_VISION_CONFIGS: dict[str, tuple[str, ...]] = {
     "pi0": ("vlm_config", "vision_config"),
     "pi05": ("vlm_config", "vision_config"),
 }
+
+# Model types whose towers name a weight otherwise -> (their part of the key, ours), replaced after the prefix.
+_JANUS_NAMES = ((".self_attn.projection_layer.", ".self_attn.out_proj."),)
+KEY_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {"janus": _JANUS_NAMES, "janus_vision_model": _JANUS_NAMES}
 
 # Model types whose checkpoints hold weights under the tower's prefix that are not the tower's -> their key prefixes
 # (after the tower's), skipped by name. A head ("head.") is skipped only where the tower has none.
@@ -204,6 +221,7 @@ for _name, _kind in {
     "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
     "AriaImageProcessor": ProcessorKind(False, 3, (980, 980), beyond=_ARIA_VIEWS, always_resized=True),
     "DeepseekVLImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
+    "JanusImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
     # its hybrid's low-resolution view (pixel_values; the high-resolution one is for its SAM tower)
     "DeepseekVLHybridImageProcessor": ProcessorKind(
         False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl_hybrid"

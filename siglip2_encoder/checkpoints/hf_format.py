@@ -19,8 +19,11 @@ from ..config import LETTERBOX_MIN_SIDE, NAFLEX_NUM_PATCHES, EncoderConfig, Proc
 from .families import (
     FAMILY_FIELDS,
     IMAGE_TEXT_TYPES,
+    KEY_RENAMES,
+    MLP_RATIO_TYPES,
     NESTED_VISION_CONFIGS,
     PROCESSOR_TYPES,
+    REQUIRED_SETTINGS,
     TEXT_TYPES,
     TOWER_EXTRAS,
     VISION_TYPES,
@@ -139,11 +142,19 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> EncoderConfig:
     """
     vision_type, vision = _vision_fields(hf_config)
     naflex = VISION_TYPES[vision_type]
+    for name, wanted in REQUIRED_SETTINGS.get(vision_type, {}).items():
+        if vision.get(name, wanted) != wanted:
+            raise CheckpointError(
+                f"config.json's {vision_type} tower has {name}={vision[name]!r}; a SigLIP-architecture tower has "
+                f"{name}={wanted!r}, so this one cannot be loaded here"
+            )
     fixed = FAMILY_FIELDS.get(vision_type, {})
     kwargs: dict[str, Any] = dict(fixed)
+    if vision_type in MLP_RATIO_TYPES:
+        kwargs["intermediate_size"] = int(vision["hidden_size"] * vision["mlp_ratio"])
     for field in fields(EncoderConfig):
         key = _HF_FIELD_NAMES.get(field.name, field.name)
-        if field.name not in ("image_size", "num_patches", *fixed) and vision.get(key) is not None:
+        if field.name not in ("image_size", "num_patches", *kwargs) and vision.get(key) is not None:
             kwargs[field.name] = vision[key]
     kwargs["patch_size"] = _square(kwargs.get("patch_size", EncoderConfig.patch_size), "patch_size")
     if "attention_dropout" in kwargs:
@@ -500,20 +511,26 @@ def vlm_tower_keys(prefixes: tuple[str, ...]) -> KeyMap:
 def tower_keys(model_type: str | None, config: EncoderConfig) -> KeyMap:
     """Names the keys of a checkpoint whose ``config.json`` has this ``model_type`` (and describes this tower) as
     the tower does: a VLM's by its prefixes, a SigLIP one's by :data:`vision_key`; the other weights saved under the
-    tower's prefix (:data:`TOWER_EXTRAS`) are skipped by name."""
+    tower's prefix (:data:`TOWER_EXTRAS`) are skipped by name, and a family's own names (:data:`KEY_RENAMES`) become
+    ours."""
     prefixes = VLM_TYPES.get(model_type) if model_type is not None else None
     select = vlm_tower_keys(prefixes) if prefixes else vision_key
     extras = TOWER_EXTRAS.get(model_type, ()) if model_type is not None else ()
     if config.use_head:  # a head is the tower's where it has one
         extras = tuple(prefix for prefix in extras if prefix != "head.")
-    if not extras:
+    renames = KEY_RENAMES.get(model_type, ()) if model_type is not None else ()
+    if not extras and not renames:
         return select
 
-    def without_extras(key: str) -> str | None:
+    def family_names(key: str) -> str | None:
         name = select(key)
-        return None if name is None or name.startswith(extras) else name
+        if name is None or name.startswith(extras):
+            return None
+        for theirs, ours in renames:
+            name = name.replace(theirs, ours)
+        return name
 
-    return without_extras
+    return family_names
 
 
 text_key = _tower_keys(TEXT_PREFIX, _NON_TEXT_PREFIXES)

@@ -159,7 +159,8 @@ RECIPES: dict[str, Recipe] = {
             "deepseek_vl",
             None,
             image_size=384,
-            source="DeepSeek-VL (1.3B): last_hidden_state of its 384 px letterboxed view, aligner linear-GELU-linear",
+            source="DeepSeek-VL (1.3B), Janus / Janus-Pro: last_hidden_state of the 384 px letterboxed view, aligner "
+            "linear-GELU-linear",
         ),
         Recipe("prismatic", -2, source="Prismatic / OpenVLA: the second-to-last block's output, no norm"),
     ]
