@@ -11,11 +11,11 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from conftest import hub_cache
+from conftest import hub_cache, perturb
 from huggingface_hub import ModelCard
 from test_llava import make_vlm
 
-from siglip2_encoder import SigLIP2Encoder, SigLIP2Model
+from siglip2_encoder import EncoderConfig, SigLIP2Encoder, SigLIP2Model
 from siglip2_encoder.adapters import LinearConfig, build_projector, load_projector
 from siglip2_encoder.checkpoints.publish import TRAINING_DATA_PLACEHOLDER
 from siglip2_encoder.integrations.llava import VisionLanguageModel
@@ -58,6 +58,33 @@ def test_a_towers_card_carries_the_base_license_and_its_code_loads_it(fixed_dir,
         want = tower(x).pooler_output
         torch.testing.assert_close(ours["tower"](x).pooler_output, want, atol=1e-5, rtol=0)
         torch.testing.assert_close(theirs["model"].eval()(x).pooler_output, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("use_head", [False, True])
+def test_a_bucketed_towers_card_loads_it_in_transformers(use_head, tmp_path):
+    """A tower with bucketed positions (Idefics3's; with a head, Phi-4-multimodal's) is saved as transformers'
+    Idefics3VisionTransformer / Phi4MultimodalVisionModel, and its card's transformers code loads it, with the eager
+    attention the latter needs, equal to ours; so does its LoRA adapter's card."""
+    config = EncoderConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+        use_head=use_head, position_lookup="buckets",
+    )  # fmt: skip
+    tower = perturb(SigLIP2Encoder(config), seed=3).eval()
+    tower.save_pretrained(tmp_path / "base")
+    tower = SigLIP2Encoder.from_pretrained(tmp_path / "base")
+    tower.save_for_hub(tmp_path / "tower", str(tmp_path / "tower"), license="mit")
+    ours, theirs = run_card(tmp_path / "tower")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tower(x).last_hidden_state
+        torch.testing.assert_close(theirs["model"].eval()(x).last_hidden_state, want, atol=1e-4, rtol=0)
+    expected = "Phi4MultimodalVisionModel" if use_head else "Idefics3VisionTransformer"
+    assert type(theirs["model"]).__name__ == expected
+    adapter = LoRAAdapter(add_lora(tower, EncoderLoRAConfig(r=4)))
+    adapter.save_for_hub(tmp_path / "adapter", str(tmp_path / "adapter"), license="mit")
+    _, theirs = run_card(tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs["model"].eval()(x).last_hidden_state, want, atol=1e-4, rtol=0)
 
 
 def test_every_publishable_writes_a_card_whose_code_runs(zero_shot_dir, tmp_path):

@@ -3,6 +3,7 @@ key layouts, and equals the VLM's own vision tower in transformers on the same r
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -63,6 +64,10 @@ from transformers import (
     ModernVBertForMaskedLM,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
+    Phi4MultimodalConfig,
+    Phi4MultimodalForCausalLM,
+    Phi4MultimodalImageProcessor,
+    Phi4MultimodalVisionModel,
     PI0Config,
     PI0ForConditionalGeneration,
     PI0ImageProcessor,
@@ -185,6 +190,15 @@ def build(family: str) -> tuple[torch.nn.Module, object]:
         text = LM | dict(model_type="llama")
         config = Cohere2VisionConfig(vision_config=SIGLIP, text_config=text, alignment_intermediate_size=32)
         return Cohere2VisionForConditionalGeneration(config), Cohere2VisionImageProcessor(size=square)
+    if family == "phi4_multimodal":  # bucketed positions and a head, in its image embedding (and an audio tower)
+        vision = TOWER | dict(image_size=32, crop_size=32)
+        audio = dict(hidden_size=16, intermediate_size=32, num_blocks=1, num_attention_heads=2, nemo_conv_channels=16)
+        audio |= dict(time_reduction=8, depthwise_seperable_out_channel=16, ext_pw_out_channel=16)
+        text = {k: v for k, v in LM.items() if k != "head_dim"} | dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        config = Phi4MultimodalConfig(vision_config=vision, audio_config=audio, **text)
+        # eager: transformers' sdpa path attends causally within unpadded crops (see the test below)
+        model = Phi4MultimodalForCausalLM._from_config(config, attn_implementation="eager")
+        return model, Phi4MultimodalImageProcessor(size=square, patch_size=8)
     if family == "aria":  # Idefics3's tower class; its processor's sides are 490 or 980 pixels: a 35 x 35 grid
         vision = TOWER | dict(model_type="idefics3_vision", image_size=490, patch_size=14)
         text = LM | dict(moe_num_experts=2, moe_topk=1, moe_intermediate_size=16)
@@ -217,6 +231,8 @@ def vision_tower(vlm: torch.nn.Module) -> torch.nn.Module:
         return vlm.model.encoder.vision_tower
     if isinstance(vlm, (PI0ForConditionalGeneration, PI05ForConditionalGeneration)):
         return vlm.model.vlm.vision_tower
+    if isinstance(vlm, Phi4MultimodalForCausalLM):
+        return vlm.model.embed_tokens_extend.image_embed.img_processor
     return vlm.model.vision_model if hasattr(vlm.model, "vision_model") else vlm.model.vision_tower
 
 
@@ -688,6 +704,55 @@ def test_arias_tower_equals_its_own_including_padded_images(layout, tmp_path, ca
         torch.testing.assert_close(ours(pixels, layers=[-1]).tokens(-1), received[0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["model.", ""])
+def test_phi4_multimodals_tower_equals_its_own_head_and_padded_crops_included(layout, tmp_path, caplog):
+    """Phi-4-multimodal's tower: bucketed positions and a head, in its image embedding (a Phi4MultimodalModel's
+    without model.). Ours equals it, head included, on full images and on each padded crop's real patches; its
+    projection reads hidden state -2 pooled 2x2. Its processor's view is exact for images of its size (their one
+    crop and global view); saved, the tower is a Phi4MultimodalVisionModel that transformers loads.
+
+    Their eager attention is the oracle: with sdpa, transformers (5.25) drops an unpadded crop's all-ones mask and
+    its attention's is_causal=True then makes SDPA causal, unlike the original model's SigLIP (pinned below)."""
+    vlm, image_processor = build("phi4_multimodal")
+    vlm = perturb(vlm, seed=6).eval()
+    vlm.save_pretrained(tmp_path)
+    image_processor.save_pretrained(tmp_path)
+    saved = "model.embed_tokens_extend.image_embed.img_processor."
+    move_tower(tmp_path, saved, layout + saved.removeprefix("model."))
+    with caplog.at_level(logging.WARNING):
+        ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert "here each image is resized to size, so only images already of that size" in caplog.text
+    assert (ours.config.use_head, ours.config.position_lookup) == (True, "buckets")
+    images = random_images(3, [(32, 32), (32, 32)])
+    want = image_processor(images, return_tensors="pt")["image_pixel_values"]  # (B, views, 3, 32, 32)
+    pixels = ImageProcessor(ours.processor_config)(images).pixel_values
+    torch.testing.assert_close(pixels, want[:, 0], atol=1e-6, rtol=0)  # the global view
+    torch.testing.assert_close(pixels, want[:, 1], atol=1e-6, rtol=0)  # the one crop
+    theirs = vision_tower(vlm)
+    with torch.no_grad():
+        want, got = theirs(pixels), ours(pixels, layers=[-2])
+        torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
+        pooled = torch.nn.functional.avg_pool2d(got.tokens(-2).reshape(2, 4, 4, 32).permute(0, 3, 1, 2), 2)
+        received = vlm.model.embed_tokens_extend.image_embed.get_img_features(pixels)
+        torch.testing.assert_close(pooled.flatten(2).transpose(1, 2), received, atol=1e-4, rtol=0)
+        mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+        mask[0, :3, :2] = True  # a crop padded at the bottom and right
+        want = theirs(pixels[:1], patch_attention_mask=mask)
+        got = ours([pixels[0, :, :24, :16]])
+        torch.testing.assert_close(got.last_hidden_state[0, :6], want.last_hidden_state[0, mask[0].flatten()],
+                                   atol=1e-4, rtol=0)  # fmt: skip
+        torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=1e-5)
+        sdpa = Phi4MultimodalVisionModel._from_config(copy.deepcopy(theirs.config), attn_implementation="sdpa")
+        sdpa.eval().load_state_dict(theirs.state_dict())
+        causal = sdpa(pixels).last_hidden_state
+        assert not torch.allclose(causal, theirs(pixels).last_hidden_state, atol=1e-2)
+    ours.save_pretrained(tmp_path / "tower")
+    again = Phi4MultimodalVisionModel.from_pretrained(tmp_path / "tower", attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixels).pooler_output, theirs(pixels).pooler_output, atol=1e-4, rtol=0)
+
+
 def test_only_the_shards_holding_the_tower_are_read(tmp_path):
     vlm, _ = build("paligemma")
     vlm.save_pretrained(tmp_path, max_shard_size="20KB")
@@ -704,7 +769,8 @@ def test_a_vlm_with_another_tower_or_pan_and_scan_is_refused(tmp_path):
     message = (
         "config.json is a 'llava' checkpoint whose vision tower is 'clip_vision_model', not a SigLIP-architecture "
         "tower (one of siglip_vision_model, siglip2_vision_model, idefics3_vision, smolvlm_vision, idefics2_vision, "
-        "granite_docling_vision, janus_vision_model); load it with the library of its own tower"
+        "granite_docling_vision, janus_vision_model, phi4_multimodal_vision); load it with the library of its own "
+        "tower"
     )
     with pytest.raises(CheckpointError, match=re.escape(message)):
         SigLIP2Encoder.from_pretrained(tmp_path / "clip")

@@ -34,6 +34,7 @@ VISION_TYPES = {
     "idefics2_vision": False,  # Idefics2VisionTransformer: the same tower
     "granite_docling_vision": False,  # GraniteDoclingVisionModel: SigLIP without the head, and its connector
     "janus_vision_model": False,  # JanusVisionModel: SigLIP without the head, exact GELU, its own names
+    "phi4_multimodal_vision": False,  # Phi4MultimodalVisionModel: bucketed positions and a head
 }
 TEXT_TYPES = ("siglip_text_model", "siglip2_text_model")  # text-only checkpoints (SiglipTextModel, ...)
 # Vision types whose architecture differs from SigLIP's in ways their config.json does not say: the fields fixed here.
@@ -44,6 +45,7 @@ FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     "idefics2_vision": {"use_head": False, "position_lookup": "buckets"},
     "granite_docling_vision": {"use_head": False},  # 512 px tiles only: positions are SigLIP's own
     "janus_vision_model": {"use_head": False},
+    "phi4_multimodal_vision": {"use_head": True, "position_lookup": "buckets"},
 }
 # Vision types whose config gives the MLP's width as a ratio of hidden_size (mlp_ratio), not as intermediate_size.
 MLP_RATIO_TYPES = ("janus_vision_model",)
@@ -94,6 +96,11 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "smolvlm": ("model.vision_model.",),
     "idefics2": ("model.vision_model.",),
     "aria": _SIGLIP_TOWER_PREFIXES,  # Aria: Idefics3's tower class (idefics3_vision) as its vision_tower
+    # Phi-4-multimodal (transformers' format): the tower is its image embedding's img_processor
+    "phi4_multimodal": (
+        "model.embed_tokens_extend.image_embed.img_processor.",
+        "embed_tokens_extend.image_embed.img_processor.",
+    ),
     # DeepSeek-VL (1.3B: a SigLIP-L tower)
     "deepseek_vl": _SIGLIP_MODEL_PREFIXES,
     "deepseek_vl_hybrid": _SIGLIP_MODEL_PREFIXES,  # the hybrid 7B: its low-resolution tower (SAM's is not read)
@@ -190,6 +197,11 @@ _ARIA_VIEWS = (
     "split_image, after cutting it into crops); here each image is resized to the max_image_size square, so only "
     "images already of that size are preprocessed exactly as its"
 )
+_PHI4_VIEWS = (
+    "resizes each image keeping its aspect ratio onto a grid of up to dynamic_hd crops of size (padded with white), "
+    "and adds a global view, that canvas resized to size; here each image is resized to size, so only images already "
+    "of that size (whose one crop and global view are the image) are preprocessed exactly as its"
+)
 _ANYRES_VIEWS = (
     "adds anyres tiles (image_grid_pinpoints) to the base view; here the base view only: the image resized to the "
     "tower's native square"
@@ -220,6 +232,7 @@ for _name, _kind in {
     "UltraVBertImageProcessor": ProcessorKind(False, 1, (512, 512), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
     "AriaImageProcessor": ProcessorKind(False, 3, (980, 980), beyond=_ARIA_VIEWS, always_resized=True),
+    "Phi4MultimodalImageProcessor": ProcessorKind(False, 3, (448, 448), beyond=_PHI4_VIEWS),
     "DeepseekVLImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
     "JanusImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
     # its hybrid's low-resolution view (pixel_values; the high-resolution one is for its SAM tower)

@@ -252,7 +252,8 @@ def write_checkpoint(
     """Write config.json, model.safetensors and preprocessor_config.json, each atomically.
 
     Keys get transformers' ``vision_model.`` prefix, the layout of Google's Hub checkpoints, which every transformers
-    version loads; a tower with bucketed positions is written as ``Idefics3VisionTransformer`` saves itself, unprefixed.
+    version loads; a tower with bucketed positions is written as ``Idefics3VisionTransformer`` (with a head,
+    ``Phi4MultimodalVisionModel``) saves itself, unprefixed.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

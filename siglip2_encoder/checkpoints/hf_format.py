@@ -39,6 +39,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "convert_hf_state_dict",
+    "hf_loading",
     "model_key",
     "processor_config_from_hf",
     "processor_config_to_hf",
@@ -166,14 +167,13 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> EncoderConfig:
 
 def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
     """A vision-only transformers ``config.json``: ``SiglipVisionModel`` or ``Siglip2VisionModel``, or for a tower
-    with bucketed positions (from Idefics3 / SmolVLM) ``Idefics3VisionTransformer``."""
-    if config.position_lookup == "buckets":
-        if config.use_head:
-            raise ValueError(
-                "a tower with position_lookup='buckets' and a head has no transformers class to save it as "
-                "(Idefics3VisionTransformer has no head); set use_head=False"
-            )
-        out: dict[str, Any] = {"architectures": ["Idefics3VisionTransformer"], "model_type": "idefics3_vision"}
+    with bucketed positions ``Idefics3VisionTransformer`` (Idefics2 / 3, SmolVLM, Aria), with a head
+    ``Phi4MultimodalVisionModel`` (Phi-4-multimodal's; transformers' AutoModel does not map it)."""
+    if config.position_lookup == "buckets" and config.use_head:
+        out: dict[str, Any] = {"architectures": ["Phi4MultimodalVisionModel"], "model_type": "phi4_multimodal_vision"}
+        skipped: tuple[str, ...] = ("use_head", "position_lookup")
+    elif config.position_lookup == "buckets":
+        out = {"architectures": ["Idefics3VisionTransformer"], "model_type": "idefics3_vision"}
         skipped = ("use_head", "position_lookup")
     else:
         out = {
@@ -185,6 +185,20 @@ def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
         if value is not None and name not in skipped:
             out[_HF_FIELD_NAMES.get(name, name)] = value
     return out
+
+
+# transformers classes config_to_hf names that need a loading argument to compute as the tower does -> that argument.
+# Phi4MultimodalVisionModel: with sdpa (its default), transformers 5.25 drops an unpadded image's all-ones mask and its
+# attention's is_causal=True then makes SDPA causal; its eager path is bidirectional, as the original model's SigLIP.
+_LOADING_ARGUMENTS = {"Phi4MultimodalVisionModel": 'attn_implementation="eager"'}
+
+
+def hf_loading(config: EncoderConfig) -> tuple[str, str]:
+    """(transformers' class that loads a tower saved with this config, the arguments its ``from_pretrained`` needs
+    after the folder, as code: ``""`` or ``', attn_implementation="eager"'``)."""
+    name = config_to_hf(config)["architectures"][0]
+    arguments = _LOADING_ARGUMENTS.get(name)
+    return name, f", {arguments}" if arguments else ""
 
 
 # LeRobot policies whose model transformers has -> its model and processor classes

@@ -21,7 +21,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from ..checkpoints.hf_format import config_to_hf
+from ..checkpoints.hf_format import hf_loading
 from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
 from ..files import write_atomic
 from .joint import SigLIP2Model
@@ -184,7 +184,7 @@ class LoRAAdapter(HubMixin):
     @property
     def transformers_class(self) -> str:
         """transformers' class of the base tower, which loads it from its folder (``SiglipVisionModel``, ...)."""
-        return config_to_hf(self.tower.get_base_model().config)["architectures"][0]
+        return hf_loading(self.tower.get_base_model().config)[0]
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """peft's files, with ``auto_mapping`` naming transformers' class of the base tower: peft records this
@@ -202,7 +202,7 @@ class LoRAAdapter(HubMixin):
         base = self.base_checkpoint
         shown = base or "BASE_CHECKPOINT"  # the card says to replace it when the base was not a checkpoint
         targets = sorted(config.target_modules) if not isinstance(config.target_modules, str) else config.target_modules
-        transformers_class = self.transformers_class
+        transformers_class, arguments = hf_loading(self.tower.get_base_model().config)
         return ModelCardInfo(
             title=f"LoRA adapter (r={config.r}) for a SigLIP vision tower",
             summary="A LoRA adapter for a SigLIP / SigLIP 2 vision tower, trained with siglip2-encoder and saved by "
@@ -215,7 +215,8 @@ class LoRAAdapter(HubMixin):
             snippet="from peft import PeftModel\nfrom siglip2_encoder import SigLIP2Encoder\n\n"
             f'tower = PeftModel.from_pretrained(SigLIP2Encoder.from_pretrained("{shown}"), "{{repo_id}}")\n',
             transformers_snippet=f"from peft import PeftModel\nfrom transformers import {transformers_class}\n\n"
-            f'model = PeftModel.from_pretrained({transformers_class}.from_pretrained("{shown}"), "{{repo_id}}")\n',
+            f'model = PeftModel.from_pretrained({transformers_class}.from_pretrained("{shown}"{arguments}), '
+            '"{repo_id}")\n',
             base_model=hub_id(base),
             tags=("siglip", "lora", "peft"),
             library_name="peft",

@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoints.big_vision import read_big_vision
 from ..checkpoints.folders import read_checkpoint, write_checkpoint
+from ..checkpoints.hf_format import hf_loading
 from ..checkpoints.hub import CheckpointSource, FromPretrainedMixin
 from ..checkpoints.publish import HubMixin, ModelCardInfo, hub_id
 from ..checkpoints.strict import build_loaded, check_plain, foreign_modules
@@ -91,9 +92,7 @@ class TowerIOMixin(FromPretrainedMixin, HubMixin):
         """What :meth:`push_to_hub`'s model card says of this tower."""
         c = self.config
         size = f"NaFlex, {c.num_patches} position entries" if c.naflex else f"{c.image_size} px"
-        transformers_class = (
-            "AutoModel" if c.position_lookup == "buckets" else "Siglip2VisionModel" if c.naflex else "SiglipVisionModel"
-        )
+        transformers_class, arguments = hf_loading(c)
         return ModelCardInfo(
             title=f"SigLIP vision tower ({c.num_hidden_layers} layers, width {c.hidden_size}, patch {c.patch_size})",
             summary="A SigLIP / SigLIP 2 vision tower saved by siglip2-encoder, in transformers' format.",
@@ -107,7 +106,7 @@ class TowerIOMixin(FromPretrainedMixin, HubMixin):
                 '{repo_id}")\nprocessor = ImageProcessor.from_pretrained("{repo_id}")\n'
             ),
             transformers_snippet=f"from transformers import {transformers_class}\n\n"
-            f'model = {transformers_class}.from_pretrained("{{repo_id}}")\n',
+            f'model = {transformers_class}.from_pretrained("{{repo_id}}"{arguments})\n',
             base_model=hub_id(self.name_or_path),
             tags=("siglip", "vision", "feature-extraction"),
             library_name="transformers",
