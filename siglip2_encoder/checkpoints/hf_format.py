@@ -527,12 +527,13 @@ def tower_keys(model_type: str | None, config: EncoderConfig) -> KeyMap:
     the tower does: a VLM's by its prefixes, a SigLIP one's by :data:`vision_key`; the other weights saved under the
     tower's prefix (:data:`TOWER_EXTRAS`) are skipped by name, and a family's own names (:data:`KEY_RENAMES`) become
     ours."""
-    prefixes = VLM_TYPES.get(model_type) if model_type is not None else None
+    family = model_type or ""
+    prefixes = VLM_TYPES.get(family)
     select = vlm_tower_keys(prefixes) if prefixes else vision_key
-    extras = TOWER_EXTRAS.get(model_type, ()) if model_type is not None else ()
+    extras = TOWER_EXTRAS.get(family, ())
     if config.use_head:  # a head is the tower's where it has one
         extras = tuple(prefix for prefix in extras if prefix != "head.")
-    renames = KEY_RENAMES.get(model_type, ()) if model_type is not None else ()
+    renames = KEY_RENAMES.get(family, ())
     if not extras and not renames:
         return select
 
