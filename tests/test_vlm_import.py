@@ -67,6 +67,7 @@ from transformers import (
     Phi4MultimodalConfig,
     Phi4MultimodalForCausalLM,
     Phi4MultimodalImageProcessor,
+    Phi4MultimodalVisionConfig,
     Phi4MultimodalVisionModel,
     PI0Config,
     PI0ForConditionalGeneration,
@@ -314,10 +315,13 @@ def check_processor(folder: Path, family: str) -> None:
     assert processor.config.resample == resample
 
 
-@pytest.mark.parametrize("name", [name for name in PROCESSOR_TYPES if not name.endswith("Fast")])
+@pytest.mark.parametrize(
+    "name", [name for name in PROCESSOR_TYPES if not name.endswith("Fast") and name != "Phi4MMImageProcessor"]
+)
 def test_settings_a_processor_file_omits_are_the_processor_classes_defaults(name):
     """transformers fills a processor file's missing settings from its class, whose defaults differ between classes
-    (CLIP's mean and std for LLaVA-NeXT's, OneVision's 384 pixels): so do we, for each class we read."""
+    (CLIP's mean and std for LLaVA-NeXT's, OneVision's 384 pixels): so do we, for each class we read (but the remote
+    code's Phi4MMImageProcessor, whose defaults are its port's, Phi4MultimodalImageProcessor)."""
     theirs = getattr(transformers, name)()
     naflex = PROCESSOR_TYPES[name].naflex
     tower = EncoderConfig(image_size=None, num_patches=256) if naflex else EncoderConfig(image_size=48)
@@ -751,6 +755,37 @@ def test_phi4_multimodals_tower_equals_its_own_head_and_padded_crops_included(la
     again = Phi4MultimodalVisionModel.from_pretrained(tmp_path / "tower", attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(pixels).pooler_output, theirs(pixels).pooler_output, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_hubs_remote_code_phi4mm_folder_loads_the_tower_its_conversion_builds(tmp_path):
+    """The Hub's Phi-4-multimodal main branch is remote code (model_type phi4mm): its config.json describes no tower
+    (its code builds a SigLIP So400m/14 at 448 px) and transformers' conversion of it builds
+    Phi4MultimodalVisionConfig() with the key names unchanged. A folder of that layout (that config's fields, a
+    full-size tower's random weights, its processor file) loads with those defaults and equals transformers' tower."""
+    config = Phi4MultimodalVisionConfig()
+    theirs = Phi4MultimodalVisionModel._from_config(config, attn_implementation="eager")  # see the test above
+    with torch.no_grad():  # its init draws matrices of std 1: 27 such layers amplify rounding past any tolerance
+        for weight in theirs.parameters():
+            if weight.ndim == 2:
+                weight.mul_(weight.shape[1] ** -0.5)
+    theirs = perturb(theirs, seed=1).eval()
+    prefix = "model.embed_tokens_extend.image_embed.img_processor."
+    save_file({prefix + k: v for k, v in theirs.state_dict().items()}, tmp_path / "model.safetensors")
+    layer = dict(crop_size=448, hd_transform_order="sub_glb", use_hd_transform=True, image_token_compression_cls="avg")
+    settings = dict(model_type="phi4mm", architectures=["Phi4MMForCausalLM"], embd_layer=dict(image_embd_layer=layer))
+    (tmp_path / "config.json").write_text(json.dumps(settings))
+    processor = dict(image_processor_type="Phi4MMImageProcessor", processor_class="Phi4MMProcessor", dynamic_hd=36)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(processor))
+    ours = SigLIP2Encoder.from_pretrained(tmp_path)
+    assert (ours.config.hidden_size, ours.config.num_hidden_layers, ours.config.num_attention_heads) == (1152, 27, 16)
+    assert (ours.config.image_size, ours.config.patch_size, ours.config.position_lookup) == (448, 14, "buckets")
+    assert ours.processor_config.image_size == (448, 448) and ours.processor_config.resample == "bicubic"
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))  # a 4 x 4 grid: its buckets
+    with torch.no_grad():
+        want, got = theirs(x), ours(x)
+    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=1e-5)
 
 
 def test_only_the_shards_holding_the_tower_are_read(tmp_path):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "CODED_TOWERS",
     "FAMILY_FIELDS",
     "IMAGE_TEXT_TYPES",
     "KEY_RENAMES",
@@ -71,6 +72,9 @@ _PI0_PREFIXES = tuple(
     for inner in ("paligemma_with_expert.paligemma.model.", "paligemma_with_expert.paligemma.", "vlm.")
     for prefix in ("vision_tower.vision_model.", "vision_tower.")
 )
+_PHI4_PREFIXES = tuple(
+    outer + "embed_tokens_extend.image_embed.img_processor." for outer in ("model.", "")
+)  # fmt: skip
 # VLMs that hold a SigLIP-architecture vision tower (its architecture in ``vision_config``) -> where that tower's
 # weights live in the key layouts transformers writes. Longest first: the first prefix a key starts with names it; the
 # language model's and the projector's keys start with none and are not read.
@@ -96,11 +100,10 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "smolvlm": ("model.vision_model.",),
     "idefics2": ("model.vision_model.",),
     "aria": _SIGLIP_TOWER_PREFIXES,  # Aria: Idefics3's tower class (idefics3_vision) as its vision_tower
-    # Phi-4-multimodal (transformers' format): the tower is its image embedding's img_processor
-    "phi4_multimodal": (
-        "model.embed_tokens_extend.image_embed.img_processor.",
-        "embed_tokens_extend.image_embed.img_processor.",
-    ),
+    # Phi-4-multimodal, in transformers' format and as the Hub's main branch holds it (remote code, phi4mm): the tower
+    # is its image embedding's img_processor in both
+    "phi4_multimodal": _PHI4_PREFIXES,
+    "phi4mm": _PHI4_PREFIXES,
     # DeepSeek-VL (1.3B: a SigLIP-L tower)
     "deepseek_vl": _SIGLIP_MODEL_PREFIXES,
     "deepseek_vl_hybrid": _SIGLIP_MODEL_PREFIXES,  # the hybrid 7B: its low-resolution tower (SAM's is not read)
@@ -119,6 +122,10 @@ VLM_TYPES: dict[str, tuple[str, ...]] = {
     "pi0": _PI0_PREFIXES,
     "pi05": _PI0_PREFIXES,
 }
+
+# VLMs whose config.json describes no tower (remote code that fixes it) -> the vision type whose transformers defaults
+# are that tower: transformers' own conversion of phi4mm builds Phi4MultimodalVisionConfig() for it.
+CODED_TOWERS: dict[str, str] = {"phi4mm": "phi4_multimodal_vision"}
 
 # VLMs whose tower's config is not their config's ``vision_config`` -> the attributes leading to it.
 NESTED_VISION_CONFIGS: dict[str, tuple[str, ...]] = {
@@ -233,6 +240,7 @@ for _name, _kind in {
     "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
     "AriaImageProcessor": ProcessorKind(False, 3, (980, 980), beyond=_ARIA_VIEWS, always_resized=True),
     "Phi4MultimodalImageProcessor": ProcessorKind(False, 3, (448, 448), beyond=_PHI4_VIEWS),
+    "Phi4MMImageProcessor": ProcessorKind(False, 3, (448, 448), beyond=_PHI4_VIEWS),  # its remote code's
     "DeepseekVLImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
     "JanusImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
     # its hybrid's low-resolution view (pixel_values; the high-resolution one is for its SAM tower)

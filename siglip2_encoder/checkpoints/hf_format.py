@@ -17,6 +17,7 @@ import torch
 
 from ..config import LETTERBOX_MIN_SIDE, NAFLEX_NUM_PATCHES, EncoderConfig, ProcessorConfig, TextConfig
 from .families import (
+    CODED_TOWERS,
     FAMILY_FIELDS,
     IMAGE_TEXT_TYPES,
     KEY_RENAMES,
@@ -105,6 +106,8 @@ def _vision_fields(hf_config: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]
         ) or {}
     if model_type in VISION_TYPES and model_type not in FAMILY_FIELDS:
         return model_type, hf_config
+    if model_type in CODED_TOWERS:  # the file describes no tower: transformers' defaults for the one its code builds
+        return CODED_TOWERS[model_type], _resolved_vision_config({"model_type": CODED_TOWERS[model_type]})
     if model_type in VISION_TYPES or model_type in VLM_TYPES:
         vision = _resolved_vision_config(hf_config)
         if vision.get("model_type") not in VISION_TYPES:
