@@ -227,6 +227,9 @@ def _tiles_and_thumbnail(size: int, tiles_by_default: bool) -> ProcessorKind:
     )
 
 
+_PHI4 = ProcessorKind(False, 3, (448, 448), beyond=_PHI4_VIEWS)
+_DEEPSEEK_VL = ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl")
+
 # image_processor_type -> what is reproduced of it; transformers 4 named its torchvision processors "...Fast".
 PROCESSOR_TYPES: dict[str, ProcessorKind] = {}
 for _name, _kind in {
@@ -239,10 +242,10 @@ for _name, _kind in {
     "UltraVBertImageProcessor": ProcessorKind(False, 1, (512, 512), beyond=_IDEFICS3_VIEWS, always_resized=True),
     "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
     "AriaImageProcessor": ProcessorKind(False, 3, (980, 980), beyond=_ARIA_VIEWS, always_resized=True),
-    "Phi4MultimodalImageProcessor": ProcessorKind(False, 3, (448, 448), beyond=_PHI4_VIEWS),
-    "Phi4MMImageProcessor": ProcessorKind(False, 3, (448, 448), beyond=_PHI4_VIEWS),  # its remote code's
-    "DeepseekVLImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
-    "JanusImageProcessor": ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl"),
+    "Phi4MultimodalImageProcessor": _PHI4,
+    "Phi4MMImageProcessor": _PHI4,  # its remote code's
+    "DeepseekVLImageProcessor": _DEEPSEEK_VL,
+    "JanusImageProcessor": _DEEPSEEK_VL,  # DeepSeek-VL's, renamed
     # its hybrid's low-resolution view (pixel_values; the high-resolution one is for its SAM tower)
     "DeepseekVLHybridImageProcessor": ProcessorKind(
         False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl_hybrid"
