@@ -4,8 +4,9 @@
     python benchmarks/zero_shot.py --sections text
 
 * text: our ``SigLIP2TextEncoder`` vs transformers' ``SiglipTextModel`` (sdpa), SigLIP 2 B/16's text tower shape
-  (width 768, 12 layers, Gemma's 256k vocabulary), batches of 64-token texts, without a mask (SigLIP 1's tokenizer
-  gives none) and with the padding mask of texts of 5 to 15 tokens (SigLIP 2's tokenizer gives one). Ours twice:
+  (width 768, 12 layers, Gemma's 256k vocabulary), batches of 64-token texts, without a mask (as the models were
+  trained, and what ``TextTokenizer`` gives by default) and with the padding mask of texts of 5 to 15 tokens (what
+  transformers' tokenizers give, ``padding_mask=True``). Ours twice:
   with every token's output (``last_hidden_state``, as transformers always computes), and features only
   (``return_last=False``, what ``get_text_features``, zero-shot labels and ``embed-text`` use: with a mask, only the
   real tokens and the pooled last position run). Outputs checked equal (atol 1e-4) first.
@@ -108,7 +109,8 @@ def classify_section(num_images: int, num_labels: int, folder: Path) -> list[str
     ]
     classifier = pipeline("zero-shot-image-classification", model=str(folder))
     model, tokenizer = SigLIP2Model.from_pretrained(folder), TextTokenizer.from_pretrained(folder)
-    label_set = model.encode_labels(labels, tokenizer, canonicalize=False)  # the pipeline's texts, for the check
+    as_transformers = TextTokenizer.from_pretrained(folder, padding_mask=True)  # the pipeline's texts, for the check
+    label_set = model.encode_labels(labels, as_transformers, canonicalize=False)
     for image, got in zip(images[:3], model.classify(images[:3], label_set)):
         want = classifier(image, candidate_labels=labels)
         if [r["label"] for r in got] != [r["label"] for r in want] or any(
@@ -190,7 +192,9 @@ def eval_section(num_images: int, num_labels: int, pipeline_images: int, root: P
 
     start = time.perf_counter()
     classifier = zero_shot_classifier(
-        Clip(), lambda t: tokenizer(t, padding="max_length", max_length=64, return_tensors="pt"), list(data.classes),
+        Clip(),  # texts as SigLIP was trained, and as ours: padded to 64, no padding mask
+        lambda t: tokenizer(t, padding="max_length", max_length=64, return_attention_mask=False, return_tensors="pt"),
+        list(data.classes),
         [t.replace("{}", "{c}") for t in templates], "cpu", amp=False,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(Images(), batch_size=32)

@@ -101,8 +101,10 @@ def test_zeroshot_equals_clip_benchmarks_evaluation_of_transformers(zero_shot_di
             pixels = processor(Image.open(data.paths[i]).convert("RGB"), return_tensors="pt")["pixel_values"][0]
             return pixels, data.labels[i]
 
-    def tokenize(texts):
-        return hf_tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")
+    def tokenize(texts):  # SigLIP's texts as trained: padded to 64, no padding mask
+        return hf_tokenizer(
+            texts, padding="max_length", max_length=64, return_attention_mask=False, return_tensors="pt"
+        )
 
     loader = torch.utils.data.DataLoader(Images(), batch_size=8)
     cb_templates = [t.replace("{}", "{c}") for t in templates]
@@ -336,8 +338,10 @@ def test_retrieval_equals_clip_benchmarks_evaluation_of_transformers(zero_shot_d
             pixels = processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
             yield pixels, [list(c) for c in data.captions[start : start + 4]]
 
-    def tokenize(texts):
-        return hf_tokenizer(texts, padding="max_length", max_length=64, return_tensors="pt")
+    def tokenize(texts):  # SigLIP's texts as trained: padded to 64, no padding mask
+        return hf_tokenizer(
+            texts, padding="max_length", max_length=64, return_attention_mask=False, return_tensors="pt"
+        )
 
     want = evaluate(Clip(), list(batches()), tokenize, "cpu", amp=False, recall_k_list=[1, 5])  # k <= 6 images
     got = evaluate_retrieval(SigLIP2Model.from_pretrained(zero_shot_dir), data, tmp_path / "features")

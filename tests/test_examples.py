@@ -120,9 +120,9 @@ def test_finetune_retrieval_example_raises_held_out_recall_and_reloads(tmp_path)
     import finetune_retrieval
 
     metrics = finetune_retrieval.main(
-        ["--train-pairs", "240", "--test-pairs", "60", "--steps", "80", "--out", str(tmp_path)]
+        ["--train-pairs", "240", "--test-pairs", "60", "--steps", "160", "--out", str(tmp_path)]
     )
-    # When written: image-to-text recall@1 0.03 -> 0.43 (chance 0.08), text-to-image recall@5 0.17 -> 1.0.
+    # Measured: image-to-text recall@1 0.10 -> 0.42 (chance 0.08), text-to-image recall@5 0.25 -> 0.92.
     assert metrics["after_image_to_text_r1"] > metrics["before_image_to_text_r1"] + 0.2, metrics
     assert metrics["after_text_to_image_r5"] > metrics["before_text_to_image_r5"] + 0.3, metrics
     assert metrics["last_loss"] < metrics["first_loss"]

@@ -186,14 +186,83 @@ def test_peft_adapters_on_the_text_tower_move_to_transformers(tmp_path):
     assert not torch.allclose(got, plain, atol=1e-3), "the adapter must change the output"
 
 
-def test_classify_equals_transformers_zero_shot_pipeline(zero_shot_dir):
+def open_clip_text_tower(model: SiglipModel) -> torch.nn.Module:
+    """open_clip's SigLIP text tower (its ``ViT-*-SigLIP*`` text config: no mask, last position, a head with bias)
+    with the weights of transformers' ``model``."""
+    from functools import partial
+
+    from open_clip.transformer import LayerNorm, TextTransformer
+
+    config, text = model.config.text_config, model.text_model
+    tower = TextTransformer(
+        context_length=config.max_position_embeddings,
+        vocab_size=config.vocab_size,
+        width=config.hidden_size,
+        heads=config.num_attention_heads,
+        layers=config.num_hidden_layers,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        output_dim=config.projection_size,
+        no_causal_mask=True,
+        pool_type="last",
+        proj_bias=True,
+        act_layer=partial(torch.nn.GELU, approximate="tanh"),
+        norm_layer=partial(LayerNorm, eps=config.layer_norm_eps),
+    )
+    state = {
+        "token_embedding.weight": text.embeddings.token_embedding.weight,
+        "positional_embedding": text.embeddings.position_embedding.weight,
+        "ln_final.weight": text.final_layer_norm.weight,
+        "ln_final.bias": text.final_layer_norm.bias,
+        "text_projection.weight": text.head.weight,
+        "text_projection.bias": text.head.bias,
+    }
+    for i, layer in enumerate(text.encoder.layers):
+        block, attention = f"transformer.resblocks.{i}.", layer.self_attn
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        state[block + "attn.in_proj_weight"] = torch.cat([p.weight for p in projections])
+        state[block + "attn.in_proj_bias"] = torch.cat([p.bias for p in projections])
+        pairs = {"ln_1": layer.layer_norm1, "ln_2": layer.layer_norm2, "attn.out_proj": attention.out_proj}
+        pairs |= {"mlp.c_fc": layer.mlp.fc1, "mlp.c_proj": layer.mlp.fc2}
+        for name, module in pairs.items():
+            state[f"{block}{name}.weight"], state[f"{block}{name}.bias"] = module.weight, module.bias
+    tower.load_state_dict(state, strict=True)
+    return tower.eval()
+
+
+def test_texts_are_encoded_as_the_models_were_trained_every_position_attended(zero_shot_dir):
+    """By default texts carry no padding mask, as big_vision trained both generations: the features equal open_clip's
+    SigLIP text tower (which reproduces the papers' numbers) and transformers' on the ids alone; the tokenizer's mask
+    (``padding_mask=True``, which transformers' pipeline applies) gives other features. Texts are padded at their
+    end even by a tokenizer that pads on the left."""
+    from siglip2_encoder.data.tokenizer import TextTokenizer
+
+    texts = ["a photo of a cat.", "a dog", "This is a red car"]
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    tokens = TextTokenizer.from_pretrained(zero_shot_dir)(texts)
+    assert tokens.attention_mask is None
+    theirs = SiglipModel.from_pretrained(zero_shot_dir).eval()
+    with torch.no_grad():
+        ours = model.get_text_features(tokens.input_ids)
+        torch.testing.assert_close(ours, open_clip_text_tower(theirs)(tokens.input_ids), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours, theirs.get_text_features(tokens.input_ids).pooler_output, atol=1e-5, rtol=0)
+        masked = TextTokenizer.from_pretrained(zero_shot_dir, padding_mask=True)(texts)
+        assert masked.attention_mask is not None and masked.attention_mask[1].sum() == 2  # "a", "dog"
+        with_mask = model.get_text_features(masked.input_ids, masked.attention_mask)
+    assert (ours - with_mask).abs().amax() > 1e-2, "the padding mask changes the features"
+    left = TextTokenizer.from_pretrained(zero_shot_dir)
+    left.tokenizer.padding_side = "left"  # transformers 5's Siglip2Tokenizer pads on the left
+    torch.testing.assert_close(left(texts).input_ids, tokens.input_ids, atol=0, rtol=0)
+
+
+def test_classify_with_the_padding_mask_equals_transformers_zero_shot_pipeline(zero_shot_dir):
     from PIL import Image
     from transformers import pipeline
 
     from siglip2_encoder.data.tokenizer import TextTokenizer
 
     classifier = pipeline("zero-shot-image-classification", model=str(zero_shot_dir))
-    model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    tokenizer = TextTokenizer.from_pretrained(zero_shot_dir, padding_mask=True)  # as transformers runs the texts
     labels = ["cat", "dog", "red car", "apple tree"]
     rng = torch.Generator().manual_seed(2)
     images = [Image.fromarray(torch.randint(0, 256, (40, 50, 3), generator=rng).byte().numpy()) for _ in range(3)]
@@ -216,7 +285,8 @@ def test_classify_files_ranks_as_transformers_pipeline_and_keeps_a_bad_file_in_p
     from siglip2_encoder.pipeline.classify import classify_files
 
     classifier = pipeline("zero-shot-image-classification", model=str(zero_shot_dir))
-    model, tokenizer = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer.from_pretrained(zero_shot_dir)
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    tokenizer = TextTokenizer.from_pretrained(zero_shot_dir, padding_mask=True)  # as transformers runs the texts
     labels = ["cat", "dog", "red car"]
     for i in range(3):
         Image.new("RGB", (40 + 10 * i, 30), (70 * i, 100, 200)).save(tmp_path / f"img{i}.png")

@@ -40,7 +40,10 @@ def transformers_features(folder: Path, texts=(), images=()) -> tuple[torch.Tens
     with torch.no_grad():
         text = image = torch.empty(0)
         if texts:
-            ids = tokenizer(list(texts), padding="max_length", max_length=64, return_tensors="pt")
+            # SigLIP's texts as trained: padded to 64, no padding mask
+            ids = tokenizer(
+                list(texts), padding="max_length", max_length=64, return_attention_mask=False, return_tensors="pt"
+            )
             text = F.normalize(model.get_text_features(**ids).pooler_output, dim=-1)
         if images:
             pixels = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in images])

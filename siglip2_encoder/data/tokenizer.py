@@ -1,8 +1,14 @@
 """Text preprocessing for the SigLIP text towers: the checkpoint's own tokenizer, used as the models were trained.
 
-* Every text is padded to 64 tokens (``padding="max_length"``): the tower pools the last position, so the pad
-  token there is part of the model (SigLIP 2's Gemma tokenizer pads with id 0, SigLIP 1's T5 tokenizer with
-  ``</s>``, id 1). Longer texts are truncated, with a warning the first time.
+* Every text is padded at its end to 64 tokens (``padding="max_length"``, whatever the tokenizer's
+  ``padding_side``): the tower pools the last position, so the pad token there is part of the model (SigLIP 2's Gemma
+  tokenizer pads with id 0, SigLIP 1's T5 tokenizer with ``</s>``, id 1). Longer texts are truncated, with a warning
+  the first time.
+* No padding mask: the tower attends all 64 positions, padding included, as both generations were trained
+  (big_vision's text encoder has no mask; open_clip and vLLM run the models so, and transformers' own SigLIP 2
+  conversion saved its tokenizer without a mask for that reason). transformers 5's tokenizer classes return a mask
+  all the same, and transformers applies it (``model(**tokenizer(...))``, its zero-shot pipeline): not the trained
+  model. ``padding_mask=True`` returns the tokenizer's mask, to reproduce transformers.
 * SigLIP 2 was trained on lowercased text (Tschannen et al. 2025: "transforming the text to lower case before
   tokenization"), but its fixed-resolution checkpoints name ``GemmaTokenizer``, which does not lowercase; so texts are
   lowercased by default for SigLIP 2 checkpoints and kept as they are for SigLIP 1 ones. The family is read from the
@@ -70,7 +76,8 @@ def is_siglip2_checkpoint(source: CheckpointSource) -> bool:
 class TokenizedTexts:
     """Attributes:
     input_ids: (B, 64) token ids.
-    attention_mask: (B, 64) 1 for real tokens, or None when the tokenizer gives none (SigLIP 1's).
+    attention_mask: None: every position is attended, as SigLIP was trained. With ``padding_mask=True``, the
+        tokenizer's (B, 64) mask, 1 for real tokens (None if it makes none).
     """
 
     input_ids: torch.Tensor
@@ -86,27 +93,32 @@ class TextTokenizer:
             (:meth:`from_pretrained` reads the family from the checkpoint instead).
         canonicalize: apply :func:`canonicalize_text` to every text (which lowercases too).
         max_length: tokens per text.
+        padding_mask: return the tokenizer's padding mask, which transformers applies and SigLIP was not trained
+            with (see the module docstring); False (the default) encodes texts as the models were trained.
     """
 
     def __init__(
-        self, tokenizer, *, lowercase: bool | None = None, canonicalize: bool = False, max_length: int = MAX_LENGTH
+        self,
+        tokenizer,
+        *,
+        lowercase: bool | None = None,
+        canonicalize: bool = False,
+        max_length: int = MAX_LENGTH,
+        padding_mask: bool = False,
     ) -> None:
         if lowercase is None:
             lowercase = type(tokenizer).__name__ in _SIGLIP2_TOKENIZERS
-        self.tokenizer, self.lowercase, self.canonicalize, self.max_length = (
-            tokenizer,
-            lowercase,
-            canonicalize,
-            max_length,
-        )
+        self.tokenizer, self.lowercase, self.canonicalize = tokenizer, lowercase, canonicalize
+        self.max_length, self.padding_mask = max_length, padding_mask
         self._warned = False
 
     @classmethod
-    def from_preprocessing(cls, tokenizer, preprocessing: str) -> TextTokenizer:
+    def from_preprocessing(cls, tokenizer, preprocessing: str, *, padding_mask: bool = False) -> TextTokenizer:
         """``tokenizer`` with one of :data:`TEXT_PREPROCESSING` (``"raw"``, ``"lower"``, ``"canonical"``)."""
         if preprocessing not in TEXT_PREPROCESSING:
             raise ValueError(f"preprocessing must be one of {list(TEXT_PREPROCESSING)}, got {preprocessing!r}")
-        return cls(tokenizer, lowercase=preprocessing != "raw", canonicalize=preprocessing == "canonical")
+        lowercase, canonicalize = preprocessing != "raw", preprocessing == "canonical"
+        return cls(tokenizer, lowercase=lowercase, canonicalize=canonicalize, padding_mask=padding_mask)
 
     @property
     def preprocessing(self) -> str:
@@ -120,6 +132,7 @@ class TextTokenizer:
         *,
         lowercase: bool | None = None,
         canonicalize: bool = False,
+        padding_mask: bool = False,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
@@ -134,7 +147,7 @@ class TextTokenizer:
         source = CheckpointSource(
             name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
-        tokenizer = cls.from_source(source, lowercase=lowercase, canonicalize=canonicalize)
+        tokenizer = cls.from_source(source, lowercase=lowercase, canonicalize=canonicalize, padding_mask=padding_mask)
         if tokenizer is None:
             raise CheckpointError(
                 f"{source} has no tokenizer (no tokenizer_config.json); give an image-text checkpoint"
@@ -143,7 +156,12 @@ class TextTokenizer:
 
     @classmethod
     def from_source(
-        cls, source: CheckpointSource, *, lowercase: bool | None = None, canonicalize: bool = False
+        cls,
+        source: CheckpointSource,
+        *,
+        lowercase: bool | None = None,
+        canonicalize: bool = False,
+        padding_mask: bool = False,
     ) -> TextTokenizer | None:
         """The tokenizer a checkpoint holds, read with the source's Hub options (revision, cache, token, offline);
         None when it holds none (no ``tokenizer_config.json``)."""
@@ -155,14 +173,15 @@ class TextTokenizer:
         options = dict(revision=source.revision, cache_dir=source.cache_dir, token=source.token)
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=source.offline, **options)
         lowercase = is_siglip2_checkpoint(source) if lowercase is None else lowercase
-        return cls(tokenizer, lowercase=lowercase, canonicalize=canonicalize)
+        return cls(tokenizer, lowercase=lowercase, canonicalize=canonicalize, padding_mask=padding_mask)
 
     def __repr__(self) -> str:
         name = type(self.tokenizer).__name__
-        return f"TextTokenizer({name}, preprocessing={self.preprocessing!r}, max_length={self.max_length})"
+        mask = ", padding_mask=True" if self.padding_mask else ""
+        return f"TextTokenizer({name}, preprocessing={self.preprocessing!r}, max_length={self.max_length}{mask})"
 
     def __call__(self, texts: str | Sequence[str]) -> TokenizedTexts:
-        """Tokenize one text or a list: (B, 64) ids (and mask, if the tokenizer makes one)."""
+        """Tokenize one text or a list: (B, 64) ids (and, with ``padding_mask``, the tokenizer's mask)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
@@ -180,7 +199,14 @@ class TextTokenizer:
                     longest,
                     self.max_length,
                 )
+        # Padding at the end whatever the tokenizer's padding_side (transformers 5's Siglip2Tokenizer pads on the
+        # left): the models were trained with it there, and pool the last position.
         out = self.tokenizer(
-            texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            texts,
+            padding="max_length",
+            padding_side="right",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
         )
-        return TokenizedTexts(out["input_ids"], out.get("attention_mask"))
+        return TokenizedTexts(out["input_ids"], out.get("attention_mask") if self.padding_mask else None)
