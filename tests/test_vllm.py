@@ -1,7 +1,8 @@
 """The LLaVA exports (LLaVA, LLaVA-OneVision, LLaVA-NeXT), the Idefics3 and the LFM2-VL exports in vLLM, the server
 many users deploy VLMs with: its offline ``LLM.chat`` (the chat template, the processor and the model its OpenAI server
 runs) on the exported folder, in vLLM's own environment (README's test command makes it: tests/install_vllm.sh, vLLM
-0.32.0 built for CPUs), against our model on the same images and text."""
+0.32.0 built for CPUs), against our model on the same images and text. And a saved image-text model in vLLM's pooling
+runner (``LLM.embed``, what its ``/v1/embeddings`` serves), against our features."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import perturb
@@ -19,7 +21,7 @@ from PIL import Image
 from test_llava import TOWER, images, make_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from siglip2_encoder import ImageProcessor, SigLIP2Encoder
+from siglip2_encoder import EncoderConfig, ImageProcessor, ProcessorConfig, SigLIP2Encoder, SigLIP2Model, TextConfig
 from siglip2_encoder.adapters import LinearConfig, MLPConfig, build_projector
 from siglip2_encoder.integrations.llava import VisionLanguageModel, VLMProcessor, add_image_token
 from siglip2_encoder.integrations.llava_export import export_llava
@@ -31,16 +33,12 @@ VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv" / "vllm" / "bin" / "
 LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 
 
-def vllm_chat(
-    folder: Path, conversations: list[tuple[Path, str]], tmp_path: Path, tokens: int, **options
-) -> list[dict]:
-    """vLLM's chat on ``folder`` (``options``: more of ``vllm.LLM``'s arguments): for each (image file, text), the
-    prompt's ids and ``tokens`` greedy ids."""
+def run_in_vllm(script: str, request: dict, tmp_path: Path) -> Any:
+    """``script`` (a file beside this one) run by vLLM's Python on ``request``; its result. A failed run fails the
+    test, naming the errors vLLM logged."""
     assert VLLM_PYTHON.is_file(), "README's test command makes vLLM's environment (tests/install_vllm.sh)"
-    request = {"model": str(folder), "max_tokens": tokens, "options": options}
-    request["conversations"] = [{"image": str(image), "text": text} for image, text in conversations]
     (tmp_path / "request.json").write_text(json.dumps(request))
-    command = [str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_chat.py"))]
+    command = [str(VLLM_PYTHON), str(Path(__file__).with_name(script))]
     command += [str(tmp_path / "request.json"), str(tmp_path / "result.json")]
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}  # 1 GiB (its default takes 4)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, env=env)
@@ -48,6 +46,16 @@ def vllm_chat(
     errors = dict.fromkeys(line.strip() for line in output if "Error" in line)  # the causes, not the whole log
     assert result.returncode == 0, "\n".join(errors)
     return json.loads((tmp_path / "result.json").read_text())
+
+
+def vllm_chat(
+    folder: Path, conversations: list[tuple[Path, str]], tmp_path: Path, tokens: int, **options
+) -> list[dict]:
+    """vLLM's chat on ``folder`` (``options``: more of ``vllm.LLM``'s arguments): for each (image file, text), the
+    prompt's ids and ``tokens`` greedy ids."""
+    request = {"model": str(folder), "max_tokens": tokens, "options": options}
+    request["conversations"] = [{"image": str(image), "text": text} for image, text in conversations]
+    return run_in_vllm("vllm_chat.py", request, tmp_path)
 
 
 def llava_vlm(projector: MLPConfig | LinearConfig) -> tuple[VisionLanguageModel, VLMProcessor, Any]:
@@ -198,3 +206,62 @@ def test_vllm_runs_an_lfm2_vl_export_with_our_prompt(split, lengths, tmp_path):
     theirs = vllm_chat(tmp_path / "export", conversations, tmp_path, tokens=1)
     assert [t["prompt"] for t in theirs] == [o["prompt"] for o in ours]
     assert [len(o["prompt"]) for o in ours] == lengths  # unsplit: 3, 1 and 2 image tokens
+
+
+def image_text_folder(folder: Path, naflex: bool) -> SigLIP2Model:
+    """An image-text model saved by ``SigLIP2Model.save_pretrained``, with a tokenizer (heads 32 wide, vLLM's CPU
+    attention's least): fixed-resolution (transformers' ``SiglipModel``) or NaFlex (``Siglip2Model``)."""
+    from conftest import tiny_tokenizer
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    grid = dict(image_size=None, num_patches=16) if naflex else dict(image_size=32)
+    processor = ProcessorConfig(image_size=None, max_num_patches=16, patch_size=8) if naflex else None
+    vision = EncoderConfig(**sizes, patch_size=8, **grid)
+    text = TextConfig(**sizes, vocab_size=len(tiny_tokenizer()), max_position_embeddings=64)
+    model = perturb(SigLIP2Model(vision, text, processor or ProcessorConfig(image_size=(32, 32))), seed=7).eval()
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return model
+
+
+def test_vllm_embeds_a_saved_image_text_model_as_ours_given_texts_padded_to_64(tmp_path):
+    """vLLM's pooling runner on ``SigLIP2Model.save_pretrained``'s folder (vLLM's ``SiglipEmbeddingModel``, with the
+    folder's processor and tokenizer): images, texts padded to 64 tokens (``tokenization_kwargs``) and the ids
+    ``TextTokenizer`` makes embed as our features, L2-normalised (1e-5), as SigLIP was trained (no padding mask).
+    Texts as given, which vLLM does not pad, embed otherwise, with no error."""
+    import torch.nn.functional as F
+
+    from siglip2_encoder.data.tokenizer import TextTokenizer
+
+    model = image_text_folder(tmp_path / "model", naflex=False)
+    texts = ["a photo of a cat", "a dog", "an apple tree"]
+    rng = np.random.default_rng(0)
+    files = [tmp_path / f"image{i}.png" for i in range(2)]
+    for file, (h, w) in zip(files, [(40, 50), (32, 32)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(file)
+    tokens = TextTokenizer.from_pretrained(tmp_path / "model")(texts)
+    padded = {"padding": "max_length", "max_length": 64}
+    request = {"model": str(tmp_path / "model"), "texts": texts, "tokenization_kwargs": padded}
+    request |= {"ids": tokens.input_ids.tolist(), "images": [str(f) for f in files]}
+    theirs = {k: torch.tensor(v) for k, v in run_in_vllm("vllm_embed.py", request, tmp_path).items()}
+    with torch.no_grad():
+        text = F.normalize(model.get_text_features(tokens.input_ids), dim=-1)
+        pixels = ImageProcessor.from_pretrained(tmp_path / "model")([Image.open(f) for f in files])
+        image = F.normalize(model.get_image_features(**pixels), dim=-1)
+    torch.testing.assert_close(theirs["texts"], text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs["ids"], text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs["images"], image, atol=1e-5, rtol=0)
+
+    request |= {"tokenization_kwargs": None, "ids": [], "images": []}
+    unpadded = torch.tensor(run_in_vllm("vllm_embed.py", request, tmp_path)["texts"])
+    assert (unpadded * text).sum(-1).max() < 0.9, "vLLM's unpadded texts are not the model's texts"
+
+
+def test_vllm_stops_at_start_up_on_a_naflex_image_text_model(tmp_path):
+    """vLLM 0.32 has no NaFlex SigLIP 2 embedding model: its transformers backend takes the folder and stops."""
+    image_text_folder(tmp_path / "model", naflex=True)
+    request = {"model": str(tmp_path / "model"), "texts": ["a dog"], "tokenization_kwargs": None}
+    request |= {"ids": [], "images": []}
+    with pytest.raises(AssertionError, match="'Siglip2Processor' object has no attribute '_get_num_multimodal_tokens'"):
+        run_in_vllm("vllm_embed.py", request, tmp_path)
