@@ -213,8 +213,7 @@ def run(args: argparse.Namespace, out: Path) -> dict[str, float]:
     logger.info("after:  %s", after)
 
     merged = lora.merge_and_unload()
-    merged.save_pretrained(out / "model")
-    tokenizer.tokenizer.save_pretrained(out / "model")
+    merged.save_pretrained(out / "model", tokenizer=tokenizer)  # with it, transformers' pipeline and vLLM take it
     reloaded = SigLIP2Model.from_pretrained(out / "model")
     same = recall(reloaded, TextTokenizer.from_pretrained(out / "model"), processor, test_images, test_captions)
     logger.info("saved in %s; reloaded: %s", out / "model", "the same recall" if same == after else "DIFFERENT")

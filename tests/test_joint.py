@@ -277,6 +277,41 @@ def test_classify_with_the_padding_mask_equals_transformers_zero_shot_pipeline(z
     assert [len(r) for r in model.classify(images, label_set, top_k=2)] == [2, 2, 2]
 
 
+def test_a_saved_model_carries_its_tokenizer_and_transformers_pipeline_then_runs_it_as_trained(
+    zero_shot_dir, tmp_path, caplog
+):
+    """save_pretrained writes the checkpoint's own tokenizer, set to give no padding mask and to pad on the right (as
+    transformers' SigLIP 2 conversion writes it): transformers' zero-shot pipeline on the saved folder then ranks and
+    scores as our default ``classify`` (texts as trained), where on the original folder it applies the mask."""
+    from PIL import Image
+    from transformers import AutoTokenizer, pipeline
+
+    from siglip2_encoder.data.tokenizer import TextTokenizer
+
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    model.save_pretrained(tmp_path / "saved")
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert (saved.model_input_names, saved.padding_side) == (["input_ids"], "right")
+    labels, image = ["cat", "dog", "red car", "apple tree"], Image.new("RGB", (40, 30), (200, 40, 90))
+    ours = model.classify(image, labels, canonicalize=False)[0]
+    for folder, same in ((tmp_path / "saved", True), (zero_shot_dir, False)):
+        theirs = pipeline("zero-shot-image-classification", model=str(folder))(image, candidate_labels=labels)
+        gap = max(abs(a["score"] - next(b["score"] for b in theirs if b["label"] == a["label"])) for a in ours)
+        assert (gap < 1e-4) == same, (folder, gap)
+    assert "holds no tokenizer" not in caplog.text
+
+    random = SigLIP2Model(model.vision_model.config, model.text_model.config)
+    with caplog.at_level("WARNING", logger="siglip2_encoder.models.joint"):
+        random.save_pretrained(tmp_path / "random")
+    message = "holds no tokenizer: transformers' pipeline and vLLM need one; pass tokenizer=TextTokenizer(...)"
+    assert f"{tmp_path / 'random'} {message}" in caplog.text
+    random.save_pretrained(tmp_path / "given", tokenizer=TextTokenizer(saved))
+    assert (tmp_path / "given" / "tokenizer_config.json").is_file()
+    message = "tokenizer must be a TextTokenizer, got a TokenizersBackend: wrap a transformers tokenizer as "
+    with pytest.raises(TypeError, match=re.escape(message + "TextTokenizer(tokenizer)")):
+        random.save_pretrained(tmp_path / "bad", tokenizer=saved)
+
+
 def test_classify_files_ranks_as_transformers_pipeline_and_keeps_a_bad_file_in_place(zero_shot_dir, tmp_path):
     from PIL import Image
     from transformers import pipeline

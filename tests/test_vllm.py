@@ -209,9 +209,11 @@ def test_vllm_runs_an_lfm2_vl_export_with_our_prompt(split, lengths, tmp_path):
 
 
 def image_text_folder(folder: Path, naflex: bool) -> SigLIP2Model:
-    """An image-text model saved by ``SigLIP2Model.save_pretrained``, with a tokenizer (heads 32 wide, vLLM's CPU
+    """An image-text model saved by ``SigLIP2Model.save_pretrained`` with a tokenizer (heads 32 wide, vLLM's CPU
     attention's least): fixed-resolution (transformers' ``SiglipModel``) or NaFlex (``Siglip2Model``)."""
     from conftest import tiny_tokenizer
+
+    from siglip2_encoder.data.tokenizer import TextTokenizer
 
     torch.manual_seed(0)
     sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
@@ -220,8 +222,7 @@ def image_text_folder(folder: Path, naflex: bool) -> SigLIP2Model:
     vision = EncoderConfig(**sizes, patch_size=8, **grid)
     text = TextConfig(**sizes, vocab_size=len(tiny_tokenizer()), max_position_embeddings=64)
     model = perturb(SigLIP2Model(vision, text, processor or ProcessorConfig(image_size=(32, 32))), seed=7).eval()
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    model.save_pretrained(folder, tokenizer=TextTokenizer(tiny_tokenizer()))
     return model
 
 

@@ -28,15 +28,18 @@ transformers is imported here, not by the core: only text users pay for it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..checkpoints.hub import CheckpointError, CheckpointSource
+from ..files import write_atomic
 
 __all__ = ["TEXT_PREPROCESSING", "TextTokenizer", "TokenizedTexts", "canonicalize_text", "is_siglip2_checkpoint"]
 
@@ -175,6 +178,18 @@ class TextTokenizer:
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=source.offline, **options)
         lowercase = is_siglip2_checkpoint(source) if lowercase is None else lowercase
         return cls(tokenizer, lowercase=lowercase, canonicalize=canonicalize, padding_mask=padding_mask)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the tokenizer's files so that transformers encodes texts as SigLIP was trained: its
+        ``tokenizer_config.json`` says ``model_input_names: ["input_ids"]`` (no padding mask) and ``padding_side:
+        "right"``, as transformers' SigLIP 2 conversion writes them. transformers' zero-shot pipeline (which pads to
+        64) then gives the features this library gives by default. Lowercasing is not a tokenizer setting: the
+        folder's family (a Gemma tokenizer: SigLIP 2) says it to :meth:`from_pretrained`."""
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(folder)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config |= {"model_input_names": ["input_ids"], "padding_side": "right"}
+        write_atomic(folder / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
 
     def __repr__(self) -> str:
         name = type(self.tokenizer).__name__

@@ -9,6 +9,7 @@ Module names are transformers' ``SiglipModel`` / ``Siglip2Model`` ones (``vision
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -34,6 +35,8 @@ from .model import SigLIP2Encoder
 from .text import SigLIP2TextEncoder
 
 __all__ = ["LabelSet", "ModelOutput", "SigLIP2Model"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "This is a photo of {}."  # transformers' zero-shot pipeline's
 
@@ -200,10 +203,20 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
             pipeline_tag="zero-shot-image-classification",
         )
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, tokenizer: TextTokenizer | None = None) -> None:
         """Write a folder that transformers' ``SiglipModel`` (fixed-resolution) / ``Siglip2Model`` (NaFlex) and
-        :meth:`from_pretrained` load."""
+        :meth:`from_pretrained` load, with a tokenizer: ``tokenizer``, or the checkpoint's own when the model was
+        loaded from one that holds it (:meth:`TextTokenizer.save_pretrained`: transformers then encodes texts as
+        SigLIP was trained). With one, transformers' zero-shot pipeline and vLLM take the folder whole; without, a
+        warning says so."""
         check_plain(self, lambda: type(self)(self.vision_model.config, self.text_model.config), "cannot save", "model")
+        if tokenizer is not None and not isinstance(tokenizer, TextTokenizer):
+            raise TypeError(
+                f"tokenizer must be a TextTokenizer, got a {type(tokenizer).__name__}: wrap a transformers tokenizer "
+                f"as TextTokenizer(tokenizer)"
+            )
+        if tokenizer is None:
+            tokenizer = self._tokenizer or (None if self.source is None else TextTokenizer.from_source(self.source))
         write_model_checkpoint(
             save_directory,
             self.vision_model.config,
@@ -211,6 +224,13 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
             self.state_dict(),
             self.vision_model.processor_config,
         )
+        if tokenizer is None:
+            logger.warning(
+                "%s holds no tokenizer: transformers' pipeline and vLLM need one; pass tokenizer=TextTokenizer(...)",
+                save_directory,
+            )
+        else:
+            tokenizer.save_pretrained(save_directory)
 
     def get_image_features(
         self,
