@@ -18,7 +18,7 @@ TINY = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_atten
 
 def run(path, **inputs) -> np.ndarray:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    return session.run(None, {k: np.asarray(v) for k, v in inputs.items()})[0]  # tensors, arrays or lists
 
 
 @pytest.fixture(scope="module")
@@ -124,26 +124,34 @@ def test_export_onnx_command_and_its_refusals(tmp_path, caplog):
 
 
 def test_text_tower_export_equals_pytorch_on_any_batch_and_length(tmp_path, zero_shot_dir):
-    from siglip2_encoder import SigLIP2TextEncoder, TextConfig
+    """The text graph, as trained (ids only: every position attended) and with a padding mask input, equals our text
+    tower; the command's export of a saved image-text folder takes its tokenizer's output unchanged."""
+    from transformers import AutoTokenizer
+
+    from siglip2_encoder import SigLIP2Model, SigLIP2TextEncoder, TextConfig
     from siglip2_encoder.export.onnx_export import export_text_onnx
 
     torch.manual_seed(0)
     fields = {k: v for k, v in TINY.items() if k != "patch_size"}
     tower = SigLIP2TextEncoder(TextConfig(**fields, vocab_size=50, max_position_embeddings=16)).eval()
     export_text_onnx(tower, tmp_path / "text.onnx")
+    export_text_onnx(tower, tmp_path / "masked.onnx", padding_mask=True)
     generator = torch.Generator().manual_seed(4)
     for batch, length in [(1, 16), (3, 16), (2, 5)]:
         ids = torch.randint(0, 50, (batch, length), generator=generator)
         mask = torch.ones(batch, length, dtype=torch.long)
-        mask[-1, length // 2 :] = 0  # the last text is padded (SigLIP 2 texts carry a mask)
+        mask[-1, length // 2 :] = 0  # the last text is padded
         with torch.no_grad():
-            want = tower(ids, mask).pooler_output
-        got = run(tmp_path / "text.onnx", input_ids=ids, attention_mask=mask)
-        np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
-    # The command exports an image-text checkpoint's text tower.
-    assert main(["export-onnx", str(tmp_path / "cli.onnx"), "--model", str(zero_shot_dir), "--text"]) == EXIT_OK
-    checkpoint = SigLIP2TextEncoder.from_pretrained(zero_shot_dir)
-    ids, mask = torch.randint(0, 50, (2, 64), generator=generator), torch.ones(2, 64, dtype=torch.long)
+            want, want_masked = tower(ids).pooler_output, tower(ids, mask).pooler_output
+        np.testing.assert_allclose(run(tmp_path / "text.onnx", input_ids=ids), want.numpy(), atol=1e-4, rtol=0)
+        got = run(tmp_path / "masked.onnx", input_ids=ids, attention_mask=mask)
+        np.testing.assert_allclose(got, want_masked.numpy(), atol=1e-4, rtol=0)
+    # The command exports an image-text checkpoint's text tower; a folder saved here feeds it its tokenizer's output.
+    SigLIP2Model.from_pretrained(zero_shot_dir).save_pretrained(tmp_path / "saved")
+    assert main(["export-onnx", str(tmp_path / "cli.onnx"), "--model", str(tmp_path / "saved"), "--text"]) == EXIT_OK
+    texts = ["a photo of a cat", "a dog"]
+    inputs = AutoTokenizer.from_pretrained(tmp_path / "saved")(texts, padding="max_length", max_length=64)
+    assert list(inputs) == ["input_ids"]
     with torch.no_grad():
-        want = checkpoint(ids, mask).pooler_output
-    np.testing.assert_allclose(run(tmp_path / "cli.onnx", input_ids=ids, attention_mask=mask), want.numpy(), atol=1e-4)
+        want = SigLIP2Model.from_pretrained(tmp_path / "saved").get_text_features(torch.tensor(inputs["input_ids"]))
+    np.testing.assert_allclose(run(tmp_path / "cli.onnx", **inputs), want.numpy(), atol=1e-4, rtol=0)

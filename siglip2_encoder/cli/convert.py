@@ -134,7 +134,11 @@ def _export_onnx_command(commands: argparse._SubParsersAction) -> None:
         "--returns", default="pooled", help="what the graph returns: pooled (default), tokens, or a hidden state (-2)"
     )
     p.add_argument("--output", dest="old_output", help=argparse.SUPPRESS)  # --returns before 0.2.0
-    p.add_argument("--text", action="store_true", help="export the checkpoint's text tower (pooled text features)")
+    p.add_argument(
+        "--text",
+        action="store_true",
+        help="export the checkpoint's text tower: input_ids (padded to 64, no mask, as trained) to pooled features",
+    )
     p.set_defaults(run=cmd_export_onnx)
 
 

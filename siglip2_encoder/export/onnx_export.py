@@ -142,38 +142,47 @@ def export_onnx(
 
 
 class TextExportGraph(nn.Module):
-    """The text tower as one exportable graph: (B, L) ``input_ids`` and ``attention_mask`` -> (B, P) pooled features
-    (the last position through the head, as :class:`~siglip2_encoder.SigLIP2TextEncoder`)."""
+    """The text tower as one exportable graph: (B, L) ``input_ids`` (and, if given, ``attention_mask``) -> (B, P)
+    pooled features (the last position through the head, as :class:`~siglip2_encoder.SigLIP2TextEncoder`)."""
 
     def __init__(self, tower: SigLIP2TextEncoder) -> None:
         super().__init__()
         self.tower = tower
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         tower = self.tower
         x = tower.embeddings(input_ids)  # (B, L, D)
         batch, length, width = x.shape
-        x = tower.encoder(x.reshape(batch * length, width), key_padding_attention(attention_mask.bool()), fast=False)
+        # Without a mask every position attends to every other, as SigLIP was trained.
+        keys = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        x = tower.encoder(x.reshape(batch * length, width), key_padding_attention(keys), fast=False)
         return tower.head(tower.final_layer_norm(x).view(batch, length, width)[:, -1])
 
 
-def export_text_onnx(tower: SigLIP2TextEncoder, path: str | os.PathLike, *, opset: int = 18) -> None:
+def export_text_onnx(
+    tower: SigLIP2TextEncoder, path: str | os.PathLike, *, padding_mask: bool = False, opset: int = 18
+) -> None:
     """Write the text tower as an ONNX model at ``path``, dynamic in batch and text length (up to
-    ``max_position_embeddings``): inputs ``input_ids`` and ``attention_mask`` (B, L) int64, output ``features``
-    (B, P)."""
+    ``max_position_embeddings``): input ``input_ids`` (B, L) int64, output ``features`` (B, P), every position
+    attended as SigLIP was trained (feed it texts padded to 64: ``TextTokenizer``'s ids, or the tokenizer of a folder
+    ``SigLIP2Model.save_pretrained`` wrote, whose output is ``input_ids`` alone). ``padding_mask=True`` adds an
+    ``attention_mask`` (B, L) input whose padding keys are ignored, as transformers applies a tokenizer's mask."""
     _check_exporter()
     graph = TextExportGraph(tower).eval()
     batch = torch.export.Dim("batch", min=1, max=65536)
     length = torch.export.Dim("length", min=2, max=tower.config.max_position_embeddings)
-    example = (torch.ones(2, 4, dtype=torch.long), torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]))
+    example: tuple[torch.Tensor, ...] = (torch.ones(2, 4, dtype=torch.long),)
+    names = ["input_ids"]
+    if padding_mask:
+        example, names = (*example, torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])), [*names, "attention_mask"]
     with torch.no_grad():
         torch.onnx.export(
             graph,
             example,
             str(path),
-            input_names=["input_ids", "attention_mask"],
+            input_names=names,
             output_names=["features"],
-            dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}),
+            dynamic_shapes=tuple({0: batch, 1: length} for _ in names),
             opset_version=opset,
             dynamo=True,
         )
