@@ -117,6 +117,43 @@ def test_embed_text_writes_transformers_text_features_and_resumes(zero_shot_dir,
     assert main(["embed-text", "--model", str(zero_shot_dir), "-o", str(tmp_path / "none")]) == EXIT_USAGE
     assert "no texts: give them as arguments or with --file-list (one text per line)" in caplog.text
 
+    # A run written before texts were encoded without a padding mask has no such setting: not resumed on top of it.
+    record = json.loads((out / "run.json").read_text())
+    assert record["padding_mask"] is False
+    (out / "run.json").write_text(json.dumps({k: v for k, v in record.items() if k != "padding_mask"}))
+    assert main([*args, *TEXTS, "more", "--resume"]) == EXIT_FATAL
+    assert "with other settings than the first run (padding_mask: None -> False); use the same settings" in caplog.text
+
+
+def test_text_jobs_refuse_a_tokenizer_their_settings_do_not_name(zero_shot_dir, tmp_path):
+    from siglip2_encoder import ImageProcessor, SigLIP2Model, TextTokenizer
+    from siglip2_encoder.models.text import SigLIP2TextEncoder
+    from siglip2_encoder.pipeline.extract import TextTower, extract
+    from siglip2_encoder.pipeline.settings import ExtractSettings, TextEmbedSettings
+    from siglip2_encoder.pipeline.sources import TarSource
+    from siglip2_encoder.pipeline.texts import embed_texts
+
+    masked = TextTokenizer.from_pretrained(zero_shot_dir, padding_mask=True)
+    settings = TextEmbedSettings(model=str(zero_shot_dir), text_preprocessing="raw")
+    message = "the tokenizer's padding_mask is True, the settings say padding_mask=False"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        embed_texts(["a cat"], tmp_path / "out", SigLIP2TextEncoder.from_pretrained(zero_shot_dir), masked, settings)
+    captions = ExtractSettings(model=str(zero_shot_dir), captions=True)
+    assert captions.caption_padding_mask is False  # captions as trained by default
+    model = SigLIP2Model.from_pretrained(zero_shot_dir)
+    source, processor = (
+        TarSource([str(tmp_path / "pairs.tar")], captions=True),
+        ImageProcessor.from_pretrained(zero_shot_dir),
+    )
+    message = "the captions' tokenizer has padding_mask=True, the settings say caption_padding_mask=False"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        extract(
+            source, tmp_path / "out", model.vision_model, processor, captions, text=TextTower(model.text_model, masked)
+        )
+    message = "caption_padding_mask=False is for captions; set captions=True or leave it None"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ExtractSettings(model="m", caption_padding_mask=False)
+
 
 def test_embed_text_and_extract_refuse_the_wrong_tower(zero_shot_dir, fixed_dir, tmp_path, caplog):
     from transformers import SiglipTextConfig, SiglipTextModel

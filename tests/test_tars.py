@@ -178,4 +178,5 @@ def test_image_caption_pairs_embed_both_and_export_as_clip_retrieval_does(zero_s
     assert main([*args, "-o", str(tmp_path / "images"), "--no-captions"]) == EXIT_OK  # c's image too, no texts
     assert len(ExtractedFeatures.open(tmp_path / "images").ok) == 4
     assert main([*args, "-o", str(tmp_path / "images"), "--resume"]) == EXIT_FATAL
-    assert "--resume with other settings than the first run (captions: False -> True)" in caplog.text
+    changed = "caption_padding_mask: None -> False, captions: False -> True"
+    assert f"--resume with other settings than the first run ({changed})" in caplog.text

@@ -192,6 +192,11 @@ def _check_captions(settings: ExtractSettings, source: InputSource, text: TextTo
             f"settings.captions={settings.captions} but text={'given' if text else None}: captions need the text "
             f"tower and tokenizer (text=TextTower(model, tokenizer)), and only settings.captions=True uses them"
         )
+    if text is not None and text.tokenizer.padding_mask != settings.caption_padding_mask:
+        raise ValueError(
+            f"the captions' tokenizer has padding_mask={text.tokenizer.padding_mask}, the settings say "
+            f"caption_padding_mask={settings.caption_padding_mask}"
+        )
     if settings.captions and not source.captions:
         raise ValueError(
             f"settings.captions=True needs a source that gives captions (TarSource(specs, captions=True)), got a "

@@ -58,6 +58,9 @@ class ExtractSettings:
     video_frames: int | None = None  # videos: this many frames, evenly spaced
     quantize: str | None = None  # torchao quantization of the encoder layers (one of QUANTIZATIONS); fp32 compute
     captions: bool = False  # each input's caption through the text tower too (``caption_pooled``; tar shards)
+    # captions only: whether their tokenizer's padding mask is applied (``TextTokenizer.padding_mask``; False, as
+    # SigLIP was trained, is what captions get when it is left None)
+    caption_padding_mask: bool | None = None
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "batch_size", "shard_size", "max_pixels")
@@ -82,6 +85,12 @@ class ExtractSettings:
                 raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
         if not (self.pooled or self.last_hidden_state or self.layers):
             raise ValueError("nothing to extract: ask for pooled features, the final tokens, or some layers")
+        if self.caption_padding_mask is not None and not self.captions:
+            raise ValueError(
+                f"caption_padding_mask={self.caption_padding_mask} is for captions; set captions=True or leave it None"
+            )
+        if self.captions and self.caption_padding_mask is None:
+            object.__setattr__(self, "caption_padding_mask", False)
         object.__setattr__(self, "layers", tuple(self.layers))
 
     def token_features(self) -> list[tuple[str, int | None]]:
@@ -100,6 +109,7 @@ class TextEmbedSettings:
 
     model: str  # Hub id or local folder of an image-text (or text-only) checkpoint
     text_preprocessing: str  # as the tokenizer applied it: raw, lower (SigLIP 2's default) or canonical
+    padding_mask: bool = False  # the tokenizer's padding mask applied (TextTokenizer.padding_mask); not as trained
     inputs: str = TEXT_INPUTS  # marks the folder as texts for its readers
     save_dtype: str = "fp32"
     dtype: str = "fp32"

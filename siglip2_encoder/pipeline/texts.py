@@ -44,6 +44,11 @@ def embed_texts(
             f"the tokenizer's preprocessing is {tokenizer.preprocessing!r}, the settings say "
             f"text_preprocessing={settings.text_preprocessing!r}"
         )
+    if tokenizer.padding_mask != settings.padding_mask:
+        raise ValueError(
+            f"the tokenizer's padding_mask is {tokenizer.padding_mask}, the settings say "
+            f"padding_mask={settings.padding_mask}"
+        )
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"text {i} is a {type(text).__name__}; texts must be strings")
