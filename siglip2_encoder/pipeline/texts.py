@@ -39,16 +39,7 @@ def embed_texts(
 
     ``resume`` continues after the committed rows, which must be the first texts of ``texts``, in order.
     """
-    if tokenizer.preprocessing != settings.text_preprocessing:
-        raise ValueError(
-            f"the tokenizer's preprocessing is {tokenizer.preprocessing!r}, the settings say "
-            f"text_preprocessing={settings.text_preprocessing!r}"
-        )
-    if tokenizer.padding_mask != settings.padding_mask:
-        raise ValueError(
-            f"the tokenizer's padding_mask is {tokenizer.padding_mask}, the settings say "
-            f"padding_mask={settings.padding_mask}"
-        )
+    _check_tokenizer(tokenizer, settings)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"text {i} is a {type(text).__name__}; texts must be strings")
@@ -88,3 +79,17 @@ def embed_texts(
         write_manifest(folder, done_rows)
         summary.seconds = time.monotonic() - started
         return summary
+
+
+def _check_tokenizer(tokenizer: TextTokenizer, settings: TextEmbedSettings) -> None:
+    """The tokenizer must encode texts as the settings (recorded in run.json) say."""
+    if tokenizer.preprocessing != settings.text_preprocessing:
+        raise ValueError(
+            f"the tokenizer's preprocessing is {tokenizer.preprocessing!r}, the settings say "
+            f"text_preprocessing={settings.text_preprocessing!r}"
+        )
+    if tokenizer.padding_mask != settings.padding_mask:
+        raise ValueError(
+            f"the tokenizer's padding_mask is {tokenizer.padding_mask}, the settings say "
+            f"padding_mask={settings.padding_mask}"
+        )
