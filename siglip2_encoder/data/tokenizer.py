@@ -183,8 +183,8 @@ class TextTokenizer:
         """Write the tokenizer's files so that transformers encodes texts as SigLIP was trained: its
         ``tokenizer_config.json`` says ``model_input_names: ["input_ids"]`` (no padding mask) and ``padding_side:
         "right"``, as transformers' SigLIP 2 conversion writes them. transformers' zero-shot pipeline (which pads to
-        64) then gives the features this library gives by default. Lowercasing is not a tokenizer setting: the
-        folder's family (a Gemma tokenizer: SigLIP 2) says it to :meth:`from_pretrained`."""
+        64) then gives this library's text features of the same texts. Lowercasing is not a tokenizer setting:
+        the folder's family (a Gemma tokenizer: SigLIP 2) says it to :meth:`from_pretrained`."""
         folder = Path(folder)
         self.tokenizer.save_pretrained(folder)
         config = json.loads((folder / "tokenizer_config.json").read_text())
