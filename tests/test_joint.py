@@ -312,6 +312,35 @@ def test_a_saved_model_carries_its_tokenizer_and_transformers_pipeline_then_runs
         random.save_pretrained(tmp_path / "bad", tokenizer=saved)
 
 
+def test_a_saved_siglip2_tokenizer_lowercases_in_transformers_as_trained(zero_shot_dir, tmp_path):
+    """A tokenizer that lowercases here (SigLIP 2's) is saved with a lowercasing normalizer, as transformers 5's
+    Siglip2Tokenizer has: transformers' pipeline on the folder scores texts in capitals as our classify does; the
+    caller's tokenizer is left as it was. A tokenizer without a tokenizers backend cannot hold it: refused."""
+    from conftest import tiny_tokenizer
+    from PIL import Image
+    from transformers import AutoTokenizer, pipeline
+
+    from siglip2_encoder.data.tokenizer import TextTokenizer
+
+    model, lower = SigLIP2Model.from_pretrained(zero_shot_dir), TextTokenizer(tiny_tokenizer(), lowercase=True)
+    model.save_pretrained(tmp_path / "saved", tokenizer=lower)
+    saved = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert saved("A PHOTO OF A CAT")["input_ids"] == saved("a photo of a cat")["input_ids"]
+    assert lower.tokenizer("A")["input_ids"] != lower.tokenizer("a")["input_ids"]  # still the caller's own
+    labels, image = ["CAT", "A DOG", "Red Car"], Image.new("RGB", (30, 40), (20, 140, 90))
+    ours = model.classify(image, labels, tokenizer=lower, canonicalize=False)[0]
+    theirs = pipeline("zero-shot-image-classification", model=str(tmp_path / "saved"))(image, candidate_labels=labels)
+    assert [r["label"] for r in ours] == [r["label"] for r in theirs]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(ours, theirs)) < 1e-4
+
+    class Slow:  # a tokenizer of transformers' Python classes: no tokenizers backend
+        pass
+
+    message = "a Slow cannot be saved to lowercase texts (no tokenizers backend); save TextTokenizer(tokenizer, "
+    with pytest.raises(TypeError, match=re.escape(message + "lowercase=False) and lowercase texts before tokenizing")):
+        TextTokenizer(Slow(), lowercase=True).save_pretrained(tmp_path / "slow")
+
+
 def test_classify_files_ranks_as_transformers_pipeline_and_keeps_a_bad_file_in_place(zero_shot_dir, tmp_path):
     from PIL import Image
     from transformers import pipeline

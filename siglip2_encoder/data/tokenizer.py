@@ -28,6 +28,7 @@ transformers is imported here, not by the core: only text users pay for it.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -180,13 +181,33 @@ class TextTokenizer:
         return cls(tokenizer, lowercase=lowercase, canonicalize=canonicalize, padding_mask=padding_mask)
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write the tokenizer's files so that transformers encodes texts as SigLIP was trained: its
-        ``tokenizer_config.json`` says ``model_input_names: ["input_ids"]`` (no padding mask) and ``padding_side:
-        "right"``, as transformers' SigLIP 2 conversion writes them. transformers' zero-shot pipeline (which pads to
-        64) then gives this library's text features of the same texts. Lowercasing is not a tokenizer setting:
-        the folder's family (a Gemma tokenizer: SigLIP 2) says it to :meth:`from_pretrained`."""
+        """Write the tokenizer's files so that transformers (and vLLM, which reads them) encodes texts as SigLIP was
+        trained: its ``tokenizer_config.json`` says ``model_input_names: ["input_ids"]`` (no padding mask) and
+        ``padding_side: "right"``, as transformers' SigLIP 2 conversion writes them, and a tokenizer that lowercases
+        here (SigLIP 2's) gets a lowercasing normalizer in ``tokenizer.json``, as transformers 5's
+        ``Siglip2Tokenizer`` has. transformers' zero-shot pipeline (which pads to 64) then gives this library's text
+        features of the same texts, canonicalisation aside (not a tokenizer setting: apply
+        :func:`canonicalize_text` to class names yourself).
+
+        Raises:
+            TypeError: lowercasing asked of a tokenizer without a ``tokenizers`` backend, which cannot hold it.
+        """
         folder = Path(folder)
-        self.tokenizer.save_pretrained(folder)
+        tokenizer = self.tokenizer
+        if self.preprocessing != "raw":
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                raise TypeError(
+                    f"a {type(tokenizer).__name__} cannot be saved to lowercase texts (no tokenizers backend); save "
+                    f"TextTokenizer(tokenizer, lowercase=False) and lowercase texts before tokenizing them"
+                )
+            from tokenizers import normalizers
+
+            tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own normalizer
+            backend = tokenizer.backend_tokenizer
+            rest = [] if backend.normalizer is None else [backend.normalizer]
+            backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
+        tokenizer.save_pretrained(folder)
         config = json.loads((folder / "tokenizer_config.json").read_text())
         config |= {"model_input_names": ["input_ids"], "padding_side": "right"}
         write_atomic(folder / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
