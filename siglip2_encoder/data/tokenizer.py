@@ -7,9 +7,9 @@
 * No padding mask: the tower attends all 64 positions, padding included, as both generations were trained
   (big_vision's text encoder has no mask; open_clip and vLLM run the models so, and transformers' own SigLIP 2
   conversion saves its tokenizers with ``model_input_names=["input_ids"]`` for that reason). transformers 5's
-  tokenizer classes return a mask unless a checkpoint's ``tokenizer_config.json`` says so, and transformers applies
-  it (``model(**tokenizer(...))``, its zero-shot pipeline): not the trained model. ``padding_mask=True`` returns the
-  tokenizer's mask (if it makes one), to reproduce transformers.
+  tokenizer classes return a mask unless a checkpoint's ``tokenizer_config.json`` lists ``model_input_names``
+  without it, and transformers applies it (``model(**tokenizer(...))``, its zero-shot pipeline): not the trained
+  model. ``padding_mask=True`` returns the tokenizer's mask (if it makes one), to reproduce transformers.
 * SigLIP 2 was trained on lowercased text (Tschannen et al. 2025: "transforming the text to lower case before
   tokenization"), but its fixed-resolution checkpoints name ``GemmaTokenizer``, which does not lowercase; so texts are
   lowercased by default for SigLIP 2 checkpoints and kept as they are for SigLIP 1 ones. The family is read from the
