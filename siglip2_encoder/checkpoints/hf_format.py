@@ -172,12 +172,14 @@ def config_to_hf(config: EncoderConfig) -> dict[str, Any]:
     """A vision-only transformers ``config.json``: ``SiglipVisionModel`` or ``Siglip2VisionModel``, or for a tower
     with bucketed positions ``Idefics3VisionTransformer`` (Idefics2 / 3, SmolVLM, Aria), with a head
     ``Phi4MultimodalVisionModel`` (Phi-4-multimodal's; transformers' AutoModel does not map it)."""
-    if config.position_lookup == "buckets" and config.use_head:
-        out: dict[str, Any] = {"architectures": ["Phi4MultimodalVisionModel"], "model_type": "phi4_multimodal_vision"}
+    if config.position_lookup == "buckets":
+        name, model_type = (
+            ("Phi4MultimodalVisionModel", "phi4_multimodal_vision")
+            if config.use_head
+            else ("Idefics3VisionTransformer", "idefics3_vision")
+        )
+        out: dict[str, Any] = {"architectures": [name], "model_type": model_type}
         skipped: tuple[str, ...] = ("use_head", "position_lookup")
-    elif config.position_lookup == "buckets":
-        out = {"architectures": ["Idefics3VisionTransformer"], "model_type": "idefics3_vision"}
-        skipped = ("use_head", "position_lookup")
     else:
         out = {
             "architectures": ["Siglip2VisionModel" if config.naflex else "SiglipVisionModel"],

@@ -163,15 +163,19 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
         Raises:
             ValueError: the model was not loaded from a checkpoint, or its checkpoint holds no tokenizer.
         """
-        if self._tokenizer is None:
-            tokenizer = None if self.source is None else TextTokenizer.from_source(self.source)
-            if tokenizer is None:
-                where = "was not loaded from a checkpoint" if self.source is None else f"{self.source} has no tokenizer"
-                raise ValueError(
-                    f"label names need a tokenizer and this model {where}: pass "
-                    f"tokenizer=TextTokenizer.from_pretrained(...)"
-                )
-            self._tokenizer = tokenizer
+        tokenizer = self._checkpoint_tokenizer()
+        if tokenizer is None:
+            where = "was not loaded from a checkpoint" if self.source is None else f"{self.source} has no tokenizer"
+            raise ValueError(
+                f"label names need a tokenizer and this model {where}: pass "
+                f"tokenizer=TextTokenizer.from_pretrained(...)"
+            )
+        return tokenizer
+
+    def _checkpoint_tokenizer(self) -> TextTokenizer | None:
+        """The checkpoint's own tokenizer, read once; None when the model has no checkpoint or it holds none."""
+        if self._tokenizer is None and self.source is not None:
+            self._tokenizer = TextTokenizer.from_source(self.source)
         return self._tokenizer
 
     @property
@@ -216,7 +220,7 @@ class SigLIP2Model(FromPretrainedMixin, HubMixin, nn.Module):
                 f"as TextTokenizer(tokenizer)"
             )
         if tokenizer is None:
-            tokenizer = self._tokenizer or (None if self.source is None else TextTokenizer.from_source(self.source))
+            tokenizer = self._checkpoint_tokenizer()
         write_model_checkpoint(
             save_directory,
             self.vision_model.config,
