@@ -8,8 +8,9 @@
   trained, and what ``TextTokenizer`` gives by default) and with the padding mask of texts of 5 to 15 tokens (what
   transformers' tokenizers give, ``padding_mask=True``). Ours twice:
   with every token's output (``last_hidden_state``, as transformers always computes), and features only
-  (``return_last=False``, what ``get_text_features``, zero-shot labels and ``embed-text`` use: with a mask, only the
-  real tokens and the pooled last position run). Outputs checked equal (atol 1e-4) first.
+  (``return_last=False``, what ``get_text_features``, zero-shot labels and ``embed-text`` use: the last layer at the
+  pooled position only, and with a mask only the real tokens and that position run). Outputs checked equal (atol
+  1e-4) first.
 * classify: 200 images against 100 labels: ``SigLIP2Model.classify`` (labels encoded once, images in batches of 32)
   vs ``pipeline("zero-shot-image-classification")`` on the same checkpoint folder (which runs the text tower on
   all 100 labels for every image). Smaller towers (width 384, 6 layers each) keep the pipeline's run to minutes;

@@ -94,6 +94,35 @@ def test_pooled_only_text_features_equal_the_full_run_for_every_mask_shape():
         torch.testing.assert_close(pooled, full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("mask", [None, MASK], ids=["no mask", "padding mask"])
+def test_pooled_only_text_features_train_as_transformers_last_layer_at_the_pooled_position(layers, mask):
+    """Features only (``return_last=False``, the path of the loss and ``get_text_features``): the last layer computes
+    just the pooled position, in training too; the features and every weight's gradient equal transformers'.
+    A hook on the last layer sees its whole output as before."""
+    torch.manual_seed(0)
+    config = TEXT | dict(num_hidden_layers=layers)
+    theirs = perturb(SiglipTextModel(SiglipTextConfig(**config)), seed=5).train()
+    ours = SigLIP2TextEncoder(TextConfig(**config)).train()
+    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if k != "embeddings.position_ids"}, strict=True)
+    want = theirs(input_ids=IDS, attention_mask=mask).pooler_output
+    got = ours(IDS, mask, return_last=False).pooler_output
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+    (want * weights).sum().backward()
+    (got * weights).sum().backward()
+    theirs_grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs_grads[name].grad, atol=1e-5, rtol=0, msg=name)
+
+    seen = []
+    ours.encoder.layers[-1].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        hooked = ours.eval()(IDS, mask, return_last=False).pooler_output
+    torch.testing.assert_close(hooked, want, atol=1e-5, rtol=0)
+    assert len(seen) == 1 and seen[0][-1] == TEXT["hidden_size"] and seen[0][0] > len(IDS), seen
+
+
 def test_image_text_logits_and_features_equal_transformers(image_text_dir):
     theirs, ours = reference(image_text_dir), SigLIP2Model.from_pretrained(image_text_dir)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -13,6 +13,9 @@ Layers run on packed tokens (T, D) (see :mod:`~siglip2_encoder.models.packing`).
   large allocations (each of which costs page faults on CPU). :mod:`~siglip2_encoder.export.onednn` supplies oneDNN
   GEMMs on prepacked copies for a separate inference tower.
 
+:meth:`EncoderLayer.forward_at` is the reference path at one position per sequence, for a last layer of which only
+a pooled position is read.
+
 Neither path keeps anything derived from the weights between calls, so no weight change can leave it stale.
 """
 
@@ -179,12 +182,41 @@ class EncoderLayer(nn.Module):
             x, self.layer_norm1, self.layer_norm2, InPlaceGemms(self.self_attn, self.mlp, workspace), attend
         )
 
+    def forward_at(self, x: torch.Tensor, at: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's output at one position per sequence, for a tower's last layer when only a pooled position
+        is read (the text tower's features): every position gives keys and values, only the read one a query,
+        attention output and MLP. Runs through the submodules (autograd and peft's wrappers see it).
+
+        Args:
+            x: (B, L, D) the layer's input, one padded sequence per row.
+            at: (B,) the position to compute in each sequence.
+            keep: (B, L), False for keys every query ignores (a padding mask); None attends to all.
+
+        Returns:
+            (B, D): what :meth:`forward` gives at those positions.
+        """
+        attn, (batch, length, width) = self.self_attn, x.shape
+        h = self.layer_norm1(x)
+        query = h[torch.arange(batch, device=x.device), at]  # (B, D)
+        q = attn.q_proj(query).view(batch, attn.num_heads, 1, attn.head_dim)
+        k, v = (proj(h).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2) for proj in
+                (attn.k_proj, attn.v_proj))  # fmt: skip
+        mask = None if keep is None else keep.to(torch.bool)[:, None, None, :]
+        dropout = attn.dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout).reshape(batch, width)
+        y = x[torch.arange(batch, device=x.device), at] + attn.out_proj(attended)
+        return y + self.mlp(self.layer_norm2(y))
+
+    def has_hooks(self) -> bool:
+        """True when a forward hook sits on this layer or any of its submodules."""
+        return any(module._forward_hooks or module._forward_pre_hooks for module in self.modules())
+
     def is_plain(self) -> bool:
         """True when every submodule is the stock one with no hooks, so :func:`inference_layer` computes what the
         submodules would: peft's LoRA wrappers, quantized linears and forward hooks need their own forward to run."""
+        if self.has_hooks():
+            return False
         for module in self.modules():
-            if module._forward_hooks or module._forward_pre_hooks:
-                return False
             if module is not self and type(module) not in (Attention, MLP, nn.Linear, nn.LayerNorm):
                 return False
             # torchao quantizes a Linear in place: same module type, its weight a quantized tensor subclass.

@@ -113,8 +113,9 @@ class SigLIP2TextEncoder(FromPretrainedMixin, nn.Module):
             input_ids: (B, L) token ids, L <= ``max_position_embeddings``.
             attention_mask: (B, L), 1 for real tokens; padding keys are then ignored (padding positions are still
                 computed: pooling reads the last one). transformers passes the tokenizer's mask the same way.
-            return_last: compute ``last_hidden_state``. Without it, and with a padding mask, only the real tokens and
-                the pooled last position run through the layers: no other position is ever read (padding keys are
+            return_last: compute ``last_hidden_state``. Without it, the last layer computes only the pooled
+                position (the others give keys and values), and with a padding mask only the real tokens and the
+                pooled last position run through the layers: no other position is ever read (padding keys are
                 masked), so the pooled feature is the same at a fraction of the cost for short texts.
 
         Returns:
@@ -137,16 +138,25 @@ class SigLIP2TextEncoder(FromPretrainedMixin, nn.Module):
         pooled_at = torch.full((batch,), length - 1, device=x.device)
         dropout = self.config.attention_dropout if self.training else 0.0
         if attention_mask is None or bool(attention_mask.all()):
+            attention_mask = None
             packing = Packing.from_grids([(1, length)] * batch, x.device)
             attend = select_attention_backend("auto", x.device, x.dtype, dropout).prepare(packing)
         else:
             if not return_last and bool(attention_mask.any(1).all()):
                 x, attention_mask, pooled_at = _real_tokens_and_last(x, attention_mask)
             attend = key_padding_attention(attention_mask)
-        x = self.final_layer_norm(self.encoder(x.flatten(0, 1).contiguous(), attend, fast=self.fast_inference))
+        last = self.encoder.layers[-1]
+        # a hook on the last layer expects its whole output: run it whole then
+        at_pooled_only = not return_last and not last.has_hooks()
+        depth = len(self.encoder.layers) - at_pooled_only
+        x = self.encoder(x.flatten(0, 1).contiguous(), attend, depth=depth, fast=self.fast_inference)
         x = x.unflatten(0, (batch, -1))
-        pooled = self.head(x[torch.arange(batch, device=x.device), pooled_at])
-        return TextOutput(last_hidden_state=x if return_last else None, pooler_output=pooled)
+        if at_pooled_only:
+            pooled = self.final_layer_norm(last.forward_at(x, pooled_at, attention_mask))
+        else:
+            x = self.final_layer_norm(x)
+            pooled = x[torch.arange(batch, device=x.device), pooled_at]
+        return TextOutput(last_hidden_state=x if return_last else None, pooler_output=self.head(pooled))
 
 
 def _real_tokens_and_last(
