@@ -716,7 +716,9 @@ def test_phi4_multimodals_tower_equals_its_own_head_and_padded_crops_included(la
     crop and global view); saved, the tower is a Phi4MultimodalVisionModel that transformers loads.
 
     Their eager attention is the oracle: with sdpa, transformers (5.25) drops an unpadded crop's all-ones mask and
-    its attention's is_causal=True then makes SDPA causal, unlike the original model's SigLIP (pinned below)."""
+    its attention's is_causal=True then makes SDPA causal, unlike the original model's SigLIP (pinned below).
+    The head's features reach 108 on these weights, where transformers' own float32 result is 3.5e-3 from its float64
+    one (ours 4e-4 from its float32 one on an AMD EPYC, 1e-4 on Intel Xeons): pooled features compare with rtol 1e-4."""
     vlm, image_processor = build("phi4_multimodal")
     vlm = perturb(vlm, seed=6).eval()
     vlm.save_pretrained(tmp_path)
@@ -736,7 +738,7 @@ def test_phi4_multimodals_tower_equals_its_own_head_and_padded_crops_included(la
     with torch.no_grad():
         want, got = theirs(pixels), ours(pixels, layers=[-2])
         torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, atol=1e-4, rtol=0)
-        torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=1e-4)
         pooled = torch.nn.functional.avg_pool2d(got.tokens(-2).reshape(2, 4, 4, 32).permute(0, 3, 1, 2), 2)
         received = vlm.model.embed_tokens_extend.image_embed.get_img_features(pixels)
         torch.testing.assert_close(pooled.flatten(2).transpose(1, 2), received, atol=1e-4, rtol=0)
@@ -746,7 +748,7 @@ def test_phi4_multimodals_tower_equals_its_own_head_and_padded_crops_included(la
         got = ours([pixels[0, :, :24, :16]])
         torch.testing.assert_close(got.last_hidden_state[0, :6], want.last_hidden_state[0, mask[0].flatten()],
                                    atol=1e-4, rtol=0)  # fmt: skip
-        torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got.pooler_output, want.pooler_output, atol=1e-4, rtol=1e-4)
         sdpa = Phi4MultimodalVisionModel._from_config(copy.deepcopy(theirs.config), attn_implementation="sdpa")
         sdpa.eval().load_state_dict(theirs.state_dict())
         causal = sdpa(pixels).last_hidden_state
@@ -754,7 +756,7 @@ def test_phi4_multimodals_tower_equals_its_own_head_and_padded_crops_included(la
     ours.save_pretrained(tmp_path / "tower")
     again = Phi4MultimodalVisionModel.from_pretrained(tmp_path / "tower", attn_implementation="eager").eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(pixels).pooler_output, theirs(pixels).pooler_output, atol=1e-4, rtol=0)
+        torch.testing.assert_close(again(pixels).pooler_output, theirs(pixels).pooler_output, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
