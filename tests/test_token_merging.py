@@ -45,6 +45,16 @@ def test_the_matching_is_the_brute_force_one(n, r):
         torch.testing.assert_close(sizes[image], want_sizes, atol=0, rtol=0)
 
 
+def test_a_bfloat16_merge_is_the_float32_merge_rounded_once():
+    g = torch.Generator().manual_seed(5)
+    x, metric = torch.randn(2, 33, 8, generator=g).bfloat16(), torch.randn(2, 33, 4, generator=g)
+    size = torch.randint(1, 4, (2, 33), generator=g).float()
+    tokens, sizes = bipartite_merge(x, metric, size, 7)
+    want_tokens, want_sizes = bipartite_merge(x.float(), metric, size, 7)
+    assert tokens.dtype == torch.bfloat16 and torch.equal(tokens, want_tokens.bfloat16())
+    assert torch.equal(sizes, want_sizes)
+
+
 def test_a_merged_token_attends_as_the_tokens_it_stands_for():
     """Proportional attention: tokens x with the first three of size 2 give, for every token, what x with those
     three duplicated gives (same layer, no merging)."""
