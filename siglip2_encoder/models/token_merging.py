@@ -96,7 +96,7 @@ def bipartite_merge(
     merged_size = a_size.gather(1, merged)
     b_size = b_size.scatter_add(1, into, merged_size)
     # The size-weighted average (s_b x_b + sum s_a x_a) / s_new written as x_b + sum (s_a / s_new) (x_a - x_b): only
-    # the r merged rows are computed, the other tokens copied once (on CPU 1.7 ms per So400m layer, was 5.8 ms).
+    # the r merged rows are computed, the other tokens copied once (4x faster on CPU: benchmarks/RESULTS.md).
     rows = into[..., None].expand(-1, -1, c)
     shift = a_x.gather(1, merged[..., None].expand(-1, -1, c)).float() - b_x.gather(1, rows).float()
     shift = shift * (merged_size / b_size.gather(1, into))[..., None]
