@@ -197,14 +197,14 @@ class EncoderLayer(nn.Module):
         """
         attn, (batch, length, width) = self.self_attn, x.shape
         h = self.layer_norm1(x)
-        query = h[torch.arange(batch, device=x.device), at]  # (B, D)
-        q = attn.q_proj(query).view(batch, attn.num_heads, 1, attn.head_dim)
+        rows = torch.arange(batch, device=x.device)
+        q = attn.q_proj(h[rows, at]).view(batch, attn.num_heads, 1, attn.head_dim)
         k, v = (proj(h).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2) for proj in
                 (attn.k_proj, attn.v_proj))  # fmt: skip
         mask = None if keep is None else keep.to(torch.bool)[:, None, None, :]
         dropout = attn.dropout if self.training else 0.0
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout).reshape(batch, width)
-        y = x[torch.arange(batch, device=x.device), at] + attn.out_proj(attended)
+        y = x[rows, at] + attn.out_proj(attended)
         return y + self.mlp(self.layer_norm2(y))
 
     def has_hooks(self) -> bool:
