@@ -389,6 +389,20 @@ def test_llama_cpp_differences_names_unnormalised_pixels():
     assert "do_normalize=False, and llama.cpp always divides pixels by 255 and normalises them" in difference
 
 
+def test_llama_cpp_differences_names_a_grid_where_idefics3s_buckets_skip_cells():
+    """llama.cpp's Idefics3 path adds the position table as it is; Idefics3's buckets at a 38x38 grid do not."""
+    from siglip2_encoder import SigLIP2Encoder
+
+    model, _, _ = split_vlm("lanczos")
+    tower = SigLIP2Encoder(model.tower.config.replace(image_size=8 * 38, position_lookup="buckets"))
+    tower.processor_config = model.tower.processor_config
+    model.vision_tower = tower
+    assert llama_cpp_differences(model) == [
+        "llama.cpp reads the position table cell by cell at the tower's native 38x38 grid, where Idefics3's bucketed "
+        "lookup reads a neighbour's cell for some patches at this grid: its features differ"
+    ]
+
+
 def test_llama_cpp_runs_the_text_gguf_with_our_language_models_logits(llama_cpp, tmp_path):
     """libllama on the text GGUF of the Idefics3 export: the logits of our language model on the same ids (fp32
     GGUF and KV cache; 1e-5, measured 5e-7)."""

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import perturb
 from PIL import Image
-from test_llava import images, make_vlm, run_as_the_card_says
+from test_llava import TOWER, images, make_vlm, run_as_the_card_says
 from transformers import Idefics3ForConditionalGeneration
 
-from siglip2_encoder import ImageProcessor
+from siglip2_encoder import ImageProcessor, SigLIP2Encoder
 from siglip2_encoder.adapters import PixelShuffleConfig, build_projector
 from siglip2_encoder.integrations.idefics3_export import IMAGE_END, IMAGE_START, add_idefics3_tokens, export_idefics3
 from siglip2_encoder.integrations.llava import VLMProcessor, add_image_token
@@ -101,4 +101,19 @@ def test_a_grid_the_factor_does_not_divide_is_refused(tmp_path):
         PixelShuffleConfig(in_features=32, out_features=48, layers=(None,), depth=1, bias=False, factor=3)
     )
     with pytest.raises(ValueError, match=re.escape("4x4 grid is not divisible by factor=3")):
+        export_idefics3(model, tmp_path)
+
+
+def test_a_tower_that_would_read_other_position_cells_in_idefics3_is_refused(tmp_path):
+    """Idefics3's tower looks positions up by buckets even at its native grid, which at a 38x38 grid reads a
+    neighbour's cell for some patches: an interpolating tower of that grid would give other features there."""
+    model, _, _ = make_vlm(projector="idefics3")
+    tower = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", **TOWER, patch_size=8, image_size=8 * 38)
+    model.vision_tower = tower
+    message = (
+        "Idefics3's tower looks positions up by buckets, which at this tower's native 38x38 grid read a neighbour's "
+        "cell for some patches (float32 coordinates), where this tower reads its table as is: transformers would "
+        "compute other features. Export a tower of another image size, or one trained with position_lookup='buckets'"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
         export_idefics3(model, tmp_path)

@@ -3,10 +3,14 @@ NaFlex position grids resized inside the graph, outputs as forward chooses them;
 
 from __future__ import annotations
 
+import copy
+import re
+
 import numpy as np
 import onnxruntime
 import pytest
 import torch
+from conftest import perturb
 
 from siglip2_encoder import SigLIP2Encoder
 from siglip2_encoder.cli import EXIT_OK, EXIT_USAGE, main
@@ -93,7 +97,62 @@ def test_the_naflex_graph_takes_both_processors_outputs_unchanged(naflex, tmp_pa
     np.testing.assert_allclose(got_theirs, want, atol=1e-4, rtol=0)
 
 
-def test_export_onnx_command_and_its_refusals(tmp_path, caplog):
+def bucketed_tower(family: str):
+    """A random tower with bucketed positions as transformers builds it (Idefics3's, or Phi-4-multimodal's with a
+    head; eager attention: see tests/test_vlm_import.py), saved and loaded as ours: (theirs, ours)."""
+    from transformers import Idefics3VisionConfig, Phi4MultimodalVisionConfig
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
+    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalVisionModel
+
+    torch.manual_seed(0)
+    fields = dict(TINY, patch_size=4, image_size=20)  # a 5x5 grid
+    if family == "idefics3":
+        theirs = Idefics3VisionTransformer(Idefics3VisionConfig(**fields))
+    else:
+        config = Phi4MultimodalVisionConfig(**fields, crop_size=20)
+        theirs = Phi4MultimodalVisionModel._from_config(config, attn_implementation="eager")
+    return perturb(theirs, seed=1).eval(), theirs
+
+
+@pytest.mark.parametrize(("family", "output"), [("idefics3", "tokens"), ("idefics3", -1), ("phi4", "pooled")])
+def test_a_bucketed_towers_graph_equals_transformers_tower_on_padded_images(family, output, tmp_path):
+    """Idefics3's and Phi-4-multimodal's towers read positions at each patch's fractional coordinate: the graph does
+    so in onnxruntime, and with ``patch_attention_mask`` takes padded images as transformers' tower does (padding
+    patches not attended to, and keeping their values, which Idefics3's connector reads), on grids it never saw."""
+    theirs, _ = bucketed_tower(family)
+    theirs.save_pretrained(tmp_path / "tower")
+    ours = SigLIP2Encoder.from_pretrained(tmp_path / "tower").eval()
+    assert ours.config.position_lookup == "buckets"
+    export_onnx(ours, tmp_path / "masked.onnx", output=output, patch_attention_mask=True)
+    session = onnxruntime.InferenceSession(str(tmp_path / "masked.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in session.get_inputs()] == [
+        ("pixel_values", "tensor(float)"),
+        ("patch_attention_mask", "tensor(bool)"),
+    ]
+    pixels = torch.randn(3, 3, 28, 24, generator=torch.Generator().manual_seed(1))  # a 7x6 grid, padded below:
+    mask = torch.zeros(3, 7, 6, dtype=torch.bool)
+    mask[0], mask[1, :3, :5], mask[2, :, :1] = True, True, True  # whole, 3x5 and 7x1 images
+
+    def features(model, x):
+        with torch.no_grad():
+            out = model(x, patch_attention_mask=mask, output_hidden_states=True)
+        return {"pooled": out.pooler_output, "tokens": out.last_hidden_state}.get(output, out.hidden_states[-1])
+
+    # Phi-4's pooled features reach 90 on these weights, where transformers' own float32 result is 2.4e-3 from its
+    # float64 one: the oracle is float64, the tolerance twice transformers' float32 error (at least 1e-4).
+    want = features(copy.deepcopy(theirs).double(), pixels.double()).numpy()
+    tolerance = max(1e-4, 2 * np.abs(features(theirs, pixels).numpy() - want).max())
+    got = session.run(None, {"pixel_values": pixels.numpy(), "patch_attention_mask": mask.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=tolerance, rtol=0)
+    if family == "idefics3" and output == "tokens":  # without the mask input: whole images of any grid
+        export_onnx(ours, tmp_path / "whole.onnx", output=output)
+        with torch.no_grad():
+            want = theirs(pixels).last_hidden_state
+            np.testing.assert_allclose(ours(pixels).last_hidden_state.numpy(), want.numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(run(tmp_path / "whole.onnx", pixel_values=pixels), want.numpy(), atol=1e-4, rtol=0)
+
+
+def test_export_onnx_command_and_its_refusals(fixed, tmp_path, caplog):
     path = tmp_path / "cli.onnx"
     assert (
         main(["export-onnx", str(path), "--random-weights", "siglip2-base-patch16-224", "--returns", "-2"]) == EXIT_OK
@@ -118,6 +177,14 @@ def test_export_onnx_command_and_its_refusals(tmp_path, caplog):
         main(["export-onnx", str(path), "--random-weights", "siglip2-base-patch16-224", "--output", "-2"]) == EXIT_USAGE
     )
     assert caplog.messages[-1] == "error: export-onnx's --output is --returns since 0.2.0: --returns -2"
+    mask = ["export-onnx", str(path), "--random-weights", "siglip2-base-patch16-224", "--patch-attention-mask"]
+    assert main(mask) == EXIT_USAGE
+    assert caplog.messages[-1] == (
+        "error: --patch-attention-mask is for towers with bucketed positions (Idefics3's, SmolVLM's); "
+        "siglip2-base-patch16-224 interpolates its positions and takes whole images: leave it out"
+    )
+    with pytest.raises(ValueError, match=re.escape("this tower has position_lookup='interpolate' and takes whole")):
+        export_onnx(fixed, path, patch_attention_mask=True)
     headless = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", use_head=False, **TINY)
     with pytest.raises(ValueError, match="this tower has no attention-pooling head; export output='tokens' or a layer"):
         ExportGraph(headless)

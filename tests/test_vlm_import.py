@@ -672,6 +672,29 @@ def test_idefics3_tower_equals_its_own_including_padded_images(family, tmp_path)
         torch.testing.assert_close(theirs(full).last_hidden_state, ours(full).last_hidden_state, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("grid", [19, 25])
+def test_a_bucketed_tower_reads_the_cells_idefics3s_does_at_its_native_grid(grid, tmp_path):
+    """At some grids Idefics3's float32 coordinates fall below a boundary, and even full-size images read a
+    neighbour's position cell: a bucketed tower looks up buckets at every grid, so it equals Idefics3's tower there
+    too (reading the table as is differed by 1.06 at grid 25). The grids real towers have keep every cell."""
+    from transformers import Idefics3VisionConfig
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
+
+    from siglip2_encoder.models.embeddings import buckets_keep_native_grid
+
+    assert not buckets_keep_native_grid(grid)
+    assert all(buckets_keep_native_grid(g) for g in (14, 16, 24, 26, 27, 32, 35, 70))
+    torch.manual_seed(0)
+    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=2)
+    theirs = perturb(Idefics3VisionTransformer(Idefics3VisionConfig(**fields, image_size=2 * grid)), seed=1).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = SigLIP2Encoder.from_pretrained(tmp_path).eval()
+    pixels = torch.randn(2, 3, 2 * grid, 2 * grid, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = theirs(pixels).last_hidden_state
+        torch.testing.assert_close(ours(pixels).last_hidden_state, want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["vision_tower.", "model.vision_tower."])
 def test_arias_tower_equals_its_own_including_padded_images(layout, tmp_path, caplog):
     """Aria holds Idefics3's tower class and pads each image at the bottom and right, masking the padding's patches:

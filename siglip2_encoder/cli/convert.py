@@ -69,6 +69,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     if args.old_output is not None:
         raise UsageError(f"export-onnx's --output is --returns since 0.2.0: --returns {args.old_output}")
     if args.text:
+        if args.patch_attention_mask:
+            raise UsageError("--patch-attention-mask is an input of vision towers: leave it out with --text")
         if args.random_weights:
             raise UsageError("--text exports a checkpoint's text tower: give a checkpoint, not --random-weights")
         from ..export.onnx_export import export_text_onnx
@@ -89,6 +91,11 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
                 f"--returns {args.returns}: give pooled, tokens or a hidden-state index such as -2"
             ) from None
     model, _ = load_model(args.model, args.random_weights)
+    if args.patch_attention_mask and model.config.position_lookup != "buckets":
+        raise UsageError(
+            f"--patch-attention-mask is for towers with bucketed positions (Idefics3's, SmolVLM's); "
+            f"{args.random_weights or args.model} interpolates its positions and takes whole images: leave it out"
+        )
     if isinstance(output, int):
         try:
             model.layer_index(output)
@@ -97,7 +104,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     from ..export.onnx_export import export_onnx
 
     try:
-        export_onnx(model, args.destination, output=output)
+        export_onnx(model, args.destination, output=output, patch_attention_mask=args.patch_attention_mask)
     except ImportError as err:
         raise FatalError(f"{err}; pip install 'siglip2-encoder[onnx]'") from None
     except ValueError as err:
@@ -138,6 +145,11 @@ def _export_onnx_command(commands: argparse._SubParsersAction) -> None:
         "--text",
         action="store_true",
         help="export the checkpoint's text tower: input_ids (padded to 64, no mask, as trained) to pooled features",
+    )
+    p.add_argument(
+        "--patch-attention-mask",
+        action="store_true",
+        help="towers with bucketed positions (Idefics3's): a (B, H/p, W/p) bool input of each image's real patches",
     )
     p.set_defaults(run=cmd_export_onnx)
 

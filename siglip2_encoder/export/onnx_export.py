@@ -3,8 +3,10 @@
 :class:`ExportGraph` runs the tower's own layers on a padded batch without packing or per-image Python: NaFlex
 position grids are resized inside the graph (each image's bilinear, antialiased weights built from its
 ``spatial_shapes`` as tensors, the same weights :mod:`~siglip2_encoder.models.embeddings` uses), fixed-resolution tables
-are resized bicubically to the input's grid (exactly the table at the native size). Padding tokens are masked in
-attention and in the pooling head, so a padded image gives what it gives alone.
+are resized bicubically to the input's grid (exactly the table at the native size), and bucketed tables (Idefics3's)
+are read at each patch's fractional coordinate, optionally of each image's real patches under a ``patch_attention_mask``
+as ``Idefics3VisionTransformer`` takes it. Padding tokens are masked in attention and in the pooling head, so a padded
+image gives what it gives alone.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.attention import key_padding_attention
-from ..models.embeddings import antialiased_bilinear_weights
+from ..models.embeddings import antialiased_bilinear_weights, bucket_boundaries, fractional_buckets
 from ..models.model import SigLIP2Encoder
 from ..models.text import SigLIP2TextEncoder
 
@@ -37,10 +39,11 @@ class ExportGraph(nn.Module):
             raise ValueError("this tower has no attention-pooling head; export output='tokens' or a layer")
         if not (output in ("pooled", "tokens") or isinstance(output, int) and not isinstance(output, bool)):
             raise ValueError(f"output must be 'pooled', 'tokens' or a hidden-state index, got output={output!r}")
-        if tower.config.position_lookup != "interpolate":
-            raise ValueError("towers with bucketed positions (Idefics3's) are not exported; their lookup is not built")
         self.tower, self.output = tower, output
         self.depth = tower.config.num_hidden_layers if not isinstance(output, int) else tower.layer_index(output)
+        self.bucketed = tower.config.position_lookup == "buckets"
+        # Built here, as the tower builds them, and stored in the graph: a Range op in the graph rounds otherwise.
+        self.register_buffer("boundaries", bucket_boundaries(tower.embeddings.grid), persistent=False)
 
     def _positions(self, spatial_shapes: torch.Tensor, length: int) -> torch.Tensor:
         """(B, L, D) NaFlex positions for each image's grid, for L tokens (padding slots: any finite value)."""
@@ -53,6 +56,17 @@ class ExportGraph(nn.Module):
         columns = antialiased_bilinear_weights(widths, index % widths, grid)
         both = (rows[..., :, None] * columns[..., None, :]).flatten(2)  # (B, L, g * g)
         return (both @ table.flatten(0, 1)).to(table.dtype)
+
+    def _bucketed_positions(self, patch_mask: torch.Tensor) -> torch.Tensor:
+        """(B, h * w, D) positions of a bucketed tower for a (B, h, w) bool patch mask: each image's real patches
+        (the top-left block its mask keeps) read the cells of their own grid, padding patches cell 0, as
+        ``Idefics3VisionEmbeddings`` does."""
+        embeddings = self.tower.embeddings
+        length_h, length_w = patch_mask.shape[1:]
+        rows = fractional_buckets(patch_mask[:, :, 0].sum(1), length_h, self.boundaries)  # (B, h)
+        columns = fractional_buckets(patch_mask[:, 0].sum(1), length_w, self.boundaries)  # (B, w)
+        ids = (rows[:, :, None] * embeddings.grid + columns[:, None, :]).flatten(1)
+        return F.embedding(torch.where(patch_mask.flatten(1), ids, 0), embeddings.table().flatten(0, 1))
 
     def _pool(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The attention-pooling head on (B, L, D) tokens."""
@@ -72,21 +86,28 @@ class ExportGraph(nn.Module):
         pixel_values: torch.Tensor,
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
+        patch_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Fixed-resolution: ``pixel_values`` (B, C, H, W). NaFlex: (B, L, p * p * C) patches with
+        """Fixed-resolution: ``pixel_values`` (B, C, H, W), for bucketed towers optionally with a
+        ``patch_attention_mask`` (B, H/p, W/p) of each image's real patches. NaFlex: (B, L, p * p * C) patches with
         ``spatial_shapes`` (B, 2) and ``pixel_attention_mask`` (B, L)."""
         tower, embeddings = self.tower, self.tower.embeddings
+        x = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+        valid = zeroed = None  # (B, L) tokens attended to as keys; tokens zeroed in the output
         if tower.config.naflex:
-            x = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
             x = x + self._positions(spatial_shapes, pixel_values.shape[1]).to(x.dtype)
-            valid = pixel_attention_mask.bool()
-            mask = valid[:, None, None, :]  # (B, 1, 1, L): padding keys are not attended, also when pooling
+            valid = zeroed = pixel_attention_mask.bool()
+        elif self.bucketed:  # x: (B, D, h, w)
+            if patch_attention_mask is None:
+                patch_attention_mask = torch.ones(x.shape[0], *x.shape[2:], dtype=torch.bool, device=x.device)
+            patch_mask = patch_attention_mask.bool()
+            x = x.flatten(2).transpose(1, 2) + self._bucketed_positions(patch_mask).to(x.dtype)
+            # Idefics3's connector reads every patch, padding ones included: they keep the values its tower gives them.
+            valid = patch_mask.flatten(1)
         else:
-            x = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))  # (B, D, h, w)
             table = embeddings.table().permute(2, 0, 1)[None]  # (1, D, g, g)
             positions = F.interpolate(table, size=x.shape[-2:], mode="bicubic", align_corners=False)
             x = (x + positions).flatten(2).transpose(1, 2)
-            mask = valid = None
         batch, length, width = x.shape
         keep = valid if valid is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
         attend = key_padding_attention(keep)
@@ -94,46 +115,67 @@ class ExportGraph(nn.Module):
         for layer in tower.encoder.layers[: self.depth]:
             x = layer(x, attend)
         x = x.view(batch, length, width)
-        if isinstance(self.output, int):
-            return x if valid is None else x * valid[..., None]
-        x = tower.post_layernorm(x)
-        if self.output == "tokens":
-            return x if valid is None else x * valid[..., None]
-        return self._pool(x, mask)
+        if self.output != "pooled":
+            x = x if isinstance(self.output, int) else tower.post_layernorm(x)
+            return x if zeroed is None else x * zeroed[..., None]
+        # (B, 1, 1, L): padding keys are not pooled over either
+        return self._pool(tower.post_layernorm(x), None if valid is None else valid[:, None, None, :])
 
 
 def export_onnx(
-    tower: SigLIP2Encoder, path: str | os.PathLike, *, output: str | int = "pooled", opset: int = 18
+    tower: SigLIP2Encoder,
+    path: str | os.PathLike,
+    *,
+    output: str | int = "pooled",
+    patch_attention_mask: bool = False,
+    opset: int = 18,
 ) -> None:
     """Write ``tower`` as an ONNX model at ``path`` (torch.onnx's exporter), dynamic in batch and grid: inputs
     ``pixel_values`` (B, C, H, W), or for NaFlex ``pixel_values`` (B, L, p*p*C), ``spatial_shapes`` (B, 2) int64 and
     ``pixel_attention_mask`` (B, L) int32 (as both processors, ours and transformers', give them); output
-    ``features`` as :class:`ExportGraph` ``output`` says."""
+    ``features`` as :class:`ExportGraph` ``output`` says. ``patch_attention_mask=True`` (towers with bucketed
+    positions: Idefics3's, SmolVLM's, Phi-4-multimodal's) adds a (B, H/p, W/p) bool input of each image's real
+    patches, as ``Idefics3VisionTransformer`` takes it: padding patches are not attended to and keep the values that
+    tower gives them."""
     _check_exporter()
+    if patch_attention_mask and tower.config.position_lookup != "buckets":
+        raise ValueError(
+            f"patch_attention_mask=True is for towers with bucketed positions (Idefics3's); this tower has "
+            f"position_lookup={tower.config.position_lookup!r} and takes whole images: leave it False"
+        )
     graph = ExportGraph(tower, output).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     p, channels = tower.config.patch_size, tower.config.num_channels
     if tower.config.naflex:
         length = torch.export.Dim("length", min=1, max=65536)
-        example = (
-            torch.zeros(2, 6, p * p * channels),
-            torch.tensor([[2, 3], [1, 4]]),
-            torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.int32),
-        )
-        names = ["pixel_values", "spatial_shapes", "pixel_attention_mask"]
-        shapes = ({0: batch, 1: length}, {0: batch}, {0: batch, 1: length})
+        inputs = {
+            "pixel_values": torch.zeros(2, 6, p * p * channels),
+            "spatial_shapes": torch.tensor([[2, 3], [1, 4]]),
+            "pixel_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.int32),
+        }
+        shapes = {"pixel_values": {0: batch, 1: length}, "spatial_shapes": {0: batch}}
+        shapes["pixel_attention_mask"] = {0: batch, 1: length}
+    elif patch_attention_mask:
+        side = tower.config.image_size // p
+        rows, columns = (torch.export.Dim(name, min=1, max=8192 // p) for name in ("rows", "columns"))
+        inputs = {
+            "pixel_values": torch.zeros(2, channels, side * p, side * p),
+            "patch_attention_mask": torch.ones(2, side, side, dtype=torch.bool),
+        }
+        shapes = {"pixel_values": {0: batch, 2: p * rows, 3: p * columns}}
+        shapes["patch_attention_mask"] = {0: batch, 1: rows, 2: columns}
     else:
         side = tower.config.image_size
-        example = (torch.zeros(2, channels, side, side),)
-        names = ["pixel_values"]
         height, width = torch.export.Dim("height", min=p, max=8192), torch.export.Dim("width", min=p, max=8192)
-        shapes = ({0: batch, 2: height, 3: width},)
+        inputs = {"pixel_values": torch.zeros(2, channels, side, side)}
+        shapes = {"pixel_values": {0: batch, 2: height, 3: width}}
     with torch.no_grad():
         torch.onnx.export(
             graph,
-            example,
+            (),
             str(path),
-            input_names=names,
+            kwargs=inputs,
+            input_names=list(inputs),
             output_names=["features"],
             dynamic_shapes=shapes,
             opset_version=opset,

@@ -53,6 +53,7 @@ from ..checkpoints.folders import read_checkpoint
 from ..checkpoints.hf_format import config_to_hf, processor_config_to_hf
 from ..checkpoints.hub import CheckpointSource
 from ..checkpoints.strict import build_loaded
+from ..models.embeddings import buckets_keep_native_grid
 from ..models.model import SigLIP2Encoder
 from .hf_export import (
     check_tokenizer,
@@ -121,6 +122,12 @@ def llama_cpp_differences(model: VisionLanguageModel, tokenizer: PreTrainedToken
             f"its views get other pixels; train with resample='lanczos', as Idefics3 and SmolVLM do"
         )
     differences += llama_cpp_pixel_values(processor)
+    grid = model.tower.config.position_grid
+    if not buckets_keep_native_grid(grid):
+        differences.append(
+            f"llama.cpp reads the position table cell by cell at the tower's native {grid}x{grid} grid, where "
+            f"Idefics3's bucketed lookup reads a neighbour's cell for some patches at this grid: its features differ"
+        )
     if tokenizer is not None:
         other = [text for text in ("\n", "\n\n") if not _llama_cpp_token(tokenizer, text)]
         if other:
@@ -170,6 +177,13 @@ def _check_exportable(model: VisionLanguageModel, tokenizer: PreTrainedTokenizer
             f"Idefics3's connector is one linear layer without bias or norm on the final tokens; this projector has "
             f"depth={config.depth}, bias={config.bias}, norm={config.norm}, layers={config.layers} (build it with "
             f"depth=1, bias=False, layers=(None,), e.g. get_recipe('idefics3').projector_config(...))"
+        )
+    if tower.position_lookup != "buckets" and not buckets_keep_native_grid(tower.position_grid):
+        raise ValueError(
+            f"Idefics3's tower looks positions up by buckets, which at this tower's native {tower.position_grid}x"
+            f"{tower.position_grid} grid read a neighbour's cell for some patches (float32 coordinates), where this "
+            f"tower reads its table as is: transformers would compute other features. Export a tower of another "
+            f"image size, or one trained with position_lookup='buckets'"
         )
     if tower.position_grid % config.factor:
         raise ValueError(

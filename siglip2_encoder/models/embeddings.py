@@ -23,7 +23,14 @@ from torch import nn
 
 from ..config import EncoderConfig
 
-__all__ = ["FixedResolutionEmbeddings", "NaFlexEmbeddings", "antialiased_bilinear_weights"]
+__all__ = [
+    "FixedResolutionEmbeddings",
+    "NaFlexEmbeddings",
+    "antialiased_bilinear_weights",
+    "bucket_boundaries",
+    "buckets_keep_native_grid",
+    "fractional_buckets",
+]
 
 
 def antialiased_bilinear_weights(sizes: torch.Tensor, index: torch.Tensor, source: int) -> torch.Tensor:
@@ -37,6 +44,30 @@ def antialiased_bilinear_weights(sizes: torch.Tensor, index: torch.Tensor, sourc
     offsets = torch.arange(source, device=index.device, dtype=torch.float32) - centres[..., None]
     weights = (1 - offsets.abs() / support[..., None]).clamp(min=0)
     return weights / weights.sum(-1, keepdim=True)
+
+
+def bucket_boundaries(grid: int, device: torch.device | None = None) -> torch.Tensor:
+    """The float32 boundaries between a ``grid``-wide table's cells on one axis, as Idefics3 builds them (an
+    ``arange`` of 1 / grid steps: up to ``grid`` values, the last one near 1 for some grids)."""
+    return torch.arange(1 / grid, 1.0, 1 / grid, device=device)
+
+
+def fractional_buckets(counts: torch.Tensor, length: int, boundaries: torch.Tensor) -> torch.Tensor:
+    """(B, length) int64 table cells along one axis for images ``counts`` (B,) patches long on it, as
+    ``Idefics3VisionEmbeddings`` computes them: patch i sits at i * (1 / count) in float32, clamped below 1, and reads
+    the cell ``torch.bucketize(..., boundaries, right=True)`` gives, written as a count of boundaries at or below
+    the coordinate so that the ONNX graph computes it too. Positions at or past an image's count are meaningless."""
+    step = 1.0 / counts  # (B,) float32, as Idefics3's per-image patch counts give it
+    coords = torch.arange(length, device=counts.device, dtype=torch.float32)[None] * step[:, None]
+    return (coords.clamp(max=1.0 - 1e-6)[..., None] >= boundaries).sum(-1)
+
+
+def buckets_keep_native_grid(grid: int) -> bool:
+    """Whether Idefics3's bucketed lookup reads a (grid, grid) table cell by cell at its native size: true of most
+    grids (14, 16, 24, 26, 27, 32, 35, 70 among them), not of 19, 25, 29, 31, ..., where float32 coordinates fall
+    below some boundaries and patches read a neighbour's cell."""
+    buckets = fractional_buckets(torch.tensor([grid]), grid, bucket_boundaries(grid))[0]
+    return torch.equal(buckets, torch.arange(grid))
 
 
 def _grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
@@ -89,27 +120,23 @@ class FixedResolutionEmbeddings(_Embeddings):
         self.position_lookup = config.position_lookup
 
     def positions(self, h: int, w: int) -> torch.Tensor:
-        """The table as is at the native grid; otherwise bicubic, as transformers' ``interpolate_pos_encoding``, or
-        bucketed (``position_lookup="buckets"``)."""
+        """Bucketed (``position_lookup="buckets"``) at every grid, the native one included: Idefics3's float32
+        coordinates miss some cells of grids such as 19 or 25 wide, and its towers were trained so. Otherwise the
+        table as is at the native grid, bicubic elsewhere, as transformers' ``interpolate_pos_encoding``."""
         table = self.table()
-        if (h, w) == (self.grid, self.grid):
-            return table.flatten(0, 1)
         if self.position_lookup == "buckets":
             return table.flatten(0, 1)[self._bucket_ids(h, w, table.device)]
+        if (h, w) == (self.grid, self.grid):
+            return table.flatten(0, 1)
         grid = table.permute(2, 0, 1)[None]  # (1, D, g, g)
         return _grid_to_tokens(F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False))
 
     def _bucket_ids(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         """(h * w,) table rows: patch (i, j) of an (h, w) grid reads the table cell holding its fractional coordinate
-        (i / h, j / w). The float32 steps, clamp and boundaries are Idefics3's, so ties fall in the same bucket."""
-        boundaries = torch.arange(1 / self.grid, 1.0, 1 / self.grid, device=device)
-
-        def buckets(n: int) -> torch.Tensor:
-            step = 1.0 / torch.tensor(n, dtype=torch.int64, device=device)  # float32, as its per-image counts
-            coords = torch.clamp(torch.arange(n, device=device, dtype=torch.float32) * step, max=1.0 - 1e-6)
-            return torch.bucketize(coords, boundaries, right=True)
-
-        return (buckets(h)[:, None] * self.grid + buckets(w)[None, :]).flatten()
+        (i / h, j / w), as :func:`fractional_buckets` computes it."""
+        boundaries = bucket_boundaries(self.grid, device)
+        rows, columns = (fractional_buckets(torch.tensor([n], device=device), n, boundaries)[0] for n in (h, w))
+        return (rows[:, None] * self.grid + columns[None, :]).flatten()
 
     def forward(self, pixel_values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, H//p * W//p, D); ``positions`` (N, D) or (B, N, D) replaces the tower's own."""
