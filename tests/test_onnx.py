@@ -123,7 +123,11 @@ def test_a_bucketed_towers_graph_equals_transformers_tower_on_padded_images(fami
     theirs.save_pretrained(tmp_path / "tower")
     ours = SigLIP2Encoder.from_pretrained(tmp_path / "tower").eval()
     assert ours.config.position_lookup == "buckets"
-    export_onnx(ours, tmp_path / "masked.onnx", output=output, patch_attention_mask=True)
+    if output == "tokens":  # the command, on the saved folder
+        command = ["export-onnx", str(tmp_path / "masked.onnx"), "--model", str(tmp_path / "tower")]
+        assert main([*command, "--returns", "tokens", "--patch-attention-mask"]) == EXIT_OK
+    else:
+        export_onnx(ours, tmp_path / "masked.onnx", output=output, patch_attention_mask=True)
     session = onnxruntime.InferenceSession(str(tmp_path / "masked.onnx"), providers=["CPUExecutionProvider"])
     assert [(i.name, i.type) for i in session.get_inputs()] == [
         ("pixel_values", "tensor(float)"),
