@@ -6,6 +6,7 @@ template, processor and model, as its OpenAI server runs them - gives the prompt
 written to the result file."""
 
 import json
+import os
 import sys
 
 
@@ -25,6 +26,11 @@ def main() -> None:
         results.append({"prompt": list(out.prompt_token_ids), "generated": list(out.outputs[0].token_ids)})
     with open(sys.argv[2], "w") as file:
         json.dump(results, file)
+    # vLLM 0.32's CPU build often aborts in the interpreter's teardown, after its engine has shut down ("terminate
+    # called without an active exception", exit -6): shut the engine down, then exit without that teardown.
+    llm.llm_engine.engine_core.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process, which imports this file again

@@ -5,6 +5,7 @@ files; ``LLM.embed`` - what vLLM's ``/v1/embeddings`` serves - embeds each, and 
 (``texts``, ``ids``, ``images``)."""
 
 import json
+import os
 import sys
 
 
@@ -27,6 +28,11 @@ def main() -> None:
     }
     with open(sys.argv[2], "w") as file:
         json.dump(result, file)
+    # vLLM 0.32's CPU build often aborts in the interpreter's teardown, after its engine has shut down ("terminate
+    # called without an active exception", exit -6): shut the engine down, then exit without that teardown.
+    llm.llm_engine.engine_core.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # vLLM starts its engine in a spawned process, which imports this file again
