@@ -54,8 +54,19 @@ LETTERBOXES = (
     # pi0's (PI0ImageProcessor): fitted within image_size, both sides floored; padded at the bottom and right with
     # zeros after normalizing (the mean colour for a mean of 0.5 and a std of 0.5)
     "pi0",
+    # Idefics2's (Idefics2ImageProcessor): images whose longest side exceeds image_size's are shrunk to it, the other
+    # side truncated; each side then raised to at least letterbox_min_side (its shortest_edge). Its tower masks the
+    # padding and every patch it reaches into: here each image is read on its own grid of whole patches.
+    "idefics2",
+    # Aria's (AriaImageProcessor): the longest side resized to image_size's, the other truncated and at least
+    # letterbox_min_side (its min_image_size); padded at the bottom and right with black, its tower masking the
+    # patches of padding only: here each image, padded with black to whole patches, is read on its own grid.
+    "aria",
 )
-_DEEPSEEK_LETTERBOXES = ("deepseek_vl", "deepseek_vl_hybrid")
+_MIN_SIDE_LETTERBOXES = ("deepseek_vl", "deepseek_vl_hybrid", "idefics2", "aria")
+# Letterboxes whose images are read each on its own grid (the tower masks the padding): their processor gives
+# patches and grids, as a NaFlex processor does.
+OWN_GRID_LETTERBOXES = ("idefics2", "aria")
 # How a fixed-resolution tower finds position embeddings for a grid other than its native one: "interpolate" resizes
 # the table bicubically (SigLIP, transformers' interpolate_pos_encoding); "buckets" looks each patch's fractional
 # coordinate up in the table (NaViT's scheme, Idefics3's and SmolVLM's towers).
@@ -194,7 +205,7 @@ class ProcessorConfig:
 
     image_size: tuple[int, int] | None = (224, 224)  # fixed-resolution target (height, width)
     max_num_patches: int | None = None  # NaFlex: patch budget per image
-    patch_size: int = 16  # NaFlex patch side; unused by fixed-resolution processing
+    patch_size: int = 16  # the patch side where images are cut into patches (NaFlex, OWN_GRID_LETTERBOXES)
     resample: str = "bilinear"  # resize filter, one of RESAMPLE_FILTERS
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -208,7 +219,7 @@ class ProcessorConfig:
     # Fixed-resolution: keep each image's aspect ratio and pad it to image_size, one of LETTERBOXES (whose processor
     # it reproduces). None: every image resized to image_size, its aspect ratio not kept.
     letterbox: str | None = None
-    # DeepSeek-VL's letterboxes only: the short side's floor (DeepSeek-VL's min_size)
+    # The short side's floor (DeepSeek-VL's min_size, Idefics2's shortest_edge, Aria's min_image_size); not pi0's
     letterbox_min_side: int = LETTERBOX_MIN_SIDE
     # "deepseek_vl_hybrid" only: the side of the square images are letterboxed into first (its high_res_size)
     letterbox_canvas: int | None = None
@@ -253,9 +264,9 @@ class ProcessorConfig:
         letterbox = self.letterbox
         if letterbox is not None and (not isinstance(letterbox, str) or letterbox not in LETTERBOXES):
             raise ValueError(f"letterbox must be one of {list(LETTERBOXES)} or None, got letterbox={letterbox!r}")
-        if letterbox not in _DEEPSEEK_LETTERBOXES and self.letterbox_min_side != LETTERBOX_MIN_SIDE:
+        if letterbox not in _MIN_SIDE_LETTERBOXES and self.letterbox_min_side != LETTERBOX_MIN_SIDE:
             raise ValueError(
-                f"letterbox_min_side applies with letterbox={' or '.join(map(repr, _DEEPSEEK_LETTERBOXES))} only, got "
+                f"letterbox_min_side applies with letterbox={', '.join(map(repr, _MIN_SIDE_LETTERBOXES))} only, got "
                 f"letterbox={letterbox!r}, letterbox_min_side={self.letterbox_min_side!r}"
             )
         if (letterbox == "deepseek_vl_hybrid") != (self.letterbox_canvas is not None):
@@ -286,10 +297,21 @@ class ProcessorConfig:
                 f"letterbox_min_side must be at most the square's side {side}, got "
                 f"letterbox_min_side={self.letterbox_min_side}"
             )
+        if letterbox == "idefics2" and self.letterbox_min_side < self.patch_size:
+            raise ValueError(  # Idefics2's tower would see a side of no whole patch
+                f"letterbox='idefics2' needs letterbox_min_side of at least the patch size {self.patch_size}, got "
+                f"letterbox_min_side={self.letterbox_min_side}"
+            )
 
     @property
     def naflex(self) -> bool:
         return self.max_num_patches is not None
+
+    @property
+    def own_grids(self) -> bool:
+        """Whether each image is read on its own patch grid, the processor giving (B, L, p * p * C) patches with
+        ``spatial_shapes``: NaFlex, and the letterboxes whose tower masks the padding (Idefics2's, Aria's)."""
+        return self.naflex or self.letterbox in OWN_GRID_LETTERBOXES
 
     @property
     def letterbox_color(self) -> tuple[int, ...]:

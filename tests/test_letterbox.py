@@ -33,7 +33,7 @@ TOWER = EncoderConfig(
     image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
 )
 # wide, tall, square, odd margins, smaller than the square (upscaled), a short side below min_size (14 px)
-LETTERBOX_KINDS = "['deepseek_vl', 'deepseek_vl_hybrid', 'pi0']"
+LETTERBOX_KINDS = "['deepseek_vl', 'deepseek_vl_hybrid', 'pi0', 'idefics2', 'aria']"
 SIZES = [(20, 50), (50, 20), (40, 40), (33, 31), (31, 64), (5, 9), (8, 300), (300, 8), (21, 22)]
 
 
@@ -220,12 +220,14 @@ def test_a_processor_without_padding_is_refused():
         ),
         (
             dict(letterbox_min_side=4),
-            "letterbox_min_side applies with letterbox='deepseek_vl' or 'deepseek_vl_hybrid' only, got "
+            "letterbox_min_side applies with letterbox='deepseek_vl', 'deepseek_vl_hybrid', 'idefics2', 'aria' only, "
+            "got "
             "letterbox=None, letterbox_min_side=4",
         ),
         (
             dict(letterbox="pi0", letterbox_min_side=4),
-            "letterbox_min_side applies with letterbox='deepseek_vl' or 'deepseek_vl_hybrid' only, got "
+            "letterbox_min_side applies with letterbox='deepseek_vl', 'deepseek_vl_hybrid', 'idefics2', 'aria' only, "
+            "got "
             "letterbox='pi0', letterbox_min_side=4",
         ),
         (

@@ -236,12 +236,21 @@ BAD_INPUTS = [
         "spatial_shapes [(2, 2)] disagree with the image size 32x32 (grid (4, 4)); drop spatial_shapes or fix it",
     ),
     (
-        "patches on a fixed tower",
+        "patches on a fixed tower without their grids",
         "fixed",
         (PATCHES,),
         {},
         ValueError,
-        "pixel_values of shape (1, 16, 192) is not (B, C, H, W) for this tower",
+        "patchified pixel_values need spatial_shapes (B, 2): each image's grid (h, w)",
+    ),
+    (
+        "a 2-D tensor",
+        "fixed",
+        (PATCHES[0],),
+        {},
+        ValueError,
+        "pixel_values of shape (16, 192) is not (B, C, H, W), a list of (C, H, W) images, or (B, L, p*p*C) patches "
+        "with spatial_shapes for this tower",
     ),
     (
         "patches without grids",

@@ -336,10 +336,14 @@ def test_settings_a_processor_file_omits_are_the_processor_classes_defaults(name
     if naflex:  # LFM2-VL's budget is in tokens after its unshuffle
         budget = getattr(theirs, "max_num_patches", None) or theirs.max_image_tokens * theirs.downsample_factor**2
         assert ours.max_num_patches == budget
-    elif isinstance(getattr(theirs, "max_image_size", None), int):  # Aria's: a side
+    elif isinstance(getattr(theirs, "max_image_size", None), int):  # Aria's: a side, and the other's floor
         assert ours.image_size == (theirs.max_image_size,) * 2
+        assert ours.letterbox_min_side == theirs.min_image_size
     elif getattr(theirs, "max_image_size", None):  # Idefics3's: one tile
         assert ours.image_size == (theirs.max_image_size["longest_edge"],) * 2
+    elif theirs.size.shortest_edge is not None and theirs.size.longest_edge is not None:  # Idefics2's bounds
+        assert ours.image_size == (theirs.size.longest_edge,) * 2
+        assert ours.letterbox_min_side == theirs.size.shortest_edge
     elif theirs.size.height is not None:
         assert ours.image_size == (theirs.size.height, theirs.size.width)
     elif theirs.size.max_height is not None:  # pi0's: fitted within size, padded to pad_size
@@ -624,20 +628,6 @@ def test_lfm2_vls_rule_refuses_what_it_would_size_over_the_budget():
         ours(random_images(0, [(5, 300)]))
 
 
-def test_idefics2s_view_is_exact_for_images_of_its_longest_edge(tmp_path, caplog):
-    """Idefics2's processor keeps each image's aspect ratio; ours resizes to the tower's square (and says so), which
-    is its view for square images of longest_edge pixels."""
-    vlm, image_processor = build("idefics2")
-    vlm.config.save_pretrained(tmp_path)
-    image_processor.save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING):
-        ours = ImageProcessor.from_pretrained(tmp_path)
-    assert "here each image is resized to the tower's square" in caplog.text
-    images = random_images(4, [(32, 32), (32, 32)])
-    want = image_processor(images, return_tensors="pt")["pixel_values"][0]  # one sample of two images
-    torch.testing.assert_close(ours(images).pixel_values, want, atol=1e-6, rtol=0)
-
-
 @pytest.mark.parametrize("family", ["idefics3", "smolvlm", "idefics2"])
 def test_idefics3_tower_equals_its_own_including_padded_images(family, tmp_path):
     """Idefics3's tower (and Idefics2's, the same) reads positions at each patch's fractional coordinate for grids
@@ -695,12 +685,35 @@ def test_a_bucketed_tower_reads_the_cells_idefics3s_does_at_its_native_grid(grid
         torch.testing.assert_close(ours(pixels).last_hidden_state, want, atol=1e-5, rtol=0)
 
 
+def real_tokens(tokens: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+    """(H * W, D) tokens of a padded image, (H, W) its patch mask (a top-left h x w block) -> the block's (h * w, D)."""
+    h, w = int(patch_mask[:, 0].sum()), int(patch_mask[0].sum())
+    assert int(patch_mask.sum()) == h * w
+    return tokens.unflatten(0, patch_mask.shape)[:h, :w].flatten(0, 1)
+
+
+def their_tower_calls(tower: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Records each call of a transformers tower: (the patch mask it was given, its last_hidden_state)."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        calls.append((kwargs["patch_attention_mask"], output.last_hidden_state))
+
+    tower.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+# wide (the short side at its floor), tall with a partial last patch column, square, tall and upscaled
+ARIA_SIZES = [(300, 700), (600, 500), (490, 490), (200, 150)]
+
+
 @pytest.mark.parametrize("layout", ["vision_tower.", "model.vision_tower."])
-def test_arias_tower_equals_its_own_including_padded_images(layout, tmp_path, caplog):
-    """Aria holds Idefics3's tower class and pads each image at the bottom and right, masking the padding's patches:
-    ours equals it in both layouts transformers writes, and on each image's real patches when given that image alone
-    (a (3, h, w) tensor). Its processor's view is exact for images already of its max_image_size square (the warning
-    says what else it does)."""
+def test_arias_tower_and_processor_equal_its_own_on_images_of_any_shape(layout, tmp_path, caplog):
+    """Aria holds Idefics3's tower class; its processor keeps each image's aspect ratio and pads it at the bottom and
+    right with black, its tower masking the patches of padding alone. Ours reads each image on its own grid of whole
+    patches (padded with black): image -> ours equals image -> Aria's processor -> the tower call its
+    get_image_features makes, on each image's real patches, in both layouts transformers writes; hidden state -1 is
+    what its projector reads. No warning: nothing of its view is left out."""
     vlm, image_processor = build("aria")
     vlm = perturb(vlm, seed=6).eval()
     vlm.save_pretrained(tmp_path)
@@ -709,26 +722,65 @@ def test_arias_tower_equals_its_own_including_padded_images(layout, tmp_path, ca
     with caplog.at_level(logging.WARNING):
         ours = SigLIP2Encoder.from_pretrained(tmp_path)
         processor = ImageProcessor.from_pretrained(tmp_path)
-    assert "here each image is resized to the max_image_size square" in caplog.text
+    assert "AriaImageProcessor" not in caplog.text
     assert (ours.config.use_head, ours.config.position_lookup, ours.config.image_size) == (False, "buckets", 490)
-    images = random_images(3, [(490, 490), (490, 490)])
-    want = image_processor(images, return_tensors="pt")["pixel_values"]
-    pixels = processor(images).pixel_values
-    torch.testing.assert_close(pixels, want, atol=1e-6, rtol=0)
+    assert (processor.config.letterbox, processor.config.letterbox_min_side) == ("aria", 336)
+    images = random_images(3, ARIA_SIZES)
+    theirs = image_processor(images, return_tensors="pt")
+    calls, received = their_tower_calls(vision_tower(vlm)), []
+    vlm.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: received.append(args[0]))
     with torch.no_grad():
-        theirs = vision_tower(vlm)
-        torch.testing.assert_close(ours(pixels).last_hidden_state, theirs(pixels).last_hidden_state, atol=1e-4, rtol=0)
-        for h, w in [(35, 20), (12, 35)]:  # grids of a wide and a tall image, padded as Aria pads
-            mask = torch.zeros(1, 35, 35, dtype=torch.bool)
-            mask[0, :h, :w] = True
-            want = theirs(pixels[:1], patch_attention_mask=mask).last_hidden_state[0, mask[0].flatten()]
-            got = ours([pixels[0, :, : 14 * h, : 14 * w]]).last_hidden_state[0, : h * w]
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-        # its projector reads hidden state -1 (vision_feature_layer), before the post-layernorm
-        received = []
-        vlm.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: received.append(args[0]))
-        vlm.model.get_image_features(pixel_values=pixels)
-        torch.testing.assert_close(ours(pixels, layers=[-1]).tokens(-1), received[0], atol=1e-4, rtol=0)
+        vlm.model.get_image_features(pixel_values=theirs["pixel_values"], pixel_mask=theirs["pixel_mask"])
+        inputs = processor(images)
+        got = ours(**inputs, layers=[-1])
+    ((masks, last),) = calls
+    assert inputs.spatial_shapes.tolist() == [[24, 35], [35, 30], [35, 35], [35, 27]]
+    for i, (h, w) in enumerate(inputs.spatial_shapes.tolist()):
+        n = h * w
+        torch.testing.assert_close(got.last_hidden_state[i, :n], real_tokens(last[i], masks[i]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.tokens(-1)[i, :n], real_tokens(received[0][i], masks[i]), atol=1e-4, rtol=0)
+
+
+def test_idefics2s_tower_and_processor_equal_its_own_on_images_of_any_shape(tmp_path, caplog):
+    """Idefics2's processor shrinks images over its longest_edge keeping their aspect ratio, raises sides under its
+    shortest_edge, and pads the batch; its model masks every patch that reaches into the padding. Ours reads each
+    image on its own grid of whole patches: image -> ours equals image -> Idefics2's processor -> the tower call its
+    get_image_features makes, on each image's real patches. With do_image_splitting a warning says what is left
+    out."""
+    vlm, image_processor = build("idefics2")
+    vlm = perturb(vlm, seed=6).eval()
+    vlm.save_pretrained(tmp_path)
+    image_processor.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ours = SigLIP2Encoder.from_pretrained(tmp_path)
+        processor = ImageProcessor.from_pretrained(tmp_path)
+    assert "Idefics2ImageProcessor" not in caplog.text
+    assert (processor.config.letterbox, processor.config.image_size, processor.config.letterbox_min_side) == (
+        "idefics2",
+        (32, 32),
+        16,
+    )
+    # shrunk wide (the short side raised to 16), shrunk tall with a partial patch column, kept with partial patches,
+    # upscaled to the floor, the longest edge
+    images = random_images(4, [(20, 50), (45, 30), (24, 27), (10, 10), (32, 32)])
+    theirs = image_processor(images, return_tensors="pt")
+    calls = their_tower_calls(vision_tower(vlm))
+    with torch.no_grad():
+        vlm.model.get_image_features(theirs["pixel_values"], theirs["pixel_attention_mask"])
+        inputs = processor(images)
+        got = ours(**inputs)
+    ((masks, last),) = calls
+    assert inputs.spatial_shapes.tolist() == [[2, 4], [4, 2], [3, 3], [2, 2], [4, 4]]
+    for i, (h, w) in enumerate(inputs.spatial_shapes.tolist()):
+        torch.testing.assert_close(got.last_hidden_state[i, : h * w], real_tokens(last[i], masks[i]), atol=1e-4, rtol=0)
+    image_processor.do_image_splitting = True
+    image_processor.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ImageProcessor.from_pretrained(tmp_path)
+    assert (
+        "Idefics2ImageProcessor with do_image_splitting adds 4 crops of each image before it; here the whole image"
+        in caplog.text
+    )
 
 
 @pytest.mark.parametrize("layout", ["model.", ""])

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "ARIA_MIN_SIDE",
     "CODED_TOWERS",
     "FAMILY_FIELDS",
+    "IDEFICS2_EDGES",
     "IMAGE_TEXT_TYPES",
     "KEY_RENAMES",
     "MLP_RATIO_TYPES",
@@ -175,7 +177,8 @@ class ProcessorKind:
     beyond: str = ""
     # The setting that turns those other views on, and its default; None: they are always on.
     beyond_setting: tuple[str, bool] | None = None
-    # Each image resized keeping its aspect ratio and padded (with do_pad, its default): one of config.LETTERBOXES
+    # Each image resized keeping its aspect ratio and padded (with do_pad, its default; Idefics2's and Aria's tower
+    # masks the padding): one of config.LETTERBOXES
     letterbox: str | None = None
     # The view is resized whatever do_resize says (Idefics3's: do_resize is only the longest-edge resize before it,
     # and without splitting every image is then resized to max_image_size; LFM2-VL's always resizes).
@@ -193,17 +196,10 @@ _IDEFICS3_VIEWS = (
     "splits each image into tiles after an aspect-preserving LANCZOS resize; here each image is resized (LANCZOS) "
     "to one tile of max_image_size pixels, and images already of that size are preprocessed exactly as its tiles"
 )
-_IDEFICS2_VIEWS = (
-    "resizes each image keeping its aspect ratio within size's shortest_edge and longest_edge (and with "
-    "do_image_splitting adds 4 crops); here each image is resized to the tower's square, so only images already of "
-    "that size (longest_edge) are preprocessed exactly as its"
-)
-_ARIA_VIEWS = (
-    "resizes each image keeping its aspect ratio, its longest side to max_image_size (the other at least "
-    "min_image_size), pads it at the bottom and right with black and masks that padding from the tower (with "
-    "split_image, after cutting it into crops); here each image is resized to the max_image_size square, so only "
-    "images already of that size are preprocessed exactly as its"
-)
+IDEFICS2_EDGES = (378, 980)  # Idefics2ImageProcessor's default size: (shortest_edge, longest_edge)
+ARIA_MIN_SIDE = 336  # AriaImageProcessor's default min_image_size
+_IDEFICS2_VIEWS = "with do_image_splitting adds 4 crops of each image before it; here the whole image only"
+_ARIA_VIEWS = "with split_image cuts each image into crops, each then a view; here the whole image only"
 _PHI4_VIEWS = (
     "resizes each image keeping its aspect ratio onto a grid of up to dynamic_hd crops of size (padded with white), "
     "and adds a global view, that canvas resized to size; here each image is resized to size, so only images already "
@@ -240,8 +236,18 @@ for _name, _kind in {
     "SmolVLMImageProcessor": ProcessorKind(False, 1, (364, 364), beyond=_IDEFICS3_VIEWS, always_resized=True),
     # Idefics3's, its tile count capped (max_image_tiles) by lowering the longest edge: the same single tile
     "UltraVBertImageProcessor": ProcessorKind(False, 1, (512, 512), beyond=_IDEFICS3_VIEWS, always_resized=True),
-    "Idefics2ImageProcessor": ProcessorKind(False, 2, None, beyond=_IDEFICS2_VIEWS),
-    "AriaImageProcessor": ProcessorKind(False, 3, (980, 980), beyond=_ARIA_VIEWS, always_resized=True),
+    "Idefics2ImageProcessor": ProcessorKind(
+        False, 2, (980, 980), beyond=_IDEFICS2_VIEWS, beyond_setting=("do_image_splitting", False), letterbox="idefics2"
+    ),
+    "AriaImageProcessor": ProcessorKind(
+        False,
+        3,
+        (980, 980),
+        beyond=_ARIA_VIEWS,
+        beyond_setting=("split_image", False),
+        letterbox="aria",
+        always_resized=True,
+    ),
     "Phi4MultimodalImageProcessor": _PHI4,
     "Phi4MMImageProcessor": _PHI4,  # its remote code's
     "DeepseekVLImageProcessor": _DEEPSEEK_VL,

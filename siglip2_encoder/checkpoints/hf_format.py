@@ -17,8 +17,10 @@ import torch
 
 from ..config import LETTERBOX_MIN_SIDE, NAFLEX_NUM_PATCHES, EncoderConfig, ProcessorConfig, TextConfig
 from .families import (
+    ARIA_MIN_SIDE,
     CODED_TOWERS,
     FAMILY_FIELDS,
+    IDEFICS2_EDGES,
     IMAGE_TEXT_TYPES,
     KEY_RENAMES,
     MLP_RATIO_TYPES,
@@ -308,8 +310,13 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
 
 
 def _letterbox_settings(hf: Mapping[str, Any], name: str, kind: ProcessorKind) -> dict[str, Any]:
-    """A letterboxing processor's padding (``do_pad``); for DeepSeek-VL's, the short side's floor (``min_size``), and
-    for its hybrid's, the first square (``high_res_size``)."""
+    """A letterboxing processor's padding (``do_pad``) and the short side's floor (DeepSeek-VL's ``min_size``,
+    Idefics2's ``shortest_edge``, Aria's ``min_image_size``); for DeepSeek-VL hybrid's, the first square
+    (``high_res_size``)."""
+    if kind.letterbox == "idefics2":  # do_pad only batches images: its tower masks the padding
+        return dict(letterbox=kind.letterbox, letterbox_min_side=_idefics2_edges(hf)[0])
+    if kind.letterbox == "aria":  # it always pads
+        return dict(letterbox=kind.letterbox, letterbox_min_side=hf.get("min_image_size", ARIA_MIN_SIDE))
     if not hf.get("do_pad", True):
         raise CheckpointError(
             f"the image processor {name!r} has do_pad=false: each image keeps its own aspect ratio and size, which "
@@ -321,6 +328,14 @@ def _letterbox_settings(hf: Mapping[str, Any], name: str, kind: ProcessorKind) -
     if kind.letterbox == "deepseek_vl_hybrid":
         out["letterbox_canvas"] = _hybrid_canvas(hf, kind)
     return out
+
+
+def _idefics2_edges(hf: Mapping[str, Any]) -> tuple[int, int]:
+    """Idefics2's ``size``: (``shortest_edge``, ``longest_edge``), its class's defaults where the file has none."""
+    size = hf.get("size") or dict(zip(("shortest_edge", "longest_edge"), IDEFICS2_EDGES))
+    if not (isinstance(size, Mapping) and {"shortest_edge", "longest_edge"} <= set(size)):
+        raise CheckpointError(f"the image processor's size must give shortest_edge and longest_edge, got size={size!r}")
+    return size["shortest_edge"], size["longest_edge"]
 
 
 def _hybrid_canvas(hf: Mapping[str, Any], kind: ProcessorKind) -> int:
@@ -372,6 +387,8 @@ def _view_size(hf: Mapping[str, Any], kind: ProcessorKind, tower: EncoderConfig)
     tower's square. The class's default where the file has none."""
     if kind.letterbox == "pi0":
         return _fit_and_pad_size(hf, kind.size)
+    if kind.letterbox == "idefics2":
+        return (_idefics2_edges(hf)[1],) * 2
     name, value = ("max_image_size", hf.get("max_image_size")) if kind.always_resized else ("size", hf.get("size"))
     if value is None and kind.size is not None:
         return kind.size
@@ -420,41 +437,10 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
     }
     if config.naflex_resize == "smart":
         return {"image_processor_type": "Lfm2VlImageProcessor", **_lfm2_settings(config), **out}
-    if config.letterbox == "pi0":
-        height, width = config.image_size
-        return {
-            "image_processor_type": "PI0ImageProcessor",
-            "do_convert_rgb": True,
-            "size": {"max_height": height, "max_width": width},
-            "do_pad": True,
-            "pad_size": {"height": height, "width": width},
-            **out,
-        }
-    if config.letterbox == "deepseek_vl_hybrid":  # high_res_*: its SAM tower's view, written as this one
-        side, canvas = config.image_size[0], config.letterbox_canvas
-        return {
-            "image_processor_type": "DeepseekVLHybridImageProcessor",
-            "size": {"height": side, "width": side},
-            "high_res_size": {"height": canvas, "width": canvas},
-            "do_pad": True,
-            "min_size": config.letterbox_min_side,
-            "background_color": list(config.letterbox_color),
-            "high_res_background_color": list(config.letterbox_color),
-            "high_res_resample": out["resample"],
-            "high_res_image_mean": out["image_mean"],
-            "high_res_image_std": out["image_std"],
-            **out,
-        }
-    if config.letterbox == "deepseek_vl":  # it pads with letterbox_color
-        side = config.image_size[0]
-        return {
-            "image_processor_type": "DeepseekVLImageProcessor",
-            "size": {"height": side, "width": side},
-            "do_pad": True,
-            "min_size": config.letterbox_min_side,
-            "background_color": list(config.letterbox_color),
-            **out,
-        }
+    if config.letterbox == "aria":  # it always resizes
+        del out["do_resize"]
+    if config.letterbox is not None:
+        return {**_letterbox_to_hf(config), **out}
     if config.naflex:
         return {
             "image_processor_type": "Siglip2ImageProcessor",
@@ -468,6 +454,36 @@ def processor_config_to_hf(config: ProcessorConfig) -> dict[str, Any]:
         "do_convert_rgb": True,
         "size": {"height": height, "width": width},
         **out,
+    }
+
+
+def _letterbox_to_hf(config: ProcessorConfig) -> dict[str, Any]:
+    """A letterbox's own settings, as its family's processor class names them."""
+    (height, width), floor = config.image_size, config.letterbox_min_side
+    if config.letterbox == "idefics2":
+        edges = {"shortest_edge": floor, "longest_edge": height}
+        kind = {"image_processor_type": "Idefics2ImageProcessor", "size": edges, "do_image_splitting": False}
+        return {**kind, "do_convert_rgb": True, "do_pad": True}
+    if config.letterbox == "aria":  # transformers' Aria takes sides of 490 or 980 pixels only
+        kind = {"image_processor_type": "AriaImageProcessor", "max_image_size": height, "min_image_size": floor}
+        return {**kind, "do_convert_rgb": True, "split_image": False}
+    if config.letterbox == "pi0":
+        fit, pad = {"max_height": height, "max_width": width}, {"height": height, "width": width}
+        kind = {"image_processor_type": "PI0ImageProcessor", "size": fit, "pad_size": pad}
+        return {**kind, "do_convert_rgb": True, "do_pad": True}
+    deepseek = {"size": {"height": height, "width": width}, "do_pad": True, "min_size": floor}
+    deepseek["background_color"] = list(config.letterbox_color)  # DeepSeek-VL's pad with the mean colour
+    if config.letterbox == "deepseek_vl":
+        return {"image_processor_type": "DeepseekVLImageProcessor", **deepseek}
+    canvas = config.letterbox_canvas  # DeepSeek-VL hybrid's high_res_*: its SAM tower's view, written as this one
+    return {
+        "image_processor_type": "DeepseekVLHybridImageProcessor",
+        **deepseek,
+        "high_res_size": {"height": canvas, "width": canvas},
+        "high_res_background_color": list(config.letterbox_color),
+        "high_res_resample": {v: k for k, v in _PIL_RESAMPLE.items()}[config.resample],
+        "high_res_image_mean": list(config.image_mean),
+        "high_res_image_std": list(config.image_std),
     }
 
 

@@ -55,28 +55,37 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"GFLOPs / image   {encoder_flops(config, tokens) / 1e9:.1f} (all layers + head; multiply-add = 2)",
         f"LLaVA layer -2   {encoder_flops(config, tokens, layers=config.num_hidden_layers - 1, pooled=False) / 1e9:.1f}"
         " GFLOPs (stops before the last layer)",
-        "preprocessing    "
-        + (
-            f"NaFlex, up to {processing.max_num_patches} patches, aspect ratio kept"
-            if processing.naflex
-            else f"resize to {processing.image_size[0]}x{processing.image_size[1]}" + _letterbox_text(processing)
-        )
-        + f", {processing.resample}, mean {list(processing.image_mean)}, std {list(processing.image_std)}",
+        f"preprocessing    {_resize_text(processing)}, {processing.resample}, mean {list(processing.image_mean)}, "
+        f"std {list(processing.image_std)}",
     ]
     print("\n".join(lines))
     return EXIT_OK
 
 
-def _letterbox_text(processing: ProcessorConfig) -> str:
-    """How ``info`` describes the letterbox, if any (the padding colour in 0-255 where it is one)."""
-    if processing.letterbox is None:
-        return ""
+def _resize_text(processing: ProcessorConfig) -> str:
+    """How ``info`` describes the resize and the letterbox, if any (the padding colour in 0-255 where it is one)."""
+    if processing.naflex:
+        return f"NaFlex, up to {processing.max_num_patches} patches, aspect ratio kept"
+    (height, width), floor = processing.image_size, processing.letterbox_min_side
+    if processing.letterbox == "idefics2":
+        return (
+            f"aspect ratio kept, the longest side at most {height}, each side at least {floor}, each image on its own "
+            f"grid of whole patches"
+        )
+    if processing.letterbox == "aria":
+        return (
+            f"aspect ratio kept, the longest side {height}, the other at least {floor}, padded with black to whole "
+            f"patches, each image on its own grid"
+        )
+    resize = f"resize to {height}x{width}"
     if processing.letterbox == "deepseek_vl":
-        return f", aspect ratio kept, centred, padded with {list(processing.letterbox_color)}"
+        return f"{resize}, aspect ratio kept, centred, padded with {list(processing.letterbox_color)}"
     if processing.letterbox == "deepseek_vl_hybrid":
         side, color = processing.letterbox_canvas, list(processing.letterbox_color)
-        return f", aspect ratio kept, centred in a {side}x{side} square padded with {color}, then resized"
-    return ", aspect ratio kept, padded at the bottom and right with normalized zeros"  # pi0's
+        return f"{resize}, aspect ratio kept, centred in a {side}x{side} square padded with {color}, then resized"
+    if processing.letterbox == "pi0":
+        return f"{resize}, aspect ratio kept, padded at the bottom and right with normalized zeros"
+    return resize
 
 
 def _describe(model: str) -> tuple[EncoderConfig, ProcessorConfig, str]:

@@ -4,6 +4,9 @@
   (``letterbox``) resize keeping the aspect ratio and pad to (height, width): centred on the mean colour as
   DeepSeek-VL's processor does (its hybrid's: into a larger square first, then resized), or at the bottom and right
   with normalized zeros as pi0's does.
+* Idefics2's and Aria's letterboxes: resize keeping the aspect ratio as their processors do, and give each image's
+  patches on its own grid (their towers mask the padding; :func:`idefics2_size`, :func:`aria_size`), batched as
+  NaFlex patches are.
 * NaFlex: resize to the largest size within ``max_num_patches`` that keeps the aspect ratio (transformers' rule,
   :func:`naflex_size`; or LFM2-VL's, :func:`smart_size`), rescale, normalize, cut into patches, pad to a common length
   with a validity mask.
@@ -37,12 +40,15 @@ __all__ = [
     "ImageProcessor",
     "ProcessedImage",
     "ProcessedImages",
+    "aria_size",
     "fit_size",
+    "idefics2_size",
     "letterbox_size",
     "naflex_size",
     "patchify",
     "resize",
     "smart_size",
+    "unpatchify",
 ]
 
 _INTERPOLATION = {
@@ -89,6 +95,27 @@ def fit_size(height: int, width: int, max_height: int, max_width: int) -> tuple[
     return int(height * scale), int(width * scale)
 
 
+def idefics2_size(height: int, width: int, longest: int, shortest: int) -> tuple[int, int]:
+    """Idefics2's resize target (its ``get_resize_output_image_size``): an image whose longest side exceeds
+    ``longest`` is shrunk to it keeping the aspect ratio, the other side truncated; each side is then raised to at
+    least ``shortest`` (the aspect ratio then not kept). transformers' arithmetic, so that sizes agree exactly."""
+    aspect = width / height
+    if width >= height and width > longest:
+        width, height = longest, int(longest / aspect)
+    elif height > width and height > longest:
+        height, width = longest, int(longest * aspect)
+    return max(height, shortest), max(width, shortest)
+
+
+def aria_size(height: int, width: int, side: int, min_side: int) -> tuple[int, int]:
+    """Aria's resize target: the longest side (the width when equal) becomes ``side``, the other is scaled with it,
+    truncated, and at least ``min_side``. transformers' arithmetic, so that sizes agree exactly."""
+    scale = side / max(height, width)
+    if width >= height:
+        return max(int(height * scale), min_side), side
+    return side, max(int(width * scale), min_side)
+
+
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/p * W/p, p * p * C), patches in row-major order, pixels as (row, col, channel).
 
@@ -97,6 +124,12 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (h // patch_size) * (w // patch_size), -1)
+
+
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int, channels: int = 3) -> torch.Tensor:
+    """(h * w, p * p * C) patches of :func:`patchify`'s layout -> the (C, h * p, w * p) image."""
+    (h, w), p = grid, patch_size
+    return patches.reshape(h, w, p, p, channels).permute(4, 0, 2, 1, 3).reshape(channels, h * p, w * p)
 
 
 class ProcessedImage(NamedTuple):
@@ -161,9 +194,10 @@ class ProcessedImages:
     """A batch ready for the encoder: ``model(**batch)`` works.
 
     Attributes:
-        pixel_values: (B, 3, H, W) for fixed-resolution; (B, L, p * p * 3) patches for NaFlex, zero-padded.
-        spatial_shapes: (B, 2) long, each image's token grid (h, w) (NaFlex) or None (fixed-resolution).
-        pixel_attention_mask: (B, L) int32 (as transformers'), 1 for real patches (NaFlex) or None; index with
+        pixel_values: (B, 3, H, W) for fixed-resolution; (B, L, p * p * 3) patches, zero-padded, where each image
+            has its own grid (NaFlex, Idefics2's and Aria's letterboxes: ``ProcessorConfig.own_grids``).
+        spatial_shapes: (B, 2) long, each image's token grid (h, w) (own grids) or None (one size).
+        pixel_attention_mask: (B, L) int32 (as transformers'), 1 for real patches (own grids) or None; index with
             ``mask.bool()``, since ``~mask`` of an int is not the padding.
         original_sizes: each input image's (height, width) before resizing.
     """
@@ -255,6 +289,8 @@ class ImageProcessor:
         tensor = image_to_tensor(image, index)
         size = (int(tensor.shape[1]), int(tensor.shape[2]))
         if not config.naflex:
+            if config.own_grids:
+                return self._own_grid(tensor, size)
             if config.letterbox == "pi0":
                 return ProcessedImage(self._fit_and_pad(tensor, index), None, size)
             if config.letterbox == "deepseek_vl":
@@ -285,9 +321,10 @@ class ImageProcessor:
     ) -> ProcessedImages:
         """Batch :meth:`process_one` results (NaFlex: padded to the longest image, or to the budget)."""
         sizes = [item.original_size for item in items]
-        if not self.config.naflex:
+        if not self.config.own_grids:
             return ProcessedImages(torch.stack([item.pixels for item in items]), original_sizes=sizes)
-        length = self._budget(max_num_patches) if pad_to_max else max(len(item.pixels) for item in items)
+        padded = pad_to_max and self.config.naflex  # the letterboxes read on own grids have no budget
+        length = self._budget(max_num_patches) if padded else max(len(item.pixels) for item in items)
         pixel_values = torch.zeros(len(items), length, items[0].pixels.shape[1])
         # int32 as transformers' processor gives it: an exported graph (ONNX) has one input type for both.
         mask = torch.zeros(len(items), length, dtype=torch.int32)
@@ -302,6 +339,25 @@ class ImageProcessor:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise ValueError(f"max_num_patches must be a positive int, got {budget!r}")
         return budget
+
+    def _own_grid(self, image: torch.Tensor, size: tuple[int, int]) -> ProcessedImage:
+        """Idefics2's and Aria's letterboxes: (3, H, W) -> the patches of the resized image's own grid. Idefics2's
+        tower masks every patch that reaches into the padding: its whole patches are kept. Aria's masks only patches
+        of padding alone: the image is padded with black (before normalizing, as Aria pads) to whole patches."""
+        config, p = self.config, self.config.patch_size
+        if config.letterbox == "idefics2":
+            height, width = idefics2_size(*size, config.image_size[0], config.letterbox_min_side)
+            pixels = self._resize_normalize(image, (height, width))
+            grid = (height // p, width // p)
+            pixels = pixels[:, : grid[0] * p, : grid[1] * p]
+        else:
+            height, width = aria_size(*size, config.image_size[0], config.letterbox_min_side)
+            if (height, width) != size:
+                image = resize(image, (height, width), config.resample)
+            grid = (-(-height // p), -(-width // p))
+            padded = torch.nn.functional.pad(image, (0, grid[1] * p - width, 0, grid[0] * p - height))
+            pixels = self._resize_normalize(padded, tuple(padded.shape[1:]))
+        return ProcessedImage(patchify(pixels[None], p)[0], grid, size)
 
     def _fit_and_pad(self, image: torch.Tensor, index: int) -> torch.Tensor:
         """(3, H, W) -> (3, *image_size) float32, as pi0's processor: resized within image_size by :func:`fit_size`,

@@ -2,8 +2,10 @@
 
 * (B, C, H, W) images of one size (either tower kind; NaFlex towers patchify them);
 * a list of (C, H_i, W_i) images of any sizes (either tower kind), run packed;
-* NaFlex patches (B, L, p * p * C) with ``spatial_shapes`` (B, 2) and optionally ``pixel_attention_mask`` (B, L),
-  as transformers' ``Siglip2ImageProcessor`` makes them.
+* patches (B, L, p * p * C) with ``spatial_shapes`` (B, 2) and optionally ``pixel_attention_mask`` (B, L), as
+  transformers' ``Siglip2ImageProcessor`` makes them for NaFlex towers, and this library's processor for the
+  letterboxes whose images are read on their own grids (Idefics2's, Aria's; fixed-resolution towers read each such
+  image as a (C, h * p, w * p) image of the list form).
 
 :func:`parse_inputs` returns a :class:`TowerInput`: where each image's tokens go
 (:class:`~siglip2_encoder.models.packing.Packing`) and the pixels, as groups of equal-size images or as packed patches.
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import EncoderConfig
+from ..data.processor import unpatchify
 from .packing import Packing
 
 __all__ = ["Grids", "TowerInput", "as_grids", "parse_inputs"]
@@ -104,9 +107,10 @@ def _image_batch(
     return TowerInput(Packing.from_grids([grid] * b, images.device), ((tuple(range(b)), images),), None, positions)
 
 
-def _patches(
+def _patch_grids(
     config: EncoderConfig, patches: torch.Tensor, spatial_shapes: Grids | None, mask: torch.Tensor | None
-) -> TowerInput:
+) -> list[tuple[int, int]]:
+    """Each image's grid of (B, L, p * p * C) patches, checked against their width, length and mask."""
     p, c = config.patch_size, config.num_channels
     b, length, dim = patches.shape
     if dim != c * p * p:
@@ -126,8 +130,7 @@ def _patches(
                 "pixel_attention_mask must mark exactly the first h*w patches of each image as valid "
                 "(as spatial_shapes says); pass the processor's mask unchanged, or leave it out"
             )
-    packing = Packing.from_grids(grids, patches.device, length)
-    return TowerInput(packing, patches=packing.pack(patches))
+    return grids
 
 
 def parse_inputs(
@@ -148,7 +151,17 @@ def parse_inputs(
         return _image_batch(config, pixel_values, spatial_shapes, positions)
     if positions is not None:
         raise ValueError("positions apply to (B, C, H, W) images only")
-    if pixel_values.ndim != 3 or not config.naflex:
-        want = "(B, L, p*p*C) patches with spatial_shapes, or (B, C, H, W)" if config.naflex else "(B, C, H, W)"
-        raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} is not {want} for this tower")
-    return _patches(config, pixel_values, spatial_shapes, pixel_attention_mask)
+    if pixel_values.ndim != 3:
+        raise ValueError(
+            f"pixel_values of shape {tuple(pixel_values.shape)} is not (B, C, H, W), a list of (C, H, W) images, or "
+            f"(B, L, p*p*C) patches with spatial_shapes for this tower"
+        )
+    grids = _patch_grids(config, pixel_values, spatial_shapes, pixel_attention_mask)
+    if not config.naflex:
+        # Patches of images read on their own grids (Idefics2's and Aria's letterboxes) are those images again for a
+        # conv patch embedding, which then runs exactly as on a list of images.
+        p, c = config.patch_size, config.num_channels
+        images = [unpatchify(pixel_values[i, : h * w], (h, w), p, c) for i, (h, w) in enumerate(grids)]
+        return _image_list(config, images, None)
+    packing = Packing.from_grids(grids, pixel_values.device, pixel_values.shape[1])
+    return TowerInput(packing, patches=packing.pack(pixel_values))

@@ -58,7 +58,8 @@ class SigLIP2Encoder(TowerIOMixin, TowerKnobsMixin, ForwardIntermediatesMixin, n
     * NaFlex towers: ``pixel_values`` (B, L, p * p * C) patchified and padded, with ``spatial_shapes`` (B, 2) giving
       each image's grid (h, w) and optionally ``pixel_attention_mask`` (B, L). (B, C, H, W) images are accepted too
       and patchified here.
-    * either: a list of (C, H_i, W_i) images of any sizes, run packed.
+    * either: a list of (C, H_i, W_i) images of any sizes, run packed; or patches as for NaFlex (fixed-resolution
+      towers read each image's patches as that image: the processor's output for Idefics2's and Aria's letterboxes).
 
     Args:
         config: the architecture.
@@ -70,7 +71,7 @@ class SigLIP2Encoder(TowerIOMixin, TowerKnobsMixin, ForwardIntermediatesMixin, n
         super().__init__()
         processor_config = processor_config or ProcessorConfig.default_for(config)
         if processor_config.naflex != config.naflex or (
-            config.naflex and processor_config.patch_size != config.patch_size
+            processor_config.own_grids and processor_config.patch_size != config.patch_size
         ):
             raise ValueError(
                 f"processor_config {processor_config} does not fit this {'NaFlex' if config.naflex else 'fixed'} "
@@ -191,10 +192,10 @@ class SigLIP2Encoder(TowerIOMixin, TowerKnobsMixin, ForwardIntermediatesMixin, n
         block-diagonal per image (:mod:`~siglip2_encoder.models.packing`); outputs come back padded in input order.
 
         Args:
-            pixel_values: (B, C, H, W); a list of (C, H_i, W_i) images of any sizes; or for NaFlex towers
-                (B, L, p * p * C) patches (see the class docstring).
-            spatial_shapes: (B, 2) per-image token grids (h, w); required for patchified NaFlex input.
-            pixel_attention_mask: (B, L) validity of patchified NaFlex input; derived from spatial_shapes if absent.
+            pixel_values: (B, C, H, W); a list of (C, H_i, W_i) images of any sizes; or (B, L, p * p * C) patches
+                (see the class docstring).
+            spatial_shapes: (B, 2) per-image token grids (h, w); required for patchified input.
+            pixel_attention_mask: (B, L) validity of patchified input; derived from spatial_shapes if absent.
             layers: outputs to return: hidden states in transformers' indexing (0 = embeddings, i = after layer i,
                 -1 = last layer before post-layernorm, -2 = penultimate), and None for ``last_hidden_state``.
             return_last: compute ``last_hidden_state`` (all layers + post-layernorm) even if None is not in layers.
