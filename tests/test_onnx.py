@@ -156,6 +156,42 @@ def test_a_bucketed_towers_graph_equals_transformers_tower_on_padded_images(fami
         np.testing.assert_allclose(run(tmp_path / "whole.onnx", pixel_values=pixels), want.numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["idefics2", "aria"])
+def test_an_own_grid_towers_graph_takes_its_processors_output_and_equals_transformers(family, tmp_path):
+    """Idefics2's and Aria's towers, loaded with their processors, read each image on its own grid: their graph takes
+    our processor's output (patches, grids, mask) unchanged, and gives each image's real tokens as the tower call
+    their transformers model makes (Idefics2's final tokens; hidden state -1, what Aria's projector reads)."""
+    from conftest import random_images
+    from test_vlm_import import build, real_tokens, their_tower_calls, vision_tower
+
+    from siglip2_encoder import ImageProcessor
+
+    vlm, image_processor = build(family)
+    vlm = perturb(vlm, seed=6).eval()
+    vlm.save_pretrained(tmp_path / "vlm")
+    image_processor.save_pretrained(tmp_path / "vlm")
+    returns = "tokens" if family == "idefics2" else "-1"
+    command = ["export-onnx", str(tmp_path / "tower.onnx"), "--model", str(tmp_path / "vlm"), "--returns", returns]
+    assert main(command) == EXIT_OK
+    sizes = [(20, 50), (45, 30), (24, 27), (10, 10)] if family == "idefics2" else [(300, 700), (600, 500), (200, 150)]
+    images = random_images(5, sizes)
+    inputs = ImageProcessor.from_pretrained(tmp_path / "vlm")(images)
+    got = run(tmp_path / "tower.onnx", **dict(inputs))
+    theirs, calls, received = image_processor(images, return_tensors="pt"), their_tower_calls(vision_tower(vlm)), []
+    with torch.no_grad():
+        if family == "idefics2":
+            vlm.model.get_image_features(theirs["pixel_values"], theirs["pixel_attention_mask"])
+            received = [calls[0][1]]
+        else:
+            vlm.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: received.append(args[0]))
+            vlm.model.get_image_features(pixel_values=theirs["pixel_values"], pixel_mask=theirs["pixel_mask"])
+    masks = calls[0][0]
+    for i, (h, w) in enumerate(inputs.spatial_shapes.tolist()):
+        want = real_tokens(received[0][i], masks[i]).numpy()
+        np.testing.assert_allclose(got[i, : h * w], want, atol=1e-4, rtol=0)
+        assert not got[i, h * w :].any()  # padding slots are zero, as the tower's
+
+
 def test_export_onnx_command_and_its_refusals(fixed, tmp_path, caplog):
     path = tmp_path / "cli.onnx"
     assert (
@@ -189,6 +225,15 @@ def test_export_onnx_command_and_its_refusals(fixed, tmp_path, caplog):
     )
     with pytest.raises(ValueError, match=re.escape("this tower has position_lookup='interpolate' and takes whole")):
         export_onnx(fixed, path, patch_attention_mask=True)
+    lettered = copy.deepcopy(fixed)
+    lettered.processor_config = lettered.processor_config.replace(patch_size=8, letterbox="aria")
+    message = (
+        "the tower's processor gives patches of each image's own grid (letterbox='aria'), which a graph of its "
+        "bicubic positions cannot read; set tower.processor_config = "
+        "tower.processor_config.at_size(tower.processor_config.image_size) to export one size"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        export_onnx(lettered, path)
     headless = SigLIP2Encoder.from_preset("siglip2-base-patch16-224", use_head=False, **TINY)
     with pytest.raises(ValueError, match="this tower has no attention-pooling head; export output='tokens' or a layer"):
         ExportGraph(headless)

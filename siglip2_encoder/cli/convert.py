@@ -149,7 +149,8 @@ def _export_onnx_command(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--patch-attention-mask",
         action="store_true",
-        help="towers with bucketed positions (Idefics3's): a (B, H/p, W/p) bool input of each image's real patches",
+        help="towers with bucketed positions (Idefics3's, Aria's): transformers' layout, (B, C, H, W) images and a "
+        "(B, H/p, W/p) bool input of each image's real patches",
     )
     p.set_defaults(run=cmd_export_onnx)
 

@@ -5,8 +5,9 @@ position grids are resized inside the graph (each image's bilinear, antialiased 
 ``spatial_shapes`` as tensors, the same weights :mod:`~siglip2_encoder.models.embeddings` uses), fixed-resolution tables
 are resized bicubically to the input's grid (exactly the table at the native size), and bucketed tables (Idefics3's)
 are read at each patch's fractional coordinate, optionally of each image's real patches under a ``patch_attention_mask``
-as ``Idefics3VisionTransformer`` takes it. Padding tokens are masked in attention and in the pooling head, so a padded
-image gives what it gives alone.
+as ``Idefics3VisionTransformer`` takes it, or of each image's own grid for the patches that Idefics2's and Aria's
+letterboxes give. Padding tokens are masked in attention and in the pooling head, so a padded image gives what it
+gives alone.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ class ExportGraph(nn.Module):
         ids = (rows[:, :, None] * embeddings.grid + columns[:, None, :]).flatten(1)
         return F.embedding(torch.where(patch_mask.flatten(1), ids, 0), embeddings.table().flatten(0, 1))
 
+    def _own_grid_positions(self, spatial_shapes: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, L, D) positions of a bucketed tower for patches of each image's own grid (padding slots: the last
+        real token's), each patch reading the cell of its fractional coordinate on its image's grid."""
+        embeddings = self.tower.embeddings
+        heights, widths = spatial_shapes[:, :1], spatial_shapes[:, 1:]  # (B, 1) each
+        index = torch.minimum(torch.arange(length, device=spatial_shapes.device)[None], heights * widths - 1)
+        rows = fractional_buckets(heights[:, 0], length, self.boundaries).gather(1, index // widths)  # (B, L)
+        columns = fractional_buckets(widths[:, 0], length, self.boundaries).gather(1, index % widths)
+        return F.embedding(rows * embeddings.grid + columns, embeddings.table().flatten(0, 1))
+
     def _pool(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """The attention-pooling head on (B, L, D) tokens."""
         head = self.tower.head
@@ -89,15 +100,23 @@ class ExportGraph(nn.Module):
         patch_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fixed-resolution: ``pixel_values`` (B, C, H, W), for bucketed towers optionally with a
-        ``patch_attention_mask`` (B, H/p, W/p) of each image's real patches. NaFlex: (B, L, p * p * C) patches with
-        ``spatial_shapes`` (B, 2) and ``pixel_attention_mask`` (B, L)."""
+        ``patch_attention_mask`` (B, H/p, W/p) of each image's real patches. NaFlex, and bucketed towers whose
+        processor reads each image on its own grid: (B, L, p * p * C) patches with ``spatial_shapes`` (B, 2) and
+        ``pixel_attention_mask`` (B, L)."""
         tower, embeddings = self.tower, self.tower.embeddings
-        x = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+        pixel_values = pixel_values.to(embeddings.patch_embedding.weight.dtype)
         valid = zeroed = None  # (B, L) tokens attended to as keys; tokens zeroed in the output
         if tower.config.naflex:
+            x = embeddings.patch_embedding(pixel_values)
             x = x + self._positions(spatial_shapes, pixel_values.shape[1]).to(x.dtype)
             valid = zeroed = pixel_attention_mask.bool()
-        elif self.bucketed:  # x: (B, D, h, w)
+        elif pixel_values.ndim == 3:  # the conv as a linear map of patchify's (row, column, channel) layout
+            conv = embeddings.patch_embedding
+            x = F.linear(pixel_values, conv.weight.permute(0, 2, 3, 1).flatten(1), conv.bias)
+            x = x + self._own_grid_positions(spatial_shapes, pixel_values.shape[1]).to(x.dtype)
+            valid = zeroed = pixel_attention_mask.bool()
+        elif self.bucketed:
+            x = embeddings.patch_embedding(pixel_values)  # (B, D, h, w)
             if patch_attention_mask is None:
                 patch_attention_mask = torch.ones(x.shape[0], *x.shape[2:], dtype=torch.bool, device=x.device)
             patch_mask = patch_attention_mask.bool()
@@ -105,6 +124,7 @@ class ExportGraph(nn.Module):
             # Idefics3's connector reads every patch, padding ones included: they keep the values its tower gives them.
             valid = patch_mask.flatten(1)
         else:
+            x = embeddings.patch_embedding(pixel_values)
             table = embeddings.table().permute(2, 0, 1)[None]  # (1, D, g, g)
             positions = F.interpolate(table, size=x.shape[-2:], mode="bicubic", align_corners=False)
             x = (x + positions).flatten(2).transpose(1, 2)
@@ -130,23 +150,33 @@ def export_onnx(
     patch_attention_mask: bool = False,
     opset: int = 18,
 ) -> None:
-    """Write ``tower`` as an ONNX model at ``path`` (torch.onnx's exporter), dynamic in batch and grid: inputs
-    ``pixel_values`` (B, C, H, W), or for NaFlex ``pixel_values`` (B, L, p*p*C), ``spatial_shapes`` (B, 2) int64 and
-    ``pixel_attention_mask`` (B, L) int32 (as both processors, ours and transformers', give them); output
+    """Write ``tower`` as an ONNX model at ``path`` (torch.onnx's exporter), dynamic in batch and grid, taking what
+    the tower's processor gives: ``pixel_values`` (B, C, H, W), or for NaFlex (and Idefics2's and Aria's letterboxes,
+    each image on its own grid) ``pixel_values`` (B, L, p*p*C), ``spatial_shapes`` (B, 2) int64 and
+    ``pixel_attention_mask`` (B, L) int32 (as both processors, ours and transformers', give NaFlex's); output
     ``features`` as :class:`ExportGraph` ``output`` says. ``patch_attention_mask=True`` (towers with bucketed
-    positions: Idefics3's, SmolVLM's, Phi-4-multimodal's) adds a (B, H/p, W/p) bool input of each image's real
-    patches, as ``Idefics3VisionTransformer`` takes it: padding patches are not attended to and keep the values that
-    tower gives them."""
+    positions: Idefics3's, SmolVLM's, Aria's, Phi-4-multimodal's) takes transformers' layout instead: (B, C, H, W)
+    images and a (B, H/p, W/p) bool input of each image's real patches, as ``Idefics3VisionTransformer`` takes it:
+    padding patches are not attended to and keep the values that tower gives them."""
     _check_exporter()
-    if patch_attention_mask and tower.config.position_lookup != "buckets":
+    bucketed = tower.config.position_lookup == "buckets"
+    if patch_attention_mask and not bucketed:
         raise ValueError(
             f"patch_attention_mask=True is for towers with bucketed positions (Idefics3's); this tower has "
             f"position_lookup={tower.config.position_lookup!r} and takes whole images: leave it False"
         )
+    own_grids = tower.processor_config.own_grids and not patch_attention_mask
+    if own_grids and not tower.config.naflex and not bucketed:
+        raise ValueError(
+            f"the tower's processor gives patches of each image's own grid (letterbox="
+            f"{tower.processor_config.letterbox!r}), which a graph of its bicubic positions cannot read; set "
+            f"tower.processor_config = tower.processor_config.at_size(tower.processor_config.image_size) to export "
+            f"one size"
+        )
     graph = ExportGraph(tower, output).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     p, channels = tower.config.patch_size, tower.config.num_channels
-    if tower.config.naflex:
+    if own_grids:  # NaFlex, or a bucketed tower read on each image's own grid (Idefics2's and Aria's letterboxes)
         length = torch.export.Dim("length", min=1, max=65536)
         inputs = {
             "pixel_values": torch.zeros(2, 6, p * p * channels),
