@@ -62,6 +62,10 @@ LETTERBOXES = (
     # letterbox_min_side (its min_image_size); padded at the bottom and right with black, its tower masking the
     # patches of padding only: here each image, padded with black to whole patches, is read on its own grid.
     "aria",
+    # Phi-4-multimodal's global view (Phi4MultimodalImageProcessor): resized keeping the aspect ratio (bilinear) onto
+    # a white canvas of up to letterbox_max_tiles squares of image_size (its dynamic_hd crops), normalized, then that
+    # canvas resized to image_size (the processor's filter, without antialiasing, as it does)
+    "phi4",
 )
 _MIN_SIDE_LETTERBOXES = ("deepseek_vl", "deepseek_vl_hybrid", "idefics2", "aria")
 # Letterboxes whose images are read each on its own grid (the tower masks the padding): their processor gives
@@ -223,6 +227,8 @@ class ProcessorConfig:
     letterbox_min_side: int = LETTERBOX_MIN_SIDE
     # "deepseek_vl_hybrid" only: the side of the square images are letterboxed into first (its high_res_size)
     letterbox_canvas: int | None = None
+    # "phi4" only: the most squares of image_size its canvas holds (Phi-4-multimodal's dynamic_hd)
+    letterbox_max_tiles: int | None = None
 
     def __post_init__(self) -> None:
         if (self.image_size is None) == (self.max_num_patches is None):
@@ -274,6 +280,11 @@ class ProcessorConfig:
                 f"letterbox_canvas is the first square of letterbox='deepseek_vl_hybrid' and applies to it only: set "
                 f"both or neither, got letterbox={letterbox!r}, letterbox_canvas={self.letterbox_canvas!r}"
             )
+        if (letterbox == "phi4") != (self.letterbox_max_tiles is not None):
+            raise ValueError(
+                f"letterbox_max_tiles is the canvas of letterbox='phi4' and applies to it only: set both or neither, "
+                f"got letterbox={letterbox!r}, letterbox_max_tiles={self.letterbox_max_tiles!r}"
+            )
         if letterbox is None:
             return
         if self.image_size is None or not self.do_resize:
@@ -288,6 +299,9 @@ class ProcessorConfig:
                 f"letterbox={letterbox!r} fits images into a square: it needs a square image_size, got "
                 f"image_size={self.image_size!r}"
             )
+        if letterbox == "phi4":
+            check_positive_ints(self, "letterbox_max_tiles")
+            return
         check_positive_ints(self, "letterbox_min_side")
         if letterbox == "deepseek_vl_hybrid":
             check_positive_ints(self, "letterbox_canvas")
@@ -344,4 +358,5 @@ class ProcessorConfig:
             letterbox=None,
             letterbox_min_side=LETTERBOX_MIN_SIDE,
             letterbox_canvas=None,
+            letterbox_max_tiles=None,
         )

@@ -15,7 +15,7 @@ from conftest import perturb, random_images
 from PIL import Image
 from test_llava import make_vlm, run_as_the_card_says
 from test_vlm_import import build, move_tower, vision_tower
-from transformers import AutoImageProcessor, PI0ImageProcessor
+from transformers import AutoImageProcessor, Phi4MultimodalImageProcessor, PI0ImageProcessor
 from transformers import DeepseekVLHybridImageProcessor as Hybrid
 from transformers import DeepseekVLImageProcessor as Theirs
 from transformers.image_utils import get_image_size_for_max_height_width
@@ -23,7 +23,7 @@ from transformers.image_utils import get_image_size_for_max_height_width
 from siglip2_encoder import CheckpointError, EncoderConfig, ImageProcessor, ProcessorConfig, SigLIP2Encoder
 from siglip2_encoder.checkpoints.hf_format import processor_config_from_hf, processor_config_to_hf
 from siglip2_encoder.cli import EXIT_OK, main
-from siglip2_encoder.data.processor import fit_size, letterbox_size
+from siglip2_encoder.data.processor import fit_size, letterbox_size, phi4_canvas
 from siglip2_encoder.integrations.idefics3_export import export_idefics3
 from siglip2_encoder.integrations.llava import VLMProcessor
 from siglip2_encoder.integrations.llava_export import export_llava, import_llava
@@ -33,7 +33,7 @@ TOWER = EncoderConfig(
     image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
 )
 # wide, tall, square, odd margins, smaller than the square (upscaled), a short side below min_size (14 px)
-LETTERBOX_KINDS = "['deepseek_vl', 'deepseek_vl_hybrid', 'pi0', 'idefics2', 'aria']"
+LETTERBOX_KINDS = "['deepseek_vl', 'deepseek_vl_hybrid', 'pi0', 'idefics2', 'aria', 'phi4']"
 SIZES = [(20, 50), (50, 20), (40, 40), (33, 31), (31, 64), (5, 9), (8, 300), (300, 8), (21, 22)]
 
 
@@ -256,6 +256,24 @@ def test_a_processor_without_padding_is_refused():
             dict(letterbox="deepseek_vl", letterbox_min_side=0),
             "letterbox_min_side must be a positive int, got letterbox_min_side=0",
         ),
+        (
+            dict(letterbox="phi4"),
+            "letterbox_max_tiles is the canvas of letterbox='phi4' and applies to it only: set both or neither, got "
+            "letterbox='phi4', letterbox_max_tiles=None",
+        ),
+        (
+            dict(letterbox="pi0", letterbox_max_tiles=4),
+            "letterbox_max_tiles is the canvas of letterbox='phi4' and applies to it only: set both or neither, got "
+            "letterbox='pi0', letterbox_max_tiles=4",
+        ),
+        (
+            dict(letterbox="phi4", letterbox_max_tiles=0),
+            "letterbox_max_tiles must be a positive int, got letterbox_max_tiles=0",
+        ),
+        (
+            dict(image_size=(32, 48), letterbox="phi4", letterbox_max_tiles=4),
+            "letterbox='phi4' fits images into a square: it needs a square image_size, got image_size=(32, 48)",
+        ),
         (dict(letterbox=True), f"letterbox must be one of {LETTERBOX_KINDS} or None, got letterbox=True"),
         (dict(letterbox="centre"), f"letterbox must be one of {LETTERBOX_KINDS} or None, got letterbox='centre'"),
     ],
@@ -351,12 +369,23 @@ def test_pi0_processor_settings_not_reproduced_are_refused(settings, message):
             "resize to 32x32, aspect ratio kept, centred in a 64x64 square padded with [127, 127, 127], then "
             "resized, bicubic",
         ),
+        (
+            "phi4",
+            "resize to 32x32, aspect ratio kept on a white canvas of up to 6 squares of 32 (Phi-4-multimodal's global "
+            "view), bicubic",
+        ),
     ],
 )
 def test_info_says_how_a_letterbox_pads(letterbox, text, tmp_path, capsys):
     canvas = 64 if letterbox == "deepseek_vl_hybrid" else None
+    tiles = 6 if letterbox == "phi4" else None
     config = ProcessorConfig(
-        image_size=(32, 32), patch_size=8, resample="bicubic", letterbox=letterbox, letterbox_canvas=canvas
+        image_size=(32, 32),
+        patch_size=8,
+        resample="bicubic",
+        letterbox=letterbox,
+        letterbox_canvas=canvas,
+        letterbox_max_tiles=tiles,
     )
     SigLIP2Encoder(TOWER, config).save_pretrained(tmp_path)
     assert main(["info", "--model", str(tmp_path)]) == EXIT_OK
@@ -419,3 +448,90 @@ def test_llava_exports_refuse_the_other_letterboxes(letterbox, canvas, tmp_path)
     with pytest.raises(ValueError, match=re.escape(message)):
         export_llava(model, tmp_path / "llava", tokenizer)
     assert not (tmp_path / "llava").exists()
+
+
+# Phi-4-multimodal's global view: wide, tall, square, odd, a canvas of more squares than it holds (closest ratio),
+# smaller than a square (upscaled), already the size
+PHI4_SIZES = [(20, 50), (50, 20), (40, 40), (33, 31), (100, 40), (120, 40), (10, 10), (64, 96), (32, 32)]
+
+
+def phi4_processor(**settings) -> Phi4MultimodalImageProcessor:
+    return Phi4MultimodalImageProcessor(**{"size": {"height": 32, "width": 32}, "patch_size": 8} | settings)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"dynamic_hd": 6}, {"dynamic_hd": 1}, {"resample": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073]}, {}],
+)
+def test_phi4s_global_view_equals_its_processor_pixel_for_pixel(settings):
+    """Phi-4-multimodal's processor resizes each image (bilinear) onto a white canvas of squares, normalizes it and
+    resizes the canvas to its size without antialiasing: ours equals that global view on every kind of image."""
+    theirs = phi4_processor(**settings)
+    ours = ours_for(theirs)
+    assert (ours.config.letterbox, ours.config.letterbox_max_tiles) == ("phi4", settings.get("dynamic_hd", 36))
+    images = random_images(11, PHI4_SIZES)
+    want = theirs(images, return_tensors="pt")["image_pixel_values"][:, 0]
+    torch.testing.assert_close(ours(images).pixel_values, want, atol=1e-6, rtol=0)
+
+
+def test_phi4_canvas_is_its_layout_on_many_shapes():
+    theirs = phi4_processor()
+    generator = torch.Generator().manual_seed(0)
+    shapes = torch.randint(1, 3000, (300, 2), generator=generator).tolist() + [[448, 448], [449, 448], [12, 3000]]
+    for side, tiles in [(448, 36), (32, 6), (32, 1), (14, 9)]:
+        for h, w in shapes:
+            try:
+                (columns, rows), (new_w, new_h), _ = theirs._get_crop_layout(h, w, side, max_num=tiles)
+                want = ((new_h, new_w), (side * rows, side * columns))
+            except ValueError:
+                want = None
+            try:
+                got = phi4_canvas(h, w, side, tiles)
+            except ValueError:
+                got = None
+            assert got == want, (h, w, side, tiles)
+
+
+def test_phi4s_view_refuses_an_image_it_would_refuse():
+    message = (
+        "image 1 (5x300) would be resized to 3x192 on its 32x192 canvas, a side under 10 pixels: its aspect ratio is "
+        "too extreme for Phi-4-multimodal's processor; crop it"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ours_for(phi4_processor(dynamic_hd=6))(random_images(7, [(10, 10), (5, 300)]))
+    with pytest.raises(ValueError, match="the aspect ratio is very extreme"):
+        phi4_processor(dynamic_hd=6)(random_images(7, [(5, 300)]))
+
+
+def test_a_saved_phi4_global_view_is_its_processor_in_transformers(tmp_path):
+    config = ProcessorConfig(
+        image_size=(32, 32), patch_size=8, resample="bicubic", letterbox="phi4", letterbox_max_tiles=6
+    )
+    SigLIP2Encoder(TOWER, config).save_pretrained(tmp_path)
+    theirs = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(theirs, Phi4MultimodalImageProcessor) and theirs.dynamic_hd == 6 and theirs.patch_size == 8
+    images = random_images(12, PHI4_SIZES)
+    want = theirs(images, return_tensors="pt")["image_pixel_values"][:, 0]
+    torch.testing.assert_close(ImageProcessor(config)(images).pixel_values, want, atol=1e-6, rtol=0)
+    assert ImageProcessor.from_pretrained(tmp_path).config == config
+    message = "does not fit this fixed tower with patch_size=8; use ProcessorConfig.default_for(config)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SigLIP2Encoder(TOWER, config.replace(patch_size=14))
+
+
+def test_phi4s_tower_gives_its_global_views_features(tmp_path):
+    """image -> ours (its processor's global view, its tower, hidden state -2 pooled 2x2) equals image -> its
+    processor's global view -> the image embedding's get_img_features, on a wide and a tall image."""
+    vlm, image_processor = build("phi4_multimodal")
+    vlm = perturb(vlm, seed=6).eval()
+    vlm.save_pretrained(tmp_path)
+    image_processor.save_pretrained(tmp_path)
+    ours = SigLIP2Encoder.from_pretrained(tmp_path).eval()
+    assert ours.processor_config.letterbox == "phi4"
+    images = random_images(13, [(20, 50), (100, 40)])
+    global_views = image_processor(images, return_tensors="pt")["image_pixel_values"][:, 0]
+    with torch.no_grad():
+        tokens = ours(**ImageProcessor(ours.processor_config)(images), layers=[-2]).tokens(-2)
+        want = vlm.model.embed_tokens_extend.image_embed.get_img_features(global_views)
+    pooled = torch.nn.functional.avg_pool2d(tokens.reshape(2, 4, 4, 32).permute(0, 3, 1, 2), 2)
+    torch.testing.assert_close(pooled.flatten(2).transpose(1, 2), want, atol=1e-4, rtol=0)

@@ -787,8 +787,9 @@ def test_idefics2s_tower_and_processor_equal_its_own_on_images_of_any_shape(tmp_
 def test_phi4_multimodals_tower_equals_its_own_head_and_padded_crops_included(layout, tmp_path, caplog):
     """Phi-4-multimodal's tower: bucketed positions and a head, in its image embedding (a Phi4MultimodalModel's
     without model.). Ours equals it, head included, on full images and on each padded crop's real patches; its
-    projection reads hidden state -2 pooled 2x2. Its processor's view is exact for images of its size (their one
-    crop and global view); saved, the tower is a Phi4MultimodalVisionModel that transformers loads.
+    projection reads hidden state -2 pooled 2x2. Its processor's global view is ours (for images of its size, also
+    their one crop; other images: test_letterbox); saved, the tower is a Phi4MultimodalVisionModel that transformers
+    loads.
 
     Their eager attention is the oracle: with sdpa, transformers (5.25) drops an unpadded crop's all-ones mask and
     its attention's is_causal=True then makes SDPA causal, unlike the original model's SigLIP (pinned below).
@@ -802,7 +803,7 @@ def test_phi4_multimodals_tower_equals_its_own_head_and_padded_crops_included(la
     move_tower(tmp_path, saved, layout + saved.removeprefix("model."))
     with caplog.at_level(logging.WARNING):
         ours = SigLIP2Encoder.from_pretrained(tmp_path)
-    assert "here each image is resized to size, so only images already of that size" in caplog.text
+    assert "adds a global view, that canvas resized to size; here the global view only" in caplog.text
     assert (ours.config.use_head, ours.config.position_lookup) == (True, "buckets")
     images = random_images(3, [(32, 32), (32, 32)])
     want = image_processor(images, return_tensors="pt")["image_pixel_values"]  # (B, views, 3, 32, 32)

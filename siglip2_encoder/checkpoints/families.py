@@ -18,6 +18,7 @@ __all__ = [
     "KEY_RENAMES",
     "MLP_RATIO_TYPES",
     "NESTED_VISION_CONFIGS",
+    "PHI4_MAX_TILES",
     "PROCESSOR_TYPES",
     "ProcessorKind",
     "REQUIRED_SETTINGS",
@@ -202,8 +203,11 @@ _IDEFICS2_VIEWS = "with do_image_splitting adds 4 crops of each image before it;
 _ARIA_VIEWS = "with split_image cuts each image into crops, each then a view; here the whole image only"
 _PHI4_VIEWS = (
     "resizes each image keeping its aspect ratio onto a grid of up to dynamic_hd crops of size (padded with white), "
-    "and adds a global view, that canvas resized to size; here each image is resized to size, so only images already "
-    "of that size (whose one crop and global view are the image) are preprocessed exactly as its"
+    "and adds a global view, that canvas resized to size; here the global view only"
+)
+_PHI4MM_VIEWS = (
+    _PHI4_VIEWS + ", as transformers' Phi4MultimodalImageProcessor makes it (the remote code resizes with PIL: its "
+    "pixels can differ slightly)"
 )
 _ANYRES_VIEWS = (
     "adds anyres tiles (image_grid_pinpoints) to the base view; here the base view only: the image resized to the "
@@ -223,7 +227,7 @@ def _tiles_and_thumbnail(size: int, tiles_by_default: bool) -> ProcessorKind:
     )
 
 
-_PHI4 = ProcessorKind(False, 3, (448, 448), beyond=_PHI4_VIEWS)
+PHI4_MAX_TILES = 36  # Phi4MultimodalImageProcessor's default dynamic_hd
 _DEEPSEEK_VL = ProcessorKind(False, 3, (384, 384), mean_std=_CLIP_MEAN_STD, letterbox="deepseek_vl")
 
 # image_processor_type -> what is reproduced of it; transformers 4 named its torchvision processors "...Fast".
@@ -248,8 +252,8 @@ for _name, _kind in {
         letterbox="aria",
         always_resized=True,
     ),
-    "Phi4MultimodalImageProcessor": _PHI4,
-    "Phi4MMImageProcessor": _PHI4,  # its remote code's
+    "Phi4MultimodalImageProcessor": ProcessorKind(False, 3, (448, 448), beyond=_PHI4_VIEWS, letterbox="phi4"),
+    "Phi4MMImageProcessor": ProcessorKind(False, 3, (448, 448), beyond=_PHI4MM_VIEWS, letterbox="phi4"),
     "DeepseekVLImageProcessor": _DEEPSEEK_VL,
     "JanusImageProcessor": _DEEPSEEK_VL,  # DeepSeek-VL's, renamed
     # its hybrid's low-resolution view (pixel_values; the high-resolution one is for its SAM tower)

@@ -25,6 +25,7 @@ from .families import (
     KEY_RENAMES,
     MLP_RATIO_TYPES,
     NESTED_VISION_CONFIGS,
+    PHI4_MAX_TILES,
     PROCESSOR_TYPES,
     REQUIRED_SETTINGS,
     TEXT_TYPES,
@@ -312,11 +313,13 @@ def processor_config_from_hf(hf: Mapping[str, Any], tower: EncoderConfig, views:
 def _letterbox_settings(hf: Mapping[str, Any], name: str, kind: ProcessorKind) -> dict[str, Any]:
     """A letterboxing processor's padding (``do_pad``) and the short side's floor (DeepSeek-VL's ``min_size``,
     Idefics2's ``shortest_edge``, Aria's ``min_image_size``); for DeepSeek-VL hybrid's, the first square
-    (``high_res_size``)."""
+    (``high_res_size``); for Phi-4-multimodal's, the canvas's most squares (``dynamic_hd``)."""
     if kind.letterbox == "idefics2":  # do_pad only batches images: its tower masks the padding
         return dict(letterbox=kind.letterbox, letterbox_min_side=_idefics2_edges(hf)[0])
     if kind.letterbox == "aria":  # it always pads
         return dict(letterbox=kind.letterbox, letterbox_min_side=hf.get("min_image_size", ARIA_MIN_SIDE))
+    if kind.letterbox == "phi4":  # it always pads its canvas
+        return dict(letterbox=kind.letterbox, letterbox_max_tiles=hf.get("dynamic_hd", PHI4_MAX_TILES))
     if not hf.get("do_pad", True):
         raise CheckpointError(
             f"the image processor {name!r} has do_pad=false: each image keeps its own aspect ratio and size, which "
@@ -467,6 +470,10 @@ def _letterbox_to_hf(config: ProcessorConfig) -> dict[str, Any]:
     if config.letterbox == "aria":  # transformers' Aria takes sides of 490 or 980 pixels only
         kind = {"image_processor_type": "AriaImageProcessor", "max_image_size": height, "min_image_size": floor}
         return {**kind, "do_convert_rgb": True, "split_image": False}
+    if config.letterbox == "phi4":  # its patch_size sizes the crops' masks: the tower's (SigLIP2Encoder checks)
+        square = {"height": height, "width": width}
+        kind = {"image_processor_type": "Phi4MultimodalImageProcessor", "size": square, "patch_size": config.patch_size}
+        return {**kind, "dynamic_hd": config.letterbox_max_tiles, "do_convert_rgb": True}
     if config.letterbox == "pi0":
         fit, pad = {"max_height": height, "max_width": width}, {"height": height, "width": width}
         kind = {"image_processor_type": "PI0ImageProcessor", "size": fit, "pad_size": pad}

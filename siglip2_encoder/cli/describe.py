@@ -85,6 +85,11 @@ def _resize_text(processing: ProcessorConfig) -> str:
         return f"{resize}, aspect ratio kept, centred in a {side}x{side} square padded with {color}, then resized"
     if processing.letterbox == "pi0":
         return f"{resize}, aspect ratio kept, padded at the bottom and right with normalized zeros"
+    if processing.letterbox == "phi4":
+        return (
+            f"{resize}, aspect ratio kept on a white canvas of up to {processing.letterbox_max_tiles} squares of "
+            f"{height} (Phi-4-multimodal's global view)"
+        )
     return resize
 
 

@@ -4,6 +4,8 @@
   (``letterbox``) resize keeping the aspect ratio and pad to (height, width): centred on the mean colour as
   DeepSeek-VL's processor does (its hybrid's: into a larger square first, then resized), or at the bottom and right
   with normalized zeros as pi0's does.
+* Phi-4-multimodal's global view (``letterbox="phi4"``): aspect kept on a white canvas of squares, then resized to
+  image_size (:func:`phi4_canvas`).
 * Idefics2's and Aria's letterboxes: resize keeping the aspect ratio as their processors do, and give each image's
   patches on its own grid (their towers mask the padding; :func:`idefics2_size`, :func:`aria_size`), batched as
   NaFlex patches are.
@@ -46,6 +48,7 @@ __all__ = [
     "letterbox_size",
     "naflex_size",
     "patchify",
+    "phi4_canvas",
     "resize",
     "smart_size",
     "unpatchify",
@@ -114,6 +117,40 @@ def aria_size(height: int, width: int, side: int, min_side: int) -> tuple[int, i
     if width >= height:
         return max(int(height * scale), min_side), side
     return side, max(int(width * scale), min_side)
+
+
+def phi4_canvas(height: int, width: int, side: int, max_tiles: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Phi-4-multimodal's layout (its processor's ``_get_crop_layout``): the image covers ceil(H / side) x
+    ceil(W / side) squares of ``side``, or, over ``max_tiles`` of them, the columns x rows whose aspect ratio is
+    closest to the image's (ties to the larger where the image fills over half of it); it is resized keeping its
+    aspect ratio to fill that canvas's width or height (the other side truncated). Returns ((h, w) of the resized
+    image, (H, W) of the canvas); raises ``ValueError`` for a side under 10 pixels, as it does. transformers'
+    arithmetic and candidate order, so that sizes agree exactly."""
+    columns, rows = math.ceil(width / side), math.ceil(height / side)
+    if columns * rows > max_tiles:
+        candidates = {
+            (i, j)
+            for n in range(1, max_tiles + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if i * j <= max_tiles
+        }
+        aspect, best, best_gap = width / height, (1, 1), float("inf")
+        for i, j in sorted(candidates, key=lambda ratio: ratio[0] * ratio[1]):
+            gap = abs(aspect - i / j)
+            if gap < best_gap:
+                best, best_gap = (i, j), gap
+            elif gap == best_gap and width * height > 0.5 * side * side * i * j:
+                best = (i, j)
+        columns, rows = best
+    canvas_w, canvas_h = side * columns, side * rows
+    if canvas_w / width < canvas_h / height:
+        resized = (int(height * (canvas_w / width)), canvas_w)
+    else:
+        resized = (canvas_h, int(width * (canvas_h / height)))
+    if min(resized) < 10:
+        raise ValueError(f"resized to {resized[0]}x{resized[1]} on its {canvas_h}x{canvas_w} canvas, a side under 10")
+    return resized, (canvas_h, canvas_w)
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -293,6 +330,8 @@ class ImageProcessor:
                 return self._own_grid(tensor, size)
             if config.letterbox == "pi0":
                 return ProcessedImage(self._fit_and_pad(tensor, index), None, size)
+            if config.letterbox == "phi4":
+                return ProcessedImage(self._phi4_global_view(tensor, index), None, size)
             if config.letterbox == "deepseek_vl":
                 tensor = self._letterbox(tensor, config.image_size[0])
             elif config.letterbox == "deepseek_vl_hybrid":  # then resized to image_size below
@@ -358,6 +397,29 @@ class ImageProcessor:
             padded = torch.nn.functional.pad(image, (0, grid[1] * p - width, 0, grid[0] * p - height))
             pixels = self._resize_normalize(padded, tuple(padded.shape[1:]))
         return ProcessedImage(patchify(pixels[None], p)[0], grid, size)
+
+    def _phi4_global_view(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        """(3, H, W) -> (3, *image_size), Phi-4-multimodal's global view: the image resized (bilinear, whatever the
+        configured filter: its processor's first resize takes torchvision's default) onto its :func:`phi4_canvas`,
+        padded at the bottom and right with white, normalized, and the canvas resized to image_size with the
+        configured filter, without antialiasing, in float, as its processor does."""
+        config = self.config
+        side = config.image_size[0]
+        try:
+            resized, canvas = phi4_canvas(image.shape[1], image.shape[2], side, config.letterbox_max_tiles)
+        except ValueError as err:
+            raise ValueError(
+                f"image {index} ({image.shape[1]}x{image.shape[2]}) would be {err} pixels: its aspect ratio is too "
+                f"extreme for Phi-4-multimodal's processor; crop it"
+            ) from None
+        if resized != tuple(image.shape[1:]):
+            image = resize(image, resized, "bilinear")
+        white = 255 if image.dtype == torch.uint8 else 1.0
+        padding = (0, canvas[1] - resized[1], 0, canvas[0] - resized[0])
+        pixels = self._resize_normalize(torch.nn.functional.pad(image, padding, value=white), canvas)
+        if canvas == (side, side):
+            return pixels
+        return tvF.resize(pixels, [side, side], interpolation=_INTERPOLATION[config.resample], antialias=False)
 
     def _fit_and_pad(self, image: torch.Tensor, index: int) -> torch.Tensor:
         """(3, H, W) -> (3, *image_size) float32, as pi0's processor: resized within image_size by :func:`fit_size`,

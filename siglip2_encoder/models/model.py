@@ -70,9 +70,8 @@ class SigLIP2Encoder(TowerIOMixin, TowerKnobsMixin, ForwardIntermediatesMixin, n
     def __init__(self, config: EncoderConfig, processor_config: ProcessorConfig | None = None) -> None:
         super().__init__()
         processor_config = processor_config or ProcessorConfig.default_for(config)
-        if processor_config.naflex != config.naflex or (
-            processor_config.own_grids and processor_config.patch_size != config.patch_size
-        ):
+        patches = processor_config.own_grids or processor_config.letterbox == "phi4"  # Phi-4's masks count patches
+        if processor_config.naflex != config.naflex or (patches and processor_config.patch_size != config.patch_size):
             raise ValueError(
                 f"processor_config {processor_config} does not fit this {'NaFlex' if config.naflex else 'fixed'} "
                 f"tower with patch_size={config.patch_size}; use ProcessorConfig.default_for(config)"
