@@ -174,31 +174,7 @@ def export_onnx(
             f"one size"
         )
     graph = ExportGraph(tower, output).eval()
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    p, channels = tower.config.patch_size, tower.config.num_channels
-    if own_grids:  # NaFlex, or a bucketed tower read on each image's own grid (Idefics2's and Aria's letterboxes)
-        length = torch.export.Dim("length", min=1, max=65536)
-        inputs = {
-            "pixel_values": torch.zeros(2, 6, p * p * channels),
-            "spatial_shapes": torch.tensor([[2, 3], [1, 4]]),
-            "pixel_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.int32),
-        }
-        shapes = {"pixel_values": {0: batch, 1: length}, "spatial_shapes": {0: batch}}
-        shapes["pixel_attention_mask"] = {0: batch, 1: length}
-    elif patch_attention_mask:
-        side = tower.config.image_size // p
-        rows, columns = (torch.export.Dim(name, min=1, max=8192 // p) for name in ("rows", "columns"))
-        inputs = {
-            "pixel_values": torch.zeros(2, channels, side * p, side * p),
-            "patch_attention_mask": torch.ones(2, side, side, dtype=torch.bool),
-        }
-        shapes = {"pixel_values": {0: batch, 2: p * rows, 3: p * columns}}
-        shapes["patch_attention_mask"] = {0: batch, 1: rows, 2: columns}
-    else:
-        side = tower.config.image_size
-        height, width = torch.export.Dim("height", min=p, max=8192), torch.export.Dim("width", min=p, max=8192)
-        inputs = {"pixel_values": torch.zeros(2, channels, side, side)}
-        shapes = {"pixel_values": {0: batch, 2: height, 3: width}}
+    inputs, shapes = _example_inputs(tower, "patches" if own_grids else "mask" if patch_attention_mask else "images")
     with torch.no_grad():
         torch.onnx.export(
             graph,
@@ -211,6 +187,34 @@ def export_onnx(
             opset_version=opset,
             dynamo=True,
         )
+
+
+def _example_inputs(tower: SigLIP2Encoder, layout: str) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Inputs to trace the graph with and their dynamic dimensions: "patches" (NaFlex, or a bucketed tower read on
+    each image's own grid), "mask" (images and transformers' patch mask) or "images"."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    p, channels = tower.config.patch_size, tower.config.num_channels
+    if layout == "patches":
+        length = torch.export.Dim("length", min=1, max=65536)
+        inputs = {
+            "pixel_values": torch.zeros(2, 6, p * p * channels),
+            "spatial_shapes": torch.tensor([[2, 3], [1, 4]]),
+            "pixel_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.int32),
+        }
+        shapes = {"pixel_values": {0: batch, 1: length}, "spatial_shapes": {0: batch}}
+        return inputs, shapes | {"pixel_attention_mask": {0: batch, 1: length}}
+    if layout == "mask":
+        side = tower.config.image_size // p
+        rows, columns = (torch.export.Dim(name, min=1, max=8192 // p) for name in ("rows", "columns"))
+        inputs = {
+            "pixel_values": torch.zeros(2, channels, side * p, side * p),
+            "patch_attention_mask": torch.ones(2, side, side, dtype=torch.bool),
+        }
+        shapes = {"pixel_values": {0: batch, 2: p * rows, 3: p * columns}}
+        return inputs, shapes | {"patch_attention_mask": {0: batch, 1: rows, 2: columns}}
+    side = tower.config.image_size
+    height, width = torch.export.Dim("height", min=p, max=8192), torch.export.Dim("width", min=p, max=8192)
+    return {"pixel_values": torch.zeros(2, channels, side, side)}, {"pixel_values": {0: batch, 2: height, 3: width}}
 
 
 class TextExportGraph(nn.Module):
