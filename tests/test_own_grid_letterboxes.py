@@ -237,3 +237,18 @@ def test_a_tower_refuses_an_own_grid_processor_of_another_patch_size():
     message = "does not fit this fixed tower with patch_size=8; use ProcessorConfig.default_for(config)"
     with pytest.raises(ValueError, match=re.escape(message)):
         SigLIP2Encoder(IDEFICS2_TOWER, config)
+
+
+def test_arias_crops_are_named_in_a_warning(caplog):
+    """With split_image, Aria's processor makes crops and no view of the whole image: the warning says so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        config = processor_config_from_hf(
+            {"image_processor_type": "AriaImageProcessor", "split_image": True}, ARIA_TOWER
+        )
+    assert config.letterbox == "aria"
+    assert (
+        "the image processor AriaImageProcessor with split_image cuts each image into crops, each then a view, and "
+        "makes no view of the whole image; here the whole image, as it is without split_image"
+    ) in caplog.text

@@ -200,7 +200,10 @@ _IDEFICS3_VIEWS = (
 IDEFICS2_EDGES = (378, 980)  # Idefics2ImageProcessor's default size: (shortest_edge, longest_edge)
 ARIA_MIN_SIDE = 336  # AriaImageProcessor's default min_image_size
 _IDEFICS2_VIEWS = "with do_image_splitting adds 4 crops of each image before it; here the whole image only"
-_ARIA_VIEWS = "with split_image cuts each image into crops, each then a view; here the whole image only"
+_ARIA_VIEWS = (
+    "with split_image cuts each image into crops, each then a view, and makes no view of the whole image; here the "
+    "whole image, as it is without split_image"
+)
 _PHI4_VIEWS = (
     "resizes each image keeping its aspect ratio onto a grid of up to dynamic_hd crops of size (padded with white), "
     "and adds a global view, that canvas resized to size; here the global view only"
