@@ -173,8 +173,9 @@ class ProcessedImage(NamedTuple):
     """One preprocessed image, before batching.
 
     Attributes:
-        pixels: (3, H, W) for fixed-resolution processing; (h * w, p * p * 3) patches for NaFlex.
-        grid: the NaFlex patch grid (h, w); None for fixed-resolution processing.
+        pixels: (3, H, W) for images of one size; (h * w, p * p * 3) patches where each image has its own grid
+            (NaFlex, Idefics2's and Aria's letterboxes: ``ProcessorConfig.own_grids``).
+        grid: that patch grid (h, w); None for images of one size.
         original_size: the input's (height, width).
     """
 
