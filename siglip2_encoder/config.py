@@ -223,7 +223,8 @@ class ProcessorConfig:
     # Fixed-resolution: keep each image's aspect ratio and pad it to image_size, one of LETTERBOXES (whose processor
     # it reproduces). None: every image resized to image_size, its aspect ratio not kept.
     letterbox: str | None = None
-    # The short side's floor (DeepSeek-VL's min_size, Idefics2's shortest_edge, Aria's min_image_size); not pi0's
+    # The short side's floor of DeepSeek-VL's, Idefics2's and Aria's letterboxes (min_size, shortest_edge,
+    # min_image_size); the default is DeepSeek-VL's 14: their processor files give Idefics2's and Aria's
     letterbox_min_side: int = LETTERBOX_MIN_SIDE
     # "deepseek_vl_hybrid" only: the side of the square images are letterboxed into first (its high_res_size)
     letterbox_canvas: int | None = None
